@@ -1,0 +1,83 @@
+"""Read a GGUF file: config through transformers, tensors dequantised one at a time with HF names."""
+
+import os
+import re
+from collections.abc import Iterator
+
+import torch
+
+_MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def _require_gguf():
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError("Loading .gguf files needs the 'gguf' package: pip install 'kiln[gguf]'") from e
+    return gguf
+
+
+def gguf_config(path: str) -> dict:
+    """The HF-style config dict of a GGUF file (transformers parses the metadata)."""
+    _require_gguf()
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path)).to_dict()
+    if not cfg.get("architectures"):
+        arch = _MODEL_TYPES.get(cfg.get("model_type"))
+        cfg["architectures"] = [arch] if arch else [f"<gguf model_type {cfg.get('model_type')}>"]
+    return cfg
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """Map a llama.cpp tensor name to its HF checkpoint name (None for tensors kiln does not use)."""
+    base, _, suffix = gguf_name.rpartition(".")
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{suffix}"
+    if base in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[base]}.{suffix}"
+    return None
+
+
+def _unpermute(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's interleaved-rope row order of q/k projections (llama architecture only)."""
+    rows = w.shape[0]
+    return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def iter_gguf_tensors(path: str, cfg: dict) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """Yield ``(hf_name, float32 tensor, path)`` one tensor at a time."""
+    gguf = _require_gguf()
+    reader = gguf.GGUFReader(path)
+    interleaved = cfg.get("model_type") in ("llama", "mistral")
+    heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg.get("num_key_value_heads")}
+    for tensor in reader.tensors:
+        name = hf_name(tensor.name)
+        if name is None:
+            continue
+        weight = torch.from_numpy(gguf.dequantize(tensor.data, tensor.tensor_type).copy())
+        proj = name.split(".")[-2]
+        if interleaved and proj in heads:
+            weight = _unpermute(weight, heads[proj] or cfg["num_attention_heads"])
+        yield name, weight, path

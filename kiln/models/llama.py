@@ -1,0 +1,175 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) over a flat, unpadded token batch.
+
+Every layer calls attention through ``torch.ops.kiln.attention``, which reads and writes the paged
+KV cache; the forward itself is a pure function of ``input_ids`` and ``positions``.
+"""
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.models.config import ModelConfig
+from kiln.models.rotary import RotaryEmbedding
+from kiln.ops.attention_op import attention
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+        self.sliding_window = cfg.sliding_window
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(positions, q, k)
+        out = torch.empty_like(q)
+        attention(q, k, v, out, self.layer_idx, self.scale, self.sliding_window)
+        return self.o_proj(out.view(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, positions, hidden, rotary):
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), rotary)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            hidden = layer(positions, hidden, self.rotary)
+        return self.norm(hidden)
+
+
+# checkpoint name suffix -> (kiln parameter suffix, shard index) for the fused projections
+_FUSED = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
+
+
+class LlamaForCausalLM(nn.Module):
+    """Also serves Mistral, Qwen2 (qkv bias) and Qwen3 (q/k norm): they differ only in config flags."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    def _shard_range(self, param_name: str, shard: int) -> tuple[int, int]:
+        cfg = self.config
+        if "qkv_proj" in param_name:
+            q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+            return [(0, q), (q, q + kv), (q + kv, q + 2 * kv)][shard]
+        inter = cfg.intermediate_size
+        return (shard * inter, (shard + 1) * inter)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor, str]]) -> None:
+        """Copy ``(hf_name, tensor, source_file)`` triples into the parameters, fusing q/k/v and gate/up.
+
+        Raises ValueError naming the tensor for unknown names and shape mismatches, and for
+        parameters the checkpoint never provided.
+        """
+        params = dict(self.named_parameters())
+        expected = {(name, None) for name in params}
+        for name in list(params):
+            if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):
+                expected -= {(name, None)}
+                expected |= {(name, s) for s in range(3)}
+            elif name.endswith("gate_up_proj.weight"):
+                expected -= {(name, None)}
+                expected |= {(name, s) for s in range(2)}
+        loaded = set()
+        source = "checkpoint"
+        for ckpt_name, tensor, source in weights:
+            if "rotary_emb" in ckpt_name:
+                continue
+            if ckpt_name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            target, shard = ckpt_name, None
+            for old, (new, index) in _FUSED.items():
+                if f".{old}." in ckpt_name:
+                    target, shard = ckpt_name.replace(old, new), index
+                    break
+            if target not in params:
+                raise ValueError(f"{source}: unexpected tensor {ckpt_name!r} (no matching parameter in kiln's model)")
+            param = params[target]
+            dest = param.data
+            if shard is not None:
+                lo, hi = self._shard_range(target, shard)
+                dest = dest[lo:hi]
+            if tuple(tensor.shape) != tuple(dest.shape):
+                raise ValueError(
+                    f"{source}: tensor {ckpt_name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
+                )
+            dest.copy_(tensor)
+            loaded.add((target, shard))
+        missing = sorted({name for name, _ in expected - loaded})
+        if missing:
+            raise ValueError(f"{source}: missing tensors for parameters {missing[:8]}{' ...' if len(missing) > 8 else ''}")

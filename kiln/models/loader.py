@@ -1,0 +1,97 @@
+"""Find a checkpoint, read its config, build kiln's model on the target device and stream weights in."""
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+
+from kiln.models.config import ModelConfig
+from kiln.models.gguf import gguf_config, iter_gguf_tensors
+from kiln.models.llama import LlamaForCausalLM
+
+MODEL_CLASSES = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+}
+
+
+def resolve_model_path(model: str, revision: str | None = None) -> str:
+    """A local directory, a local .gguf file, or a hub id already in the local Hugging Face cache."""
+    if os.path.isdir(model) or (model.endswith(".gguf") and os.path.isfile(model)):
+        return model
+    if model.endswith(".gguf"):
+        raise ValueError(f"model: GGUF file {model!r} does not exist")
+    if os.path.isabs(model) or model.startswith(".") or model.count("/") != 1:
+        raise ValueError(f"model: directory {model!r} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model, revision=revision, local_files_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"model: {model!r} is not a local directory, a .gguf file, or a model in the local Hugging Face "
+            f"cache (kiln never downloads): {e}"
+        ) from e
+
+
+def read_config(path: str) -> dict:
+    if path.endswith(".gguf"):
+        return gguf_config(path)
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise ValueError(f"model: no config.json in {path!r}")
+    with open(config_file) as f:
+        return json.load(f)
+
+
+def iter_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """Yield ``(name, tensor, file)`` one tensor at a time (single file or sharded with an index)."""
+    from safetensors import safe_open
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(path, name) for name in files]
+        for file in files:
+            if not os.path.isfile(file):
+                raise ValueError(f"model: shard {file!r} listed in {index!r} is missing")
+    else:
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ValueError(f"model: no *.safetensors weights in {path!r}")
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name), file
+
+
+def build_model(
+    path: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, load_format: str = "auto"
+) -> LlamaForCausalLM:
+    """Allocate the model directly on ``device`` (no host copy) and load weights tensor by tensor.
+
+    ``load_format="dummy"`` fills weights with small random values instead (for speed measurements).
+    """
+    cls = MODEL_CLASSES[cfg.architecture]
+    with torch.device("meta"):
+        model = cls(cfg).to(dtype)
+    model = model.to_empty(device=device)
+    if load_format == "dummy":
+        gen = torch.Generator(device=device).manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02, generator=gen)
+    else:
+        weights = iter_gguf_tensors(path, cfg.raw) if path.endswith(".gguf") else iter_safetensors(path)
+        with torch.no_grad():
+            model.load_weights(weights)
+    model.model.rotary.reset_cache()
+    return model.eval()

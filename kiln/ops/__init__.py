@@ -1,0 +1,1 @@
+"""Attention ops: metadata, torch references, Triton kernels and the ``kiln::attention`` custom op."""
