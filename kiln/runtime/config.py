@@ -1,0 +1,52 @@
+"""Engine settings resolved from ``LLM(...)`` arguments and the model's config."""
+
+from dataclasses import dataclass, field
+
+import torch
+
+CPU_DEFAULT_KV_CACHE_BYTES = 512 * 1024**2  # KV cache size on CPU when kv_cache_memory_bytes is not given
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype, config_dtype: str | None, device: torch.device) -> torch.dtype:
+    """``"auto"``: the checkpoint's dtype on GPU (float32 becomes float16), float32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype: unsupported {dtype}; use float32, float16 or bfloat16")
+        return dtype
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        resolved = _DTYPES.get(str(config_dtype).replace("torch.", ""), torch.float16)
+        return torch.float16 if resolved == torch.float32 else resolved
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype: unsupported value {dtype!r}; use 'auto', {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+@dataclass
+class EngineConfig:
+    model_path: str
+    device: torch.device
+    dtype: torch.dtype
+    max_model_len: int
+    max_model_len_explicit: bool
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.92
+    kv_cache_memory_bytes: int | None = None
+    seed: int = 0
+    enforce_eager: bool = False
+    attention_backend: str = "torch"
+    load_format: str = "auto"
+    compilation_config: object = None
+    extra: dict = field(default_factory=dict)

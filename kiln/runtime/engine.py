@@ -1,0 +1,224 @@
+"""The engine loop: schedule a step, run the model, append tokens, detokenize, check stops, emit outputs."""
+
+import logging
+import time
+
+import torch
+
+from kiln.models.config import ModelConfig
+from kiln.models.loader import build_model
+from kiln.runtime.config import CPU_DEFAULT_KV_CACHE_BYTES, EngineConfig
+from kiln.runtime.detokenizer import IncrementalDetokenizer, find_stop_string
+from kiln.runtime.kv_cache_manager import KVCacheManager
+from kiln.runtime.model_runner import ModelRunner
+from kiln.runtime.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.scheduler import Scheduler
+from kiln.runtime.sequence import Sequence
+
+logger = logging.getLogger("kiln")
+
+
+class Request:
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], seqs: list[Sequence]):
+        self.request_id, self.prompt, self.prompt_token_ids, self.seqs = request_id, prompt, prompt_token_ids, seqs
+        self.arrival_time = time.time()
+        self.finished_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, tokenizer):
+        self.config, self.model_config, self.tokenizer = config, model_config, tokenizer
+        self.model = build_model(config.model_path, model_config, config.dtype, config.device, config.load_format)
+        num_blocks = self._num_kv_blocks()
+        if config.max_model_len > num_blocks * config.block_size:
+            fits = num_blocks * config.block_size
+            if config.max_model_len_explicit:
+                raise ValueError(
+                    f"max_model_len: {config.max_model_len} tokens do not fit in the KV cache "
+                    f"({num_blocks} blocks = {fits} tokens); lower it or give the cache more memory"
+                )
+            logger.warning("max_model_len lowered from %d to %d to fit the KV cache", config.max_model_len, fits)
+            config.max_model_len = fits
+        self.num_blocks = num_blocks
+        shape = (2, num_blocks, config.block_size, model_config.num_kv_heads, model_config.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=config.dtype, device=config.device)
+                          for _ in range(model_config.num_layers)]
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.kv_caches, config.block_size, config.device,
+                                  config.attention_backend, seed=config.seed)
+        self.requests: dict[str, Request] = {}
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_token_ids = {eos} if eos is not None else set(model_config.eos_token_id)
+        self._next_seq_id = 0
+        self.detokenizers: dict[Sequence, IncrementalDetokenizer] = {}
+
+    def kv_bytes_per_block(self) -> int:
+        mc = self.model_config
+        elem = torch.tensor([], dtype=self.config.dtype).element_size()
+        return 2 * mc.num_layers * self.config.block_size * mc.num_kv_heads * mc.head_dim * elem
+
+    def _num_kv_blocks(self) -> int:
+        cfg = self.config
+        budget = cfg.kv_cache_memory_bytes
+        if budget is None:
+            budget = CPU_DEFAULT_KV_CACHE_BYTES if cfg.device.type == "cpu" else self._profile_kv_budget()
+        num_blocks = int(budget // self.kv_bytes_per_block())
+        if num_blocks < 1:
+            raise ValueError(f"KV cache budget of {budget} bytes holds no block of {self.kv_bytes_per_block()} bytes")
+        return num_blocks
+
+    def _profile_kv_budget(self) -> int:
+        """GPU memory left for the KV cache after weights and a peak-sized forward pass."""
+        cfg, mc = self.config, self.model_config
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info()
+        other = total - free - torch.cuda.memory_reserved()  # other processes and the CUDA context
+        torch.cuda.reset_peak_memory_stats()
+        n = min(cfg.max_num_batched_tokens, cfg.max_model_len)
+        blocks = -(-n // cfg.block_size)
+        scratch = [torch.zeros(2, blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim,
+                               dtype=cfg.dtype, device=cfg.device) for _ in range(mc.num_layers)]
+        from kiln.ops.forward_context import forward_context
+        from kiln.ops.metadata import AttentionMetadata
+
+        dev = cfg.device
+        md = AttentionMetadata(
+            slot_mapping=torch.arange(n, device=dev),
+            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
+            block_tables=torch.arange(blocks, dtype=torch.int32, device=dev)[None],
+            max_query_len=n, max_seq_len=n,
+        )
+        with torch.inference_mode(), forward_context(md, scratch, cfg.attention_backend):
+            hidden = self.model(torch.zeros(n, dtype=torch.long, device=dev), torch.arange(n, device=dev))
+            self.model.compute_logits(hidden[: cfg.max_num_seqs]).float().softmax(-1)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        scratch_bytes = sum(t.numel() * t.element_size() for t in scratch)
+        del scratch, hidden
+        torch.cuda.empty_cache()
+        budget = int(total * cfg.gpu_memory_utilization - other - (peak - scratch_bytes))
+        budget -= self.config.extra.get("graph_memory_reserve", 0)
+        if budget <= 0:
+            raise ValueError(
+                f"gpu_memory_utilization={cfg.gpu_memory_utilization} leaves no memory for the KV cache "
+                f"(weights and activations take {peak / 2**30:.2f} GiB of {total / 2**30:.2f} GiB)"
+            )
+        return budget
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                    params: SamplingParams) -> None:
+        max_tokens = self.config.max_model_len - len(prompt_token_ids)
+        if params.max_tokens is not None:
+            max_tokens = min(max_tokens, params.max_tokens)
+        seqs = []
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.config.device).manual_seed(params.seed + i)
+            seq = Sequence(self._next_seq_id, request_id, i, list(prompt_token_ids), params, max_tokens, gen)
+            self._next_seq_id += 1
+            if self.tokenizer is not None and params.detokenize:
+                self.detokenizers[seq] = IncrementalDetokenizer(
+                    self.tokenizer, prompt_token_ids, params.skip_special_tokens
+                )
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = Request(request_id, prompt, list(prompt_token_ids), seqs)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; return the requests that finished in it."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            raise RuntimeError("scheduler produced an empty step while requests are pending")
+        now = time.time()
+        for seq in batch.seqs:
+            seq.first_scheduled_time = seq.first_scheduled_time or now
+        out = self.runner.execute(batch)
+        now = time.time()
+        finished_requests = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.kv.cache_computed_blocks(seq)
+            for target, entry in out.prompt_logprobs.get(seq, []):
+                seq.prompt_logprobs.append(self._logprob_dict(target, entry))
+            if seq in out.sampled:
+                self._append_token(seq, out.sampled[seq], out.logprobs.get(seq), now)
+                if seq.finish_reason is not None:
+                    self.scheduler.finish(seq)
+                    self.detokenizers.pop(seq, None)
+                    request = self.requests[seq.request_id]
+                    if request.finished:
+                        request.finished_time = now
+                        finished_requests.append(self._make_output(self.requests.pop(seq.request_id)))
+        return finished_requests
+
+    def _decoded(self, token_id: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token_id])
+
+    def _logprob_dict(self, token_id: int, entry) -> dict[int, Logprob]:
+        top_ids, top_lps, lp, rank = entry
+        result = {token_id: Logprob(lp, rank, self._decoded(token_id))}
+        for r, (t, v) in enumerate(zip(top_ids, top_lps), start=1):
+            if t not in result:
+                result[t] = Logprob(v, r, self._decoded(t))
+        return result
+
+    def _append_token(self, seq: Sequence, token: int, logprob_entry, now: float) -> None:
+        params = seq.params
+        seq.output_token_ids.append(token)
+        seq.first_token_time = seq.first_token_time or now
+        if logprob_entry is not None:
+            seq.logprobs.append(self._logprob_dict(token, logprob_entry))
+            seq.cumulative_logprob += logprob_entry[2]
+        num_out = len(seq.output_token_ids)
+        stopped_by_token = False
+        if num_out >= params.min_tokens:
+            if not params.ignore_eos and token in self.eos_token_ids:
+                seq.finish_reason, stopped_by_token = "stop", True
+            elif token in params.stop_token_ids:
+                seq.finish_reason, seq.stop_reason, stopped_by_token = "stop", token, True
+        detok = self.detokenizers.get(seq)
+        if detok is not None and not (stopped_by_token and not params.include_stop_str_in_output):
+            new_text = detok.add(token)
+            seq.text += new_text
+            if seq.finish_reason is None:
+                find_stop_string(seq, len(new_text))
+        if seq.finish_reason is None and (num_out >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len):
+            seq.finish_reason = "length"
+
+    def _make_output(self, request: Request) -> RequestOutput:
+        first = request.seqs[0]
+        outputs = [
+            CompletionOutput(
+                index=s.index, text=s.text, token_ids=list(s.output_token_ids),
+                cumulative_logprob=s.cumulative_logprob, logprobs=s.logprobs,
+                finish_reason=s.finish_reason, stop_reason=s.stop_reason,
+            )
+            for s in request.seqs
+        ]
+        metrics = RequestMetrics(
+            arrival_time=request.arrival_time,
+            first_scheduled_time=min(s.first_scheduled_time for s in request.seqs),
+            first_token_time=min(s.first_token_time for s in request.seqs),
+            last_token_time=request.finished_time,
+            finished_time=request.finished_time,
+            time_in_queue=min(s.first_scheduled_time for s in request.seqs) - request.arrival_time,
+            num_generation_tokens=sum(len(s.output_token_ids) for s in request.seqs),
+        )
+        return RequestOutput(
+            request_id=request.request_id, prompt=request.prompt, prompt_token_ids=request.prompt_token_ids,
+            prompt_logprobs=first.prompt_logprobs, outputs=outputs, finished=True, metrics=metrics,
+            num_cached_tokens=first.num_cached_tokens or 0,
+        )

@@ -1,0 +1,134 @@
+"""Paged KV-cache bookkeeping: a block pool with ref counts, prefix caching by chained block hashes,
+and LRU eviction of cached blocks nobody holds.
+
+A block that no sequence holds stays in the free queue with its hash, so a later request with the
+same prefix can take it back; it is only forgotten when the pool hands it out for new content.
+Free blocks leave the queue from the front (least recently freed first).
+"""
+
+from collections import OrderedDict
+
+from kiln.runtime.sequence import Sequence
+
+
+def block_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
+    return hash((parent, tokens))
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self.ref_counts = [0] * num_blocks
+        self.hash_of: list[int | None] = [None] * num_blocks
+        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.free_queue: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_queue)
+
+    def allocate(self) -> int:
+        block, _ = self.free_queue.popitem(last=False)
+        old = self.hash_of[block]
+        if old is not None:  # evict: its content is about to be overwritten
+            del self.cached[old]
+            self.hash_of[block] = None
+        self.ref_counts[block] = 1
+        return block
+
+    def take(self, block: int) -> None:
+        """Add a holder to a (possibly free, cached) block."""
+        if self.ref_counts[block] == 0:
+            del self.free_queue[block]
+        self.ref_counts[block] += 1
+
+    def release(self, block: int) -> None:
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] == 0:
+            self.free_queue[block] = None
+
+    def register(self, block: int, h: int) -> None:
+        if h not in self.cached and self.hash_of[block] is None:
+            self.cached[h] = block
+            self.hash_of[block] = h
+
+    def reset_cache(self) -> bool:
+        """Forget every cached hash; only possible when no block is held."""
+        if self.num_free != self.num_blocks:
+            return False
+        self.cached.clear()
+        self.hash_of = [None] * self.num_blocks
+        return True
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool):
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks)
+        self.enable_prefix_caching = enable_prefix_caching
+        self.queries = 0  # tokens looked up in the prefix cache
+        self.hits = 0  # tokens found there
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _full_block_hashes(self, seq: Sequence, num_tokens: int) -> list[int]:
+        """Chained hashes of the full blocks among the first ``num_tokens`` tokens (extends seq.block_hashes)."""
+        bs, tokens = self.block_size, seq.token_ids
+        hashes = seq.block_hashes
+        for i in range(len(hashes), num_tokens // bs):
+            hashes.append(block_hash(hashes[-1] if hashes else None, tuple(tokens[i * bs : (i + 1) * bs])))
+        return hashes[: num_tokens // bs]
+
+    def lookup_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks covering a prefix of ``seq`` (at least one token is always left to compute)."""
+        if not self.enable_prefix_caching or seq.wants_prompt_logprobs:
+            return []
+        found = []
+        for h in self._full_block_hashes(seq, seq.num_tokens - 1):
+            block = self.pool.cached.get(h)
+            if block is None:
+                break
+            found.append(block)
+        return found
+
+    def record_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        self.queries += num_tokens
+        self.hits += num_hit_tokens
+
+    def allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
+        """Make room for ``num_new_tokens`` more tokens of ``seq`` (after any ``cached_blocks``).
+
+        Returns False, changing nothing, when the pool cannot supply the blocks.
+        """
+        # cached blocks sitting in the free queue count as free until taken
+        reclaimable = sum(1 for b in cached_blocks if self.pool.ref_counts[b] == 0)
+        total = seq.num_computed_tokens + len(cached_blocks) * self.block_size + num_new_tokens
+        needed = self.blocks_needed(total) - len(seq.block_ids) - len(cached_blocks)
+        if needed > self.pool.num_free - reclaimable:
+            return False
+        for b in cached_blocks:
+            self.pool.take(b)
+        seq.block_ids.extend(cached_blocks)
+        seq.block_ids.extend(self.pool.allocate() for _ in range(max(needed, 0)))
+        return True
+
+    def cache_computed_blocks(self, seq: Sequence) -> None:
+        """Publish the hashes of the blocks whose every token is now computed."""
+        if not self.enable_prefix_caching:
+            return
+        for i, h in enumerate(self._full_block_hashes(seq, seq.num_computed_tokens)):
+            self.pool.register(seq.block_ids[i], h)
+
+    def free(self, seq: Sequence) -> None:
+        # release tail first so that, among a sequence's blocks, the later ones are evicted first
+        for b in reversed(seq.block_ids):
+            self.pool.release(b)
+        seq.block_ids = []
+
+    def reset_prefix_cache(self) -> bool:
+        return self.pool.reset_cache()

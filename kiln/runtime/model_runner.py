@@ -1,0 +1,94 @@
+"""Turns a scheduled batch into model inputs, runs the forward (eager, compiled or graph-replayed),
+and returns sampled tokens plus requested log-probabilities."""
+
+from dataclasses import dataclass
+
+import torch
+
+from kiln.ops.forward_context import forward_context
+from kiln.ops.metadata import AttentionMetadata
+from kiln.runtime.sampler import sample, top_logprobs
+from kiln.runtime.scheduler import ScheduledBatch
+from kiln.runtime.sequence import Sequence
+
+
+@dataclass
+class StepOutput:
+    sampled: dict[Sequence, int]  # sequences that produced a token this step
+    logprobs: dict[Sequence, tuple]  # sampled-token logprob info, see sampler.top_logprobs
+    prompt_logprobs: dict[Sequence, list]  # (target token, top_logprobs entry) per prompt position
+
+
+class ModelRunner:
+    def __init__(self, model, kv_caches: list[torch.Tensor], block_size: int, device: torch.device,
+                 attention_backend: str, forward_fn=None, seed: int = 0):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+        self.attention_backend = attention_backend
+        self.forward_fn = forward_fn or model.forward
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def prepare(self, batch: ScheduledBatch):
+        ids, positions, slots, starts, seq_lens, tables = [], [], [], [0], [], []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            lo = seq.num_computed_tokens
+            tokens = seq.token_ids
+            ids.extend(tokens[lo : lo + n])
+            positions.extend(range(lo, lo + n))
+            slots.extend(seq.block_ids[p // self.block_size] * self.block_size + p % self.block_size
+                         for p in range(lo, lo + n))
+            starts.append(starts[-1] + n)
+            seq_lens.append(lo + n)
+            tables.append(seq.block_ids)
+        width = max(len(t) for t in tables)
+        table = torch.zeros(len(tables), width, dtype=torch.int32)
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+
+        def dev(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+        md = AttentionMetadata(
+            slot_mapping=dev(slots, torch.int64),
+            query_start_loc=dev(starts, torch.int32),
+            seq_lens=dev(seq_lens, torch.int32),
+            block_tables=table.to(self.device, non_blocking=True),
+            max_query_len=max(batch.num_new_tokens),
+            max_seq_len=max(seq_lens),
+        )
+        return dev(ids, torch.int64), dev(positions, torch.int64), md, starts
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> StepOutput:
+        input_ids, positions, md, starts = self.prepare(batch)
+        with forward_context(md, self.kv_caches, self.attention_backend):
+            hidden = self.forward_fn(input_ids, positions)
+
+        # rows whose logits are needed: the last token of sequences that complete this step, and the
+        # prompt positions of sequences that asked for prompt logprobs
+        sample_rows, sample_seqs, prompt_rows = [], [], []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            lo = seq.num_computed_tokens
+            if seq.wants_prompt_logprobs:
+                last = min(lo + n, seq.num_prompt_tokens - 1)
+                if last > lo:
+                    prompt_rows.append((seq, starts[i], lo, last))
+            if lo + n == seq.num_tokens:
+                sample_rows.append(starts[i + 1] - 1)
+                sample_seqs.append(seq)
+        out = StepOutput({}, {}, {})
+        if sample_rows:
+            logits = self.model.compute_logits(hidden[sample_rows]).float()
+            result = sample(logits, sample_seqs, self.generator)
+            for seq, tok, lp in zip(sample_seqs, result.token_ids, result.logprobs):
+                out.sampled[seq] = tok
+                if lp is not None:
+                    out.logprobs[seq] = lp
+        for seq, row0, lo, last in prompt_rows:
+            logprobs = self.model.compute_logits(hidden[row0 : row0 + last - lo]).float().log_softmax(-1)
+            targets = seq.prompt_token_ids[lo + 1 : last + 1]
+            entries = top_logprobs(logprobs, targets, [seq.params.prompt_logprobs] * len(targets))
+            out.prompt_logprobs[seq] = list(zip(targets, entries))
+        return out

@@ -1,0 +1,147 @@
+"""Batched sampling on the device: penalties, temperature, min_p, top_k, top_p, per-request seeds,
+and the log-probabilities a request asked for (of the raw model distribution, before processing).
+
+Random rows draw ``token = argmax(probs / q)`` with ``q ~ Exp(1)``, which samples from ``probs``;
+a row with a seed draws its ``q`` from its own generator, so its tokens do not depend on the batch.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from kiln.runtime.sequence import Sequence
+
+_NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # per row: (top token ids, their logprobs, sampled token logprob, sampled token rank) or None
+    logprobs: list[tuple[list[int], list[float], float, int] | None]
+
+
+def _padded(rows: list[list[int]], device) -> torch.Tensor:
+    width = max(1, max(len(r) for r in rows))
+    out = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out.to(device)
+
+
+def _token_counts(rows: list[list[int]], vocab: int, device) -> torch.Tensor:
+    ids = _padded(rows, device)
+    counts = torch.zeros(len(rows), vocab + 1, device=device)
+    counts.scatter_add_(1, ids.clamp(min=-1) % (vocab + 1), torch.ones_like(ids, dtype=counts.dtype))
+    return counts[:, :vocab]  # padding (-1) landed in the extra last column
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    vocab, device = logits.shape[1], logits.device
+    params = [s.params for s in seqs]
+    if any(p.repetition_penalty != 1.0 for p in params):
+        seen = _token_counts([s.token_ids for s in seqs], vocab, device) > 0
+        rep = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+        penalised = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalised, logits)
+    if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params):
+        counts = _token_counts([s.output_token_ids for s in seqs], vocab, device)
+        freq = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+        pres = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+        logits = logits - freq * counts - pres * (counts > 0)
+    return logits
+
+
+def apply_constraints(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """min_tokens (stop ids banned until reached), logit_bias, allowed_token_ids."""
+    for i, s in enumerate(seqs):
+        p = s.params
+        if len(s.output_token_ids) < p.min_tokens and p.all_stop_token_ids | set(p.stop_token_ids):
+            logits[i, list(p.all_stop_token_ids | set(p.stop_token_ids))] = _NEG_INF
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=logits.device)
+            logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
+        if p.allowed_token_ids:
+            keep = torch.full_like(logits[i], _NEG_INF)
+            keep[p.allowed_token_ids] = 0.0
+            logits[i] += keep
+    return logits
+
+
+def top_k_top_p_min_p(logits: torch.Tensor, top_k, top_p, min_p) -> torch.Tensor:
+    """Mask logits outside each row's top-k / nucleus / min-p set (tensors per row; k=0, p=1, min_p=0 = off)."""
+    if min_p is not None:
+        probs = logits.softmax(-1)
+        thresh = probs.amax(-1, keepdim=True) * min_p[:, None]
+        logits = logits.masked_fill(probs < thresh, _NEG_INF)
+    if top_k is None and top_p is None:
+        return logits
+    sorted_logits, order = logits.sort(-1, descending=True)
+    ranks = torch.arange(logits.shape[1], device=logits.device)[None, :]
+    mask = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if top_k is not None:
+        k = torch.where(top_k > 0, top_k, logits.shape[1])[:, None]
+        mask |= ranks >= k
+    if top_p is not None:
+        probs = sorted_logits.masked_fill(mask, _NEG_INF).softmax(-1)
+        before = probs.cumsum(-1) - probs  # mass strictly above each token
+        mask |= (before >= top_p[:, None]) & (ranks > 0)
+    sorted_logits = sorted_logits.masked_fill(mask, _NEG_INF)
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator | None) -> SamplerOutput:
+    """Pick one token per row of ``logits`` ``[len(seqs), vocab]`` (fp32)."""
+    device = logits.device
+    raw_logprobs = None
+    if any(s.params.logprobs is not None for s in seqs):
+        raw_logprobs = logits.log_softmax(-1)
+    logits = apply_constraints(apply_penalties(logits.clone(), seqs), seqs)
+    params = [s.params for s in seqs]
+    greedy = torch.tensor([p.is_greedy for p in params], device=device)
+    tokens = logits.argmax(-1)
+    if not bool(greedy.all()):
+        temps = torch.tensor([1.0 if p.is_greedy else p.temperature for p in params], device=device)
+        scaled = logits / temps[:, None]
+
+        def per_row(name, off):
+            values = [getattr(p, name) for p in params]
+            return None if all(v == off for v in values) else torch.tensor(values, device=device)
+
+        scaled = top_k_top_p_min_p(scaled, per_row("top_k", 0), per_row("top_p", 1.0), per_row("min_p", 0.0))
+        probs = scaled.softmax(-1)
+        q = torch.empty_like(probs).exponential_(generator=generator)
+        for i, s in enumerate(seqs):
+            if s.generator is not None and not params[i].is_greedy:
+                q[i].exponential_(generator=s.generator)
+        sampled = (probs / q).argmax(-1)
+        tokens = torch.where(greedy, tokens, sampled)
+    token_list = tokens.tolist()
+    return SamplerOutput(token_list, _gather_logprobs(raw_logprobs, token_list, seqs))
+
+
+def top_logprobs(logprobs: torch.Tensor, token_ids: list[int], ks: list[int | None]):
+    """Per row: (top ids, top logprobs, logprob of token_ids[row], rank of it) for rows with k set."""
+    out: list = [None] * len(ks)
+    rows = [i for i, k in enumerate(ks) if k is not None]
+    if not rows:
+        return out
+    vocab = logprobs.shape[1]
+    widest = max(vocab if ks[i] == -1 else ks[i] for i in rows)
+    idx = torch.tensor(rows, device=logprobs.device)
+    sub = logprobs[idx]
+    chosen = torch.tensor([token_ids[i] for i in rows], device=logprobs.device)
+    chosen_lp = sub.gather(1, chosen[:, None])
+    ranks = (sub > chosen_lp).sum(-1) + 1
+    top_lp, top_ids = sub.topk(widest, dim=-1) if widest > 0 else (sub[:, :0], sub[:, :0].long())
+    top_lp, top_ids, chosen_lp, ranks = top_lp.tolist(), top_ids.tolist(), chosen_lp[:, 0].tolist(), ranks.tolist()
+    for j, i in enumerate(rows):
+        k = vocab if ks[i] == -1 else ks[i]
+        out[i] = (top_ids[j][:k], top_lp[j][:k], chosen_lp[j], ranks[j])
+    return out
+
+
+def _gather_logprobs(raw_logprobs, token_ids, seqs):
+    if raw_logprobs is None:
+        return [None] * len(seqs)
+    return top_logprobs(raw_logprobs, token_ids, [s.params.logprobs for s in seqs])
