@@ -54,7 +54,9 @@ def tokenizer_dir(tmp_path_factory, smollm_gguf) -> str:
     return str(out)
 
 
-def make_tiny_checkpoint(out_dir: str, arch: str, tokenizer_dir: str, dtype=torch.float32, **overrides) -> str:
+def make_tiny_checkpoint(
+    out_dir: str, arch: str, tokenizer_dir: str, dtype=torch.float32, **overrides
+) -> str:
     """A random 2-layer checkpoint of ``arch`` with the real tokenizer, saved like a hub download."""
     import shutil
 

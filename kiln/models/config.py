@@ -34,7 +34,8 @@ class ModelConfig:
         arch = next((a for a in archs if a in ARCHITECTURES), None)
         if arch is None:
             raise ValueError(
-                f"Unsupported architectures {archs!r} in config.json; kiln supports {', '.join(ARCHITECTURES)}."
+                f"Unsupported architectures {archs!r} in config.json; "
+                f"kiln supports {', '.join(ARCHITECTURES)}."
             )
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         rope_theta = cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0

@@ -86,7 +86,9 @@ class DecoderModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        self.rotary = RotaryEmbedding(
+            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
+        )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
@@ -158,7 +160,9 @@ class LlamaForCausalLM(nn.Module):
                     target, shard = ckpt_name.replace(old, new), index
                     break
             if target not in params:
-                raise ValueError(f"{source}: unexpected tensor {ckpt_name!r} (no matching parameter in kiln's model)")
+                raise ValueError(
+                    f"{source}: unexpected tensor {ckpt_name!r} (no matching parameter in kiln's model)"
+                )
             param = params[target]
             dest = param.data
             if shard is not None:
@@ -166,10 +170,13 @@ class LlamaForCausalLM(nn.Module):
                 dest = dest[lo:hi]
             if tuple(tensor.shape) != tuple(dest.shape):
                 raise ValueError(
-                    f"{source}: tensor {ckpt_name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
+                    f"{source}: tensor {ckpt_name!r} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(dest.shape)}"
                 )
             dest.copy_(tensor)
             loaded.add((target, shard))
         missing = sorted({name for name, _ in expected - loaded})
         if missing:
-            raise ValueError(f"{source}: missing tensors for parameters {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+            raise ValueError(
+                f"{source}: missing tensors for parameters {missing[:8]}{' ...' if len(missing) > 8 else ''}"
+            )

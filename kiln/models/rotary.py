@@ -28,7 +28,9 @@ def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> tuple[
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         return torch.where(medium, smoothed, scaled), 1.0
-    raise ValueError(f"Unsupported rope_scaling type {kind!r}; kiln supports default, linear, dynamic, llama3.")
+    raise ValueError(
+        f"Unsupported rope_scaling type {kind!r}; kiln supports default, linear, dynamic, llama3."
+    )
 
 
 class RotaryEmbedding(nn.Module):

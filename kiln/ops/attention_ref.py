@@ -5,8 +5,13 @@ import torch
 from kiln.ops.metadata import AttentionMetadata
 
 
-def store_kv_ref(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Write k/v ``[num_tokens, num_kv_heads, head_dim]`` into ``kv_cache`` at ``slot_mapping`` (-1 skipped)."""
+def store_kv_ref(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write k/v ``[num_tokens, num_kv_heads, head_dim]`` into ``kv_cache`` at ``slot_mapping``.
+
+    Slots of -1 are padding and are skipped.
+    """
     block_size = kv_cache.shape[2]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]

@@ -20,8 +20,15 @@ logger = logging.getLogger("kiln")
 
 
 class Request:
-    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], seqs: list[Sequence]):
-        self.request_id, self.prompt, self.prompt_token_ids, self.seqs = request_id, prompt, prompt_token_ids, seqs
+    def __init__(
+        self, request_id: str, prompt: str | None, prompt_token_ids: list[int], seqs: list[Sequence]
+    ):
+        self.request_id, self.prompt, self.prompt_token_ids, self.seqs = (
+            request_id,
+            prompt,
+            prompt_token_ids,
+            seqs,
+        )
         self.arrival_time = time.time()
         self.finished_time: float | None = None
 
@@ -33,7 +40,9 @@ class Request:
 class LLMEngine:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, tokenizer):
         self.config, self.model_config, self.tokenizer = config, model_config, tokenizer
-        self.model = build_model(config.model_path, model_config, config.dtype, config.device, config.load_format)
+        self.model = build_model(
+            config.model_path, model_config, config.dtype, config.device, config.load_format
+        )
         num_blocks = self._num_kv_blocks()
         if config.max_model_len > num_blocks * config.block_size:
             fits = num_blocks * config.block_size
@@ -42,16 +51,26 @@ class LLMEngine:
                     f"max_model_len: {config.max_model_len} tokens do not fit in the KV cache "
                     f"({num_blocks} blocks = {fits} tokens); lower it or give the cache more memory"
                 )
-            logger.warning("max_model_len lowered from %d to %d to fit the KV cache", config.max_model_len, fits)
+            logger.warning(
+                "max_model_len lowered from %d to %d to fit the KV cache", config.max_model_len, fits
+            )
             config.max_model_len = fits
         self.num_blocks = num_blocks
         shape = (2, num_blocks, config.block_size, model_config.num_kv_heads, model_config.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=config.dtype, device=config.device)
-                          for _ in range(model_config.num_layers)]
+        self.kv_caches = [
+            torch.zeros(shape, dtype=config.dtype, device=config.device)
+            for _ in range(model_config.num_layers)
+        ]
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.kv_caches, config.block_size, config.device,
-                                  config.attention_backend, seed=config.seed)
+        self.runner = ModelRunner(
+            self.model,
+            self.kv_caches,
+            config.block_size,
+            config.device,
+            config.attention_backend,
+            seed=config.seed,
+        )
         self.requests: dict[str, Request] = {}
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_token_ids = {eos} if eos is not None else set(model_config.eos_token_id)
@@ -70,7 +89,9 @@ class LLMEngine:
             budget = CPU_DEFAULT_KV_CACHE_BYTES if cfg.device.type == "cpu" else self._profile_kv_budget()
         num_blocks = int(budget // self.kv_bytes_per_block())
         if num_blocks < 1:
-            raise ValueError(f"KV cache budget of {budget} bytes holds no block of {self.kv_bytes_per_block()} bytes")
+            raise ValueError(
+                f"KV cache budget of {budget} bytes holds no block of {self.kv_bytes_per_block()} bytes"
+            )
         return num_blocks
 
     def _profile_kv_budget(self) -> int:
@@ -82,8 +103,12 @@ class LLMEngine:
         torch.cuda.reset_peak_memory_stats()
         n = min(cfg.max_num_batched_tokens, cfg.max_model_len)
         blocks = -(-n // cfg.block_size)
-        scratch = [torch.zeros(2, blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim,
-                               dtype=cfg.dtype, device=cfg.device) for _ in range(mc.num_layers)]
+        scratch = [
+            torch.zeros(
+                2, blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim, dtype=cfg.dtype, device=cfg.device
+            )
+            for _ in range(mc.num_layers)
+        ]
         from kiln.ops.forward_context import forward_context
         from kiln.ops.metadata import AttentionMetadata
 
@@ -93,7 +118,8 @@ class LLMEngine:
             query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=dev),
             seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
             block_tables=torch.arange(blocks, dtype=torch.int32, device=dev)[None],
-            max_query_len=n, max_seq_len=n,
+            max_query_len=n,
+            max_seq_len=n,
         )
         with torch.inference_mode(), forward_context(md, scratch, cfg.attention_backend):
             hidden = self.model(torch.zeros(n, dtype=torch.long, device=dev), torch.arange(n, device=dev))
@@ -114,8 +140,9 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
 
-    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                    params: SamplingParams) -> None:
+    def add_request(
+        self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
         max_tokens = self.config.max_model_len - len(prompt_token_ids)
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
@@ -195,16 +222,22 @@ class LLMEngine:
             seq.text += new_text
             if seq.finish_reason is None:
                 find_stop_string(seq, len(new_text))
-        if seq.finish_reason is None and (num_out >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len):
+        if seq.finish_reason is None and (
+            num_out >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len
+        ):
             seq.finish_reason = "length"
 
     def _make_output(self, request: Request) -> RequestOutput:
         first = request.seqs[0]
         outputs = [
             CompletionOutput(
-                index=s.index, text=s.text, token_ids=list(s.output_token_ids),
-                cumulative_logprob=s.cumulative_logprob, logprobs=s.logprobs,
-                finish_reason=s.finish_reason, stop_reason=s.stop_reason,
+                index=s.index,
+                text=s.text,
+                token_ids=list(s.output_token_ids),
+                cumulative_logprob=s.cumulative_logprob,
+                logprobs=s.logprobs,
+                finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason,
             )
             for s in request.seqs
         ]
@@ -218,7 +251,12 @@ class LLMEngine:
             num_generation_tokens=sum(len(s.output_token_ids) for s in request.seqs),
         )
         return RequestOutput(
-            request_id=request.request_id, prompt=request.prompt, prompt_token_ids=request.prompt_token_ids,
-            prompt_logprobs=first.prompt_logprobs, outputs=outputs, finished=True, metrics=metrics,
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            prompt_logprobs=first.prompt_logprobs,
+            outputs=outputs,
+            finished=True,
+            metrics=metrics,
             num_cached_tokens=first.num_cached_tokens or 0,
         )

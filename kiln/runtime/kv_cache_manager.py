@@ -77,7 +77,10 @@ class KVCacheManager:
         return -(-num_tokens // self.block_size)
 
     def _full_block_hashes(self, seq: Sequence, num_tokens: int) -> list[int]:
-        """Chained hashes of the full blocks among the first ``num_tokens`` tokens (extends seq.block_hashes)."""
+        """Chained hashes of the full blocks among the first ``num_tokens`` tokens.
+
+        Extends ``seq.block_hashes`` as the sequence grows; tokens never change once there.
+        """
         bs, tokens = self.block_size, seq.token_ids
         hashes = seq.block_hashes
         for i in range(len(hashes), num_tokens // bs):

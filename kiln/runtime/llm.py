@@ -19,18 +19,41 @@ from kiln.runtime.sampling_params import SamplingParams
 
 # LLM(...) parameters kiln accepts only at their default value: (name, default)
 _UNSUPPORTED = {
-    "runner": "auto", "convert": "auto", "allowed_local_media_path": "", "allowed_media_domains": None,
-    "quantization": None, "tokenizer_revision": None, "cpu_offload_gb": 0, "offload_group_size": 0,
-    "offload_num_in_group": 1, "offload_prefetch_step": 1, "offload_params": None,
-    "enable_return_routed_experts": False, "disable_custom_all_reduce": False, "hf_token": None,
-    "hf_overrides": None, "mm_processor_kwargs": None, "pooler_config": None, "structured_outputs_config": None,
-    "profiler_config": None, "quantization_config": None, "logits_processors": None, "spec_method": None,
-    "spec_model": None, "spec_tokens": None,
+    "runner": "auto",
+    "convert": "auto",
+    "allowed_local_media_path": "",
+    "allowed_media_domains": None,
+    "quantization": None,
+    "tokenizer_revision": None,
+    "cpu_offload_gb": 0,
+    "offload_group_size": 0,
+    "offload_num_in_group": 1,
+    "offload_prefetch_step": 1,
+    "offload_params": None,
+    "enable_return_routed_experts": False,
+    "disable_custom_all_reduce": False,
+    "hf_token": None,
+    "hf_overrides": None,
+    "mm_processor_kwargs": None,
+    "pooler_config": None,
+    "structured_outputs_config": None,
+    "profiler_config": None,
+    "quantization_config": None,
+    "logits_processors": None,
+    "spec_method": None,
+    "spec_model": None,
+    "spec_tokens": None,
 }
 # engine arguments accepted through **kwargs
 _ENGINE_KWARGS = {
-    "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "enable_prefix_caching",
-    "load_format", "disable_log_stats", "enable_chunked_prefill",
+    "max_model_len",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "block_size",
+    "enable_prefix_caching",
+    "load_format",
+    "disable_log_stats",
+    "enable_chunked_prefill",
 }
 _ATTENTION_BACKENDS = ("torch", "triton")
 
@@ -67,10 +90,14 @@ class LLM:
     ) -> None:
         if "swap_space" in kwargs:
             kwargs.pop("swap_space")
-            warnings.warn("The 'swap_space' parameter is deprecated and ignored.", DeprecationWarning, stacklevel=2)
+            warnings.warn(
+                "The 'swap_space' parameter is deprecated and ignored.", DeprecationWarning, stacklevel=2
+            )
         for name, default in _UNSUPPORTED.items():
             if kwargs.get(name, default) != default:
-                raise NotImplementedError(f"kiln does not implement LLM parameter {name!r} (got {kwargs[name]!r})")
+                raise NotImplementedError(
+                    f"kiln does not implement LLM parameter {name!r} (got {kwargs[name]!r})"
+                )
             kwargs.pop(name, None)
         unknown = set(kwargs) - _ENGINE_KWARGS
         if unknown:
@@ -87,20 +114,26 @@ class LLM:
             _check_positive(name, kwargs.get(name))
         _check_positive("kv_cache_memory_bytes", kv_cache_memory_bytes)
         if kwargs.get("load_format", "auto") not in ("auto", "safetensors", "gguf", "dummy"):
-            raise ValueError(f"load_format must be 'auto', 'safetensors', 'gguf' or 'dummy', got {kwargs['load_format']!r}")
+            raise ValueError(
+                f"load_format must be 'auto', 'safetensors', 'gguf' or 'dummy', got {kwargs['load_format']!r}"
+            )
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         backend = (attention_config or {}).get("backend") or ("triton" if device.type == "cuda" else "torch")
         if backend not in _ATTENTION_BACKENDS:
-            raise ValueError(f"attention_config backend must be one of {_ATTENTION_BACKENDS}, got {backend!r}")
+            raise ValueError(
+                f"attention_config backend must be one of {_ATTENTION_BACKENDS}, got {backend!r}"
+            )
         if set(attention_config or {}) - {"backend"}:
             raise ValueError(f"attention_config: unknown keys {sorted(set(attention_config) - {'backend'})}")
 
         path = resolve_model_path(model, revision)
         model_config = ModelConfig.from_dict(read_config(path))
         self.model_path = path
-        self.tokenizer = None if skip_tokenizer_init else self._load_tokenizer(
-            tokenizer, path, tokenizer_mode, trust_remote_code, revision
+        self.tokenizer = (
+            None
+            if skip_tokenizer_init
+            else self._load_tokenizer(tokenizer, path, tokenizer_mode, trust_remote_code, revision)
         )
         self.chat_template = chat_template
         self.generation_config = self._read_generation_config(path)
@@ -142,8 +175,9 @@ class LLM:
         source = tokenizer or model_path
         kwargs = dict(trust_remote_code=trust_remote_code, use_fast=mode != "slow", local_files_only=True)
         if source.endswith(".gguf"):
-            return AutoTokenizer.from_pretrained(os.path.dirname(source) or ".",
-                                                 gguf_file=os.path.basename(source), **kwargs)
+            return AutoTokenizer.from_pretrained(
+                os.path.dirname(source) or ".", gguf_file=os.path.basename(source), **kwargs
+            )
         try:
             return AutoTokenizer.from_pretrained(source, revision=revision, **kwargs)
         except (OSError, ValueError) as e:
@@ -162,8 +196,14 @@ class LLM:
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the model's generation_config.json defaults (vLLM's behaviour)."""
-        keys = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-                "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+        keys = {
+            "temperature": "temperature",
+            "top_p": "top_p",
+            "top_k": "top_k",
+            "min_p": "min_p",
+            "repetition_penalty": "repetition_penalty",
+            "max_new_tokens": "max_tokens",
+        }
         found = {ours: self.generation_config[k] for k, ours in keys.items() if k in self.generation_config}
         return SamplingParams(**found) if found else SamplingParams()
 
@@ -172,8 +212,9 @@ class LLM:
 
     # ------------------------------------------------------------------ generation
 
-    def _to_token_ids(self, prompt: Any, index: int, params: SamplingParams,
-                      add_special_tokens: bool) -> tuple[str | None, list[int]]:
+    def _to_token_ids(
+        self, prompt: Any, index: int, params: SamplingParams, add_special_tokens: bool
+    ) -> tuple[str | None, list[int]]:
         if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             prompt = {"prompt_token_ids": prompt}
         parsed = parse_prompt(prompt)
@@ -192,11 +233,12 @@ class LLM:
             raise ValueError(f"prompt {index}: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         trunc = params.truncate_prompt_tokens
         if trunc is not None:
-            ids = ids[-(self.config.max_model_len if trunc == -1 else trunc):]
+            ids = ids[-(self.config.max_model_len if trunc == -1 else trunc) :]
         max_len = self.config.max_model_len
         if len(ids) >= max_len:
             raise ValueError(
-                f"prompt {index} has {len(ids)} tokens, but max_model_len is {max_len}: no room for any output"
+                f"prompt {index} has {len(ids)} tokens, but max_model_len is {max_len}: "
+                "no room for any output"
             )
         if params.n > 1 and self.llm_engine.kv.blocks_needed(len(ids) + 1) > self.llm_engine.num_blocks:
             raise ValueError(f"prompt {index} can never fit in the KV cache")
@@ -218,7 +260,9 @@ class LLM:
         add_special_tokens = (tokenization_kwargs or {}).get("add_special_tokens", True)
         return self._run(prompts, sampling_params, use_tqdm, add_special_tokens, priority)
 
-    def _run(self, prompts, sampling_params, use_tqdm, add_special_tokens, priority=None) -> list[RequestOutput]:
+    def _run(
+        self, prompts, sampling_params, use_tqdm, add_special_tokens, priority=None
+    ) -> list[RequestOutput]:
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
         ):
@@ -243,13 +287,19 @@ class LLM:
         prepared = []
         for i, (prompt, params) in enumerate(zip(prompts, params_list)):
             if not isinstance(params, SamplingParams):
-                raise ValueError(f"sampling_params[{i}] must be a SamplingParams, got {type(params).__name__}")
+                raise ValueError(
+                    f"sampling_params[{i}] must be a SamplingParams, got {type(params).__name__}"
+                )
             if params.bad_words or params.logits_processors or params.structured_outputs is not None:
-                raise NotImplementedError("kiln does not implement bad_words, logits_processors or structured_outputs")
+                raise NotImplementedError(
+                    "kiln does not implement bad_words, logits_processors or structured_outputs"
+                )
             if params.logprobs is not None and params.logprobs > self.llm_engine.model_config.vocab_size:
                 raise ValueError(f"logprobs={params.logprobs} exceeds the vocabulary size")
             params = params.clone()
-            params.update_from_generation_config(self.generation_config, getattr(self.tokenizer, "eos_token_id", None))
+            params.update_from_generation_config(
+                self.generation_config, getattr(self.tokenizer, "eos_token_id", None)
+            )
             prepared.append((*self._to_token_ids(prompt, i, params, add_special_tokens), params))
         engine = self.llm_engine
         ids = []
@@ -262,8 +312,12 @@ class LLM:
         bar = None
         if use_tqdm:
             make_bar = use_tqdm if callable(use_tqdm) else tqdm
-            bar = make_bar(total=len(prompts), desc="Processed prompts", dynamic_ncols=True,
-                           postfix="est. speed input: 0.00 toks/s, output: 0.00 toks/s")
+            bar = make_bar(
+                total=len(prompts),
+                desc="Processed prompts",
+                dynamic_ncols=True,
+                postfix="est. speed input: 0.00 toks/s, output: 0.00 toks/s",
+            )
         in_tokens = out_tokens = 0
         import time
 
@@ -275,8 +329,10 @@ class LLM:
                     in_tokens += len(output.prompt_token_ids)
                     out_tokens += sum(len(o.token_ids) for o in output.outputs)
                     elapsed = time.perf_counter() - start
-                    bar.postfix = (f"est. speed input: {in_tokens / elapsed:.2f} toks/s, "
-                                   f"output: {out_tokens / elapsed:.2f} toks/s")
+                    bar.postfix = (
+                        f"est. speed input: {in_tokens / elapsed:.2f} toks/s, "
+                        f"output: {out_tokens / elapsed:.2f} toks/s"
+                    )
                     bar.update(1)
         if bar is not None:
             bar.close()
@@ -311,9 +367,13 @@ class LLM:
         prompts = []
         for conv in conversations:
             text = self.tokenizer.apply_chat_template(
-                conv, tokenize=False, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message, tools=tools,
-                chat_template=chat_template or self.chat_template, **(chat_template_kwargs or {}),
+                conv,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                tools=tools,
+                chat_template=chat_template or self.chat_template,
+                **(chat_template_kwargs or {}),
             )
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             prompts.append({"prompt": text, "prompt_token_ids": ids})

@@ -20,8 +20,16 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, model, kv_caches: list[torch.Tensor], block_size: int, device: torch.device,
-                 attention_backend: str, forward_fn=None, seed: int = 0):
+    def __init__(
+        self,
+        model,
+        kv_caches: list[torch.Tensor],
+        block_size: int,
+        device: torch.device,
+        attention_backend: str,
+        forward_fn=None,
+        seed: int = 0,
+    ):
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -37,8 +45,10 @@ class ModelRunner:
             tokens = seq.token_ids
             ids.extend(tokens[lo : lo + n])
             positions.extend(range(lo, lo + n))
-            slots.extend(seq.block_ids[p // self.block_size] * self.block_size + p % self.block_size
-                         for p in range(lo, lo + n))
+            slots.extend(
+                seq.block_ids[p // self.block_size] * self.block_size + p % self.block_size
+                for p in range(lo, lo + n)
+            )
             starts.append(starts[-1] + n)
             seq_lens.append(lo + n)
             tables.append(seq.block_ids)

@@ -69,7 +69,10 @@ def apply_constraints(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tenso
 
 
 def top_k_top_p_min_p(logits: torch.Tensor, top_k, top_p, min_p) -> torch.Tensor:
-    """Mask logits outside each row's top-k / nucleus / min-p set (tensors per row; k=0, p=1, min_p=0 = off)."""
+    """Mask logits outside each row's top-k / nucleus / min-p set.
+
+    Each argument is a per-row tensor or None; k=0, p=1 and min_p=0 switch a row's filter off.
+    """
     if min_p is not None:
         probs = logits.softmax(-1)
         thresh = probs.amax(-1, keepdim=True) * min_p[:, None]
@@ -134,7 +137,12 @@ def top_logprobs(logprobs: torch.Tensor, token_ids: list[int], ks: list[int | No
     chosen_lp = sub.gather(1, chosen[:, None])
     ranks = (sub > chosen_lp).sum(-1) + 1
     top_lp, top_ids = sub.topk(widest, dim=-1) if widest > 0 else (sub[:, :0], sub[:, :0].long())
-    top_lp, top_ids, chosen_lp, ranks = top_lp.tolist(), top_ids.tolist(), chosen_lp[:, 0].tolist(), ranks.tolist()
+    top_lp, top_ids, chosen_lp, ranks = (
+        top_lp.tolist(),
+        top_ids.tolist(),
+        chosen_lp[:, 0].tolist(),
+        ranks.tolist(),
+    )
     for j, i in enumerate(rows):
         k = vocab if ks[i] == -1 else ks[i]
         out[i] = (top_ids[j][:k], top_lp[j][:k], chosen_lp[j], ranks[j])

@@ -1,0 +1,265 @@
+"""The LLM entrypoint's API surface: constructor parameters, prompt forms, stops, n, seeds, chat, errors."""
+
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+from oracle import hf_greedy
+
+from kiln import LLM, SamplingParams, TextPrompt, TokensPrompt
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint):
+    with LLM(tiny_checkpoint("llama"), enforce_eager=True, max_model_len=128) as llm:
+        yield llm
+
+
+def texts(outputs):
+    return [o.outputs[0].text for o in outputs]
+
+
+def test_constructor_rejects_unimplemented_parameters(tiny_checkpoint):
+    path = tiny_checkpoint("llama")
+    with pytest.raises(NotImplementedError, match="quantization"):
+        LLM(path, quantization="awq")
+    with pytest.raises(NotImplementedError, match="speculative_config"):
+        LLM(path, speculative_config={"x": 1})
+    with pytest.raises(NotImplementedError, match="tensor_parallel_size"):
+        LLM(path, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        LLM(path, gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        LLM(path, max_num_seqs=0)
+    with pytest.raises(ValueError, match="max_model_len=100000"):
+        LLM(path, max_model_len=100000)
+    with pytest.raises(ValueError, match="attention_config backend"):
+        LLM(path, attention_config={"backend": "flash"})
+
+
+def test_swap_space_is_deprecated_and_ignored(tiny_checkpoint):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LLM(tiny_checkpoint("llama"), enforce_eager=True, swap_space=4).shutdown()
+    assert any(issubclass(w.category, DeprecationWarning) and "swap_space" in str(w.message) for w in caught)
+
+
+def test_prompt_forms_and_order(llm):
+    tok = llm.get_tokenizer()
+    prompts = ["Hello there", "The weather today is", "A"]
+    ids = [tok(p)["input_ids"] for p in prompts]
+    expected = texts(llm.generate(prompts, GREEDY, use_tqdm=False))
+    assert texts(llm.generate(ids, GREEDY, use_tqdm=False)) == expected
+    assert texts(llm.generate([TextPrompt(prompt=p) for p in prompts], GREEDY, use_tqdm=False)) == expected
+    assert (
+        texts(llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids], GREEDY, use_tqdm=False))
+        == expected
+    )
+    assert texts(llm.generate(prompts[1], GREEDY, use_tqdm=False)) == expected[1:2]
+    assert texts(llm.generate(ids[2], GREEDY, use_tqdm=False)) == expected[2:]
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.prompt for o in outs] == prompts
+    assert [o.prompt_token_ids for o in outs] == ids
+    assert all(o.finished and o.outputs[0].finish_reason == "length" for o in outs)
+    assert all(len(o.outputs[0].token_ids) == 12 for o in outs)
+
+
+def test_one_params_per_prompt(llm):
+    outs = llm.generate(
+        ["a", "b"], [SamplingParams(max_tokens=3), SamplingParams(max_tokens=5)], use_tqdm=False
+    )
+    assert [len(o.outputs[0].token_ids) for o in outs] == [3, 5]
+    with pytest.raises(ValueError, match="got 3 for 2 prompts"):
+        llm.generate(["a", "b"], [SamplingParams()] * 3, use_tqdm=False)
+
+
+def test_bad_prompt_rejects_call_before_anything_runs(llm):
+    too_long = list(range(100, 300))
+    with pytest.raises(ValueError, match="prompt 1 has 200 tokens, but max_model_len is 128"):
+        llm.generate([[1, 2, 3], too_long], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        llm.generate([[]], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate([[10**9]], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([], GREEDY, use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert len(llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 12
+
+
+def test_truncate_prompt_tokens(llm):
+    long = list(range(100, 300))
+    out = llm.generate([long], SamplingParams(max_tokens=2, truncate_prompt_tokens=50), use_tqdm=False)[0]
+    assert out.prompt_token_ids == long[-50:]
+
+
+def test_stop_strings(llm):
+    base = llm.generate("The weather today is", GREEDY, use_tqdm=False)[0].outputs[0].text
+    stop = base[len(base) // 2 : len(base) // 2 + 3]
+    cut = base.index(stop)
+    out = llm.generate(
+        "The weather today is", SamplingParams(temperature=0, max_tokens=12, stop=[stop]), use_tqdm=False
+    )[0].outputs[0]
+    assert (out.text, out.finish_reason, out.stop_reason) == (base[:cut], "stop", stop)
+    out = llm.generate(
+        "The weather today is",
+        SamplingParams(temperature=0, max_tokens=12, stop=stop, include_stop_str_in_output=True),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert out.text == base[: cut + len(stop)]
+
+
+def test_stop_token_ids_and_eos(llm):
+    base = llm.generate("Hi", GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    target = base[3]
+    first = base.index(target)
+    out = llm.generate(
+        "Hi", SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[target]), use_tqdm=False
+    )[0].outputs[0]
+    assert out.token_ids == base[: first + 1]
+    assert (out.finish_reason, out.stop_reason) == ("stop", target)
+    out = llm.generate(
+        "Hi",
+        SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[target], min_tokens=first + 2),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert target not in out.token_ids[: first + 2]
+    engine = llm.llm_engine
+    saved = engine.eos_token_ids
+    engine.eos_token_ids = {target}
+    try:
+        out = llm.generate("Hi", SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0].outputs[0]
+        assert (out.token_ids, out.finish_reason, out.stop_reason) == (base[: first + 1], "stop", None)
+        out = llm.generate(
+            "Hi", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False
+        )[0].outputs[0]
+        assert out.token_ids == base
+    finally:
+        engine.eos_token_ids = saved
+
+
+def test_n_and_seed(llm):
+    params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8)
+    out = llm.generate("Tell me", params, use_tqdm=False)[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in out.outputs}) == 3
+    crowded = llm.generate(
+        ["x y z", "Tell me", "another prompt"],
+        [SamplingParams(temperature=1.0, max_tokens=8), params, SamplingParams(max_tokens=3)],
+        use_tqdm=False,
+    )[1]
+    assert [o.token_ids for o in crowded.outputs] == [o.token_ids for o in out.outputs]
+    with pytest.raises(ValueError, match="n must be 1"):
+        SamplingParams(n=2, temperature=0)
+
+
+def test_prompt_logprobs_match_hf(llm, tiny_checkpoint):
+    ids = llm.get_tokenizer()("The capital of France is a city")["input_ids"]
+    out = llm.generate([ids], SamplingParams(max_tokens=1, prompt_logprobs=2), use_tqdm=False)[0]
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama"))
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].log_softmax(-1)
+    assert out.prompt_logprobs[0] is None
+    assert len(out.prompt_logprobs) == len(ids)
+    for pos in range(1, len(ids)):
+        entry = out.prompt_logprobs[pos]
+        assert abs(entry[ids[pos]].logprob - ref[pos - 1, ids[pos]].item()) < 1e-3
+        assert len(entry) in (2, 3)
+
+
+def test_chunked_prompt_logprobs(tiny_checkpoint):
+    with LLM(tiny_checkpoint("llama"), enforce_eager=True, max_num_batched_tokens=5) as small:
+        ids = list(range(200, 223))
+        got = small.generate([ids], SamplingParams(max_tokens=2, prompt_logprobs=0), use_tqdm=False)[0]
+    with LLM(tiny_checkpoint("llama"), enforce_eager=True) as big:
+        want = big.generate([ids], SamplingParams(max_tokens=2, prompt_logprobs=0), use_tqdm=False)[0]
+    assert len(got.prompt_logprobs) == len(ids)
+    for a, b in zip(got.prompt_logprobs[1:], want.prompt_logprobs[1:]):
+        assert list(a) == list(b)
+        assert all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
+
+
+def test_chat(llm):
+    tok = llm.get_tokenizer()
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    out = llm.chat(messages, GREEDY, use_tqdm=False)[0]
+    rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert out.prompt == rendered
+    assert (
+        out.outputs[0].token_ids
+        == llm.generate(
+            {"prompt_token_ids": tok(rendered, add_special_tokens=False)["input_ids"]}, GREEDY, use_tqdm=False
+        )[0]
+        .outputs[0]
+        .token_ids
+    )
+    two = llm.chat([messages, messages], GREEDY, use_tqdm=False)
+    assert len(two) == 2
+    with pytest.raises(ValueError, match="continue_final_message"):
+        llm.chat(messages, GREEDY, continue_final_message=True)
+    custom = llm.chat(messages, GREEDY, use_tqdm=False, chat_template="{{ messages[0]['content'] }}!")[0]
+    assert custom.prompt == "What is the capital of France?!"
+
+
+def test_generation_config_defaults(tmp_path, tiny_checkpoint):
+    path = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint("llama"), path)
+    (path / "generation_config.json").write_text(
+        json.dumps({"temperature": 0.6, "top_p": 0.9, "max_new_tokens": 5})
+    )
+    with LLM(str(path), enforce_eager=True) as llm:
+        params = llm.get_default_sampling_params()
+        assert (params.temperature, params.top_p, params.max_tokens) == (0.6, 0.9, 5)
+        assert len(llm.generate("Hi", use_tqdm=False)[0].outputs[0].token_ids) <= 5
+
+
+def test_reset_prefix_cache_and_cached_tokens(llm):
+    ids = list(range(300, 340))
+    llm.generate([ids], SamplingParams(max_tokens=1), use_tqdm=False)
+    assert llm.generate([ids], SamplingParams(max_tokens=1), use_tqdm=False)[0].num_cached_tokens == 32
+    assert llm.reset_prefix_cache()
+    assert llm.generate([ids], SamplingParams(max_tokens=1), use_tqdm=False)[0].num_cached_tokens == 0
+
+
+def test_logprobs_minus_one_gives_full_vocab(llm):
+    out = llm.generate("Hi", SamplingParams(max_tokens=2, logprobs=-1), use_tqdm=False)[0].outputs[0]
+    vocab = llm.llm_engine.model_config.vocab_size
+    assert all(len(step) == vocab for step in out.logprobs)
+    assert out.cumulative_logprob == pytest.approx(
+        sum(s[t].logprob for s, t in zip(out.logprobs, out.token_ids))
+    )
+
+
+def test_tqdm_reports_progress(llm, capsys):
+    llm.generate(["a", "b"], SamplingParams(max_tokens=2))
+    err = capsys.readouterr().err
+    assert "Processed prompts" in err and "2/2" in err and "toks/s" in err
+
+
+def test_skip_tokenizer_init(tiny_checkpoint):
+    with LLM(tiny_checkpoint("llama"), enforce_eager=True, skip_tokenizer_init=True) as llm:
+        out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, detokenize=False), use_tqdm=False)[0]
+        assert len(out.outputs[0].token_ids) == 3 and out.outputs[0].text == ""
+        with pytest.raises(ValueError, match="tokenizer"):
+            llm.generate("text", use_tqdm=False)
+
+
+def test_mistral_sliding_window_matches_hf_beyond_window(tiny_checkpoint):
+    path = tiny_checkpoint("mistral")  # sliding_window 24
+    ids = list(range(1000, 1040))
+    ref_tokens, _ = hf_greedy(path, [ids], 6)[0]
+    with LLM(path, enforce_eager=True) as llm:
+        assert (
+            llm.generate([ids], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)[
+                0
+            ]
+            .outputs[0]
+            .token_ids
+            == ref_tokens
+        )

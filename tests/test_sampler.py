@@ -1,0 +1,114 @@
+"""Sampler statistics and semantics on synthetic logits (no model)."""
+
+import torch
+
+from kiln.runtime.sampler import sample, top_k_top_p_min_p
+from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.sequence import Sequence
+
+VOCAB = 50
+
+
+def seqs_for(params: SamplingParams, rows: int, prompt=(1, 2, 3), seeded=False):
+    out = []
+    for i in range(rows):
+        gen = torch.Generator().manual_seed(params.seed) if seeded else None
+        out.append(Sequence(i, str(i), 0, list(prompt), params, 16, gen))
+    return out
+
+
+def draws(params: SamplingParams, logits: torch.Tensor, n=4000):
+    seqs = seqs_for(params, n)
+    gen = torch.Generator().manual_seed(0)
+    return torch.tensor(sample(logits.expand(n, -1).clone(), seqs, gen).token_ids)
+
+
+LOGITS = torch.linspace(3.0, -3.0, VOCAB)[None]  # token 0 most likely; probabilities strictly decreasing
+
+
+def test_top_k_never_emits_excluded_tokens():
+    tokens = draws(SamplingParams(temperature=1.5, top_k=5), LOGITS)
+    assert tokens.max() < 5
+    assert len(tokens.unique()) == 5  # and all five allowed tokens do occur
+
+
+def test_top_p_never_emits_excluded_tokens():
+    probs = LOGITS.softmax(-1)[0]
+    nucleus = int((probs.cumsum(0) < 0.6).sum()) + 1  # smallest prefix with mass >= 0.6
+    tokens = draws(SamplingParams(temperature=1.0, top_p=0.6), LOGITS)
+    assert tokens.max() < nucleus
+    assert len(tokens.unique()) == nucleus
+
+
+def test_min_p_never_emits_excluded_tokens():
+    probs = LOGITS.softmax(-1)[0]
+    allowed = int((probs >= 0.2 * probs.max()).sum())
+    tokens = draws(SamplingParams(temperature=1.0, min_p=0.2), LOGITS)
+    assert tokens.max() < allowed
+    assert len(tokens.unique()) == allowed
+
+
+def test_sampling_follows_distribution():
+    logits = torch.tensor([[0.0, 1.0, 2.0] + [-30.0] * (VOCAB - 3)])
+    tokens = draws(SamplingParams(temperature=1.0), logits, n=20000)
+    freq = torch.bincount(tokens, minlength=VOCAB)[:3].float() / len(tokens)
+    assert torch.allclose(freq, logits[0, :3].softmax(-1), atol=0.02)
+
+
+def test_top_k_top_p_helper_keeps_at_least_one():
+    masked = top_k_top_p_min_p(LOGITS.clone(), None, torch.tensor([1e-9]), None)
+    assert torch.isfinite(masked).sum() == 1
+
+
+def test_seed_reproducible_whatever_the_batch():
+    params = SamplingParams(temperature=1.0, seed=1234)
+    logits = torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(1))
+    alone = sample(logits.clone(), seqs_for(params, 1, seeded=True), torch.Generator().manual_seed(0))
+    others = seqs_for(SamplingParams(temperature=1.0), 5)
+    batch = torch.cat([torch.randn(5, VOCAB), logits])
+    mixed = sample(batch, others + seqs_for(params, 1, seeded=True), torch.Generator().manual_seed(99))
+    assert mixed.token_ids[-1] == alone.token_ids[0]
+
+
+def test_unseeded_rows_differ_across_draws():
+    tokens = draws(SamplingParams(temperature=1.0), torch.zeros(1, VOCAB), n=200)
+    assert len(tokens.unique()) > 20
+
+
+def test_repetition_penalty_discourages_seen_tokens():
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 2], logits[0, 7] = 2.0, 1.5  # token 2 is in the prompt
+    plain = sample(logits.clone(), seqs_for(SamplingParams(temperature=0), 1), None).token_ids
+    penalised = sample(
+        logits.clone(), seqs_for(SamplingParams(temperature=0, repetition_penalty=2.0), 1), None
+    )
+    assert plain == [2] and penalised.token_ids == [7]
+
+
+def test_presence_and_frequency_penalties_use_output_tokens():
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 4], logits[0, 5] = 1.0, 0.5
+    seq = seqs_for(SamplingParams(temperature=0, frequency_penalty=0.3), 1)[0]
+    seq.output_token_ids = [4, 4]
+    assert sample(logits.clone(), [seq], None).token_ids == [5]
+    seq = seqs_for(SamplingParams(temperature=0, presence_penalty=0.6), 1)[0]
+    seq.output_token_ids = [4]
+    assert sample(logits.clone(), [seq], None).token_ids == [5]
+
+
+def test_min_tokens_bans_stop_ids():
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 9] = 5.0
+    params = SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[9])
+    assert sample(logits.clone(), seqs_for(params, 1), None).token_ids != [9]
+
+
+def test_logprobs_are_of_the_raw_distribution():
+    logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(3))
+    params = SamplingParams(temperature=0.5, top_k=3, logprobs=4, seed=0)
+    out = sample(logits.clone(), seqs_for(params, 2, seeded=True), None)
+    raw = logits.log_softmax(-1)
+    for row, (token, (ids, _, lp, rank)) in enumerate(zip(out.token_ids, out.logprobs)):
+        assert abs(lp - raw[row, token].item()) < 1e-6
+        assert ids == raw[row].topk(4).indices.tolist()
+        assert rank == int((raw[row] > raw[row, token]).sum()) + 1
