@@ -15,7 +15,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def llm(tiny_checkpoint):
-    with LLM(tiny_checkpoint("llama"), enforce_eager=True, max_model_len=128) as llm:
+    with LLM(tiny_checkpoint("llama"), enforce_eager=True, dtype="float32", max_model_len=128) as llm:
         yield llm
 
 
@@ -44,7 +44,7 @@ def test_constructor_rejects_unimplemented_parameters(tiny_checkpoint):
 def test_swap_space_is_deprecated_and_ignored(tiny_checkpoint):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        LLM(tiny_checkpoint("llama"), enforce_eager=True, swap_space=4).shutdown()
+        LLM(tiny_checkpoint("llama"), enforce_eager=True, dtype="float32", swap_space=4).shutdown()
     assert any(issubclass(w.category, DeprecationWarning) and "swap_space" in str(w.message) for w in caught)
 
 
@@ -174,10 +174,12 @@ def test_prompt_logprobs_match_hf(llm, tiny_checkpoint):
 
 
 def test_chunked_prompt_logprobs(tiny_checkpoint):
-    with LLM(tiny_checkpoint("llama"), enforce_eager=True, max_num_batched_tokens=5) as small:
+    with LLM(
+        tiny_checkpoint("llama"), enforce_eager=True, dtype="float32", max_num_batched_tokens=5
+    ) as small:
         ids = list(range(200, 223))
         got = small.generate([ids], SamplingParams(max_tokens=2, prompt_logprobs=0), use_tqdm=False)[0]
-    with LLM(tiny_checkpoint("llama"), enforce_eager=True) as big:
+    with LLM(tiny_checkpoint("llama"), enforce_eager=True, dtype="float32") as big:
         want = big.generate([ids], SamplingParams(max_tokens=2, prompt_logprobs=0), use_tqdm=False)[0]
     assert len(got.prompt_logprobs) == len(ids)
     for a, b in zip(got.prompt_logprobs[1:], want.prompt_logprobs[1:]):
@@ -213,7 +215,7 @@ def test_generation_config_defaults(tmp_path, tiny_checkpoint):
     (path / "generation_config.json").write_text(
         json.dumps({"temperature": 0.6, "top_p": 0.9, "max_new_tokens": 5})
     )
-    with LLM(str(path), enforce_eager=True) as llm:
+    with LLM(str(path), enforce_eager=True, dtype="float32") as llm:
         params = llm.get_default_sampling_params()
         assert (params.temperature, params.top_p, params.max_tokens) == (0.6, 0.9, 5)
         assert len(llm.generate("Hi", use_tqdm=False)[0].outputs[0].token_ids) <= 5
@@ -243,7 +245,7 @@ def test_tqdm_reports_progress(llm, capsys):
 
 
 def test_skip_tokenizer_init(tiny_checkpoint):
-    with LLM(tiny_checkpoint("llama"), enforce_eager=True, skip_tokenizer_init=True) as llm:
+    with LLM(tiny_checkpoint("llama"), enforce_eager=True, dtype="float32", skip_tokenizer_init=True) as llm:
         out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, detokenize=False), use_tqdm=False)[0]
         assert len(out.outputs[0].token_ids) == 3 and out.outputs[0].text == ""
         with pytest.raises(ValueError, match="tokenizer"):
@@ -254,7 +256,7 @@ def test_mistral_sliding_window_matches_hf_beyond_window(tiny_checkpoint):
     path = tiny_checkpoint("mistral")  # sliding_window 24
     ids = list(range(1000, 1040))
     ref_tokens, _ = hf_greedy(path, [ids], 6)[0]
-    with LLM(path, enforce_eager=True) as llm:
+    with LLM(path, enforce_eager=True, dtype="float32") as llm:
         assert (
             llm.generate([ids], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)[
                 0

@@ -52,14 +52,16 @@ def _check(llm, ids, reference, logprob_tol=1e-3):
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 def test_greedy_matches_hf(arch, references):
     path, ids, reference = references(arch)
-    with LLM(path, enforce_eager=True) as llm:
+    with LLM(path, enforce_eager=True, dtype="float32") as llm:
         _check(llm, ids, reference)
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False])
 def test_prefix_caching_on_and_off(prefix_caching, references):
     path, ids, reference = references("llama")
-    with LLM(path, enforce_eager=True, enable_prefix_caching=prefix_caching, block_size=4) as llm:
+    with LLM(
+        path, enforce_eager=True, dtype="float32", enable_prefix_caching=prefix_caching, block_size=4
+    ) as llm:
         _check(llm, ids, reference)
         outputs = _check(llm, ids, reference)  # second pass: prompts' full blocks are now cached
     cached = [o.num_cached_tokens for o in outputs]
@@ -71,14 +73,14 @@ def test_prefix_caching_on_and_off(prefix_caching, references):
 
 def test_chunked_prefill(references):
     path, ids, reference = references("qwen3")
-    with LLM(path, enforce_eager=True, max_num_batched_tokens=8, max_num_seqs=3) as llm:
+    with LLM(path, enforce_eager=True, dtype="float32", max_num_batched_tokens=8, max_num_seqs=3) as llm:
         _check(llm, ids, reference)
 
 
 def test_preemption_keeps_outputs_identical(references):
     path, ids, reference = references("llama")
     block_bytes = 2 * 2 * 16 * 2 * 32 * 4  # K+V, 2 layers, 16 slots, 2 kv heads, head_dim 32, fp32
-    with LLM(path, enforce_eager=True, kv_cache_memory_bytes=6 * block_bytes) as llm:
+    with LLM(path, enforce_eager=True, dtype="float32", kv_cache_memory_bytes=6 * block_bytes) as llm:
         _check(llm, ids, reference)
         assert llm.llm_engine.scheduler.num_preemptions > 0
         assert llm.llm_engine.kv.num_free_blocks == llm.llm_engine.num_blocks

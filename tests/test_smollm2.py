@@ -32,7 +32,7 @@ def hf_outputs(smollm_gguf):
 
 
 def test_greedy_matches_hf_on_gguf(smollm_gguf, hf_outputs):
-    with LLM(smollm_gguf, enforce_eager=True) as llm:
+    with LLM(smollm_gguf, enforce_eager=True, dtype="float32") as llm:
         outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)
     for out, ref in zip(outs, hf_outputs):
         n = len(out.outputs[0].token_ids)

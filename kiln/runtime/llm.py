@@ -119,7 +119,10 @@ class LLM:
             )
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        backend = (attention_config or {}).get("backend") or ("triton" if device.type == "cuda" else "torch")
+        default_backend = os.environ.get("KILN_ATTENTION_BACKEND") or (
+            "triton" if device.type == "cuda" else "torch"
+        )
+        backend = (attention_config or {}).get("backend") or default_backend
         if backend not in _ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_config backend must be one of {_ATTENTION_BACKENDS}, got {backend!r}"
