@@ -1,0 +1,156 @@
+"""``kiln bench throughput``: offline generation of N prompts; requests/s, tokens/s and peak memory."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from kiln.bench import common, hf_compare, workload
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    common.add_model_args(p)
+    g = p.add_argument_group("workload")
+    g.add_argument("--num-prompts", type=int, default=1000)
+    g.add_argument("--input-len", type=int, default=256)
+    g.add_argument("--output-len", type=int, default=256)
+    g.add_argument(
+        "--range-ratio",
+        type=float,
+        default=0.0,
+        help="sample lengths uniformly in len*(1 -/+ ratio) (default: fixed lengths)",
+    )
+    g.add_argument(
+        "--dataset",
+        default=None,
+        help="JSONL of {'prompt': ...} or {'prompt_token_ids': [...]}, optional 'output_len'",
+    )
+    g.add_argument(
+        "--num-warmup-prompts", type=int, default=4, help="short requests run before timing (0: none)"
+    )
+    common.add_output_args(p, compare=True)
+
+
+def make_workload(args: argparse.Namespace, source) -> workload.Workload:
+    if args.dataset:
+        tok = common.load_tokenizer(args, source)
+        return workload.from_jsonl(
+            args.dataset,
+            source.vocab_size,
+            args.output_len,
+            tok,
+            args.num_prompts if args.num_prompts else None,
+            args.seed,
+        )
+    return workload.synthetic(
+        args.num_prompts, args.input_len, args.output_len, source.vocab_size, args.seed, args.range_ratio
+    )
+
+
+def measure(llm, wl: workload.Workload, show_progress: bool, num_warmup: int = 4) -> dict:
+    """Generate the whole workload once (after a short warm-up) and report rates."""
+    if num_warmup > 0:
+        warm = wl.requests[:num_warmup]
+        llm.generate(
+            [{"prompt_token_ids": list(r.prompt_token_ids)} for r in warm],
+            [workload.sampling_params(min(4, r.output_len)) for r in warm],
+            use_tqdm=False,
+        )
+        llm.reset_prefix_cache()
+    common.reset_peak_memory()
+    common.sync()
+    t0 = time.perf_counter()
+    outputs = llm.generate(wl.prompts(), wl.sampling_params(), use_tqdm=show_progress)
+    common.sync()
+    elapsed = time.perf_counter() - t0
+    n_in = sum(len(o.prompt_token_ids) for o in outputs)
+    n_out = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    lat = common.request_latencies(outputs)
+    return {
+        "num_requests": len(outputs),
+        "num_input_tokens": n_in,
+        "num_output_tokens": n_out,
+        "elapsed_s": elapsed,
+        "requests_per_s": len(outputs) / elapsed,
+        "input_tokens_per_s": n_in / elapsed,
+        "output_tokens_per_s": n_out / elapsed,
+        "total_tokens_per_s": (n_in + n_out) / elapsed,
+        "ttft_s": common.percentiles(lat["ttft"]),
+        "tpot_s": common.percentiles(lat["tpot"]),
+        "e2e_s": common.percentiles(lat["e2e"]),
+    }
+
+
+def run_hf(args, source, wl, dtype, device, max_num_seqs: int) -> list[dict]:
+    results = []
+    batch = args.hf_batch_size or max_num_seqs
+    for variant in hf_compare.parse_variants(args.hf_variants):
+        model = None
+        try:
+            model = hf_compare.build_model(source.config, dtype, device)
+            common.reset_peak_memory()
+            r = hf_compare.throughput(model, wl, variant, batch, not args.no_progress)
+            r["memory"] = common.memory_report()
+        except Exception as e:  # keep kiln's numbers even if a baseline variant fails
+            r = {"variant": variant, "error": f"{type(e).__name__}: {e}"}
+        finally:
+            del model
+            common.free_llm(None)
+        results.append(r)
+    return results
+
+
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
+    source = common.get_source(args)
+    wl = make_workload(args, source)
+    kwargs = common.engine_kwargs(args, source, wl.max_total_len)
+    llm, startup = common.build_llm(kwargs)
+    dtype, device = llm.config.dtype, llm.config.device
+    max_num_seqs = llm.config.max_num_seqs
+    res = measure(llm, wl, not args.no_progress, args.num_warmup_prompts)
+    res["startup_s"] = startup
+    res["memory"] = common.memory_report(llm)
+    res["compile_report"] = common.compile_report(llm)
+    common.free_llm(llm)
+    del llm
+    results = {"kiln": res}
+    if args.compare == "hf":
+        hf = run_hf(args, source, wl, dtype, device, max_num_seqs)
+        results["hf"] = hf
+        results["ratio_kiln_over_hf"] = {
+            r["variant"]: res["total_tokens_per_s"] / r["total_tokens_per_s"] for r in hf if "error" not in r
+        }
+    config = {
+        "model": source.describe(),
+        "workload": wl.description,
+        "llm_kwargs": kwargs,
+        "args": common.args_dict(args),
+        "dtype": str(dtype),
+    }
+    path = common.write_result(args, "throughput", config, results, argv)
+    print_summary(results, source, wl)
+    print(f"wrote {path}")
+    results["path"] = path
+    return results
+
+
+def print_summary(results: dict, source, wl) -> None:
+    k = results["kiln"]
+    print(
+        f"\nthroughput  model={source.spec}  {len(wl)} requests, {wl.num_input_tokens} input / "
+        f"{wl.num_output_tokens} output tokens"
+    )
+    print(
+        f"  kiln: {k['requests_per_s']:.2f} req/s, input {k['input_tokens_per_s']:.1f} tok/s, "
+        f"output {k['output_tokens_per_s']:.1f} tok/s, total {k['total_tokens_per_s']:.1f} tok/s "
+        f"({k['elapsed_s']:.2f} s; start-up {k['startup_s']:.2f} s; "
+        f"peak memory {common.fmt_bytes(k['memory']['peak_bytes'])})"
+    )
+    for r in results.get("hf", []):
+        if "error" in r:
+            print(f"  HF {r['variant']}: failed: {r['error']}")
+            continue
+        ratio = results["ratio_kiln_over_hf"][r["variant"]]
+        rate = f"{r['requests_per_s']:.2f} req/s, total {r['total_tokens_per_s']:.1f} tok/s"
+        where = f"{r['elapsed_s']:.2f} s, batch {r['batch_size']}"
+        print(f"  HF {r['variant']}: {rate} ({where})  kiln/HF = {ratio:.2f}x")
