@@ -4,7 +4,9 @@ import logging
 import time
 
 import torch
+from tqdm.auto import tqdm
 
+from kiln.compiler.cudagraph import DecodeGraphs, default_capture_sizes
 from kiln.models.config import ModelConfig
 from kiln.models.loader import build_model
 from kiln.runtime.config import CPU_DEFAULT_KV_CACHE_BYTES, EngineConfig
@@ -71,11 +73,64 @@ class LLMEngine:
             config.attention_backend,
             seed=config.seed,
         )
+        self.graph_capture_seconds = 0.0
+        if self._graph_sizes():
+            self._capture_decode_graphs()
         self.requests: dict[str, Request] = {}
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_token_ids = {eos} if eos is not None else set(model_config.eos_token_id)
         self._next_seq_id = 0
         self.detokenizers: dict[Sequence, IncrementalDetokenizer] = {}
+
+    def _graph_sizes(self) -> list[int]:
+        """Decode batch sizes to capture as full CUDA graphs (none on CPU or with enforce_eager)."""
+        cfg = self.config
+        if cfg.device.type != "cuda" or cfg.enforce_eager or cfg.attention_backend != "triton":
+            return []
+        cc = cfg.compilation_config
+        cc = cc if isinstance(cc, dict) else vars(cc) if cc is not None else {}
+        mode = cc.get("cudagraph_mode") or "full_and_piecewise"
+        if mode not in ("full", "full_and_piecewise"):
+            return []
+        sizes = cc.get("cudagraph_capture_sizes") or default_capture_sizes(cfg.max_num_seqs)
+        return sorted(s for s in sizes if s <= cfg.max_num_seqs)
+
+    def _make_decode_graphs(self, kv_caches, sizes, forward_fn) -> DecodeGraphs:
+        cfg = self.config
+        return DecodeGraphs(
+            forward_fn,
+            kv_caches,
+            sizes,
+            -(-cfg.max_model_len // cfg.block_size),
+            self.model_config.hidden_size,
+            cfg.dtype,
+            cfg.device,
+            cfg.attention_backend,
+        )
+
+    def _capture_decode_graphs(self) -> None:
+        sizes = self._graph_sizes()
+        graphs = self._make_decode_graphs(self.kv_caches, sizes, self.runner.forward_fn)
+        start = time.perf_counter()
+        with tqdm(total=len(sizes), desc="Capturing CUDA graphs (decode)", dynamic_ncols=True) as bar:
+            graphs.capture(bar)
+        self.graph_capture_seconds = time.perf_counter() - start
+        self.runner.decode_graphs = graphs
+
+    def _graph_memory_reserve(self, scratch) -> int:
+        """Memory the decode graphs' pool will hold: measured by a trial capture of the largest bucket."""
+        sizes = self._graph_sizes()
+        if not sizes:
+            return 0
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_reserved()
+        trial = self._make_decode_graphs(scratch, sizes[-1:], self.model.forward)
+        trial.capture()
+        used = torch.cuda.memory_reserved() - before
+        del trial
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return int(used * 1.1) + 64 * 2**20
 
     def kv_bytes_per_block(self) -> int:
         mc = self.model_config
@@ -127,10 +182,11 @@ class LLMEngine:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
         scratch_bytes = sum(t.numel() * t.element_size() for t in scratch)
-        del scratch, hidden
+        del hidden
+        graph_reserve = self._graph_memory_reserve(scratch)
+        del scratch
         torch.cuda.empty_cache()
-        budget = int(total * cfg.gpu_memory_utilization - other - (peak - scratch_bytes))
-        budget -= self.config.extra.get("graph_memory_reserve", 0)
+        budget = int(total * cfg.gpu_memory_utilization - other - (peak - scratch_bytes) - graph_reserve)
         if budget <= 0:
             raise ValueError(
                 f"gpu_memory_utilization={cfg.gpu_memory_utilization} leaves no memory for the KV cache "

@@ -37,6 +37,7 @@ class ModelRunner:
         self.attention_backend = attention_backend
         self.forward_fn = forward_fn or model.forward
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.decode_graphs = None  # kiln.compiler.cudagraph.DecodeGraphs, set by the engine on CUDA
 
     def prepare(self, batch: ScheduledBatch):
         ids, positions, slots, starts, seq_lens, tables = [], [], [], [0], [], []
@@ -73,8 +74,12 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepOutput:
         input_ids, positions, md, starts = self.prepare(batch)
-        with forward_context(md, self.kv_caches, self.attention_backend):
-            hidden = self.forward_fn(input_ids, positions)
+        graphs = self.decode_graphs
+        if graphs is not None and md.max_query_len == 1 and md.num_seqs <= graphs.max_size:
+            hidden = graphs.run(input_ids, positions, md.slot_mapping, md.seq_lens, md.block_tables)
+        else:
+            with forward_context(md, self.kv_caches, self.attention_backend):
+                hidden = self.forward_fn(input_ids, positions)
 
         # rows whose logits are needed: the last token of sequences that complete this step, and the
         # prompt positions of sequences that asked for prompt logprobs

@@ -101,9 +101,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generato
         raw_logprobs = logits.log_softmax(-1)
     logits = apply_constraints(apply_penalties(logits.clone(), seqs), seqs)
     params = [s.params for s in seqs]
-    greedy = torch.tensor([p.is_greedy for p in params], device=device)
     tokens = logits.argmax(-1)
-    if not bool(greedy.all()):
+    if not all(p.is_greedy for p in params):
+        greedy = torch.tensor([p.is_greedy for p in params], device=device)
         temps = torch.tensor([1.0 if p.is_greedy else p.temperature for p in params], device=device)
         scaled = logits / temps[:, None]
 
