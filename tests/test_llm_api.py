@@ -265,3 +265,20 @@ def test_mistral_sliding_window_matches_hf_beyond_window(tiny_checkpoint):
             .token_ids
             == ref_tokens
         )
+
+
+def test_kv_cache_too_small_for_max_model_len(tiny_checkpoint):
+    block_bytes = 2 * 2 * 16 * 2 * 32 * 4
+    with pytest.raises(ValueError, match="max_model_len: 256 tokens do not fit in the KV cache"):
+        LLM(
+            tiny_checkpoint("llama"),
+            enforce_eager=True,
+            max_model_len=256,
+            kv_cache_memory_bytes=4 * block_bytes,
+        )
+    with LLM(tiny_checkpoint("llama"), enforce_eager=True, kv_cache_memory_bytes=4 * block_bytes) as llm:
+        assert llm.config.max_model_len == 64  # lowered to what the cache holds
+        with pytest.raises(ValueError, match="prompt 0 has 70 tokens, but max_model_len is 64"):
+            llm.generate([list(range(70))], use_tqdm=False)
+        out = llm.generate([list(range(60))], SamplingParams(max_tokens=20), use_tqdm=False)[0].outputs[0]
+        assert len(out.token_ids) == 4 and out.finish_reason == "length"

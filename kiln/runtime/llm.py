@@ -243,8 +243,6 @@ class LLM:
                 f"prompt {index} has {len(ids)} tokens, but max_model_len is {max_len}: "
                 "no room for any output"
             )
-        if params.n > 1 and self.llm_engine.kv.blocks_needed(len(ids) + 1) > self.llm_engine.num_blocks:
-            raise ValueError(f"prompt {index} can never fit in the KV cache")
         return text, ids
 
     def generate(
