@@ -4,6 +4,7 @@
     kiln bench latency     --model llama-1b --batch-sizes 1,8,64 [--compare hf]
     kiln bench compile     --model llama-1b                       (cold vs warm start-up)
     kiln bench sweep       --model llama-1b --configs benchmarks/sweep_configs.json
+    kiln bench report      --results-dir benchmarks/results       (markdown tables of saved results)
 
 Every run writes ``bench_<name>[_<tag>].json`` (machine, versions, command, configuration, results)
 into ``--output-dir``; latency, compile and sweep also write PNG plots, sweep a markdown table.
@@ -19,12 +20,13 @@ _BENCHES = {
     "latency": "TTFT, TPOT and end-to-end latency per batch size, with percentiles",
     "compile": "start-up time, cold vs warm compile caches, per compile stage",
     "sweep": "one workload under each of a list of compilation configs: table and plots",
+    "report": "markdown tables from the bench_*.json files of a results directory",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     from kiln.bench import compile as compile_bench
-    from kiln.bench import latency, sweep, throughput
+    from kiln.bench import latency, report, sweep, throughput
 
     parser = argparse.ArgumentParser(prog="kiln", description="kiln: offline LLM inference tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -34,7 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmarks (random weights for named shapes; see --model).",
     )
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    modules = {"throughput": throughput, "latency": latency, "compile": compile_bench, "sweep": sweep}
+    modules = {
+        "throughput": throughput,
+        "latency": latency,
+        "compile": compile_bench,
+        "sweep": sweep,
+        "report": report,
+    }
     for name, module in modules.items():
         p = bench_sub.add_parser(
             name,

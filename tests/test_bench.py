@@ -108,7 +108,7 @@ def test_percentiles_and_stage_times():
     st = common.stage_times(
         {"stages": {"dynamo_s": 1.5, "inductor": 2.0}, "cudagraph_capture_s": 0.5, "x": "y"}
     )
-    assert st == {"dynamo": 1.5, "passes": None, "inductor": 2.0, "graph_capture": 0.5}
+    assert st == {"dynamo": 1.5, "passes": None, "inductor": 2.0, "cache_load": None, "graph_capture": 0.5}
     assert common.stage_times(None) == dict.fromkeys(common.STAGES)
 
 
@@ -132,7 +132,7 @@ def test_example_sweep_configs_are_valid():
 # ------------------------------------------------------------------------------------ CLI smoke tests
 
 
-def test_throughput_smoke_with_hf_compare(tmp_path):
+def test_throughput_smoke_with_hf_compare(tmp_path, capsys):
     main(
         [
             "bench",
@@ -165,6 +165,9 @@ def test_throughput_smoke_with_hf_compare(tmp_path):
     assert hf["variant"] == "eager" and hf["total_tokens_per_s"] > 0
     assert doc["results"]["ratio_kiln_over_hf"]["eager"] > 0
     assert doc["config"]["llm_kwargs"]["load_format"] == "dummy"
+    capsys.readouterr()
+    assert main(["bench", "report", "--results-dir", str(tmp_path)]) == 0
+    assert "| bench_throughput_t.json | CPU" in capsys.readouterr().out
 
 
 def test_throughput_from_jsonl_dataset(tmp_path):
@@ -223,6 +226,9 @@ def test_latency_smoke(tmp_path):
         assert r["ttft_s"]["n"] == 2 * r["batch_size"] and r["tpot_s"]["p50"] > 0 and r["e2e_s"]["p99"] > 0
     assert set(doc["results"]["ratio_kiln_over_hf"]["eager"]) == {"1", "3"}
     _nonempty_png(tmp_path / "bench_latency_tpot.png")
+    main(["bench", "report", "--results-dir", str(tmp_path), "--output", str(tmp_path / "r.md")])
+    report = (tmp_path / "r.md").read_text()
+    assert "### Latency" in report and "| bench_latency.json | CPU" in report
 
 
 def test_compile_smoke(tmp_path):

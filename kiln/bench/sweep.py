@@ -61,6 +61,9 @@ def load_configs(path: str, only: str | None = None) -> list[dict]:
         if entry["name"] in names:
             raise SystemExit(f"kiln bench sweep: {path}: duplicate name {entry['name']!r}")
         names.add(entry["name"])
+    bad = [f"{e['name']}: {err}" for e in data if (err := check_compilation_config(e)) is not None]
+    if bad:
+        raise SystemExit(f"kiln bench sweep: {path}: invalid compilation_config in " + "; ".join(bad))
     if only:
         wanted = [n.strip() for n in only.split(",") if n.strip()]
         missing = [n for n in wanted if n not in names]
@@ -68,6 +71,19 @@ def load_configs(path: str, only: str | None = None) -> list[dict]:
             raise SystemExit(f"kiln bench sweep: --only names not in {path}: {missing}")
         data = [e for e in data if e["name"] in wanted]
     return data
+
+
+def check_compilation_config(entry: dict) -> str | None:
+    """Validate an entry's compilation_config with kiln's own parser (when kiln has one)."""
+    try:
+        from kiln.compiler.config import CompilationConfig
+    except ImportError:
+        return None
+    try:
+        CompilationConfig.parse(entry.get("compilation_config"))
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def entry_kwargs(args: argparse.Namespace, source, entry: dict, longest: int) -> dict:

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The GPU benchmark suite behind benchmarks/README.md, for the H100 machine.
+#
+#   bash benchmarks/run_h100_suite.sh [PART ...]
+#
+# PARTs (default: all, in this order):
+#   throughput   llama-8b and llama-1b, 1000 prompts of 256 in / 256 out, kiln vs HF (eager, static-compile)
+#   latency      llama-8b and llama-1b, batch 1/8/64, 256 in / 256 out, kiln vs HF
+#   compile      llama-8b and llama-1b start-up, cold vs warm compile caches
+#   sweep        llama-1b over benchmarks/sweep_configs.json (one fresh process per config)
+#   smoke        llama-1b, 100 prompts of 128/128 and batch-1 latency, eager (a quick check that the tools run)
+#
+# Results go to $OUT/results (default ./bench_out/results) and are bundled into
+# $OUT/bench_results_<parts>.tar.gz next to suite.log, so only a couple of files need copying back.
+# One part can take several minutes: where a single command has a time limit, run the parts in separate
+# calls. KILN_GIT_SHA names the source commit when the tree is a copy without .git.
+# Environment knobs: PYTHON (default python3), EXTRA_ARGS (appended to every kiln bench command).
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/bench_out}"
+RES="$OUT/results"
+mkdir -p "$RES"
+PY="${PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export KILN_GIT_SHA="${KILN_GIT_SHA:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+LOG="$OUT/suite.log"
+PARTS=("$@")
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(throughput latency compile sweep)
+FAILED=()
+
+bench() {  # bench NAME ARGS...: one kiln bench command, logged; a failure does not stop the suite
+    local name="$1"; shift
+    echo "=== $name: kiln bench $* ${EXTRA_ARGS:-}" | tee -a "$LOG"
+    local t0=$SECONDS
+    # shellcheck disable=SC2086
+    if ! "$PY" -m kiln.cli bench "$@" --output-dir "$RES" ${EXTRA_ARGS:-} 2>&1 | tee -a "$LOG"; then
+        FAILED+=("$name")
+        echo "=== $name FAILED" | tee -a "$LOG"
+    fi
+    echo "=== $name took $((SECONDS - t0)) s" | tee -a "$LOG"
+}
+
+{
+    echo "kiln suite: parts ${PARTS[*]}; sha $KILN_GIT_SHA; $(date -u +%FT%TZ)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+    "$PY" -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__,
+"transformers", transformers.__version__, "cuda", torch.cuda.is_available())'
+} 2>&1 | tee -a "$LOG"
+
+for part in "${PARTS[@]}"; do
+    case "$part" in
+    throughput)
+        for shape in llama-8b llama-1b; do
+            bench "throughput-$shape" throughput --model "$shape" --num-prompts 1000 --input-len 256 \
+                --output-len 256 --compare hf --tag "${shape}_1000x256x256"
+        done
+        ;;
+    latency)
+        for shape in llama-8b llama-1b; do
+            bench "latency-$shape" latency --model "$shape" --batch-sizes 1,8,64 --input-len 256 \
+                --output-len 256 --num-iters 3 --compare hf --tag "$shape"
+        done
+        ;;
+    compile)
+        for shape in llama-8b llama-1b; do
+            bench "compile-$shape" compile --model "$shape" --batch-size 8 --input-len 256 --output-len 32 \
+                --tag "$shape"
+        done
+        ;;
+    sweep)
+        bench "sweep-llama-1b" sweep --model llama-1b --configs benchmarks/sweep_configs.json \
+            --batch-sizes 1,8,64 --input-len 256 --output-len 128 --num-iters 2 --num-prompts 200 \
+            --timeout 900 --tag llama-1b
+        ;;
+    smoke)
+        bench "smoke-throughput" throughput --model llama-1b --num-prompts 100 --input-len 128 --output-len 128 \
+            --enforce-eager --compare hf --hf-variants eager --tag llama-1b_100x128x128_eager
+        bench "smoke-latency" latency --model llama-1b --batch-sizes 1 --input-len 128 --output-len 128 \
+            --num-iters 3 --enforce-eager --tag llama-1b_bs1_eager
+        ;;
+    *)
+        echo "unknown part $part (throughput, latency, compile, sweep, smoke)" | tee -a "$LOG"
+        FAILED+=("$part")
+        ;;
+    esac
+done
+
+bundle="$OUT/bench_results_$(IFS=_; echo "${PARTS[*]}").tar.gz"
+tar czf "$bundle" -C "$OUT" results suite.log && rm -rf "$RES"
+echo "bundle: $bundle" | tee -a "$LOG"
+if [ ${#FAILED[@]} -gt 0 ]; then
+    echo "failed: ${FAILED[*]}" | tee -a "$LOG"
+    exit 1
+fi
