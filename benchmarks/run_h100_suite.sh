@@ -7,7 +7,8 @@
 #   throughput   llama-8b and llama-1b, 1000 prompts of 256 in / 256 out, kiln vs HF (eager, static-compile)
 #   latency      llama-8b and llama-1b, batch 1/8/64, 256 in / 256 out, kiln vs HF
 #   compile      llama-8b and llama-1b start-up, cold vs warm compile caches
-#   sweep        llama-1b over benchmarks/sweep_configs.json (one fresh process per config)
+#   sweep        llama-1b over benchmarks/sweep_configs.json (one fresh process per config); or in three
+#                shorter parts: sweep-modes, sweep-passes, sweep-capture (SWEEP_ONLY=a,b,c picks configs)
 #   smoke        llama-1b, 100 prompts of 128/128 and batch-1 latency, eager (a quick check that the tools run)
 #
 # Results go to $OUT/results (default ./bench_out/results) and are bundled into
@@ -15,6 +16,8 @@
 # One part can take several minutes: where a single command has a time limit, run the parts in separate
 # calls. KILN_GIT_SHA names the source commit when the tree is a copy without .git.
 # Environment knobs: PYTHON (default python3), EXTRA_ARGS (appended to every kiln bench command).
+# Python packages missing on the machine (pydantic, for kiln.compiler.config) are installed from
+# wheels in ./.whl when that folder is there (carry it).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -26,6 +29,10 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export KILN_GIT_SHA="${KILN_GIT_SHA:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
 LOG="$OUT/suite.log"
+if ! "$PY" -c "import pydantic" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/kiln-site \
+        .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/kiln-site"
+fi
 PARTS=("$@")
 [ ${#PARTS[@]} -eq 0 ] && PARTS=(throughput latency compile sweep)
 FAILED=()
@@ -69,10 +76,17 @@ for part in "${PARTS[@]}"; do
                 --tag "$shape"
         done
         ;;
-    sweep)
-        bench "sweep-llama-1b" sweep --model llama-1b --configs benchmarks/sweep_configs.json \
-            --batch-sizes 1,8,64 --input-len 256 --output-len 128 --num-iters 2 --num-prompts 200 \
-            --timeout 900 --tag llama-1b
+    sweep | sweep-modes | sweep-passes | sweep-capture)
+        only="${SWEEP_ONLY:-}"
+        case "$part" in
+        sweep-modes) only="eager,dynamo-only,inductor-no-graphs,piecewise-no-graphs,piecewise,full,full-and-piecewise" ;;
+        sweep-passes) only="full-and-piecewise,passes-off,fuse-add-rms-norm,fuse-silu-mul,fusions-on" ;;
+        sweep-capture) only="full-and-piecewise,capture-pow2,capture-dense" ;;
+        esac
+        tag="llama-1b${part#sweep}"
+        bench "$part-llama-1b" sweep --model llama-1b --configs benchmarks/sweep_configs.json \
+            ${only:+--only "$only"} --batch-sizes 1,8,64 --input-len 256 --output-len 128 --num-iters 2 \
+            --num-prompts 200 --timeout 900 --tag "$tag"
         ;;
     smoke)
         bench "smoke-throughput" throughput --model llama-1b --num-prompts 100 --input-len 128 --output-len 128 \
@@ -81,7 +95,7 @@ for part in "${PARTS[@]}"; do
             --num-iters 3 --enforce-eager --tag llama-1b_bs1_eager
         ;;
     *)
-        echo "unknown part $part (throughput, latency, compile, sweep, smoke)" | tee -a "$LOG"
+        echo "unknown part $part (throughput, latency, compile, sweep[-modes|-passes|-capture], smoke)" | tee -a "$LOG"
         FAILED+=("$part")
         ;;
     esac

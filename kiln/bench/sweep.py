@@ -192,6 +192,18 @@ def _fmt(x, scale=1.0, digits=2) -> str:
     return "–" if x is None else f"{x * scale:.{digits}f}"
 
 
+def compact(value) -> str:
+    """Short JSON for table cells: long lists shown as ``[first, ..., last] (n)``."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{json.dumps(k)}:{compact(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list) and len(value) > 6:
+        head = ",".join(compact(v) for v in value[:3])
+        return f"[{head},…,{compact(value[-1])}]({len(value)})"
+    if isinstance(value, list):
+        return "[" + ",".join(compact(v) for v in value) + "]"
+    return json.dumps(value)
+
+
 def markdown_table(rows: list[dict], batch_sizes: list[int]) -> str:
     head = (
         ["config", "eager", "compilation_config", "start-up s", "first req s", "total tok/s", "output tok/s"]
@@ -202,7 +214,7 @@ def markdown_table(rows: list[dict], batch_sizes: list[int]) -> str:
     base = next((r["throughput"]["total_tokens_per_s"] for r in rows if r.get("throughput")), None)
     for r in rows:
         cc = r["entry"].get("compilation_config")
-        cc_text = "`" + json.dumps(cc, separators=(",", ":")) + "`" if cc is not None else "–"
+        cc_text = "`" + compact(cc) + "`" if cc is not None else "–"
         if "error" in r:
             cells = [
                 r["name"],
