@@ -1,0 +1,81 @@
+"""Triton paged attention: the entry points the ``kiln::attention`` op calls for backend "triton".
+
+Same semantics as ``kiln.ops.attention_ref`` (``store_kv_ref``, ``paged_attention_ref``); cache layout
+``[2, num_blocks, block_size, num_kv_heads, head_dim]`` as in ``kiln.ops.metadata``.
+
+Kernels:
+  * ``triton_store_kv``: one program per token copies its K/V rows to their slot (-1 skipped).
+  * ``triton_decode``: pure-decode steps (``md.max_query_len == 1``): split-K flash-decoding, one
+    program per (sequence, kv head, KV split), then a reduction pass over the splits.
+  * ``triton_prefill``: any other step, mixed decode + prefill chunks included: tiled flash attention
+    over paged KV with causal masking, one program per (query tile, kv head).
+Both attention kernels put all query heads of a kv head (GQA group) into the rows of one ``tl.dot``,
+accumulate in fp32, support any head_dim (padded to a power of two and masked), any block_size,
+fp16/bf16/fp32 and a sliding window.
+
+CUDA graphs: nothing here synchronises with the host or allocates memory whose size depends on data.
+Grids depend on tensor shapes, plus ``md.max_query_len`` for the prefill tile height. For pure
+decode the number of KV splits is a function of shapes only: as many (sequence, kv head, split)
+programs as fit in one wave of ``PROGRAMS_PER_SM`` programs per multiprocessor (a partly filled second
+wave costs more than the extra splits gain), at least one, capped so that a split holds at least
+``MIN_SPLIT_TOKENS`` of the longest context the block table can address
+(``block_tables.shape[1] * block_size``) and at most ``MAX_SPLITS``. Each split's share of a sequence is
+computed in the kernel from ``seq_lens``, so a captured graph replays correctly for any ``seq_lens``
+that fit the block table. The split workspace (fp32, ``num_seqs * num_heads * num_splits *
+(head_dim_p2 + 2)`` floats) is allocated per call with a shape-only size. Pass ``num_splits`` to pin it.
+"""
+
+import functools
+
+import torch
+
+from kiln.ops.metadata import AttentionMetadata
+from kiln.ops.triton_decode import decode_attention
+from kiln.ops.triton_prefill import prefill_attention
+from kiln.ops.triton_store_kv import store_kv_triton
+
+__all__ = ["choose_num_splits", "paged_attention_triton", "store_kv_triton"]
+
+MIN_SPLIT_TOKENS = 256
+MAX_SPLITS = 64
+PROGRAMS_PER_SM = 4
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
+    """KV splits per (sequence, kv head) for decode; depends on shapes only (see module docstring)."""
+    by_occupancy = PROGRAMS_PER_SM * _sm_count(device) // max(1, num_seqs * num_kv_heads)
+    by_length = -(-max_context // MIN_SPLIT_TOKENS)
+    return max(1, min(by_occupancy, by_length, MAX_SPLITS))
+
+
+def paged_attention_triton(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    md: AttentionMetadata,
+    scale: float,
+    sliding_window: int = 0,
+    out: torch.Tensor | None = None,
+    *,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of q ``[num_tokens, num_heads, head_dim]`` over each sequence's paged context."""
+    if out is None:
+        out = torch.empty_like(q)
+    if q.shape[0] == 0 or md.num_seqs == 0:
+        return out
+    assert q.stride(-1) == 1 and out.stride(-1) == 1 and kv_cache.stride(-1) == 1
+    if md.max_query_len <= 1:
+        if num_splits is None:
+            max_context = md.block_tables.shape[1] * kv_cache.shape[2]
+            num_splits = choose_num_splits(md.num_seqs, kv_cache.shape[3], max_context, q.device)
+        decode_attention(q, kv_cache, md, scale, sliding_window, out, num_splits)
+    else:
+        prefill_attention(q, kv_cache, md, scale, sliding_window, out)
+    return out

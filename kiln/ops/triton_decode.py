@@ -1,0 +1,224 @@
+"""Split-K (flash-decoding) paged attention for pure-decode steps (every query_len is 0 or 1).
+
+Pass 1, grid ``(num_seqs, num_kv_heads, num_splits)``: the visible context of a sequence (the last
+``sliding_window`` positions, or all of it) is cut into ``num_splits`` chunks of
+``cdiv(cdiv(len, num_splits), BLOCK_N) * BLOCK_N`` positions, computed in the kernel from ``seq_lens``;
+each program runs the shared online-softmax loop (``attend_kv_range``) over one chunk for the query
+rows of all heads of its GQA group (one ``tl.dot`` over the group, padded to 16 rows), and writes its
+unnormalised fp32 accumulator with the running max and sum to a workspace
+``[num_seqs, num_heads, num_splits, head_dim_p2]``. Empty chunks write max -inf, sum 0.
+Pass 2, grid ``(num_seqs, num_heads)``: rescales the partial results to a common max and normalises.
+With ``num_splits == 1`` pass 1 writes the output directly and pass 2 is skipped. ``num_splits`` is a
+run-time argument of pass 1 (a compile-time one only of pass 2).
+
+``num_splits`` is a launch parameter chosen by the caller from shapes only, so one captured graph
+replays correctly for any ``seq_lens`` that fit the block table.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kiln.ops.metadata import AttentionMetadata
+from kiln.ops.triton_prefill import INTERPRET, attend_kv_range, dot_precision
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    ws_acc_ptr,
+    ws_ml_ptr,
+    qsl_ptr,
+    seq_lens_ptr,
+    bt_ptr,
+    window,
+    qk_scale,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    stride_blk,
+    stride_slot,
+    stride_kvh,
+    num_heads,
+    num_splits,
+    GROUP: tl.constexpr,
+    GROUP_P2: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P2: tl.constexpr,
+    DIRECT: tl.constexpr,
+    SLIDING: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + seq)
+    if tl.load(qsl_ptr + seq + 1) == q_start:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx_lo = 0
+    if SLIDING:
+        ctx_lo = tl.maximum(seq_len - window, 0)
+    chunk = tl.cdiv(tl.cdiv(seq_len - ctx_lo, num_splits), BLOCK_N) * BLOCK_N
+    lo = ctx_lo + split * chunk
+    hi = tl.minimum(lo + chunk, seq_len)
+    full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
+
+    offs_g = tl.arange(0, GROUP_P2)
+    head = kvh * GROUP + offs_g
+    offs_d = tl.arange(0, HEAD_DIM_P2)
+    d_ok = offs_d < HEAD_DIM
+    io_mask = (offs_g < GROUP)[:, None] & d_ok[None, :]
+    q_off = q_start.to(tl.int64) * stride_qt + head * stride_qh
+    q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :], mask=io_mask, other=0.0)
+    q = q.to(k_ptr.dtype.element_ty)
+    q_pos = tl.zeros([GROUP_P2], dtype=tl.int32)  # unused: no causal or window mask needed here
+
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+    k_base = k_ptr + kvh * stride_kvh
+    v_base = v_ptr + kvh * stride_kvh
+    acc = tl.zeros([GROUP_P2, HEAD_DIM_P2], dtype=tl.float32)
+    m_i = tl.full([GROUP_P2], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_P2], dtype=tl.float32)
+    acc, m_i, l_i = attend_kv_range(
+        acc, m_i, l_i, q, k_base, v_base, bt_row, lo, full_end, q_pos, window, qk_scale,
+        stride_blk, stride_slot, offs_d, d_ok,
+        BLOCK_N, BLOCK_SIZE, False, False, False, HEAD_DIM != HEAD_DIM_P2, PRECISION, UPCAST,
+    )  # fmt: skip
+    acc, m_i, l_i = attend_kv_range(
+        acc, m_i, l_i, q, k_base, v_base, bt_row, full_end, hi, q_pos, window, qk_scale,
+        stride_blk, stride_slot, offs_d, d_ok,
+        BLOCK_N, BLOCK_SIZE, False, False, True, HEAD_DIM != HEAD_DIM_P2, PRECISION, UPCAST,
+    )  # fmt: skip
+
+    if DIRECT:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        o_off = q_start.to(tl.int64) * stride_ot + head * stride_oh
+        tl.store(o_ptr + o_off[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=io_mask)
+    else:
+        row = (seq.to(tl.int64) * num_heads + head) * num_splits + split
+        tl.store(ws_acc_ptr + row[:, None] * HEAD_DIM_P2 + offs_d[None, :], acc, mask=io_mask)
+        ml_mask = offs_g < GROUP
+        tl.store(ws_ml_ptr + row * 2, m_i, mask=ml_mask)
+        tl.store(ws_ml_ptr + row * 2 + 1, l_i, mask=ml_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    o_ptr,
+    ws_acc_ptr,
+    ws_ml_ptr,
+    qsl_ptr,
+    stride_ot,
+    stride_oh,
+    num_heads,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P2: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_P2: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_start = tl.load(qsl_ptr + seq)
+    if tl.load(qsl_ptr + seq + 1) == q_start:
+        return
+    offs_s = tl.arange(0, SPLITS_P2)
+    s_ok = offs_s < NUM_SPLITS
+    offs_d = tl.arange(0, HEAD_DIM_P2)
+    row = (seq.to(tl.int64) * num_heads + head) * NUM_SPLITS + offs_s
+    m = tl.load(ws_ml_ptr + row * 2, mask=s_ok, other=float("-inf"))
+    l_part = tl.load(ws_ml_ptr + row * 2 + 1, mask=s_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
+    denom = tl.sum(w * l_part, 0)
+    d_ok = offs_d < HEAD_DIM
+    acc_mask = s_ok[:, None] & d_ok[None, :]
+    acc = tl.load(ws_acc_ptr + row[:, None] * HEAD_DIM_P2 + offs_d[None, :], mask=acc_mask, other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
+    o_off = q_start.to(tl.int64) * stride_ot + head * stride_oh + offs_d
+    tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=d_ok)
+
+
+def _decode_config(head_dim_p2: int, elem_size: int) -> dict:
+    block_n = 32 if elem_size == 4 or head_dim_p2 > 128 else 64
+    return dict(BLOCK_N=block_n, num_warps=4, num_stages=2)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    md: AttentionMetadata,
+    scale: float,
+    sliding_window: int,
+    out: torch.Tensor,
+    num_splits: int,
+    config: dict | None = None,
+) -> None:
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    num_seqs = md.num_seqs
+    group = num_heads // num_kv_heads
+    group_p2 = max(16, triton.next_power_of_2(group))
+    head_dim_p2 = max(16, triton.next_power_of_2(head_dim))
+    cfg = config or _decode_config(head_dim_p2, kv_cache.element_size())
+    if num_splits > 1:
+        f32 = dict(dtype=torch.float32, device=q.device)
+        ws_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim_p2, **f32)
+        ws_ml = torch.empty(num_seqs, num_heads, num_splits, 2, **f32)
+    else:
+        ws_acc = ws_ml = out  # unused
+    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q,
+        kv_cache[0],
+        kv_cache[1],
+        out,
+        ws_acc,
+        ws_ml,
+        md.query_start_loc,
+        md.seq_lens,
+        md.block_tables,
+        sliding_window,
+        scale * 1.4426950408889634,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        md.block_tables.stride(0),
+        kv_cache.stride(1),
+        kv_cache.stride(2),
+        kv_cache.stride(3),
+        num_heads,
+        num_splits,
+        GROUP=group,
+        GROUP_P2=group_p2,
+        BLOCK_SIZE=block_size,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_P2=head_dim_p2,
+        DIRECT=num_splits == 1,
+        SLIDING=sliding_window > 0,
+        PRECISION=dot_precision(kv_cache.dtype),
+        UPCAST=INTERPRET and kv_cache.dtype == torch.bfloat16,
+        **cfg,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            out,
+            ws_acc,
+            ws_ml,
+            md.query_start_loc,
+            out.stride(0),
+            out.stride(1),
+            num_heads,
+            HEAD_DIM=head_dim,
+            HEAD_DIM_P2=head_dim_p2,
+            NUM_SPLITS=num_splits,
+            SPLITS_P2=triton.next_power_of_2(num_splits),
+        )
