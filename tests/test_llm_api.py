@@ -15,7 +15,14 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def llm(tiny_checkpoint):
-    with LLM(tiny_checkpoint("llama"), enforce_eager=True, dtype="float32", max_model_len=128) as llm:
+    # a fixed small KV cache, so that other LLMs built while this one lives still find GPU memory
+    with LLM(
+        tiny_checkpoint("llama"),
+        enforce_eager=True,
+        dtype="float32",
+        max_model_len=128,
+        kv_cache_memory_bytes=2**26,
+    ) as llm:
         yield llm
 
 
@@ -256,19 +263,15 @@ def test_mistral_sliding_window_matches_hf_beyond_window(tiny_checkpoint):
     path = tiny_checkpoint("mistral")  # sliding_window 24
     ids = list(range(1000, 1040))
     ref_tokens, _ = hf_greedy(path, [ids], 6)[0]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     with LLM(path, enforce_eager=True, dtype="float32") as llm:
-        assert (
-            llm.generate([ids], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)[
-                0
-            ]
-            .outputs[0]
-            .token_ids
-            == ref_tokens
-        )
+        assert llm.generate([ids], params, use_tqdm=False)[0].outputs[0].token_ids == ref_tokens
 
 
 def test_kv_cache_too_small_for_max_model_len(tiny_checkpoint):
-    block_bytes = 2 * 2 * 16 * 2 * 32 * 4
+    block_bytes = 2 * 2 * 16 * 2 * 32 * 2  # float16 on GPU, float32 on CPU: sized for the smaller case
+    if not torch.cuda.is_available():
+        block_bytes *= 2
     with pytest.raises(ValueError, match="max_model_len: 256 tokens do not fit in the KV cache"):
         LLM(
             tiny_checkpoint("llama"),

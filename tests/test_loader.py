@@ -134,7 +134,8 @@ def test_missing_shard(tmp_path, tiny_checkpoint):
 def test_dtype_auto_and_explicit(tiny_checkpoint):
     path = tiny_checkpoint("llama")
     with LLM(path, enforce_eager=True) as llm:
-        assert llm.config.dtype == torch.float32  # CPU keeps float32
+        # CPU keeps float32; on GPU a float32 checkpoint runs in float16
+        assert llm.config.dtype == (torch.float16 if torch.cuda.is_available() else torch.float32)
     with LLM(path, enforce_eager=True, dtype="bfloat16") as llm:
         assert llm.llm_engine.model.model.embed_tokens.weight.dtype == torch.bfloat16
         assert llm.llm_engine.kv_caches[0].dtype == torch.bfloat16
