@@ -81,11 +81,11 @@ class KVCacheManager:
 
         Extends ``seq.block_hashes`` as the sequence grows; tokens never change once there.
         """
-        bs, tokens = self.block_size, seq.token_ids
-        hashes = seq.block_hashes
+        bs, hashes = self.block_size, seq.block_hashes
         for i in range(len(hashes), num_tokens // bs):
-            hashes.append(block_hash(hashes[-1] if hashes else None, tuple(tokens[i * bs : (i + 1) * bs])))
-        return hashes[: num_tokens // bs]
+            tokens = tuple(seq.token_slice(i * bs, (i + 1) * bs))
+            hashes.append(block_hash(hashes[-1] if hashes else None, tokens))
+        return hashes if len(hashes) == num_tokens // bs else hashes[: num_tokens // bs]
 
     def lookup_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks covering a prefix of ``seq`` (at least one token is always left to compute)."""
@@ -124,14 +124,17 @@ class KVCacheManager:
         """Publish the hashes of the blocks whose every token is now computed."""
         if not self.enable_prefix_caching:
             return
-        for i, h in enumerate(self._full_block_hashes(seq, seq.num_computed_tokens)):
-            self.pool.register(seq.block_ids[i], h)
+        hashes = self._full_block_hashes(seq, seq.num_computed_tokens)
+        for i in range(seq.num_published_blocks, len(hashes)):
+            self.pool.register(seq.block_ids[i], hashes[i])
+        seq.num_published_blocks = len(hashes)
 
     def free(self, seq: Sequence) -> None:
         # release tail first so that, among a sequence's blocks, the later ones are evicted first
         for b in reversed(seq.block_ids):
             self.pool.release(b)
         seq.block_ids = []
+        seq.num_published_blocks = 0
 
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_cache()

@@ -43,8 +43,7 @@ class ModelRunner:
         ids, positions, slots, starts, seq_lens, tables = [], [], [], [0], [], []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             lo = seq.num_computed_tokens
-            tokens = seq.token_ids
-            ids.extend(tokens[lo : lo + n])
+            ids.extend(seq.token_slice(lo, lo + n))
             positions.extend(range(lo, lo + n))
             slots.extend(
                 seq.block_ids[p // self.block_size] * self.block_size + p % self.block_size

@@ -29,6 +29,7 @@ class Sequence:
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of this sequence's full blocks
+    num_published_blocks: int = 0  # leading blocks already registered in the prefix cache
     num_cached_tokens: int | None = None  # prefix-cache hit at first schedule
     num_preemptions: int = 0
     logprobs: list[dict[int, Logprob]] | None = None
@@ -57,6 +58,15 @@ class Sequence:
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_slice(self, lo: int, hi: int) -> list[int]:
+        """``token_ids[lo:hi]`` without building the whole list."""
+        n = len(self.prompt_token_ids)
+        if hi <= n:
+            return self.prompt_token_ids[lo:hi]
+        if lo >= n:
+            return self.output_token_ids[lo - n : hi - n]
+        return self.prompt_token_ids[lo:] + self.output_token_ids[: hi - n]
 
     @property
     def is_finished(self) -> bool:
