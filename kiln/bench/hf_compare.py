@@ -126,7 +126,8 @@ def throughput(model, workload: Workload, variant: str, batch_size: int, show_pr
     n_in, n_out = workload.num_input_tokens, workload.num_output_tokens
     return {
         "variant": variant,
-        "batch_size": batch_size,
+        "batch_size": max(hi - lo for lo, hi in batches),
+        "max_batch_size": batch_size,
         "num_batches": len(batches),
         "warmup_s": warmup_s,
         "elapsed_s": elapsed,
