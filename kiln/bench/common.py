@@ -112,7 +112,7 @@ def add_output_args(p: argparse.ArgumentParser, compare: bool = False) -> None:
             "--hf-batch-size",
             type=int,
             default=None,
-            help="most prompts per HF generate call, split into equal batches (default: the engine's max_num_seqs)",
+            help="most prompts per HF generate call, in equal batches (default: the engine's max_num_seqs)",
         )
 
 
