@@ -6,6 +6,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from kiln.compiler.compiled_forward import compile_forward
 from kiln.compiler.cudagraph import DecodeGraphs, default_capture_sizes
 from kiln.models.config import ModelConfig
 from kiln.models.loader import build_model
@@ -71,6 +72,7 @@ class LLMEngine:
             config.block_size,
             config.device,
             config.attention_backend,
+            forward_fn=compile_forward(self.model, model_config, config),
             seed=config.seed,
         )
         self.graph_capture_seconds = 0.0

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from kiln.compiler.config import CompilationConfig
+from kiln.compiler.report import CompileReport
 from kiln.models.config import ModelConfig
 from kiln.models.loader import read_config, resolve_model_path
 from kiln.runtime.config import EngineConfig, resolve_dtype
@@ -113,6 +115,7 @@ class LLM:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
             _check_positive(name, kwargs.get(name))
         _check_positive("kv_cache_memory_bytes", kv_cache_memory_bytes)
+        compilation_config = CompilationConfig.parse(compilation_config)  # InvalidCompilationConfig
         if kwargs.get("load_format", "auto") not in ("auto", "safetensors", "gguf", "dummy"):
             raise ValueError(
                 f"load_format must be 'auto', 'safetensors', 'gguf' or 'dummy', got {kwargs['load_format']!r}"
@@ -209,6 +212,11 @@ class LLM:
         }
         found = {ours: self.generation_config[k] for k, ours in keys.items() if k in self.generation_config}
         return SamplingParams(**found) if found else SamplingParams()
+
+    def compile_report(self) -> CompileReport:
+        """What start-up compilation did: graphs, pieces, unique compiles, fusion matches, time per
+        stage, cache hits and recompilations (mode "none" when the forward runs eagerly)."""
+        return getattr(self.llm_engine.runner.forward_fn, "report", None) or CompileReport()
 
     def reset_prefix_cache(self) -> bool:
         return self.llm_engine.kv.reset_prefix_cache()

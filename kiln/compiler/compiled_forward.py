@@ -1,0 +1,178 @@
+"""``CompiledForward``: the model forward captured once by Dynamo and compiled by kiln's backend.
+
+One trace serves every batch size: dim 0 of ``input_ids`` and ``positions`` is marked dynamic and
+the shape-environment guards (``2 <= T``, ``len(positions) == len(input_ids)``) are dropped, so no
+token count re-traces. Start-up runs the trace (and the ``compile_sizes`` compiles) on dummy
+inputs with a scratch KV cache, so serving never compiles.
+"""
+
+import logging
+import time
+import types
+
+import torch
+
+from kiln.compiler.cache import CompileCache, cache_key_details
+from kiln.compiler.config import CompilationConfig, CompilationMode
+from kiln.compiler.debug import GraphDumper
+from kiln.compiler.report import CompileReport
+from kiln.ops.forward_context import forward_context
+from kiln.ops.metadata import AttentionMetadata
+
+logger = logging.getLogger("kiln.compiler")
+
+CAPTURE_TOKENS = 256  # token count of the dummy batch Dynamo traces (any size >= 2 would do)
+
+
+_INPUTS = {"input_ids", "positions", "L['input_ids']", "L['positions']"}
+
+
+def _guard_filter(entries):
+    """Dynamo guard filter. Dropped: the shape environment's guards, which would pin the token count
+    (0/1 specialisation re-traces a batch of one token), and the tensor guards of the two inputs,
+    which would re-trace when an inference tensor follows a normal one (the engine always passes
+    1-D int64 tensors on the model's device). Every other guard stays."""
+    return [
+        not (e.guard_type == "SHAPE_ENV" or (e.guard_type == "TENSOR_MATCH" and e.name in _INPUTS))
+        for e in entries
+    ]
+
+
+def _private_forward(model):
+    """``model.forward`` bound to a private copy of its function. Dynamo caches compiled code per
+    code object, so without a copy every model built in one process would share one cache (and its
+    limit of 8 entries: the ninth LLM would fail to compile)."""
+    func = type(model).forward
+    copy = types.FunctionType(
+        func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__, func.__closure__
+    )
+    copy.__kwdefaults__, copy.__qualname__ = func.__kwdefaults__, func.__qualname__
+    return types.MethodType(copy, model)
+
+
+class CompiledForward:
+    """Callable ``(input_ids, positions) -> hidden``, a drop-in for ``model.forward``."""
+
+    def __init__(
+        self,
+        model,
+        model_config,
+        config: CompilationConfig,
+        mode: CompilationMode,
+        dtype: torch.dtype,
+        device: torch.device,
+        attention_backend: str = "torch",
+    ):
+        self.model, self.model_config, self.config, self.mode = model, model_config, config, mode
+        self.device, self.attention_backend = device, attention_backend
+        self.cache = CompileCache(
+            config.resolved_cache_dir(),
+            cache_key_details(model_config, dtype, device, config),
+            config.use_cache,
+        )
+        self.report = CompileReport(
+            mode=mode.label, backend=config.backend, compile_sizes=list(config.compile_sizes)
+        )
+        if config.use_cache:
+            self.report.cache_dir, self.report.cache_key = self.cache.dir, self.cache.key
+        self.dumper = GraphDumper(config.debug_dump_path)
+        from kiln.compiler.backend import KilnBackend  # imports Inductor: only when compiling
+
+        self.backend = KilnBackend(config, mode, self.cache, self.report, self.dumper)
+        self._compiled = torch.compile(
+            _private_forward(model),
+            backend=self.backend,
+            fullgraph=True,
+            dynamic=False,
+            options={"guard_filter_fn": _guard_filter},
+        )
+        self._traced = False
+
+    @property
+    def split_module(self):
+        """The piecewise runtime (a GraphModule whose ``submod_<i>`` are the pieces), or None."""
+        return self.backend.split_gm
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if not self._traced:
+            torch._dynamo.mark_dynamic(input_ids, 0)
+            torch._dynamo.mark_dynamic(positions, 0)
+            self.backend.trace_started = time.perf_counter()
+        out = self._compiled(input_ids, positions)
+        self._traced = True
+        return out
+
+    # ------------------------------------------------------------------ start-up
+
+    @torch.inference_mode()
+    def _dummy_run(self, num_tokens: int) -> None:
+        cfg, dev = self.model_config, self.device
+        block = 16
+        blocks = -(-num_tokens // block)
+        dtype = next(self.model.parameters()).dtype
+        scratch = torch.zeros(2, blocks, block, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=dev)
+        md = AttentionMetadata(
+            slot_mapping=torch.arange(num_tokens, device=dev),
+            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=dev),
+            block_tables=torch.arange(blocks, dtype=torch.int32, device=dev)[None],
+            max_query_len=num_tokens,
+            max_seq_len=num_tokens,
+        )
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=dev)
+        positions = torch.arange(num_tokens, device=dev) % cfg.max_position_embeddings
+        with forward_context(md, [scratch] * cfg.num_layers, self.attention_backend):
+            self(ids, positions)
+
+    def warmup(self, capture_tokens: int = CAPTURE_TOKENS) -> CompileReport:
+        """Trace and compile now: one dummy batch for the trace, one per compile size."""
+        report = self.report
+        manifest = self.cache.manifest()
+        start = time.perf_counter()
+        capture_tokens = max(2, capture_tokens)
+        with self.cache.activate():
+            self._dummy_run(capture_tokens)
+            if self.mode == CompilationMode.PIECEWISE:
+                for size in self.config.compile_sizes:
+                    self._dummy_run(size)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        report.total_s = time.perf_counter() - start
+        if not self.config.use_cache or self.config.backend == "eager":
+            report.cache_status = "disabled"
+        elif report.cache_misses == 0:
+            report.cache_status = "hit"
+        else:
+            report.cache_status = "partial" if manifest is not None else "miss"
+        if manifest is not None and report.cache_misses == 0:
+            # fusion passes ran at the cold start only; report what they did then
+            for name, count in manifest.get("report", {}).get("pattern_matches", {}).items():
+                if name in report.pattern_matches:
+                    report.pattern_matches[name] = count
+        elif self.config.use_cache:
+            self.cache.save_manifest({"report": report.to_dict()})
+        report.passes_s += self.backend.fusions.seconds
+        report.inductor_s = max(0.0, report.inductor_s - self.backend.fusions.seconds)
+        logger.info("kiln compile: %s", report.summary())
+        return report
+
+
+def compile_forward(model, model_config, engine_config) -> CompiledForward | None:
+    """The engine's forward_fn: None when compilation is off (enforce_eager or mode none)."""
+    config = engine_config.compilation_config
+    if not isinstance(config, CompilationConfig):
+        config = CompilationConfig.parse(config)
+    mode = config.resolved_mode(engine_config.device.type)
+    if engine_config.enforce_eager or mode == CompilationMode.NONE:
+        return None
+    forward = CompiledForward(
+        model,
+        model_config,
+        config,
+        mode,
+        engine_config.dtype,
+        engine_config.device,
+        engine_config.attention_backend,
+    )
+    forward.warmup(min(CAPTURE_TOKENS, engine_config.max_num_batched_tokens))
+    return forward

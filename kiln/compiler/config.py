@@ -1,0 +1,178 @@
+"""``CompilationConfig``: how ``LLM`` compiles the model forward, validated strictly.
+
+``LLM(compilation_config=...)`` takes an int or a mode name (the mode alone), a dict or a
+``CompilationConfig``. Unknown keys and bad values raise ``InvalidCompilationConfig`` (a
+``ValueError``) naming the key; nothing is dropped silently.
+
+Modes:
+
+- ``none`` (0): plain eager forward, no Dynamo, no Inductor (what ``enforce_eager=True`` forces).
+- ``dynamo`` (1): Dynamo traces the forward once; the captured FX graph runs op by op.
+- ``inductor`` (2): Dynamo + Inductor over the whole graph, attention included (stock torch.compile).
+- ``piecewise`` (3): kiln's backend: FX passes, split at every splitting op, Inductor per piece,
+  identical pieces compiled once.
+
+Default (``mode=None``): ``piecewise`` on CUDA. On CPU the default is ``none``: Inductor's C++
+build costs tens of seconds to minutes per model on small machines, which every ``LLM()`` would
+pay; pass ``compilation_config=3`` (or ``{"mode": "piecewise"}``) to compile on CPU.
+"""
+
+import os
+from enum import IntEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+DEFAULT_SPLITTING_OPS = ("kiln::attention",)
+CUDAGRAPH_MODES = ("none", "piecewise", "full", "full_and_piecewise")
+
+
+class CompilationMode(IntEnum):
+    NONE = 0
+    DYNAMO = 1
+    INDUCTOR = 2
+    PIECEWISE = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class InvalidCompilationConfig(ValueError):
+    """A ``compilation_config`` that fails validation; the message names each offending key."""
+
+
+class PassConfig(BaseModel):
+    """Toggles for kiln's graph passes (defaults: what measured as a win, see benchmarks/results)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    eliminate_noops: bool = True
+    fuse_add_rms_norm: bool = False
+    fuse_silu_mul: bool = False
+
+    def enabled_fusions(self) -> list[str]:
+        return [name for name in ("fuse_add_rms_norm", "fuse_silu_mul") if getattr(self, name)]
+
+
+class CompilationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    mode: CompilationMode | None = None
+    backend: Literal["inductor", "eager"] = "inductor"
+    splitting_ops: list[str] = list(DEFAULT_SPLITTING_OPS)
+    compile_sizes: list[int] = []
+    pass_config: PassConfig = PassConfig()
+    inductor_compile_config: dict[str, Any] = {}
+    cache_dir: str | None = None
+    use_cache: bool = True
+    debug_dump_path: str | None = None
+    cudagraph_mode: Literal["none", "piecewise", "full", "full_and_piecewise"] = "full_and_piecewise"
+    cudagraph_capture_sizes: list[int] | None = None
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _parse_mode(cls, value):
+        if value is None or isinstance(value, CompilationMode):
+            return value
+        expected = f"mode must be 0-3 or one of {[m.label for m in CompilationMode]}, got {value!r}"
+        if isinstance(value, bool):
+            raise ValueError(expected)
+        if isinstance(value, str):
+            names = {m.label: m for m in CompilationMode}
+            key = value.strip().lower()
+            if key.isdigit():
+                value = int(key)
+            elif key in names:
+                return names[key]
+            else:
+                raise ValueError(f"unknown mode {value!r}; use one of {list(names)} or 0-3")
+        if isinstance(value, int) and value in CompilationMode._value2member_map_:
+            return CompilationMode(value)
+        raise ValueError(expected)
+
+    @field_validator("splitting_ops")
+    @classmethod
+    def _check_ops(cls, ops: list[str]) -> list[str]:
+        for op in ops:
+            ns, sep, name = op.partition("::")
+            if not sep or not ns or not name or not name.replace(".", "").replace("_", "").isalnum():
+                raise ValueError(f"splitting op {op!r} is not an operator name like 'kiln::attention'")
+        return list(dict.fromkeys(ops))
+
+    @field_validator("compile_sizes", "cudagraph_capture_sizes")
+    @classmethod
+    def _check_sizes(cls, sizes: list[int] | None) -> list[int] | None:
+        if sizes is None:
+            return None
+        bad = [s for s in sizes if s < 1]
+        if bad:
+            raise ValueError(f"sizes must be positive token counts, got {bad}")
+        return sorted(set(sizes))
+
+    @field_validator("inductor_compile_config")
+    @classmethod
+    def _check_inductor_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        import json
+
+        from torch._inductor import config as inductor_config
+
+        known = set(inductor_config.get_config_copy())
+        unknown = sorted(k for k in options if k not in known)
+        if unknown:
+            raise ValueError(f"unknown Inductor option(s) {unknown} (see torch._inductor.list_options())")
+        try:
+            json.dumps(options, sort_keys=True)
+        except TypeError as e:
+            raise ValueError(f"Inductor options must be JSON values (they key the compile cache): {e}") from e
+        return options
+
+    # ------------------------------------------------------------------ helpers
+
+    @classmethod
+    def parse(cls, value: Any) -> "CompilationConfig":
+        """Build from what ``LLM(compilation_config=...)`` accepts: None, int, mode name, dict or object."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value.model_copy(deep=True)
+        try:
+            if isinstance(value, (int, str)) and not isinstance(value, bool):
+                return cls(mode=value)
+            if isinstance(value, dict):
+                return cls.model_validate(value)
+        except ValidationError as e:
+            raise InvalidCompilationConfig(_describe(e)) from None
+        raise InvalidCompilationConfig(
+            f"compilation_config must be an int (mode), a mode name, a dict or a CompilationConfig, "
+            f"got {type(value).__name__}"
+        )
+
+    def resolved_mode(self, device_type: str) -> CompilationMode:
+        if self.mode is not None:
+            return self.mode
+        return CompilationMode.PIECEWISE if device_type == "cuda" else CompilationMode.NONE
+
+    def resolved_cache_dir(self) -> str:
+        path = self.cache_dir or os.environ.get("KILN_CACHE_DIR") or os.path.join("~", ".cache", "kiln")
+        return os.path.abspath(os.path.expanduser(path))
+
+    def cache_fields(self) -> dict[str, Any]:
+        """Every field that can change compiled code (where things are written is left out)."""
+        data = self.model_dump(mode="json", exclude={"cache_dir", "use_cache", "debug_dump_path"})
+        return data
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "compilation_config"
+        if item["type"] == "extra_forbidden":
+            parent = item["loc"][:-1]
+            model = PassConfig if parent == ("pass_config",) else CompilationConfig
+            lines.append(f"unknown key {key!r} (valid keys: {', '.join(model.model_fields)})")
+        else:
+            msg = item["msg"].removeprefix("Value error, ")
+            got = "" if "got" in msg else f" (got {item.get('input')!r})"
+            lines.append(f"{key}: {msg}{got}")
+    return "compilation_config: " + "; ".join(lines)

@@ -1,0 +1,48 @@
+"""``CompileReport``: what start-up compilation did, for ``LLM.compile_report()`` and one log line."""
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class CompileReport:
+    mode: str = "none"
+    backend: str = ""
+    graphs_captured: int = 0  # Dynamo traces (1 when nothing recompiled)
+    recompilations: int = 0  # traces after the first one
+    pieces: int = 0  # pieces of the split graph that are compiled (splitting ops excluded)
+    splitting_pieces: int = 0  # pieces holding one splitting op (run as is)
+    unique_compiles: int = 0  # general (symbolic-shape) compiles after de-duplicating identical pieces
+    static_compiles: int = 0  # extra compiles for compile_sizes
+    compile_sizes: list[int] = field(default_factory=list)
+    noops_removed: int = 0
+    pattern_matches: dict[str, int] = field(default_factory=dict)  # fusion pass -> replacements
+    dynamo_s: float = 0.0  # Dynamo tracing
+    passes_s: float = 0.0  # kiln's FX passes and split (fusion passes run inside Inductor, counted there)
+    inductor_s: float = 0.0  # compiles that missed the cache
+    cache_load_s: float = 0.0  # compiles served from the cache
+    total_s: float = 0.0  # whole start-up compile, warm-up runs included
+    cache_dir: str | None = None
+    cache_key: str | None = None
+    cache_status: str = "disabled"  # hit / partial / miss / disabled
+    cache_hits: int = 0  # compiles served from the cache (AOT-autograd or FX-graph cache)
+    cache_misses: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        if self.mode == "none":
+            return "compilation off (eager forward)"
+        matches = ", ".join(f"{k}={v}" for k, v in self.pattern_matches.items()) or "none"
+        return (
+            f"compiled ({self.mode}/{self.backend}) in {self.total_s:.1f}s: {self.graphs_captured} graph(s), "
+            f"{self.pieces} pieces + {self.splitting_pieces} split ops, "
+            f"{self.unique_compiles} unique compiles + {self.static_compiles} static {self.compile_sizes}; "
+            f"dynamo {self.dynamo_s:.2f}s, passes {self.passes_s:.2f}s, inductor {self.inductor_s:.2f}s, "
+            f"cache load {self.cache_load_s:.2f}s; "
+            f"cache {self.cache_status} ({self.cache_hits} hit, {self.cache_misses} miss); "
+            f"noops removed {self.noops_removed}; fusions: {matches}; recompilations {self.recompilations}"
+        )
+
+    def __str__(self) -> str:
+        return self.summary()
