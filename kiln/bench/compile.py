@@ -100,11 +100,12 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     return results
 
 
-def breakdown(r: dict) -> dict[str, float | None]:
-    """Start-up split into import, measured compile stages, the rest of LLM(), and first-request extra."""
-    stages = {k: v for k, v in (r.get("stages_s") or {}).items() if v}
-    rest = max(0.0, r["startup_s"] - sum(stages.values()))
-    out = {"import": r["import_s"], **stages, "other LLM()": rest}
+def breakdown(r: dict) -> dict[str, float]:
+    """Start-up split into import, each compile stage, the rest of ``LLM()``, and first-request extra
+    (always the same keys in the same order, so stacked bars line up)."""
+    stages = {k: v or 0.0 for k, v in (r.get("stages_s") or {}).items()}
+    out = {"import": r["import_s"], **{s: stages.get(s, 0.0) for s in common.STAGES}}
+    out["other LLM()"] = max(0.0, r["startup_s"] - sum(stages.values()))
     out["first request extra"] = r["first_request_overhead_s"]
     return out
 

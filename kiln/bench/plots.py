@@ -39,6 +39,9 @@ def tpot_vs_batch(
         points = sorted(points)
         ax.plot([b for b, _ in points], [t * 1000 for _, t in points], marker="o", label=name)
     ax.set_xscale("log", base=2)
+    sizes = sorted({b for points in series.values() for b, _ in points})
+    ax.set_xticks(sizes, [str(b) for b in sizes])
+    ax.minorticks_off()
     ax.set_xlabel("batch size")
     ax.set_ylabel("TPOT (ms)")
     ax.set_title(title)
@@ -57,6 +60,7 @@ def bars(values: dict[str, float | None], path: str, ylabel: str, title: str, fm
     names = list(values)
     heights = [values[n] for n in names]
     rects = ax.bar(range(len(names)), heights, color="tab:blue")
+    ax.set_ylim(0, max(heights) * 1.12)
     for rect, h in zip(rects, heights):
         ax.annotate(
             fmt.format(h),
@@ -91,10 +95,11 @@ def stacked_bars(stages: dict[str, dict[str, float | None]], path: str, ylabel: 
         bottom = [a + b for a, b in zip(bottom, h)]
     for i, total in enumerate(bottom):
         ax.annotate(f"{total:.1f}", (i, total), ha="center", va="bottom", fontsize="small")
+    ax.set_ylim(0, max(bottom) * 1.12)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=30, ha="right")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(True, axis="y", alpha=0.3)
     return _save(fig, path, plt)

@@ -205,40 +205,39 @@ def compact(value) -> str:
 
 
 def markdown_table(rows: list[dict], batch_sizes: list[int]) -> str:
-    head = (
-        ["config", "eager", "compilation_config", "start-up s", "first req s", "total tok/s", "output tok/s"]
-        + [f"TPOT ms @{b}" for b in batch_sizes]
-        + ["status"]
-    )
+    fixed = [
+        "config",
+        "eager",
+        "compilation_config",
+        "start-up s",
+        "compile s",
+        "graph capture s",
+        "first req s",
+    ]
+    head = fixed + ["total tok/s", "output tok/s"] + [f"TPOT ms @{b}" for b in batch_sizes] + ["status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = next((r["throughput"]["total_tokens_per_s"] for r in rows if r.get("throughput")), None)
     for r in rows:
         cc = r["entry"].get("compilation_config")
-        cc_text = "`" + compact(cc) + "`" if cc is not None else "–"
+        cells = [r["name"], str(bool(r["entry"].get("enforce_eager", False)))]
+        cells.append("`" + compact(cc) + "`" if cc is not None else "–")
         if "error" in r:
-            cells = [
-                r["name"],
-                str(bool(r["entry"].get("enforce_eager", False))),
-                cc_text,
-                "–",
-                "–",
-                "–",
-                "–",
-            ]
-            cells += ["–"] * len(batch_sizes) + [
-                "failed: " + r["error"].replace("|", "/").splitlines()[0][:120]
-            ]
+            cells += ["–"] * (len(head) - len(cells) - 1)
+            cells.append("failed: " + r["error"].replace("|", "/").splitlines()[0][:120])
         else:
+            st = r.get("stages_s") or {}
+            compile_s = sum(st.get(k) or 0.0 for k in ("dynamo", "passes", "inductor", "cache_load"))
             tp = r.get("throughput") or {}
             total = tp.get("total_tokens_per_s")
             rel = f" ({total / base:.2f}x)" if total and base else ""
             tpot = {x["batch_size"]: x["tpot_s"]["mean"] for x in r["latency"]}
-            cells = [
-                r["name"],
-                str(bool(r["entry"].get("enforce_eager", False))),
-                cc_text,
+            cells += [
                 _fmt(r["startup_s"]),
+                _fmt(compile_s),
+                _fmt(st.get("graph_capture")),
                 _fmt(r["first_generate_s"]),
+            ]
+            cells += [
                 (_fmt(total, digits=1) + rel) if total else "–",
                 _fmt(tp.get("output_tokens_per_s"), digits=1),
             ]
@@ -247,11 +246,20 @@ def markdown_table(rows: list[dict], batch_sizes: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def startup_parts(r: dict) -> dict[str, float]:
+    """Start-up of one config split into compile stages, the rest of ``LLM()`` and the first request."""
+    stages = {k: v or 0.0 for k, v in (r.get("stages_s") or {}).items()}
+    parts = {s: stages.get(s, 0.0) for s in common.STAGES}
+    parts["other LLM()"] = max(0.0, r["startup_s"] - sum(stages.values()))
+    parts["first request"] = r["first_generate_s"]
+    return parts
+
+
 def write_plots(args, rows: list[dict], spec: str) -> list[str]:
     ok = [r for r in rows if "error" not in r]
     tpot = {r["name"]: [(x["batch_size"], x["tpot_s"]["mean"]) for x in r["latency"]] for r in ok}
     tput = {r["name"]: (r.get("throughput") or {}).get("total_tokens_per_s") for r in ok}
-    startup = {r["name"]: {"LLM()": r["startup_s"], "first request": r["first_generate_s"]} for r in ok}
+    startup = {r["name"]: startup_parts(r) for r in ok}
     figs = [
         plots.tpot_vs_batch(
             tpot,
