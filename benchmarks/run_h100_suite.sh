@@ -16,8 +16,12 @@
 # One part can take several minutes: where a single command has a time limit, run the parts in separate
 # calls. KILN_GIT_SHA names the source commit when the tree is a copy without .git.
 # Environment knobs: PYTHON (default python3), EXTRA_ARGS (appended to every kiln bench command).
-# Python packages missing on the machine (pydantic, for kiln.compiler.config) are installed from
-# wheels in ./.whl when that folder is there (carry it).
+# Python packages missing on the machine (pydantic, which kiln.compiler.config needs) are installed from
+# wheels in ./.whl when that folder is there; fetch them beforehand on a machine with pip and carry .whl:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl pydantic pydantic_core annotated-types typing-inspection
+# (pin the versions `pip show pydantic` reports locally; pydantic and pydantic_core must match).
+# One call: run(command="KILN_GIT_SHA=<sha> bash benchmarks/run_h100_suite.sh throughput", carry=[".whl"]).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
