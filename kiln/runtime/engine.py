@@ -157,6 +157,8 @@ class LLMEngine:
         torch.cuda.synchronize()
         free, total = torch.cuda.mem_get_info()
         other = total - free - torch.cuda.memory_reserved()  # other processes and the CUDA context
+        in_use = torch.cuda.memory_allocated()  # this model's weights and anything else this process holds
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         torch.cuda.reset_peak_memory_stats()
         n = min(cfg.max_num_batched_tokens, cfg.max_model_len)
         blocks = -(-n // cfg.block_size)
@@ -188,11 +190,21 @@ class LLMEngine:
         graph_reserve = self._graph_memory_reserve(scratch)
         del scratch
         torch.cuda.empty_cache()
-        budget = int(total * cfg.gpu_memory_utilization - other - (peak - scratch_bytes) - graph_reserve)
+        activations = peak - in_use - scratch_bytes
+        budget = int(total * cfg.gpu_memory_utilization - other - in_use - activations - graph_reserve)
         if budget <= 0:
+            gib = 2**30
+            parts = {
+                "weights": weights,
+                "other tensors of this process (e.g. another LLM)": in_use - weights,
+                "activations": activations,
+                "CUDA graphs": graph_reserve,
+                "other processes": other,
+            }
+            taken = ", ".join(f"{name} {size / gib:.2f}" for name, size in parts.items())
             raise ValueError(
-                f"gpu_memory_utilization={cfg.gpu_memory_utilization} leaves no memory for the KV cache "
-                f"(weights and activations take {peak / 2**30:.2f} GiB of {total / 2**30:.2f} GiB)"
+                f"gpu_memory_utilization={cfg.gpu_memory_utilization} leaves no memory for the KV cache: of "
+                f"{total / gib:.2f} GiB, {taken} GiB are taken; pass kv_cache_memory_bytes or free the memory"
             )
         return budget
 
