@@ -84,3 +84,17 @@ def test_preemption_keeps_outputs_identical(references):
         _check(llm, ids, reference)
         assert llm.llm_engine.scheduler.num_preemptions > 0
         assert llm.llm_engine.kv.num_free_blocks == llm.llm_engine.num_blocks
+
+
+def test_overlapped_steps_match_hf_under_preemption_and_chunking(references):
+    """Without logprobs, steps overlap (launched before the previous read-back): same tokens."""
+    path, ids, reference = references("llama")
+    block_bytes = 2 * 2 * 16 * 2 * 32 * 4
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    kwargs = dict(enforce_eager=True, dtype="float32", kv_cache_memory_bytes=6 * block_bytes)
+    with LLM(path, max_num_batched_tokens=16, **kwargs) as llm:
+        assert llm.llm_engine.async_scheduling
+        outputs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
+        assert llm.llm_engine.scheduler.num_preemptions > 0
+        assert llm.llm_engine.kv.num_free_blocks == llm.llm_engine.num_blocks
+    assert [o.outputs[0].token_ids for o in outputs] == [tokens for tokens, _ in reference]

@@ -13,7 +13,7 @@ from kiln.models.loader import build_model
 from kiln.runtime.config import CPU_DEFAULT_KV_CACHE_BYTES, EngineConfig
 from kiln.runtime.detokenizer import IncrementalDetokenizer, find_stop_string
 from kiln.runtime.kv_cache_manager import KVCacheManager
-from kiln.runtime.model_runner import ModelRunner
+from kiln.runtime.model_runner import PLACEHOLDER, ModelRunner, StepOutput
 from kiln.runtime.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler
@@ -79,6 +79,8 @@ class LLMEngine:
         if self._graph_sizes():
             self._capture_decode_graphs()
         self.requests: dict[str, Request] = {}
+        self.async_scheduling = config.async_scheduling
+        self.pending: StepOutput | None = None  # launched step whose tokens are not read back yet
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_token_ids = {eos} if eos is not None else set(model_config.eos_token_id)
         self._next_seq_id = 0
@@ -235,31 +237,71 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; return the requests that finished in it."""
+        """Run one scheduling step; return the requests that finished in it.
+
+        Steps overlap: step N+1 is launched (its last input tokens taken from step N's device output)
+        before step N's tokens are read back, so the host work of one step hides behind the device
+        work of the next. A batch with penalties or logprobs needs its tokens on the host and runs
+        without overlap. Stops are therefore seen one step late; the extra token is dropped.
+        """
         batch = self.scheduler.schedule()
+        finished: list[RequestOutput] = []
+        sync = not self.async_scheduling or any(_needs_host_tokens(seq) for seq in batch.seqs)
+        if self.pending is not None and (sync or not batch):
+            finished += self._read_back(self.pending)
+            self.pending = None
         if not batch:
-            raise RuntimeError("scheduler produced an empty step while requests are pending")
+            if not finished and not self.scheduler.has_unfinished():
+                return finished
+            if not finished:
+                raise RuntimeError("scheduler produced an empty step while requests are pending")
+            return finished
         now = time.time()
         for seq in batch.seqs:
             seq.first_scheduled_time = seq.first_scheduled_time or now
-        out = self.runner.execute(batch)
-        now = time.time()
-        finished_requests = []
+        launched = self.runner.execute(batch, self.pending)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-            self.kv.cache_computed_blocks(seq)
-            for target, entry in out.prompt_logprobs.get(seq, []):
+            for target, entry in launched.prompt_logprobs.get(seq, []):
                 seq.prompt_logprobs.append(self._logprob_dict(target, entry))
-            if seq in out.sampled:
-                self._append_token(seq, out.sampled[seq], out.logprobs.get(seq), now)
-                if seq.finish_reason is not None:
-                    self.scheduler.finish(seq)
-                    self.detokenizers.pop(seq, None)
-                    request = self.requests[seq.request_id]
-                    if request.finished:
-                        request.finished_time = now
-                        finished_requests.append(self._make_output(self.requests.pop(seq.request_id)))
-        return finished_requests
+        for seq in launched.seqs:
+            seq.output_token_ids.append(PLACEHOLDER)
+            if len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len:
+                seq.awaiting_finish = True
+        previous, self.pending = self.pending, launched
+        if previous is not None:
+            finished += self._read_back(previous)
+        if sync:
+            finished += self._read_back(launched)
+            self.pending = None
+        for seq in batch.seqs:  # every token below num_computed_tokens is known on the host by now
+            if not seq.is_finished:
+                self.kv.cache_computed_blocks(seq)
+        return finished
+
+    def _read_back(self, step) -> list[RequestOutput]:
+        """Fill in a launched step's tokens and run the per-token bookkeeping (detokenize, stops)."""
+        if not step.seqs:
+            return []
+        tokens = step.tokens.tolist()
+        now = time.time()
+        finished = []
+        for seq, token, logprob_entry in zip(step.seqs, tokens, step.logprobs):
+            if seq.is_finished:  # it stopped one step earlier; this token is surplus
+                continue
+            index = step.output_index[seq]
+            seq.output_token_ids[index] = token
+            self._accept_token(seq, index, token, logprob_entry, now)
+            if seq.finish_reason is None:
+                continue
+            del seq.output_token_ids[index + 1 :]
+            self.scheduler.finish(seq)
+            self.detokenizers.pop(seq, None)
+            request = self.requests[seq.request_id]
+            if request.finished:
+                request.finished_time = now
+                finished.append(self._make_output(self.requests.pop(seq.request_id)))
+        return finished
 
     def _decoded(self, token_id: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token_id])
@@ -272,14 +314,14 @@ class LLMEngine:
                 result[t] = Logprob(v, r, self._decoded(t))
         return result
 
-    def _append_token(self, seq: Sequence, token: int, logprob_entry, now: float) -> None:
+    def _accept_token(self, seq: Sequence, index: int, token: int, logprob_entry, now: float) -> None:
+        """Token ``index`` of the output is now known: logprobs, stop checks, text."""
         params = seq.params
-        seq.output_token_ids.append(token)
         seq.first_token_time = seq.first_token_time or now
         if logprob_entry is not None:
             seq.logprobs.append(self._logprob_dict(token, logprob_entry))
             seq.cumulative_logprob += logprob_entry[2]
-        num_out = len(seq.output_token_ids)
+        num_out = index + 1
         stopped_by_token = False
         if num_out >= params.min_tokens:
             if not params.ignore_eos and token in self.eos_token_ids:
@@ -293,7 +335,7 @@ class LLMEngine:
             if seq.finish_reason is None:
                 find_stop_string(seq, len(new_text))
         if seq.finish_reason is None and (
-            num_out >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len
+            num_out >= seq.max_tokens or seq.num_prompt_tokens + num_out >= self.config.max_model_len
         ):
             seq.finish_reason = "length"
 
@@ -330,3 +372,15 @@ class LLMEngine:
             metrics=metrics,
             num_cached_tokens=first.num_cached_tokens or 0,
         )
+
+
+def _needs_host_tokens(seq: Sequence) -> bool:
+    """Sampling that reads the previous tokens or returns logprobs cannot run ahead of the read-back."""
+    p = seq.params
+    return (
+        p.logprobs is not None
+        or seq.prompt_logprobs is not None
+        or p.repetition_penalty != 1.0
+        or p.presence_penalty != 0.0
+        or p.frequency_penalty != 0.0
+    )

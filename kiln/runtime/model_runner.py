@@ -11,12 +11,24 @@ from kiln.runtime.sampler import sample, top_logprobs
 from kiln.runtime.scheduler import ScheduledBatch
 from kiln.runtime.sequence import Sequence
 
+PLACEHOLDER = -1  # output token launched but not yet read back from the device
+
 
 @dataclass
 class StepOutput:
-    sampled: dict[Sequence, int]  # sequences that produced a token this step
-    logprobs: dict[Sequence, tuple]  # sampled-token logprob info, see sampler.top_logprobs
+    """A launched step. ``tokens`` stays on the device until the engine reads it (one sync per step)."""
+
+    seqs: list[Sequence]  # sequences that sampled a token this step, in row order of ``tokens``
+    tokens: torch.Tensor | None
+    logprobs: list  # per row: sampled-token logprob info (see sampler.top_logprobs) or None
     prompt_logprobs: dict[Sequence, list]  # (target token, top_logprobs entry) per prompt position
+    output_index: dict[Sequence, int]  # where each sampled token goes in seq.output_token_ids
+
+    def __post_init__(self):
+        self._rows = {seq: i for i, seq in enumerate(self.seqs)}
+
+    def row(self, seq: Sequence) -> int:
+        return self._rows[seq]
 
 
 class ModelRunner:
@@ -39,11 +51,18 @@ class ModelRunner:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.decode_graphs = None  # kiln.compiler.cudagraph.DecodeGraphs, set by the engine on CUDA
 
-    def prepare(self, batch: ScheduledBatch):
+    def prepare(self, batch: ScheduledBatch, previous: StepOutput | None = None):
+        """Device inputs of the step. Tokens still on the device from ``previous`` (placeholders) are
+        copied there, so the step can be launched before the previous one is read back."""
         ids, positions, slots, starts, seq_lens, tables = [], [], [], [0], [], []
+        fix_dst, fix_src = [], []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             lo = seq.num_computed_tokens
-            ids.extend(seq.token_slice(lo, lo + n))
+            tokens = seq.token_slice(lo, lo + n)
+            if tokens[-1] == PLACEHOLDER:
+                fix_dst.append(len(ids) + n - 1)
+                fix_src.append(previous.row(seq))
+            ids.extend(tokens)
             positions.extend(range(lo, lo + n))
             slots.extend(
                 seq.block_ids[p // self.block_size] * self.block_size + p % self.block_size
@@ -68,11 +87,15 @@ class ModelRunner:
             max_query_len=max(batch.num_new_tokens),
             max_seq_len=max(seq_lens),
         )
-        return dev(ids, torch.int64), dev(positions, torch.int64), md, starts
+        input_ids = dev(ids, torch.int64)
+        if fix_dst:
+            input_ids[dev(fix_dst, torch.int64)] = previous.tokens[dev(fix_src, torch.int64)]
+        return input_ids, dev(positions, torch.int64), md, starts
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepOutput:
-        input_ids, positions, md, starts = self.prepare(batch)
+    def execute(self, batch: ScheduledBatch, previous: StepOutput | None = None) -> StepOutput:
+        """Launch the step; sampled tokens stay on the device (``StepOutput.tokens``)."""
+        input_ids, positions, md, starts = self.prepare(batch, previous)
         graphs = self.decode_graphs
         if graphs is not None and md.max_query_len == 1 and md.num_seqs <= graphs.max_size:
             hidden = graphs.run(input_ids, positions, md.slot_mapping, md.seq_lens, md.block_tables)
@@ -92,14 +115,11 @@ class ModelRunner:
             if lo + n == seq.num_tokens:
                 sample_rows.append(starts[i + 1] - 1)
                 sample_seqs.append(seq)
-        out = StepOutput({}, {}, {})
+        out = StepOutput(sample_seqs, None, [], {}, {s: len(s.output_token_ids) for s in sample_seqs})
         if sample_rows:
             logits = self.model.compute_logits(hidden[sample_rows]).float()
             result = sample(logits, sample_seqs, self.generator)
-            for seq, tok, lp in zip(sample_seqs, result.token_ids, result.logprobs):
-                out.sampled[seq] = tok
-                if lp is not None:
-                    out.logprobs[seq] = lp
+            out.tokens, out.logprobs = result.tokens, result.logprobs
         for seq, row0, lo, last in prompt_rows:
             logprobs = self.model.compute_logits(hidden[row0 : row0 + last - lo]).float().log_softmax(-1)
             targets = seq.prompt_token_ids[lo + 1 : last + 1]

@@ -16,9 +16,13 @@ _NEG_INF = float("-inf")
 
 @dataclass
 class SamplerOutput:
-    token_ids: list[int]
+    tokens: torch.Tensor  # int64 [rows] on the device; reading it is the step's one host sync
     # per row: (top token ids, their logprobs, sampled token logprob, sampled token rank) or None
     logprobs: list[tuple[list[int], list[float], float, int] | None]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.tokens.tolist()
 
 
 def _padded(rows: list[list[int]], device) -> torch.Tensor:
@@ -119,8 +123,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generato
                 q[i].exponential_(generator=s.generator)
         sampled = (probs / q).argmax(-1)
         tokens = torch.where(greedy, tokens, sampled)
-    token_list = tokens.tolist()
-    return SamplerOutput(token_list, _gather_logprobs(raw_logprobs, token_list, seqs))
+    if raw_logprobs is None:
+        return SamplerOutput(tokens, [None] * len(seqs))
+    return SamplerOutput(tokens, _gather_logprobs(raw_logprobs, tokens.tolist(), seqs))
 
 
 def top_logprobs(logprobs: torch.Tensor, token_ids: list[int], ks: list[int | None]):

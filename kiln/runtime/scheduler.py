@@ -4,6 +4,8 @@ Every sequence simply has tokens not yet computed: ``num_tokens - num_computed_t
 prompt at first, one token while decoding). Each step first serves running sequences in arrival
 order, preempting the newest running ones (freeing their blocks; they are recomputed later) when the
 KV cache is full, then admits waiting sequences FCFS while budget, sequence slots and blocks last.
+A sequence whose launched tokens already reach its length limit is not scheduled again: it only
+waits for the engine to read its last token back.
 """
 
 from collections import deque
@@ -55,6 +57,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.awaiting_finish:  # its last launched token already ends it; only the read-back is due
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.kv.allocate(seq, n):
                 victim = self.running.pop()
@@ -86,6 +91,9 @@ class Scheduler:
         return batch
 
     def finish(self, seq: Sequence) -> None:
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        else:  # preempted while its last token was still being read back
+            self.waiting.remove(seq)
         seq.status = Status.FINISHED
-        self.running.remove(seq)
         self.kv.free(seq)

@@ -32,6 +32,7 @@ class Sequence:
     num_published_blocks: int = 0  # leading blocks already registered in the prefix cache
     num_cached_tokens: int | None = None  # prefix-cache hit at first schedule
     num_preemptions: int = 0
+    awaiting_finish: bool = False  # launched tokens reach max_tokens / max_model_len; finishes on read-back
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float | None = None
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
