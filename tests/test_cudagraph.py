@@ -60,3 +60,20 @@ def test_stale_buffers_do_not_leak_between_steps(tiny_checkpoint):
         _generate(graphed, long_batch)
         got = _generate(graphed, short_batch)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+
+
+@pytest.mark.parametrize("mode", ["piecewise", "full_and_piecewise"])
+def test_piecewise_graphs_match_eager_for_prefill_and_mixed_batches(mode, tiny_checkpoint):
+    path = tiny_checkpoint("qwen3")
+    kwargs = dict(dtype="float32", max_num_seqs=8, max_model_len=256, max_num_batched_tokens=64)
+    prompts = [list(range(300 + 7 * i, 300 + 7 * i + 5 + 9 * i)) for i in range(6)]  # 5..50 tokens
+    with LLM(path, enforce_eager=True, **kwargs) as eager:
+        expected = _generate(eager, prompts, max_tokens=8)
+    cc = {"cudagraph_mode": mode, "cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64]}
+    with LLM(path, compilation_config=cc, **kwargs) as graphed:
+        runner = graphed.llm_engine.runner
+        got = _generate(graphed, prompts, max_tokens=8)
+        assert runner.piecewise_graphs.replays > 0
+        assert (runner.decode_graphs is not None) == (mode == "full_and_piecewise")
+    for e, g in zip(expected, got):
+        assert g.outputs[0].token_ids == e.outputs[0].token_ids

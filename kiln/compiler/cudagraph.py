@@ -1,4 +1,9 @@
-"""Full CUDA graphs for pure-decode steps: one graph per batch-size bucket, sharing one memory pool.
+"""CUDA graphs per batch-size bucket, all sharing one memory pool.
+
+Full graphs (``DecodeGraphs``) serve pure-decode steps; piecewise graphs (``PiecewiseGraphs``) serve
+prefill and mixed batches, replaying each compiled piece between eagerly run attention ops.
+
+Full graphs for pure-decode steps: one graph per batch-size bucket.
 
 A decode step (one new token per sequence) is padded up to the nearest bucket and replayed from a
 graph captured with the whole forward inside, attention included. Inputs and attention metadata live
@@ -9,6 +14,7 @@ block table.
 """
 
 import bisect
+from contextlib import contextmanager
 
 import torch
 
@@ -53,6 +59,7 @@ class DecodeGraphs:
         self.max_seq_len = max_blocks_per_seq * kv_caches[0].shape[2]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.replays = 0
 
     @property
     def max_size(self) -> int:
@@ -105,4 +112,133 @@ class DecodeGraphs:
             self.slot_mapping[n:size].fill_(-1)
             self.seq_lens[n:size].fill_(1)
         self.graphs[size].replay()
+        self.replays += 1
         return self.outputs[size][:n]
+
+
+# ---------------------------------------------------------------------------------------- piecewise
+
+_active_size: int | None = None  # bucket whose piece graphs replay (or are captured) right now
+_capturing = False
+
+
+@contextmanager
+def piecewise_size(size: int, capture: bool = False):
+    """Within this context every ``GraphedPiece`` replays (or captures) its graph for ``size`` tokens."""
+    global _active_size, _capturing
+    saved = _active_size, _capturing
+    _active_size, _capturing = size, capture
+    try:
+        yield
+    finally:
+        _active_size, _capturing = saved
+
+
+def _weak_ref(value):
+    """A tensor aliasing ``value``'s memory without owning it (so the graph pool can reuse it once the
+    capture run is over; each replay rewrites it in the same order)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    storage = value.untyped_storage()
+    alias = torch._C._construct_storage_from_data_pointer(storage.data_ptr(), value.device, storage.nbytes())
+    return torch.empty((), dtype=value.dtype, device=value.device).set_(
+        alias, value.storage_offset(), value.shape, value.stride()
+    )
+
+
+class GraphedPiece(torch.nn.Module):
+    """A compiled piece that replays one CUDA graph per token bucket; runs the piece as is otherwise.
+
+    Between pieces the attention op runs eagerly on the pieces' (fixed-address) output buffers.
+    """
+
+    def __init__(self, piece: torch.nn.Module, pool):
+        super().__init__()
+        self.piece, self.pool = piece, pool
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, object] = {}
+
+    def forward(self, *args):
+        size = _active_size
+        if size is None:
+            return self.piece(*args)
+        graph = self.graphs.get(size)
+        if graph is not None:
+            graph.replay()
+            return self.outputs[size]
+        if not _capturing:
+            return self.piece(*args)
+        self.piece(*args)  # warm-up outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.piece(*args)
+        self.graphs[size] = graph
+        self.outputs[size] = torch.utils._pytree.tree_map(_weak_ref, out)
+        return out
+
+
+class PiecewiseGraphs:
+    """Piecewise CUDA graphs for batches that are not pure decode (prefill chunks, mixed batches).
+
+    The token batch is padded up to the nearest bucket: padding tokens get slot -1 and belong to no
+    sequence, so attention ignores them; their rows are dropped from the output.
+    """
+
+    def __init__(self, forward_fn, split_module, kv_caches, capture_sizes, block_size, device, backend, pool):
+        self.forward_fn, self.kv_caches, self.backend = forward_fn, kv_caches, backend
+        self.sizes = sorted(capture_sizes)
+        self.block_size, self.device = block_size, device
+        self.pieces = []
+        for name, module in list(split_module.named_children()):
+            if type(module).__name__ == "CompiledPiece":
+                graphed = GraphedPiece(module, pool)
+                setattr(split_module, name, graphed)
+                self.pieces.append(graphed)
+        n = self.sizes[-1]
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        self.replays = 0
+
+    @property
+    def max_size(self) -> int:
+        return self.sizes[-1]
+
+    def bucket(self, num_tokens: int) -> int | None:
+        i = bisect.bisect_left(self.sizes, num_tokens)
+        return self.sizes[i] if i < len(self.sizes) else None
+
+    @torch.inference_mode()
+    def capture(self, progress=None) -> None:
+        """Capture every bucket, largest first, on a dummy batch that stores nothing."""
+        dev = self.device
+        for size in reversed(self.sizes):
+            blocks = -(-size // self.block_size)
+            md = AttentionMetadata(
+                slot_mapping=torch.full((size,), -1, dtype=torch.long, device=dev),
+                query_start_loc=torch.tensor([0, size], dtype=torch.int32, device=dev),
+                seq_lens=torch.tensor([size], dtype=torch.int32, device=dev),
+                block_tables=torch.zeros(1, blocks, dtype=torch.int32, device=dev),
+                max_query_len=size,
+                max_seq_len=size,
+            )
+            with forward_context(md, self.kv_caches, self.backend), piecewise_size(size, capture=True):
+                self.forward_fn(self.input_ids[:size], self.positions[:size])
+            if progress is not None:
+                progress.update(1)
+        torch.cuda.synchronize()
+
+    @torch.inference_mode()
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        n = input_ids.shape[0]
+        size = self.bucket(n)
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        slots = md.slot_mapping
+        if size > n:
+            slots = torch.cat([slots, slots.new_full((size - n,), -1)])
+        padded = AttentionMetadata(
+            slots, md.query_start_loc, md.seq_lens, md.block_tables, md.max_query_len, md.max_seq_len
+        )
+        self.replays += 1
+        with forward_context(padded, self.kv_caches, self.backend), piecewise_size(size):
+            return self.forward_fn(self.input_ids[:size], self.positions[:size])[:n]

@@ -7,7 +7,8 @@ import torch
 from tqdm.auto import tqdm
 
 from kiln.compiler.compiled_forward import compile_forward
-from kiln.compiler.cudagraph import DecodeGraphs, default_capture_sizes
+from kiln.compiler.config import CompilationConfig, CompilationMode
+from kiln.compiler.cudagraph import DecodeGraphs, PiecewiseGraphs, default_capture_sizes
 from kiln.models.config import ModelConfig
 from kiln.models.loader import build_model
 from kiln.runtime.config import CPU_DEFAULT_KV_CACHE_BYTES, EngineConfig
@@ -76,8 +77,7 @@ class LLMEngine:
             seed=config.seed,
         )
         self.graph_capture_seconds = 0.0
-        if self._graph_sizes():
-            self._capture_decode_graphs()
+        self._capture_graphs()
         self.requests: dict[str, Request] = {}
         self.async_scheduling = config.async_scheduling
         self.pending: StepOutput | None = None  # launched step whose tokens are not read back yet
@@ -86,20 +86,23 @@ class LLMEngine:
         self._next_seq_id = 0
         self.detokenizers: dict[Sequence, IncrementalDetokenizer] = {}
 
-    def _graph_sizes(self) -> list[int]:
-        """Decode batch sizes to capture as full CUDA graphs (none on CPU or with enforce_eager)."""
+    def _graph_plan(self) -> tuple[list[int], list[int]]:
+        """(full-graph decode batch sizes, piecewise token buckets); both empty on CPU, with
+        enforce_eager, with the torch attention backend or with cudagraph_mode "none"."""
         cfg = self.config
         if cfg.device.type != "cuda" or cfg.enforce_eager or cfg.attention_backend != "triton":
-            return []
-        cc = cfg.compilation_config
-        cc = cc if isinstance(cc, dict) else vars(cc) if cc is not None else {}
-        mode = cc.get("cudagraph_mode") or "full_and_piecewise"
-        if mode not in ("full", "full_and_piecewise"):
-            return []
-        sizes = cc.get("cudagraph_capture_sizes") or default_capture_sizes(cfg.max_num_seqs)
-        return sorted(s for s in sizes if s <= cfg.max_num_seqs)
+            return [], []
+        cc = CompilationConfig.parse(cfg.compilation_config)
+        mode = cc.cudagraph_mode
+        sizes = sorted(cc.cudagraph_capture_sizes or default_capture_sizes(cfg.max_num_seqs))
+        full = [s for s in sizes if s <= cfg.max_num_seqs] if mode in ("full", "full_and_piecewise") else []
+        piecewise = [s for s in sizes if s <= cfg.max_num_batched_tokens]
+        compiled = cc.resolved_mode(cfg.device.type) == CompilationMode.PIECEWISE
+        if mode not in ("piecewise", "full_and_piecewise") or not compiled:
+            piecewise = []
+        return full, piecewise
 
-    def _make_decode_graphs(self, kv_caches, sizes, forward_fn) -> DecodeGraphs:
+    def _make_decode_graphs(self, kv_caches, sizes, forward_fn, pool=None) -> DecodeGraphs:
         cfg = self.config
         return DecodeGraphs(
             forward_fn,
@@ -110,31 +113,52 @@ class LLMEngine:
             cfg.dtype,
             cfg.device,
             cfg.attention_backend,
+            pool,
         )
 
-    def _capture_decode_graphs(self) -> None:
-        sizes = self._graph_sizes()
-        graphs = self._make_decode_graphs(self.kv_caches, sizes, self.runner.forward_fn)
+    def _capture_graphs(self) -> None:
+        full, piecewise = self._graph_plan()
+        if not full and not piecewise:
+            return
+        cfg, runner = self.config, self.runner
+        pool = torch.cuda.graph_pool_handle()
         start = time.perf_counter()
-        with tqdm(total=len(sizes), desc="Capturing CUDA graphs (decode)", dynamic_ncols=True) as bar:
-            graphs.capture(bar)
+        with tqdm(total=len(full) + len(piecewise), desc="Capturing CUDA graphs", dynamic_ncols=True) as bar:
+            if piecewise:
+                graphs = PiecewiseGraphs(
+                    runner.forward_fn,
+                    runner.forward_fn.split_module,
+                    self.kv_caches,
+                    piecewise,
+                    cfg.block_size,
+                    cfg.device,
+                    cfg.attention_backend,
+                    pool,
+                )
+                graphs.capture(bar)
+                runner.piecewise_graphs = graphs
+            if full:
+                graphs = self._make_decode_graphs(self.kv_caches, full, runner.forward_fn, pool)
+                graphs.capture(bar)
+                runner.decode_graphs = graphs
         self.graph_capture_seconds = time.perf_counter() - start
-        self.runner.decode_graphs = graphs
 
     def _graph_memory_reserve(self, scratch) -> int:
-        """Memory the decode graphs' pool will hold: measured by a trial capture of the largest bucket."""
-        sizes = self._graph_sizes()
-        if not sizes:
-            return 0
+        """Memory the graphs' pool will hold: a trial capture of the largest decode bucket, measured,
+        plus a fixed 256 MiB for the piecewise graphs' buffers (activations of at most one bucket)."""
+        full, piecewise = self._graph_plan()
+        reserve = 256 * 2**20 if piecewise else 0
+        if not full:
+            return reserve
         torch.cuda.synchronize()
         before = torch.cuda.memory_reserved()
-        trial = self._make_decode_graphs(scratch, sizes[-1:], self.model.forward)
+        trial = self._make_decode_graphs(scratch, full[-1:], self.model.forward)
         trial.capture()
         used = torch.cuda.memory_reserved() - before
         del trial
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-        return int(used * 1.1) + 64 * 2**20
+        return reserve + int(used * 1.1) + 64 * 2**20
 
     def kv_bytes_per_block(self) -> int:
         mc = self.model_config

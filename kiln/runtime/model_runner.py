@@ -50,6 +50,7 @@ class ModelRunner:
         self.forward_fn = forward_fn or model.forward
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.decode_graphs = None  # kiln.compiler.cudagraph.DecodeGraphs, set by the engine on CUDA
+        self.piecewise_graphs = None  # kiln.compiler.cudagraph.PiecewiseGraphs, likewise
 
     def prepare(self, batch: ScheduledBatch, previous: StepOutput | None = None):
         """Device inputs of the step. Tokens still on the device from ``previous`` (placeholders) are
@@ -96,9 +97,11 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch, previous: StepOutput | None = None) -> StepOutput:
         """Launch the step; sampled tokens stay on the device (``StepOutput.tokens``)."""
         input_ids, positions, md, starts = self.prepare(batch, previous)
-        graphs = self.decode_graphs
-        if graphs is not None and md.max_query_len == 1 and md.num_seqs <= graphs.max_size:
-            hidden = graphs.run(input_ids, positions, md.slot_mapping, md.seq_lens, md.block_tables)
+        full, piecewise = self.decode_graphs, self.piecewise_graphs
+        if full is not None and md.max_query_len == 1 and md.num_seqs <= full.max_size:
+            hidden = full.run(input_ids, positions, md.slot_mapping, md.seq_lens, md.block_tables)
+        elif piecewise is not None and input_ids.shape[0] <= piecewise.max_size:
+            hidden = piecewise.run(input_ids, positions, md)
         else:
             with forward_context(md, self.kv_caches, self.attention_backend):
                 hidden = self.forward_fn(input_ids, positions)
