@@ -178,23 +178,27 @@ def _forward_inputs(forward, num_tokens: int, decode: bool):
     return ids, positions, md, [cache] * cfg.num_layers
 
 
-def time_forward(forward, num_tokens: int, decode: bool, iters: int) -> float:
+def time_variants(forwards: dict, num_tokens: int, decode: bool, iters: int) -> dict[str, float]:
+    """Median ms per forward of each variant, timed round-robin (one call of each variant in turn) so
+    that load changes on the machine hit every variant alike."""
     import torch
 
     from kiln.ops.forward_context import forward_context
 
-    ids, positions, md, caches = _forward_inputs(forward, num_tokens, decode)
-    sync = torch.cuda.synchronize if forward.device.type == "cuda" else (lambda: None)
-    times = []
-    with torch.inference_mode(), forward_context(md, caches, forward.attention_backend):
-        for i in range(iters + 5):
-            sync()
-            t = time.perf_counter()
-            forward(ids, positions)
-            sync()
-            if i >= 5:
-                times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    first = next(iter(forwards.values()))
+    ids, positions, md, caches = _forward_inputs(first, num_tokens, decode)
+    sync = torch.cuda.synchronize if first.device.type == "cuda" else (lambda: None)
+    times = {name: [] for name in forwards}
+    with torch.inference_mode(), forward_context(md, caches, first.attention_backend):
+        for i in range(iters + 3):
+            for name, forward in forwards.items():
+                sync()
+                t = time.perf_counter()
+                forward(ids, positions)
+                sync()
+                if i >= 3:
+                    times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
 def passes(args) -> dict:
@@ -213,32 +217,31 @@ def passes(args) -> dict:
     model = build_model(path, mc, dtype, device, load_format)
     backend = "triton" if device.type == "cuda" else "torch"
     tokens = [int(t) for t in args.tokens.split(",")]
-    results = {}
+    forwards, results = {}, {}
     for name, toggles in PASS_VARIANTS.items():
         if args.only and name not in args.only.split(","):
             continue
         cfg = CompilationConfig(mode=3, use_cache=False, pass_config=toggles)
         forward = CompiledForward(model, mc, cfg, cfg.mode, dtype, device, backend)
         report = forward.warmup(min(256, max(tokens)))
-        row = {
+        forwards[name] = forward
+        results[name] = {
             "compile_s": report.total_s,
             "pattern_matches": dict(report.pattern_matches),
             "noops_removed": report.noops_removed,
         }
-        for n in tokens:
-            row[f"decode_{n}_ms"] = time_forward(forward, n, True, args.iters)
-        for n in [t for t in tokens if t >= 16]:
-            row[f"prefill_{n}_ms"] = time_forward(forward, n, False, args.iters)
-        results[name] = row
-        print(name, json.dumps(row), flush=True)
-        torch._dynamo.reset()
+    shapes = [(f"decode_{n}_ms", n, True) for n in tokens]
+    shapes += [(f"prefill_{n}_ms", n, False) for n in tokens if n >= 16]
+    for key, n, decode in shapes:
+        for name, ms in time_variants(forwards, n, decode, args.iters).items():
+            results[name][key] = ms
     base = results.get("noop_elimination")
     if base:
         for row in results.values():
             row["vs_noop_elimination_pct"] = {
                 k: round(100 * (row[k] / base[k] - 1), 2) for k in row if k.endswith("_ms")
             }
-    return {"dtype": str(dtype), "layers": mc.num_layers, "variants": results}
+    return {"dtype": str(dtype), "layers": mc.num_layers, "iters": args.iters, "variants": results}
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -22,7 +22,14 @@ from kiln.compiler.piecewise import CompiledPiece
 from kiln.models.config import ModelConfig
 from kiln.models.loader import read_config
 
-ENGINE = dict(dtype="float32", max_num_seqs=8, max_model_len=256, max_num_batched_tokens=256)
+# a small KV cache: on a GPU several of these engines live side by side in one process
+ENGINE = dict(
+    dtype="float32",
+    max_num_seqs=8,
+    max_model_len=256,
+    max_num_batched_tokens=256,
+    kv_cache_memory_bytes=64 * 2**20,
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +48,12 @@ def _prompts(seed: int, n: int) -> list[list[int]]:
 def _generate(llm, prompts, max_tokens=8):
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=2)
     return llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+
+
+def _pieces(split_module) -> list[CompiledPiece]:
+    """The compiled pieces of a split module (unwrapped where CUDA graphs wrap them)."""
+    modules = [getattr(m, "piece", m) for m in split_module.children()]
+    return [m for m in modules if isinstance(m, CompiledPiece)]
 
 
 def _assert_same(expected, got, tol=1e-3):
@@ -107,9 +120,7 @@ def test_compile_sizes_get_static_compiles(compiled):
     llm, cfg = compiled("qwen3")
     report = llm.compile_report()
     assert report.compile_sizes == [8] and report.static_compiles == 3
-    pieces = [
-        m for m in llm.llm_engine.runner.forward_fn.split_module.children() if isinstance(m, CompiledPiece)
-    ]
+    pieces = _pieces(llm.llm_engine.runner.forward_fn.split_module)
     assert len(pieces) == 3 and all(set(p.static) == {8} for p in pieces)
 
 
@@ -286,6 +297,8 @@ def test_other_modes_match_eager(mode, tiny_checkpoint, eager_outputs, cache_roo
     for expected, batch in zip(eager_outputs["llama"], got):
         _assert_same(expected, batch)
     assert report.mode == mode and report.graphs_captured == 1 and report.recompilations == 0
+    if mode == "dynamo":
+        assert report.cache_status == "disabled" and report.inductor_s == 0 and report.unique_compiles == 0
 
 
 def test_identical_pieces_compile_once(tmp_path, tokenizer_dir, cache_root):
@@ -299,7 +312,7 @@ def test_identical_pieces_compile_once(tmp_path, tokenizer_dir, cache_root):
         report = llm.compile_report()
         split = llm.llm_engine.runner.forward_fn.split_module
     assert (report.pieces, report.splitting_pieces, report.unique_compiles) == (5, 4, 3)
-    pieces = [m for m in split.children() if isinstance(m, CompiledPiece)]
+    pieces = _pieces(split)
     assert len({p.graph_hash for p in pieces}) == 3
     assert pieces[1].general is pieces[2].general is pieces[3].general
 

@@ -138,21 +138,23 @@ class CompiledForward:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         report.total_s = time.perf_counter() - start
-        if not self.config.use_cache or self.config.backend == "eager":
+        fusions = self.backend.fusions.seconds  # ran inside Inductor: move from its time to the passes'
+        report.passes_s += fusions
+        report.inductor_s = max(0.0, report.inductor_s - fusions)
+        stages = report.dynamo_s + report.passes_s + report.inductor_s + report.cache_load_s
+        report.warmup_run_s = max(0.0, report.total_s - stages)
+        uses_inductor = self.config.backend == "inductor" and self.mode != CompilationMode.DYNAMO
+        if not (self.config.use_cache and uses_inductor):
             report.cache_status = "disabled"
         elif report.cache_misses == 0:
             report.cache_status = "hit"
+            if manifest is not None:  # fusion passes ran at the cold start only: report what they did then
+                for name, count in manifest.get("report", {}).get("pattern_matches", {}).items():
+                    if name in report.pattern_matches:
+                        report.pattern_matches[name] = count
         else:
             report.cache_status = "partial" if manifest is not None else "miss"
-        if manifest is not None and report.cache_misses == 0:
-            # fusion passes ran at the cold start only; report what they did then
-            for name, count in manifest.get("report", {}).get("pattern_matches", {}).items():
-                if name in report.pattern_matches:
-                    report.pattern_matches[name] = count
-        elif self.config.use_cache:
             self.cache.save_manifest({"report": report.to_dict()})
-        report.passes_s += self.backend.fusions.seconds
-        report.inductor_s = max(0.0, report.inductor_s - self.backend.fusions.seconds)
         logger.info("kiln compile: %s", report.summary())
         return report
 

@@ -20,6 +20,7 @@ class CompileReport:
     passes_s: float = 0.0  # kiln's FX passes and split (fusion passes run inside Inductor, counted there)
     inductor_s: float = 0.0  # compiles that missed the cache
     cache_load_s: float = 0.0  # compiles served from the cache
+    warmup_run_s: float = 0.0  # the rest: running the dummy batches (first launches, kernel autotuning)
     total_s: float = 0.0  # whole start-up compile, warm-up runs included
     cache_dir: str | None = None
     cache_key: str | None = None
@@ -39,7 +40,7 @@ class CompileReport:
             f"{self.pieces} pieces + {self.splitting_pieces} split ops, "
             f"{self.unique_compiles} unique compiles + {self.static_compiles} static {self.compile_sizes}; "
             f"dynamo {self.dynamo_s:.2f}s, passes {self.passes_s:.2f}s, inductor {self.inductor_s:.2f}s, "
-            f"cache load {self.cache_load_s:.2f}s; "
+            f"cache load {self.cache_load_s:.2f}s, warm-up runs {self.warmup_run_s:.2f}s; "
             f"cache {self.cache_status} ({self.cache_hits} hit, {self.cache_misses} miss); "
             f"noops removed {self.noops_removed}; fusions: {matches}; recompilations {self.recompilations}"
         )
