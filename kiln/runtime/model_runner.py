@@ -53,10 +53,12 @@ class ModelRunner:
         self.piecewise_graphs = None  # kiln.compiler.cudagraph.PiecewiseGraphs, likewise
 
     def prepare(self, batch: ScheduledBatch, previous: StepOutput | None = None):
-        """Device inputs of the step. Tokens still on the device from ``previous`` (placeholders) are
+        """Device inputs of the step, sent as two pinned host buffers (int64 and int32) so the copies
+        never wait for the device. Tokens still on the device from ``previous`` (placeholders) are
         copied there, so the step can be launched before the previous one is read back."""
-        ids, positions, slots, starts, seq_lens, tables = [], [], [], [0], [], []
-        fix_dst, fix_src = [], []
+        bs = self.block_size
+        ids, positions, slots, starts, seq_lens = [], [], [], [0], []
+        fix_dst, fix_src, sample_rows, sample_seqs = [], [], [], []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             lo = seq.num_computed_tokens
             tokens = seq.token_slice(lo, lo + n)
@@ -65,38 +67,42 @@ class ModelRunner:
                 fix_src.append(previous.row(seq))
             ids.extend(tokens)
             positions.extend(range(lo, lo + n))
-            slots.extend(
-                seq.block_ids[p // self.block_size] * self.block_size + p % self.block_size
-                for p in range(lo, lo + n)
-            )
+            blocks = seq.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(lo, lo + n))
             starts.append(starts[-1] + n)
             seq_lens.append(lo + n)
-            tables.append(seq.block_ids)
-        width = max(len(t) for t in tables)
-        table = torch.zeros(len(tables), width, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-
-        def dev(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
-
+            if lo + n == seq.num_tokens:
+                sample_rows.append(starts[-1] - 1)
+                sample_seqs.append(seq)
+        width = max(len(seq.block_ids) for seq in batch.seqs)
+        table = [b for seq in batch.seqs for b in seq.block_ids + [0] * (width - len(seq.block_ids))]
+        num_tokens, num_seqs = len(ids), len(seq_lens)
+        pin = self.device.type == "cuda"
+        longs = torch.tensor(ids + positions + slots + sample_rows + fix_dst + fix_src, pin_memory=pin)
+        ints = torch.tensor(starts + seq_lens + table, dtype=torch.int32, pin_memory=pin)
+        longs = longs.to(self.device, non_blocking=True)
+        ints = ints.to(self.device, non_blocking=True)
+        t, k, f = num_tokens, len(sample_rows), len(fix_dst)
+        input_ids, positions_t, slot_mapping = longs[:t], longs[t : 2 * t], longs[2 * t : 3 * t]
+        rows = longs[3 * t : 3 * t + k]
+        if f:
+            dst, src = longs[3 * t + k : 3 * t + k + f], longs[3 * t + k + f :]
+            input_ids.index_copy_(0, dst, previous.tokens.index_select(0, src))
         md = AttentionMetadata(
-            slot_mapping=dev(slots, torch.int64),
-            query_start_loc=dev(starts, torch.int32),
-            seq_lens=dev(seq_lens, torch.int32),
-            block_tables=table.to(self.device, non_blocking=True),
+            slot_mapping=slot_mapping,
+            query_start_loc=ints[: num_seqs + 1],
+            seq_lens=ints[num_seqs + 1 : 2 * num_seqs + 1],
+            block_tables=ints[2 * num_seqs + 1 :].view(num_seqs, width),
             max_query_len=max(batch.num_new_tokens),
             max_seq_len=max(seq_lens),
         )
-        input_ids = dev(ids, torch.int64)
-        if fix_dst:
-            input_ids[dev(fix_dst, torch.int64)] = previous.tokens[dev(fix_src, torch.int64)]
-        return input_ids, dev(positions, torch.int64), md, starts
+        all_rows = k == num_tokens
+        return input_ids, positions_t, md, starts, (None if all_rows else rows), sample_seqs
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, previous: StepOutput | None = None) -> StepOutput:
         """Launch the step; sampled tokens stay on the device (``StepOutput.tokens``)."""
-        input_ids, positions, md, starts = self.prepare(batch, previous)
+        input_ids, positions, md, starts, rows, sample_seqs = self.prepare(batch, previous)
         full, piecewise = self.decode_graphs, self.piecewise_graphs
         if full is not None and md.max_query_len == 1 and md.num_seqs <= full.max_size:
             hidden = full.run(input_ids, positions, md.slot_mapping, md.seq_lens, md.block_tables)
@@ -106,23 +112,19 @@ class ModelRunner:
             with forward_context(md, self.kv_caches, self.attention_backend):
                 hidden = self.forward_fn(input_ids, positions)
 
-        # rows whose logits are needed: the last token of sequences that complete this step, and the
+        out = StepOutput(sample_seqs, None, [], {}, {s: len(s.output_token_ids) for s in sample_seqs})
+        if sample_seqs:
+            logits = self.model.compute_logits(hidden if rows is None else hidden[rows]).float()
+            result = sample(logits, sample_seqs, self.generator)
+            out.tokens, out.logprobs = result.tokens, result.logprobs
         # prompt positions of sequences that asked for prompt logprobs
-        sample_rows, sample_seqs, prompt_rows = [], [], []
+        prompt_rows = []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             lo = seq.num_computed_tokens
             if seq.wants_prompt_logprobs:
                 last = min(lo + n, seq.num_prompt_tokens - 1)
                 if last > lo:
                     prompt_rows.append((seq, starts[i], lo, last))
-            if lo + n == seq.num_tokens:
-                sample_rows.append(starts[i + 1] - 1)
-                sample_seqs.append(seq)
-        out = StepOutput(sample_seqs, None, [], {}, {s: len(s.output_token_ids) for s in sample_seqs})
-        if sample_rows:
-            logits = self.model.compute_logits(hidden[sample_rows]).float()
-            result = sample(logits, sample_seqs, self.generator)
-            out.tokens, out.logprobs = result.tokens, result.logprobs
         for seq, row0, lo, last in prompt_rows:
             logprobs = self.model.compute_logits(hidden[row0 : row0 + last - lo]).float().log_softmax(-1)
             targets = seq.prompt_token_ids[lo + 1 : last + 1]
