@@ -111,14 +111,7 @@ class CompiledForward:
         blocks = -(-num_tokens // block)
         dtype = next(self.model.parameters()).dtype
         scratch = torch.zeros(2, blocks, block, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=dev)
-        md = AttentionMetadata(
-            slot_mapping=torch.arange(num_tokens, device=dev),
-            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=dev),
-            block_tables=torch.arange(blocks, dtype=torch.int32, device=dev)[None],
-            max_query_len=num_tokens,
-            max_seq_len=num_tokens,
-        )
+        md = AttentionMetadata.single_sequence(num_tokens, block, dev)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=dev)
         positions = torch.arange(num_tokens, device=dev) % cfg.max_position_embeddings
         with forward_context(md, [scratch] * cfg.num_layers, self.attention_backend):

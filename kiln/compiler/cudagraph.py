@@ -212,15 +212,7 @@ class PiecewiseGraphs:
         """Capture every bucket, largest first, on a dummy batch that stores nothing."""
         dev = self.device
         for size in reversed(self.sizes):
-            blocks = -(-size // self.block_size)
-            md = AttentionMetadata(
-                slot_mapping=torch.full((size,), -1, dtype=torch.long, device=dev),
-                query_start_loc=torch.tensor([0, size], dtype=torch.int32, device=dev),
-                seq_lens=torch.tensor([size], dtype=torch.int32, device=dev),
-                block_tables=torch.zeros(1, blocks, dtype=torch.int32, device=dev),
-                max_query_len=size,
-                max_seq_len=size,
-            )
+            md = AttentionMetadata.single_sequence(size, self.block_size, dev, store=False)
             with forward_context(md, self.kv_caches, self.backend), piecewise_size(size, capture=True):
                 self.forward_fn(self.input_ids[:size], self.positions[:size])
             if progress is not None:

@@ -25,6 +25,31 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
 
+    @classmethod
+    def single_sequence(
+        cls, num_tokens: int, block_size: int, device, store: bool = True
+    ) -> "AttentionMetadata":
+        """One sequence prefilling ``num_tokens`` tokens from position 0 (dummy and profiling runs).
+
+        With ``store`` its K/V go to blocks 0, 1, ... of a cache that has that many; without, every
+        slot is -1 and every block-table entry 0, so any cache with one block can serve it untouched.
+        """
+        blocks = -(-num_tokens // block_size)
+        if store:
+            slots = torch.arange(num_tokens, device=device)
+            table = torch.arange(blocks, dtype=torch.int32, device=device)[None]
+        else:
+            slots = torch.full((num_tokens,), -1, device=device)
+            table = torch.zeros(1, blocks, dtype=torch.int32, device=device)
+        return cls(
+            slot_mapping=slots,
+            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=device),
+            block_tables=table,
+            max_query_len=num_tokens,
+            max_seq_len=num_tokens,
+        )
+
     @property
     def num_seqs(self) -> int:
         return self.seq_lens.shape[0]

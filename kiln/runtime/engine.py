@@ -11,6 +11,8 @@ from kiln.compiler.config import CompilationConfig, CompilationMode
 from kiln.compiler.cudagraph import DecodeGraphs, PiecewiseGraphs, default_capture_sizes
 from kiln.models.config import ModelConfig
 from kiln.models.loader import build_model
+from kiln.ops.forward_context import forward_context
+from kiln.ops.metadata import AttentionMetadata
 from kiln.runtime.config import CPU_DEFAULT_KV_CACHE_BYTES, EngineConfig
 from kiln.runtime.detokenizer import IncrementalDetokenizer, find_stop_string
 from kiln.runtime.kv_cache_manager import KVCacheManager
@@ -194,18 +196,8 @@ class LLMEngine:
             )
             for _ in range(mc.num_layers)
         ]
-        from kiln.ops.forward_context import forward_context
-        from kiln.ops.metadata import AttentionMetadata
-
         dev = cfg.device
-        md = AttentionMetadata(
-            slot_mapping=torch.arange(n, device=dev),
-            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
-            block_tables=torch.arange(blocks, dtype=torch.int32, device=dev)[None],
-            max_query_len=n,
-            max_seq_len=n,
-        )
+        md = AttentionMetadata.single_sequence(n, cfg.block_size, dev)
         with torch.inference_mode(), forward_context(md, scratch, cfg.attention_backend):
             hidden = self.model(torch.zeros(n, dtype=torch.long, device=dev), torch.arange(n, device=dev))
             self.model.compute_logits(hidden[: cfg.max_num_seqs]).float().softmax(-1)
