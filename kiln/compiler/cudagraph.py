@@ -38,8 +38,6 @@ class DecodeGraphs:
         kv_caches: list[torch.Tensor],
         capture_sizes: list[int],
         max_blocks_per_seq: int,
-        hidden_size: int,
-        dtype: torch.dtype,
         device: torch.device,
         attention_backend: str,
         pool=None,

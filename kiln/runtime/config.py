@@ -1,6 +1,6 @@
 """Engine settings resolved from ``LLM(...)`` arguments and the model's config."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -50,4 +50,3 @@ class EngineConfig:
     load_format: str = "auto"
     compilation_config: object = None
     async_scheduling: bool = True  # launch step N+1 before reading step N's tokens back
-    extra: dict = field(default_factory=dict)

@@ -111,8 +111,6 @@ class LLMEngine:
             kv_caches,
             sizes,
             -(-cfg.max_model_len // cfg.block_size),
-            self.model_config.hidden_size,
-            cfg.dtype,
             cfg.device,
             cfg.attention_backend,
             pool,

@@ -36,7 +36,7 @@ def _padded(rows: list[list[int]], device) -> torch.Tensor:
 def _token_counts(rows: list[list[int]], vocab: int, device) -> torch.Tensor:
     ids = _padded(rows, device)
     counts = torch.zeros(len(rows), vocab + 1, device=device)
-    counts.scatter_add_(1, ids.clamp(min=-1) % (vocab + 1), torch.ones_like(ids, dtype=counts.dtype))
+    counts.scatter_add_(1, ids % (vocab + 1), torch.ones_like(ids, dtype=counts.dtype))
     return counts[:, :vocab]  # padding (-1) landed in the extra last column
 
 
