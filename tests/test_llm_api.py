@@ -285,3 +285,20 @@ def test_kv_cache_too_small_for_max_model_len(tiny_checkpoint):
             llm.generate([list(range(70))], use_tqdm=False)
         out = llm.generate([list(range(60))], SamplingParams(max_tokens=20), use_tqdm=False)[0].outputs[0]
         assert len(out.token_ids) == 4 and out.finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("bad_words", ["x"]), ("flat_logprobs", True), ("spaces_between_special_tokens", False)],
+)
+def test_unimplemented_sampling_fields_are_refused(llm, field, value):
+    with pytest.raises(NotImplementedError, match=field):
+        llm.generate("Hi", SamplingParams(**{field: value}), use_tqdm=False)
+
+
+def test_priority_and_content_format(llm):
+    assert len(llm.generate(["a", "b"], SamplingParams(max_tokens=1), use_tqdm=False, priority=[0, 0])) == 2
+    with pytest.raises(ValueError, match="priority"):
+        llm.generate(["a", "b"], SamplingParams(max_tokens=1), use_tqdm=False, priority=[1, 0])
+    with pytest.raises(NotImplementedError, match="chat_template_content_format"):
+        llm.chat([{"role": "user", "content": "x"}], chat_template_content_format="openai")

@@ -67,6 +67,22 @@ def _check_positive(name: str, value, allow_none=True):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _check_implemented(params: SamplingParams) -> None:
+    """SamplingParams fields kiln accepts only at their default value."""
+    unsupported = {
+        "bad_words": bool(params.bad_words),
+        "logits_processors": bool(params.logits_processors),
+        "structured_outputs": params.structured_outputs is not None,
+        "flat_logprobs": params.flat_logprobs,
+        "spaces_between_special_tokens": not params.spaces_between_special_tokens,
+    }
+    named = [name for name, used in unsupported.items() if used]
+    if named:
+        raise NotImplementedError(
+            f"kiln does not implement SamplingParams field(s) {named} at non-default values"
+        )
+
+
 class LLM:
     """Generate text from a Llama-family checkpoint with continuous batching over a paged KV cache."""
 
@@ -292,6 +308,10 @@ class LLM:
                 )
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"priority: got {len(priority)} values for {len(prompts)} prompts")
+        if priority is not None and any(priority):
+            raise ValueError(
+                f"priority: kiln schedules first-come first-served; got priorities {priority[:8]}"
+            )
         # validate and tokenize everything before anything runs, so a bad prompt rejects the call cleanly
         prepared = []
         for i, (prompt, params) in enumerate(zip(prompts, params_list)):
@@ -299,10 +319,7 @@ class LLM:
                 raise ValueError(
                     f"sampling_params[{i}] must be a SamplingParams, got {type(params).__name__}"
                 )
-            if params.bad_words or params.logits_processors or params.structured_outputs is not None:
-                raise NotImplementedError(
-                    "kiln does not implement bad_words, logits_processors or structured_outputs"
-                )
+            _check_implemented(params)
             if params.logprobs is not None and params.logprobs > self.llm_engine.model_config.vocab_size:
                 raise ValueError(f"logprobs={params.logprobs} exceeds the vocabulary size")
             params = params.clone()
@@ -363,6 +380,11 @@ class LLM:
         mm_processor_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Render each conversation with the tokenizer's chat template, then generate."""
+        if chat_template_content_format not in ("auto", "string"):
+            raise NotImplementedError(
+                f"chat_template_content_format={chat_template_content_format!r}: "
+                "kiln renders string message contents only"
+            )
         if continue_final_message and add_generation_prompt:
             raise ValueError(
                 "continue_final_message and add_generation_prompt cannot both be True: "
