@@ -222,6 +222,9 @@ def test_latency_smoke(tmp_path):
     _check_common(doc, "latency")
     rows = doc["results"]["kiln"]["batches"]
     assert [r["batch_size"] for r in rows] == [1, 3]
+    roof = doc["results"]["kiln"]["roofline"]
+    assert roof["weight_bytes"] > 0 and roof["read_bandwidth_Bps"] > 0
+    assert roof["tpot_s"] == pytest.approx(roof["weight_bytes"] / roof["read_bandwidth_Bps"])
     for r in rows:
         assert r["ttft_s"]["n"] == 2 * r["batch_size"] and r["tpot_s"]["p50"] > 0 and r["e2e_s"]["p99"] > 0
     assert set(doc["results"]["ratio_kiln_over_hf"]["eager"]) == {"1", "3"}

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import time
 
+import torch
+
 from kiln.bench import common, hf_compare, plots, workload
 
 
@@ -76,6 +78,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         kwargs["max_num_seqs"] = max(256, max(args.batch_sizes))
     llm, startup = common.build_llm(kwargs)
     dtype, device = llm.config.dtype, llm.config.device
+    roof = roofline(llm)
     rows = []
     for bs in common.progress(args.batch_sizes, disable=args.no_progress, desc="batch sizes"):
         rows.append(
@@ -94,6 +97,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
             "batches": rows,
             "memory": common.memory_report(llm),
             "compile_report": common.compile_report(llm),
+            "roofline": roof,
         }
     }
     common.free_llm(llm)
@@ -131,6 +135,35 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     results["path"] = path
     results["plot"] = plot
     return results
+
+
+def read_bandwidth(device: torch.device, nbytes: int = 2**30, iters: int = 10) -> float:
+    """Best-of-``iters`` bytes/s of one full read of an ``nbytes`` buffer (``torch.sum``)."""
+    if device.type == "cpu":
+        nbytes = min(nbytes, 2**28)
+    buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    buf.sum()
+    best = float("inf")
+    for _ in range(iters):
+        common.sync()
+        start = time.perf_counter()
+        buf.sum()
+        common.sync()
+        best = min(best, time.perf_counter() - start)
+    del buf
+    return nbytes / best
+
+
+def roofline(llm) -> dict:
+    """Batch-1 decode floor: weight bytes a decode step reads (the input embedding table is not read,
+    unless it doubles as the output projection) over the device's measured read bandwidth."""
+    model = llm.llm_engine.model
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not model.config.tie_word_embeddings:
+        emb = model.model.embed_tokens.weight
+        weight_bytes -= emb.numel() * emb.element_size()
+    bandwidth = read_bandwidth(llm.config.device)
+    return {"weight_bytes": weight_bytes, "read_bandwidth_Bps": bandwidth, "tpot_s": weight_bytes / bandwidth}
 
 
 def run_hf(args, source, dtype, device) -> list[dict]:
@@ -186,10 +219,17 @@ def _ms(x) -> str:
 def print_summary(results: dict) -> None:
     print("\nlatency (ms; mean / p50 / p99)")
     print(f"  kiln start-up {results['kiln']['startup_s']:.2f} s")
+    roof = results["kiln"]["roofline"]
+    print(
+        f"  roofline: {roof['weight_bytes'] / 1e9:.2f} GB of weights per step at "
+        f"{roof['read_bandwidth_Bps'] / 1e9:.0f} GB/s read = {_ms(roof['tpot_s'])} ms/token"
+    )
     for r in results["kiln"]["batches"]:
         ttft = " / ".join(_ms(r["ttft_s"][k]) for k in ("mean", "p50", "p99"))
         tpot = " / ".join(_ms(r["tpot_s"][k]) for k in ("mean", "p50", "p99"))
-        print(f"  kiln batch {r['batch_size']:>4}: TTFT {ttft}  TPOT {tpot}  e2e {_ms(r['e2e_s']['mean'])}")
+        share = f"  ({roof['tpot_s'] / r['tpot_s']['mean']:.0%} of roofline)" if r["batch_size"] == 1 else ""
+        e2e = _ms(r["e2e_s"]["mean"])
+        print(f"  kiln batch {r['batch_size']:>4}: TTFT {ttft}  TPOT {tpot}  e2e {e2e}{share}")
     for v in results.get("hf", []):
         for b in v["batches"]:
             if "error" in b:
