@@ -302,3 +302,19 @@ def test_priority_and_content_format(llm):
         llm.generate(["a", "b"], SamplingParams(max_tokens=1), use_tqdm=False, priority=[1, 0])
     with pytest.raises(NotImplementedError, match="chat_template_content_format"):
         llm.chat([{"role": "user", "content": "x"}], chat_template_content_format="openai")
+
+
+def test_eos_ids_from_generation_config_stop(tmp_path, tiny_checkpoint, llm):
+    base = llm.generate("Hi", GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    target = base[4]
+    path = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint("llama"), path)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, target]}))
+    with LLM(str(path), enforce_eager=True, dtype="float32", kv_cache_memory_bytes=2**26) as other:
+        out = other.generate("Hi", SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0].outputs[0]
+        assert out.token_ids == base[: base.index(target) + 1]
+        assert out.finish_reason == "stop"
+        ignored = other.generate(
+            "Hi", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False
+        )
+        assert ignored[0].outputs[0].token_ids == base
