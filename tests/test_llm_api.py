@@ -318,3 +318,24 @@ def test_eos_ids_from_generation_config_stop(tmp_path, tiny_checkpoint, llm):
             "Hi", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False
         )
         assert ignored[0].outputs[0].token_ids == base
+
+
+def test_interrupted_generate_leaves_engine_clean(llm, monkeypatch):
+    engine = llm.llm_engine
+    expected = llm.generate(["a b c", "d e f"], GREEDY, use_tqdm=False)
+    real_step, calls = engine.step, []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", failing_step)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(["x y", "z"] * 3, GREEDY, use_tqdm=False)
+    monkeypatch.undo()
+    assert not engine.has_unfinished_requests()
+    assert engine.kv.num_free_blocks == engine.num_blocks
+    again = llm.generate(["a b c", "d e f"], GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in expected]

@@ -20,7 +20,7 @@ from kiln.runtime.model_runner import PLACEHOLDER, ModelRunner, StepOutput
 from kiln.runtime.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler
-from kiln.runtime.sequence import Sequence
+from kiln.runtime.sequence import Sequence, Status
 
 logger = logging.getLogger("kiln")
 
@@ -246,6 +246,20 @@ class LLMEngine:
             seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = Request(request_id, prompt, list(prompt_token_ids), seqs)
+
+    def abort_all(self) -> None:
+        """Drop every request and free its KV blocks (the launched step, if any, is discarded)."""
+        if self.pending is not None and self.pending.tokens is not None and self.config.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.pending = None
+        sched = self.scheduler
+        for seq in list(sched.running) + list(sched.waiting):
+            self.kv.free(seq)
+            seq.status = Status.FINISHED
+        sched.running.clear()
+        sched.waiting.clear()
+        self.requests.clear()
+        self.detokenizers.clear()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -345,23 +346,26 @@ class LLM:
                 postfix="est. speed input: 0.00 toks/s, output: 0.00 toks/s",
             )
         in_tokens = out_tokens = 0
-        import time
-
         start = time.perf_counter()
-        while engine.has_unfinished_requests():
-            for output in engine.step():
-                results[output.request_id] = output
-                if bar is not None:
-                    in_tokens += len(output.prompt_token_ids)
-                    out_tokens += sum(len(o.token_ids) for o in output.outputs)
-                    elapsed = time.perf_counter() - start
-                    bar.postfix = (
-                        f"est. speed input: {in_tokens / elapsed:.2f} toks/s, "
-                        f"output: {out_tokens / elapsed:.2f} toks/s"
-                    )
-                    bar.update(1)
-        if bar is not None:
-            bar.close()
+        try:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    results[output.request_id] = output
+                    if bar is not None:
+                        in_tokens += len(output.prompt_token_ids)
+                        out_tokens += sum(len(o.token_ids) for o in output.outputs)
+                        elapsed = time.perf_counter() - start
+                        bar.postfix = (
+                            f"est. speed input: {in_tokens / elapsed:.2f} toks/s, "
+                            f"output: {out_tokens / elapsed:.2f} toks/s"
+                        )
+                        bar.update(1)
+        except BaseException:
+            engine.abort_all()  # an interrupted call leaves nothing behind for the next one
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
         return [results[i] for i in ids]
 
     def chat(
