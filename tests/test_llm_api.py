@@ -339,3 +339,15 @@ def test_interrupted_generate_leaves_engine_clean(llm, monkeypatch):
     assert engine.kv.num_free_blocks == engine.num_blocks
     again = llm.generate(["a b c", "d e f"], GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in expected]
+
+
+def test_n_samples_with_a_tiny_kv_cache(tiny_checkpoint):
+    """Siblings finishing while others wait for blocks: the engine keeps going until all are done."""
+    block_bytes = 2 * 2 * 16 * 2 * 32 * 4
+    params = SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=20, ignore_eos=True)
+    kwargs = dict(enforce_eager=True, dtype="float32", kv_cache_memory_bytes=5 * block_bytes)
+    with LLM(tiny_checkpoint("llama"), **kwargs) as llm:
+        outs = llm.generate([list(range(100, 140)), list(range(200, 230))], params, use_tqdm=False)
+        assert [len(o.outputs) for o in outs] == [3, 3]
+        assert all(len(c.token_ids) == 20 for o in outs for c in o.outputs)
+        assert llm.llm_engine.kv.num_free_blocks == llm.llm_engine.num_blocks

@@ -275,13 +275,13 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         finished: list[RequestOutput] = []
         sync = not self.async_scheduling or any(_needs_host_tokens(seq) for seq in batch.seqs)
-        if self.pending is not None and (sync or not batch):
+        read_back = self.pending is not None and (sync or not batch)
+        if read_back:
             finished += self._read_back(self.pending)
             self.pending = None
         if not batch:
-            if not finished and not self.scheduler.has_unfinished():
-                return finished
-            if not finished:
+            # after a read-back, finished sequences have freed blocks: the next step can schedule again
+            if not read_back and self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler produced an empty step while requests are pending")
             return finished
         now = time.time()
