@@ -351,3 +351,39 @@ def test_n_samples_with_a_tiny_kv_cache(tiny_checkpoint):
         assert [len(o.outputs) for o in outs] == [3, 3]
         assert all(len(c.token_ids) == 20 for o in outs for c in o.outputs)
         assert llm.llm_engine.kv.num_free_blocks == llm.llm_engine.num_blocks
+
+
+def test_overlapped_and_synchronous_steps_agree_on_a_random_workload(tiny_checkpoint):
+    """Greedy and seeded requests with stops, n > 1, chunking and preemption: same outputs either way."""
+    import random
+
+    rng = random.Random(0)
+    prompts, params = [], []
+    for i in range(12):
+        prompts.append([rng.randrange(100, 5000) for _ in range(rng.randrange(1, 45))])
+        kind = rng.choice(["greedy", "seeded", "n"])
+        extra = dict(max_tokens=rng.randrange(1, 24), stop_token_ids=[rng.randrange(100, 5000)])
+        if rng.random() < 0.5:
+            extra["stop"] = [rng.choice(["e", "a", "in"])]
+        if kind == "greedy":
+            params.append(SamplingParams(temperature=0, **extra))
+        elif kind == "seeded":
+            params.append(SamplingParams(temperature=0.9, top_p=0.9, seed=i, **extra))
+        else:
+            params.append(SamplingParams(n=2, temperature=1.0, top_k=50, seed=100 + i, **extra))
+    block_bytes = 2 * 2 * 16 * 2 * 32 * 4
+    kwargs = dict(enforce_eager=True, dtype="float32", kv_cache_memory_bytes=8 * block_bytes)
+    with LLM(tiny_checkpoint("llama"), max_num_batched_tokens=40, max_num_seqs=6, **kwargs) as llm:
+        engine = llm.llm_engine
+        runs = []
+        for overlap in (True, False):
+            engine.async_scheduling = overlap
+            llm.reset_prefix_cache()
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+            runs.append(
+                [[(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in o.outputs] for o in outs]
+            )
+            assert engine.kv.num_free_blocks == engine.num_blocks
+        assert engine.scheduler.num_preemptions > 0
+    assert runs[0] == runs[1]
+    assert any(reason == "stop" for out in runs[0] for _, _, reason, _ in out)
