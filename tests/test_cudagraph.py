@@ -1,12 +1,10 @@
-"""CUDA graphs for decode steps replay exactly what eager execution computes (GPU only)."""
+"""CUDA graphs replay exactly what eager execution computes (the graph tests need a GPU)."""
 
 import pytest
 import torch
 
 from kiln import LLM, SamplingParams
 from kiln.compiler.cudagraph import default_capture_sizes
-
-pytestmark = pytest.mark.gpu
 
 
 def test_default_capture_sizes_ladder():
@@ -21,6 +19,7 @@ def _generate(llm, prompts, max_tokens=10):
     return llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_graphs_match_eager_for_every_bucket(arch, tiny_checkpoint):
     path = tiny_checkpoint(arch)
@@ -49,6 +48,7 @@ def test_graphs_match_eager_for_every_bucket(arch, tiny_checkpoint):
                 assert abs(step_e[t].logprob - step_g[t].logprob) < 1e-3
 
 
+@pytest.mark.gpu
 def test_stale_buffers_do_not_leak_between_steps(tiny_checkpoint):
     """Different batches in the same bucket, back to back: a long batch then a short one."""
     path = tiny_checkpoint("llama")
@@ -63,6 +63,7 @@ def test_stale_buffers_do_not_leak_between_steps(tiny_checkpoint):
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["piecewise", "full_and_piecewise"])
 def test_piecewise_graphs_match_eager_for_prefill_and_mixed_batches(mode, tiny_checkpoint):
     path = tiny_checkpoint("qwen3")
