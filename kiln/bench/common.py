@@ -307,6 +307,16 @@ def stage_times(report: dict | None) -> dict[str, float | None]:
 # ---------------------------------------------------------------------------------------------- statistics
 
 
+def rates(num_requests: int, num_input_tokens: int, num_output_tokens: int, elapsed: float) -> dict:
+    """Requests and tokens per second of a run that took ``elapsed`` seconds."""
+    return {
+        "requests_per_s": num_requests / elapsed,
+        "input_tokens_per_s": num_input_tokens / elapsed,
+        "output_tokens_per_s": num_output_tokens / elapsed,
+        "total_tokens_per_s": (num_input_tokens + num_output_tokens) / elapsed,
+    }
+
+
 def percentiles(values: list[float], points=(50, 90, 99)) -> dict[str, float | None]:
     """Mean, min, max and the given percentiles (linear interpolation) of ``values``."""
     vals = sorted(v for v in values if v is not None and not math.isnan(v))

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from kiln.bench.common import percentiles, progress, sync
+from kiln.bench.common import percentiles, progress, rates, sync
 from kiln.bench.workload import Workload
 
 VARIANTS = ("eager", "static-compile")
@@ -131,10 +131,7 @@ def throughput(model, workload: Workload, variant: str, batch_size: int, show_pr
         "num_batches": len(batches),
         "warmup_s": warmup_s,
         "elapsed_s": elapsed,
-        "requests_per_s": len(reqs) / elapsed,
-        "input_tokens_per_s": n_in / elapsed,
-        "output_tokens_per_s": n_out / elapsed,
-        "total_tokens_per_s": (n_in + n_out) / elapsed,
+        **rates(len(reqs), n_in, n_out, elapsed),
         "generated_tokens": generated,
     }
 

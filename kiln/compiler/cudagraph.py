@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
+from kiln.compiler.piecewise import CompiledPiece
 from kiln.ops.forward_context import forward_context
 from kiln.ops.metadata import AttentionMetadata
 
@@ -31,7 +32,21 @@ def default_capture_sizes(max_num_seqs: int) -> list[int]:
     return sorted(set(sizes))
 
 
-class DecodeGraphs:
+class _Buckets:
+    """A ladder of capture sizes; a batch runs in the smallest bucket that holds it."""
+
+    sizes: list[int]
+
+    @property
+    def max_size(self) -> int:
+        return self.sizes[-1]
+
+    def bucket(self, n: int) -> int | None:
+        i = bisect.bisect_left(self.sizes, n)
+        return self.sizes[i] if i < len(self.sizes) else None
+
+
+class DecodeGraphs(_Buckets):
     def __init__(
         self,
         forward_fn,
@@ -58,14 +73,6 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.replays = 0
-
-    @property
-    def max_size(self) -> int:
-        return self.sizes[-1]
-
-    def bucket(self, num_seqs: int) -> int | None:
-        i = bisect.bisect_left(self.sizes, num_seqs)
-        return self.sizes[i] if i < len(self.sizes) else None
 
     def _metadata(self, size: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -175,7 +182,7 @@ class GraphedPiece(torch.nn.Module):
         return out
 
 
-class PiecewiseGraphs:
+class PiecewiseGraphs(_Buckets):
     """Piecewise CUDA graphs for batches that are not pure decode (prefill chunks, mixed batches).
 
     The token batch is padded up to the nearest bucket: padding tokens get slot -1 and belong to no
@@ -188,7 +195,7 @@ class PiecewiseGraphs:
         self.block_size, self.device = block_size, device
         self.pieces = []
         for name, module in list(split_module.named_children()):
-            if type(module).__name__ == "CompiledPiece":
+            if isinstance(module, CompiledPiece):
                 graphed = GraphedPiece(module, pool)
                 setattr(split_module, name, graphed)
                 self.pieces.append(graphed)
@@ -196,14 +203,6 @@ class PiecewiseGraphs:
         self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
         self.positions = torch.zeros(n, dtype=torch.long, device=device)
         self.replays = 0
-
-    @property
-    def max_size(self) -> int:
-        return self.sizes[-1]
-
-    def bucket(self, num_tokens: int) -> int | None:
-        i = bisect.bisect_left(self.sizes, num_tokens)
-        return self.sizes[i] if i < len(self.sizes) else None
 
     @torch.inference_mode()
     def capture(self, progress=None) -> None:

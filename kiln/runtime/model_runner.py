@@ -118,14 +118,12 @@ class ModelRunner:
             result = sample(logits, sample_seqs, self.generator)
             out.tokens, out.logprobs = result.tokens, result.logprobs
         # prompt positions of sequences that asked for prompt logprobs
-        prompt_rows = []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             lo = seq.num_computed_tokens
-            if seq.wants_prompt_logprobs:
-                last = min(lo + n, seq.num_prompt_tokens - 1)
-                if last > lo:
-                    prompt_rows.append((seq, starts[i], lo, last))
-        for seq, row0, lo, last in prompt_rows:
+            last = min(lo + n, seq.num_prompt_tokens - 1)
+            if not seq.wants_prompt_logprobs or last <= lo:
+                continue
+            row0 = starts[i]
             logprobs = self.model.compute_logits(hidden[row0 : row0 + last - lo]).float().log_softmax(-1)
             targets = seq.prompt_token_ids[lo + 1 : last + 1]
             entries = top_logprobs(logprobs, targets, [seq.params.prompt_logprobs] * len(targets))

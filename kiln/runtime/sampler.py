@@ -60,8 +60,8 @@ def apply_constraints(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tenso
     """min_tokens (stop ids banned until reached), logit_bias, allowed_token_ids."""
     for i, s in enumerate(seqs):
         p = s.params
-        if len(s.output_token_ids) < p.min_tokens and p.all_stop_token_ids | set(p.stop_token_ids):
-            logits[i, list(p.all_stop_token_ids | set(p.stop_token_ids))] = _NEG_INF
+        if len(s.output_token_ids) < p.min_tokens and p.all_stop_token_ids:  # holds stop_token_ids too
+            logits[i, list(p.all_stop_token_ids)] = _NEG_INF
         if p.logit_bias:
             ids = torch.tensor(list(p.logit_bias), device=logits.device)
             logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
