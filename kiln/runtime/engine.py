@@ -87,6 +87,7 @@ class LLMEngine:
         self.eos_token_ids = {eos} if eos is not None else set(model_config.eos_token_id)
         self._next_seq_id = 0
         self.detokenizers: dict[Sequence, IncrementalDetokenizer] = {}
+        self._token_texts: dict[int, str] = {}
 
     def _graph_plan(self) -> tuple[list[int], list[int]]:
         """(full-graph decode batch sizes, piecewise token buckets); both empty on CPU, with
@@ -332,7 +333,13 @@ class LLMEngine:
         return finished
 
     def _decoded(self, token_id: int) -> str | None:
-        return None if self.tokenizer is None else self.tokenizer.decode([token_id])
+        """Text of one token, memoised: logprobs=-1 asks for every vocabulary entry at every step."""
+        if self.tokenizer is None:
+            return None
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     def _logprob_dict(self, token_id: int, entry) -> dict[int, Logprob]:
         top_ids, top_lps, lp, rank = entry
