@@ -1,5 +1,6 @@
 """Sampler statistics and semantics on synthetic logits (no model)."""
 
+import pytest
 import torch
 
 from kiln.runtime.sampler import sample, top_k_top_p_min_p
@@ -112,3 +113,19 @@ def test_logprobs_are_of_the_raw_distribution():
         assert abs(lp - raw[row, token].item()) < 1e-6
         assert ids == raw[row].topk(4).indices.tolist()
         assert rank == int((raw[row] > raw[row, token]).sum()) + 1
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_two_stage_argmax_matches_argmax_with_ties(device):
+    from kiln.runtime.sampler import row_argmax, two_stage_argmax
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 128256, device=device)
+    x[1, 700] = x[1, 90000] = 50.0  # a tie across chunks: the first index wins
+    x[2, 10] = x[2, 11] = 50.0  # a tie inside one chunk
+    x[3] = 0.0  # every entry tied
+    expected = x.argmax(-1)
+    assert expected[1] == 700 and expected[2] == 10 and expected[3] == 0
+    assert torch.equal(two_stage_argmax(x, 256), expected)
+    assert torch.equal(row_argmax(x), expected)
+    assert torch.equal(row_argmax(x.bfloat16()), x.bfloat16().argmax(-1))

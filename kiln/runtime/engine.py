@@ -312,7 +312,7 @@ class LLMEngine:
         """Fill in a launched step's tokens and run the per-token bookkeeping (detokenize, stops)."""
         if not step.seqs:
             return []
-        tokens = step.tokens.tolist()
+        tokens = step.token_list()
         now = time.time()
         finished = []
         for seq, token, logprob_entry in zip(step.seqs, tokens, step.logprobs):

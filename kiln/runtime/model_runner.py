@@ -23,12 +23,29 @@ class StepOutput:
     logprobs: list  # per row: sampled-token logprob info (see sampler.top_logprobs) or None
     prompt_logprobs: dict[Sequence, list]  # (target token, top_logprobs entry) per prompt position
     output_index: dict[Sequence, int]  # where each sampled token goes in seq.output_token_ids
+    host_tokens: torch.Tensor | None = None  # pinned copy of ``tokens``, valid once ``ready`` has passed
+    ready: "torch.cuda.Event | None" = None
 
     def __post_init__(self):
         self._rows = {seq: i for i, seq in enumerate(self.seqs)}
 
     def row(self, seq: Sequence) -> int:
         return self._rows[seq]
+
+    def copy_out(self) -> None:
+        """Start copying ``tokens`` to pinned host memory behind the step's own kernels. Reading them
+        later waits for this step only; ``tokens.tolist()`` would also wait for every step launched since."""
+        if self.tokens is not None and self.tokens.is_cuda:
+            self.host_tokens = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
+            self.host_tokens.copy_(self.tokens, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def token_list(self) -> list[int]:
+        if self.ready is None:
+            return self.tokens.tolist()
+        self.ready.synchronize()
+        return self.host_tokens.tolist()
 
 
 class ModelRunner:
@@ -117,6 +134,7 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden if rows is None else hidden[rows]).float()
             result = sample(logits, sample_seqs, self.generator)
             out.tokens, out.logprobs = result.tokens, result.logprobs
+            out.copy_out()
         # prompt positions of sequences that asked for prompt logprobs
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             lo = seq.num_computed_tokens
