@@ -331,3 +331,13 @@ def test_many_compiled_models_in_one_process(tiny_checkpoint):
         assert forward.warmup(8).graphs_captured == 1
         forward._dummy_run(3)
         assert forward.report.recompilations == 0
+
+
+def test_static_compile_defaults():
+    cfg = CompilationConfig()
+    assert cfg.resolved_compile_sizes("cuda") == [1] and cfg.resolved_compile_sizes("cpu") == []
+    assert CompilationConfig(compile_sizes=[]).resolved_compile_sizes("cuda") == []
+    assert cfg.static_inductor_options() == {"coordinate_descent_tuning": True}
+    mine = CompilationConfig(inductor_compile_config={"coordinate_descent_tuning": False})
+    assert mine.static_inductor_options() == {"coordinate_descent_tuning": False}
+    assert CompilationConfig(tune_static_compiles=False).static_inductor_options() == {}

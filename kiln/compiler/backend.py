@@ -114,10 +114,13 @@ class KilnBackend:
             # piece's graph stays as split (static compiles start from it too)
             gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
             with self.cache.activate():
+                options = self.config.inductor_compile_config
+                if static_size is not None:
+                    options = self.config.static_inductor_options()
                 result = inductor_compile(
                     gm,
                     inputs,
-                    self.config.inductor_compile_config,
+                    options,
                     self.fusions.inductor_pass(),
                     self.dumper,
                     name,

@@ -44,13 +44,15 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
+        v = qkv[:, self.q_size + self.kv_size :].view(-1, kv_heads, d)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
+            q, k = qkv[:, : self.q_size].view(-1, heads, d), qkv[:, self.q_size : -self.kv_size]
+            qk = torch.cat([self.q_norm(q), self.k_norm(k.view(-1, kv_heads, d))], dim=1)
+        else:
+            qk = qkv[:, : self.q_size + self.kv_size].view(-1, heads + kv_heads, d)
+        q, k = rotary(positions, qk).split([heads, kv_heads], dim=1)
         out = torch.empty_like(q)
         attention(q, k, v, out, self.layer_idx, self.scale, self.sliding_window)
         return self.o_proj(out.view(-1, self.q_size))

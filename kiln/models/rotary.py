@@ -47,12 +47,12 @@ class RotaryEmbedding(nn.Module):
         table = torch.cat([freqs.cos(), freqs.sin()], dim=-1) * attn_scale
         self.cos_sin = table.to(self.cos_sin.device)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q ``[T, Hq, D]``, k ``[T, Hk, D]`` -> rotated q, k (same dtype)."""
-        cos, sin = self.cos_sin[positions].to(q.dtype).chunk(2, dim=-1)
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x ``[T, H, D]`` (queries and keys side by side: one kernel once compiled) -> rotated x."""
+        cos, sin = self.cos_sin[positions].to(x.dtype).chunk(2, dim=-1)
         cos = torch.cat([cos, cos], dim=-1)[:, None, :]
         sin = torch.cat([sin, sin], dim=-1)[:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ Same semantics as ``kiln.ops.attention_ref`` (``store_kv_ref``, ``paged_attentio
 Kernels:
   * ``triton_store_kv``: one program per token copies its K/V rows to their slot (-1 skipped).
   * ``triton_decode``: pure-decode steps (``md.max_query_len == 1``): split-K flash-decoding, one
-    program per (sequence, kv head, KV split), then a reduction pass over the splits.
+    program per (sequence, kv head, KV split); the last split to finish combines the others.
   * ``triton_prefill``: any other step, mixed decode + prefill chunks included: tiled flash attention
     over paged KV with causal masking, one program per (query tile, kv head).
 Both attention kernels put all query heads of a kv head (GQA group) into the rows of one ``tl.dot``,

@@ -1,15 +1,16 @@
 """Split-K (flash-decoding) paged attention for pure-decode steps (every query_len is 0 or 1).
 
-Pass 1, grid ``(num_seqs, num_kv_heads, num_splits)``: the visible context of a sequence (the last
+Grid ``(num_seqs, num_kv_heads, num_splits)``: the visible context of a sequence (the last
 ``sliding_window`` positions, or all of it) is cut into ``num_splits`` chunks of
 ``cdiv(cdiv(len, num_splits), BLOCK_N) * BLOCK_N`` positions, computed in the kernel from ``seq_lens``;
 each program runs the shared online-softmax loop (``attend_kv_range``) over one chunk for the query
 rows of all heads of its GQA group (one ``tl.dot`` over the group, padded to 16 rows), and writes its
 unnormalised fp32 accumulator with the running max and sum to a workspace
-``[num_seqs, num_heads, num_splits, head_dim_p2]``. Empty chunks write max -inf, sum 0.
-Pass 2, grid ``(num_seqs, num_heads)``: rescales the partial results to a common max and normalises.
-With ``num_splits == 1`` pass 1 writes the output directly and pass 2 is skipped. ``num_splits`` is a
-run-time argument of pass 1 (a compile-time one only of pass 2).
+``[num_seqs, num_heads, num_splits, head_dim_p2]``. Empty chunks write max -inf, sum 0. Each program
+then takes a ticket from a per-(sequence, kv head) counter; the one that draws the last ticket rescales
+the partial results to a common max, normalises, writes the output and resets the counter. One kernel
+per step instead of a split pass and a reduction pass. With ``num_splits == 1`` the program writes the
+output directly. ``num_splits`` is a run-time argument.
 
 ``num_splits`` is a launch parameter chosen by the caller from shapes only, so one captured graph
 replays correctly for any ``seq_lens`` that fit the block table.
@@ -31,6 +32,7 @@ def _decode_split_kernel(
     o_ptr,
     ws_acc_ptr,
     ws_ml_ptr,
+    tickets_ptr,
     qsl_ptr,
     seq_lens_ptr,
     bt_ptr,
@@ -104,47 +106,55 @@ def _decode_split_kernel(
         o_off = q_start.to(tl.int64) * stride_ot + head * stride_oh
         tl.store(o_ptr + o_off[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=io_mask)
     else:
-        row = (seq.to(tl.int64) * num_heads + head) * num_splits + split
+        rows = (seq.to(tl.int64) * num_heads + head) * num_splits
+        row = rows + split
         tl.store(ws_acc_ptr + row[:, None] * HEAD_DIM_P2 + offs_d[None, :], acc, mask=io_mask)
         ml_mask = offs_g < GROUP
         tl.store(ws_ml_ptr + row * 2, m_i, mask=ml_mask)
         tl.store(ws_ml_ptr + row * 2 + 1, l_i, mask=ml_mask)
+        # the last split of this (sequence, kv head) to finish combines all of them
+        tl.debug_barrier()
+        ticket_ptr = tickets_ptr + seq * tl.num_programs(1) + kvh
+        if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == num_splits - 1:
+            tl.store(ticket_ptr, 0)  # ready for the next launch (and graph replay)
+            m_all = tl.full([GROUP_P2], float("-inf"), dtype=tl.float32)
+            for s in range(num_splits):
+                m_all = tl.maximum(
+                    m_all, tl.load(ws_ml_ptr + (rows + s) * 2, mask=ml_mask, other=0.0, cache_modifier=".cg")
+                )
+            m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
+            total = tl.zeros([GROUP_P2, HEAD_DIM_P2], dtype=tl.float32)
+            denom = tl.zeros([GROUP_P2], dtype=tl.float32)
+            for s in range(num_splits):
+                r = rows + s
+                m_s = tl.load(ws_ml_ptr + r * 2, mask=ml_mask, other=float("-inf"), cache_modifier=".cg")
+                l_s = tl.load(ws_ml_ptr + r * 2 + 1, mask=ml_mask, other=0.0, cache_modifier=".cg")
+                a_s = tl.load(
+                    ws_acc_ptr + r[:, None] * HEAD_DIM_P2 + offs_d[None, :],
+                    mask=io_mask,
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+                w = tl.exp2(m_s - m_ref)
+                total += a_s * w[:, None]
+                denom += l_s * w
+            out = total / tl.where(denom == 0.0, 1.0, denom)[:, None]
+            o_off = q_start.to(tl.int64) * stride_ot + head * stride_oh
+            tl.store(o_ptr + o_off[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=io_mask)
 
 
-@triton.jit
-def _decode_reduce_kernel(
-    o_ptr,
-    ws_acc_ptr,
-    ws_ml_ptr,
-    qsl_ptr,
-    stride_ot,
-    stride_oh,
-    num_heads,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_P2: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    SPLITS_P2: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    q_start = tl.load(qsl_ptr + seq)
-    if tl.load(qsl_ptr + seq + 1) == q_start:
-        return
-    offs_s = tl.arange(0, SPLITS_P2)
-    s_ok = offs_s < NUM_SPLITS
-    offs_d = tl.arange(0, HEAD_DIM_P2)
-    row = (seq.to(tl.int64) * num_heads + head) * NUM_SPLITS + offs_s
-    m = tl.load(ws_ml_ptr + row * 2, mask=s_ok, other=float("-inf"))
-    l_part = tl.load(ws_ml_ptr + row * 2 + 1, mask=s_ok, other=0.0)
-    m_max = tl.max(m, 0)
-    w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
-    denom = tl.sum(w * l_part, 0)
-    d_ok = offs_d < HEAD_DIM
-    acc_mask = s_ok[:, None] & d_ok[None, :]
-    acc = tl.load(ws_acc_ptr + row[:, None] * HEAD_DIM_P2 + offs_d[None, :], mask=acc_mask, other=0.0)
-    out = tl.sum(acc * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
-    o_off = q_start.to(tl.int64) * stride_ot + head * stride_oh + offs_d
-    tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=d_ok)
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+
+
+def _tickets(count: int, device: torch.device) -> torch.Tensor:
+    """Per-(sequence, kv head) counters of finished splits, zero between launches. They live at one
+    address per device for the process (captured graphs point at them), so they are made once, large."""
+    tickets = _TICKETS.get(device)
+    if tickets is None or tickets.numel() < count:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"decode attention needs {count} split counters; run it once before capture")
+        tickets = _TICKETS[device] = torch.zeros(max(count, 1 << 16), dtype=torch.int32, device=device)
+    return tickets
 
 
 def _decode_config(head_dim_p2: int, elem_size: int) -> dict:
@@ -175,6 +185,7 @@ def decode_attention(
         ws_ml = torch.empty(num_seqs, num_heads, num_splits, 2, **f32)
     else:
         ws_acc = ws_ml = out  # unused
+    tickets = _tickets(num_seqs * num_kv_heads, q.device)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         kv_cache[0],
@@ -182,6 +193,7 @@ def decode_attention(
         out,
         ws_acc,
         ws_ml,
+        tickets,
         md.query_start_loc,
         md.seq_lens,
         md.block_tables,
@@ -208,17 +220,3 @@ def decode_attention(
         UPCAST=INTERPRET and kv_cache.dtype == torch.bfloat16,
         **cfg,
     )
-    if num_splits > 1:
-        _decode_reduce_kernel[(num_seqs, num_heads)](
-            out,
-            ws_acc,
-            ws_ml,
-            md.query_start_loc,
-            out.stride(0),
-            out.stride(1),
-            num_heads,
-            HEAD_DIM=head_dim,
-            HEAD_DIM_P2=head_dim_p2,
-            NUM_SPLITS=num_splits,
-            SPLITS_P2=triton.next_power_of_2(num_splits),
-        )
