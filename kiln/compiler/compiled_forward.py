@@ -63,7 +63,6 @@ class CompiledForward:
         device: torch.device,
         attention_backend: str = "torch",
     ):
-        config = config.model_copy(update={"compile_sizes": config.resolved_compile_sizes(device.type)})
         self.model, self.model_config, self.config, self.mode = model, model_config, config, mode
         self.device, self.attention_backend = device, attention_backend
         self.cache = CompileCache(

@@ -61,7 +61,7 @@ class CompilationConfig(BaseModel):
     mode: CompilationMode | None = None
     backend: Literal["inductor", "eager"] = "inductor"
     splitting_ops: list[str] = list(DEFAULT_SPLITTING_OPS)
-    compile_sizes: list[int] | None = None  # None: [1] on CUDA, [] on CPU (see resolved_compile_sizes)
+    compile_sizes: list[int] = []
     tune_static_compiles: bool = True  # coordinate-descent tuning for the compile_sizes compiles
     pass_config: PassConfig = PassConfig()
     inductor_compile_config: dict[str, Any] = {}
@@ -154,18 +154,15 @@ class CompilationConfig(BaseModel):
             return self.mode
         return CompilationMode.PIECEWISE if device_type == "cuda" else CompilationMode.NONE
 
-    def resolved_compile_sizes(self, device_type: str) -> list[int]:
-        """Token counts that get a static-shape compile. Default on CUDA: 1, the batch-1 decode step.
-        With a static batch of one and coordinate-descent tuning, Inductor turns each matmul into a
-        Triton reduction fused with its neighbours (RMSNorm before it, SiLU-mul before the down
-        projection), which beats cuBLAS's GEMV plus separate kernels (benchmarks/README.md)."""
-        if self.compile_sizes is not None:
-            return list(self.compile_sizes)
-        return [1] if device_type == "cuda" else []
-
     def static_inductor_options(self) -> dict[str, Any]:
         """Inductor options of a static-size compile: the general ones, plus coordinate-descent
-        tuning when ``tune_static_compiles`` is on and the general options leave it unset."""
+        tuning when ``tune_static_compiles`` is on and the general options leave it unset.
+
+        With a static batch of one and this tuning, Inductor turns each matmul into a Triton
+        reduction fused with its neighbours (RMSNorm before it, SiLU-mul before the down projection),
+        which beats cuBLAS's GEMV plus separate kernels: ``compile_sizes=[1]`` is the batch-1 latency
+        setting. It is off by default because the tuning lengthens start-up, cold and warm
+        (benchmarks/README.md has both sides of the trade)."""
         options = dict(self.inductor_compile_config)
         if self.tune_static_compiles:
             options.setdefault("coordinate_descent_tuning", True)

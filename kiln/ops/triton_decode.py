@@ -55,6 +55,7 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
     DIRECT: tl.constexpr,
+    SPLIT_TILE: tl.constexpr,
     SLIDING: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -117,27 +118,27 @@ def _decode_split_kernel(
         ticket_ptr = tickets_ptr + seq * tl.num_programs(1) + kvh
         if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == num_splits - 1:
             tl.store(ticket_ptr, 0)  # ready for the next launch (and graph replay)
-            m_all = tl.full([GROUP_P2], float("-inf"), dtype=tl.float32)
-            for s in range(num_splits):
-                m_all = tl.maximum(
-                    m_all, tl.load(ws_ml_ptr + (rows + s) * 2, mask=ml_mask, other=0.0, cache_modifier=".cg")
-                )
-            m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
+            # SPLIT_TILE splits per round, loaded at once (one L2 round trip), merged by online softmax
+            offs_s = tl.arange(0, SPLIT_TILE)
+            m_run = tl.full([GROUP_P2], float("-inf"), dtype=tl.float32)
             total = tl.zeros([GROUP_P2, HEAD_DIM_P2], dtype=tl.float32)
             denom = tl.zeros([GROUP_P2], dtype=tl.float32)
-            for s in range(num_splits):
-                r = rows + s
-                m_s = tl.load(ws_ml_ptr + r * 2, mask=ml_mask, other=float("-inf"), cache_modifier=".cg")
-                l_s = tl.load(ws_ml_ptr + r * 2 + 1, mask=ml_mask, other=0.0, cache_modifier=".cg")
+            for s0 in range(0, num_splits, SPLIT_TILE):
+                r = rows[None, :] + (s0 + offs_s)[:, None]  # [SPLIT_TILE, GROUP_P2]
+                ok = ((s0 + offs_s) < num_splits)[:, None] & ml_mask[None, :]
+                m_s = tl.load(ws_ml_ptr + r * 2, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                l_s = tl.load(ws_ml_ptr + r * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg")
+                a_ptr = ws_acc_ptr + r[:, :, None] * HEAD_DIM_P2 + offs_d[None, None, :]
                 a_s = tl.load(
-                    ws_acc_ptr + r[:, None] * HEAD_DIM_P2 + offs_d[None, :],
-                    mask=io_mask,
-                    other=0.0,
-                    cache_modifier=".cg",
+                    a_ptr, mask=ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg"
                 )
-                w = tl.exp2(m_s - m_ref)
-                total += a_s * w[:, None]
-                denom += l_s * w
+                m_new = tl.maximum(m_run, tl.max(m_s, 0))
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_run - m_ref)
+                w = tl.exp2(m_s - m_ref[None, :])
+                total = total * alpha[:, None] + tl.sum(a_s * w[:, :, None], 0)
+                denom = denom * alpha + tl.sum(l_s * w, 0)
+                m_run = m_new
             out = total / tl.where(denom == 0.0, 1.0, denom)[:, None]
             o_off = q_start.to(tl.int64) * stride_ot + head * stride_oh
             tl.store(o_ptr + o_off[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=io_mask)
@@ -215,6 +216,7 @@ def decode_attention(
         HEAD_DIM=head_dim,
         HEAD_DIM_P2=head_dim_p2,
         DIRECT=num_splits == 1,
+        SPLIT_TILE=4,
         SLIDING=sliding_window > 0,
         PRECISION=dot_precision(kv_cache.dtype),
         UPCAST=INTERPRET and kv_cache.dtype == torch.bfloat16,
