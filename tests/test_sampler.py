@@ -129,3 +129,28 @@ def test_two_stage_argmax_matches_argmax_with_ties(device):
     assert torch.equal(two_stage_argmax(x, 256), expected)
     assert torch.equal(row_argmax(x), expected)
     assert torch.equal(row_argmax(x.bfloat16()), x.bfloat16().argmax(-1))
+
+
+@pytest.mark.gpu
+def test_sampling_on_cuda_never_waits_for_the_device():
+    """A host sync in the sampler would wait for the step launched before it and undo the engine's
+    overlap of host and device work; CUDA's sync debug mode turns any such wait into an error."""
+    variants = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05),
+        SamplingParams(temperature=1.0, min_tokens=4, stop_token_ids=[3], logit_bias={5: 2.0}),
+        SamplingParams(
+            temperature=1.0, repetition_penalty=1.2, presence_penalty=0.5, allowed_token_ids=[1, 2, 9]
+        ),
+    ]
+    seqs = [s for i, p in enumerate(variants) for s in seqs_for(p, 2, prompt=(i, i + 1))]
+    logits = torch.randn(len(seqs), 128256, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tokens = sample(logits, seqs, gen).tokens
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert tokens.shape == (len(seqs),) and tokens.is_cuda
+    assert set(tokens[6:].tolist()) <= {1, 2, 9}

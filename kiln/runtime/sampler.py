@@ -26,12 +26,20 @@ class SamplerOutput:
         return self.tokens.tolist()
 
 
+def _device_tensor(values: list, device: torch.device) -> torch.Tensor:
+    """``torch.tensor(values, device=device)`` without its host sync: a blocking host-to-device copy
+    waits for every step already queued, which would undo the overlap of host and device work."""
+    if device.type != "cuda":
+        return torch.tensor(values, device=device)
+    return torch.tensor(values, pin_memory=True).to(device, non_blocking=True)
+
+
 def _padded(rows: list[list[int]], device) -> torch.Tensor:
     width = max(1, max(len(r) for r in rows))
     out = torch.full((len(rows), width), -1, dtype=torch.long)
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out.to(device)
+    return out.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else out
 
 
 def _token_counts(rows: list[list[int]], vocab: int, device) -> torch.Tensor:
@@ -46,13 +54,13 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     params = [s.params for s in seqs]
     if any(p.repetition_penalty != 1.0 for p in params):
         seen = _token_counts([s.token_ids for s in seqs], vocab, device) > 0
-        rep = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+        rep = _device_tensor([p.repetition_penalty for p in params], device)[:, None]
         penalised = torch.where(logits > 0, logits / rep, logits * rep)
         logits = torch.where(seen, penalised, logits)
     if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params):
         counts = _token_counts([s.output_token_ids for s in seqs], vocab, device)
-        freq = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
-        pres = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+        freq = _device_tensor([p.frequency_penalty for p in params], device)[:, None]
+        pres = _device_tensor([p.presence_penalty for p in params], device)[:, None]
         logits = logits - freq * counts - pres * (counts > 0)
     return logits
 
@@ -70,13 +78,13 @@ def apply_constraints(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tenso
     for i, s in enumerate(seqs):
         p = s.params
         if _bans_stops(s):
-            logits[i, list(p.all_stop_token_ids)] = _NEG_INF
+            logits[i, _device_tensor(list(p.all_stop_token_ids), logits.device)] = _NEG_INF
         if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), device=logits.device)
-            logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
+            ids = _device_tensor(list(p.logit_bias), logits.device)
+            logits[i, ids] += _device_tensor(list(p.logit_bias.values()), logits.device)
         if p.allowed_token_ids:
             keep = torch.full_like(logits[i], _NEG_INF)
-            keep[p.allowed_token_ids] = 0.0
+            keep[_device_tensor(p.allowed_token_ids, logits.device)] = 0.0
             logits[i] += keep
     return logits
 
@@ -139,15 +147,16 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generato
         raw_logprobs = logits.log_softmax(-1)
     logits = apply_constraints(apply_penalties(logits, seqs), seqs)
     params = [s.params for s in seqs]
-    tokens = row_argmax(logits)
-    if not all(p.is_greedy for p in params):
-        greedy = torch.tensor([p.is_greedy for p in params], device=device)
-        temps = torch.tensor([1.0 if p.is_greedy else p.temperature for p in params], device=device)
+    is_greedy = [p.is_greedy for p in params]
+    if all(is_greedy):
+        tokens = row_argmax(logits)
+    else:
+        temps = _device_tensor([1.0 if p.is_greedy else p.temperature for p in params], device)
         scaled = logits / temps[:, None]
 
         def per_row(name, off):
             values = [getattr(p, name) for p in params]
-            return None if all(v == off for v in values) else torch.tensor(values, device=device)
+            return None if all(v == off for v in values) else _device_tensor(values, device)
 
         scaled = top_k_top_p_min_p(scaled, per_row("top_k", 0), per_row("top_p", 1.0), per_row("min_p", 0.0))
         probs = scaled.softmax(-1)
@@ -155,8 +164,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generato
         for i, s in enumerate(seqs):
             if s.generator is not None and not params[i].is_greedy:
                 q[i].exponential_(generator=s.generator)
-        sampled = row_argmax(probs / q)
-        tokens = torch.where(greedy, tokens, sampled)
+        tokens = row_argmax(probs / q)
+        if any(is_greedy):
+            tokens = torch.where(_device_tensor(is_greedy, device), row_argmax(logits), tokens)
     if raw_logprobs is None:
         return SamplerOutput(tokens, [None] * len(seqs))
     return SamplerOutput(tokens, _gather_logprobs(raw_logprobs, tokens.tolist(), seqs))
