@@ -26,12 +26,12 @@ class SamplerOutput:
         return self.tokens.tolist()
 
 
-def _device_tensor(values: list, device: torch.device) -> torch.Tensor:
+def _device_tensor(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``torch.tensor(values, device=device)`` without its host sync: a blocking host-to-device copy
     waits for every step already queued, which would undo the overlap of host and device work."""
     if device.type != "cuda":
-        return torch.tensor(values, device=device)
-    return torch.tensor(values, pin_memory=True).to(device, non_blocking=True)
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def _padded(rows: list[list[int]], device) -> torch.Tensor:
@@ -78,13 +78,15 @@ def apply_constraints(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tenso
     for i, s in enumerate(seqs):
         p = s.params
         if _bans_stops(s):
-            logits[i, _device_tensor(list(p.all_stop_token_ids), logits.device)] = _NEG_INF
+            logits[i].index_fill_(0, _device_tensor(list(p.all_stop_token_ids), logits.device), _NEG_INF)
         if p.logit_bias:
             ids = _device_tensor(list(p.logit_bias), logits.device)
-            logits[i, ids] += _device_tensor(list(p.logit_bias.values()), logits.device)
+            logits[i].index_add_(
+                0, ids, _device_tensor(list(p.logit_bias.values()), logits.device, logits.dtype)
+            )
         if p.allowed_token_ids:
             keep = torch.full_like(logits[i], _NEG_INF)
-            keep[_device_tensor(p.allowed_token_ids, logits.device)] = 0.0
+            keep.index_fill_(0, _device_tensor(p.allowed_token_ids, logits.device), 0.0)
             logits[i] += keep
     return logits
 
