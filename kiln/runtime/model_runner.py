@@ -10,6 +10,7 @@ from kiln.ops.metadata import AttentionMetadata
 from kiln.runtime.sampler import sample, top_logprobs
 from kiln.runtime.scheduler import ScheduledBatch
 from kiln.runtime.sequence import Sequence
+from kiln.runtime.transfer import to_device
 
 PLACEHOLDER = -1  # output token launched but not yet read back from the device
 
@@ -94,11 +95,8 @@ class ModelRunner:
         width = max(len(seq.block_ids) for seq in batch.seqs)
         table = [b for seq in batch.seqs for b in seq.block_ids + [0] * (width - len(seq.block_ids))]
         num_tokens, num_seqs = len(ids), len(seq_lens)
-        pin = self.device.type == "cuda"
-        longs = torch.tensor(ids + positions + slots + sample_rows + fix_dst + fix_src, pin_memory=pin)
-        ints = torch.tensor(starts + seq_lens + table, dtype=torch.int32, pin_memory=pin)
-        longs = longs.to(self.device, non_blocking=True)
-        ints = ints.to(self.device, non_blocking=True)
+        longs = to_device(ids + positions + slots + sample_rows + fix_dst + fix_src, self.device, torch.long)
+        ints = to_device(starts + seq_lens + table, self.device, torch.int32)
         t, k, f = num_tokens, len(sample_rows), len(fix_dst)
         input_ids, positions_t, slot_mapping = longs[:t], longs[t : 2 * t], longs[2 * t : 3 * t]
         rows = longs[3 * t : 3 * t + k]

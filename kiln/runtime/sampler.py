@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from kiln.runtime.sequence import Sequence
+from kiln.runtime.transfer import to_device
 
 _NEG_INF = float("-inf")
 
@@ -26,20 +27,9 @@ class SamplerOutput:
         return self.tokens.tolist()
 
 
-def _device_tensor(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``torch.tensor(values, device=device)`` without its host sync: a blocking host-to-device copy
-    waits for every step already queued, which would undo the overlap of host and device work."""
-    if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
-
-
 def _padded(rows: list[list[int]], device) -> torch.Tensor:
     width = max(1, max(len(r) for r in rows))
-    out = torch.full((len(rows), width), -1, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else out
+    return to_device([list(r) + [-1] * (width - len(r)) for r in rows], device, torch.long)
 
 
 def _token_counts(rows: list[list[int]], vocab: int, device) -> torch.Tensor:
@@ -54,13 +44,13 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     params = [s.params for s in seqs]
     if any(p.repetition_penalty != 1.0 for p in params):
         seen = _token_counts([s.token_ids for s in seqs], vocab, device) > 0
-        rep = _device_tensor([p.repetition_penalty for p in params], device)[:, None]
+        rep = to_device([p.repetition_penalty for p in params], device)[:, None]
         penalised = torch.where(logits > 0, logits / rep, logits * rep)
         logits = torch.where(seen, penalised, logits)
     if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params):
         counts = _token_counts([s.output_token_ids for s in seqs], vocab, device)
-        freq = _device_tensor([p.frequency_penalty for p in params], device)[:, None]
-        pres = _device_tensor([p.presence_penalty for p in params], device)[:, None]
+        freq = to_device([p.frequency_penalty for p in params], device)[:, None]
+        pres = to_device([p.presence_penalty for p in params], device)[:, None]
         logits = logits - freq * counts - pres * (counts > 0)
     return logits
 
@@ -78,15 +68,13 @@ def apply_constraints(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tenso
     for i, s in enumerate(seqs):
         p = s.params
         if _bans_stops(s):
-            logits[i].index_fill_(0, _device_tensor(list(p.all_stop_token_ids), logits.device), _NEG_INF)
+            logits[i].index_fill_(0, to_device(list(p.all_stop_token_ids), logits.device), _NEG_INF)
         if p.logit_bias:
-            ids = _device_tensor(list(p.logit_bias), logits.device)
-            logits[i].index_add_(
-                0, ids, _device_tensor(list(p.logit_bias.values()), logits.device, logits.dtype)
-            )
+            ids = to_device(list(p.logit_bias), logits.device)
+            logits[i].index_add_(0, ids, to_device(list(p.logit_bias.values()), logits.device, logits.dtype))
         if p.allowed_token_ids:
             keep = torch.full_like(logits[i], _NEG_INF)
-            keep.index_fill_(0, _device_tensor(p.allowed_token_ids, logits.device), 0.0)
+            keep.index_fill_(0, to_device(p.allowed_token_ids, logits.device), 0.0)
             logits[i] += keep
     return logits
 
@@ -153,12 +141,12 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generato
     if all(is_greedy):
         tokens = row_argmax(logits)
     else:
-        temps = _device_tensor([1.0 if p.is_greedy else p.temperature for p in params], device)
+        temps = to_device([1.0 if p.is_greedy else p.temperature for p in params], device)
         scaled = logits / temps[:, None]
 
         def per_row(name, off):
             values = [getattr(p, name) for p in params]
-            return None if all(v == off for v in values) else _device_tensor(values, device)
+            return None if all(v == off for v in values) else to_device(values, device)
 
         scaled = top_k_top_p_min_p(scaled, per_row("top_k", 0), per_row("top_p", 1.0), per_row("min_p", 0.0))
         probs = scaled.softmax(-1)
@@ -168,7 +156,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generato
                 q[i].exponential_(generator=s.generator)
         tokens = row_argmax(probs / q)
         if any(is_greedy):
-            tokens = torch.where(_device_tensor(is_greedy, device), row_argmax(logits), tokens)
+            tokens = torch.where(to_device(is_greedy, device), row_argmax(logits), tokens)
     if raw_logprobs is None:
         return SamplerOutput(tokens, [None] * len(seqs))
     return SamplerOutput(tokens, _gather_logprobs(raw_logprobs, tokens.tolist(), seqs))
