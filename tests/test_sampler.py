@@ -115,20 +115,48 @@ def test_logprobs_are_of_the_raw_distribution():
         assert rank == int((raw[row] > raw[row, token]).sum()) + 1
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_two_stage_argmax_matches_argmax_with_ties(device):
-    from kiln.runtime.sampler import row_argmax, two_stage_argmax
-
-    torch.manual_seed(0)
-    x = torch.randn(5, 128256, device=device)
-    x[1, 700] = x[1, 90000] = 50.0  # a tie across chunks: the first index wins
-    x[2, 10] = x[2, 11] = 50.0  # a tie inside one chunk
+def _argmax_cases(device, dtype):
+    g = torch.Generator().manual_seed(0)
+    vocab = 5000  # not a multiple of the kernel's chunk
+    x = torch.randn(6, vocab, generator=g)
+    x[1, 700] = x[1, 4500] = 50.0  # a tie across chunks: the first index wins
+    x[2, 10] = x[2, 11] = 50.0  # a tie inside one block
     x[3] = 0.0  # every entry tied
-    expected = x.argmax(-1)
-    assert expected[1] == 700 and expected[2] == 10 and expected[3] == 0
-    assert torch.equal(two_stage_argmax(x, 256), expected)
-    assert torch.equal(row_argmax(x), expected)
-    assert torch.equal(row_argmax(x.bfloat16()), x.bfloat16().argmax(-1))
+    x[4, : vocab - 1] = float("-inf")  # only the last entry is allowed
+    q = torch.empty(6, vocab).exponential_(generator=g)
+    inv = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 1.7])  # greedy rows, then random ones
+    return x.to(device, dtype), inv.to(device), q.to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_sample_argmax_kernel_matches_reference(device, dtype):
+    """The Triton kernels (Triton's interpreter on CPU) against the torch reference: greedy rows,
+    ties, a masked row and noisy rows, on fp32 and bf16 logits."""
+    from kiln.ops.sample_argmax import sample_argmax_ref, sample_argmax_triton
+
+    x, inv, q = _argmax_cases(device, dtype)
+    expected = sample_argmax_ref(x, inv, q)
+    assert expected[:4].tolist() == x[:4].float().argmax(-1).tolist()
+    assert expected[1] == 700 and expected[2] == 10 and expected[3] == 0 and expected[4] == 4999
+    noisy = x[5].float() * 1.7 - q[5].log()
+    assert expected[5] == noisy.argmax()
+    assert torch.equal(sample_argmax_triton(x, inv, q), expected)
+    assert torch.equal(sample_argmax_triton(x, None, None), x.float().argmax(-1))
+
+
+def test_sample_argmax_needs_noise_and_temperatures_together():
+    from kiln.ops.sample_argmax import sample_argmax
+
+    with pytest.raises(ValueError, match="inv_temp"):
+        sample_argmax(torch.zeros(1, 4), torch.ones(1), None)
+
+
+def test_temperature_sharpens_the_distribution():
+    logits = torch.tensor([[0.0, 1.0, 2.0] + [-30.0] * (VOCAB - 3)])
+    tokens = draws(SamplingParams(temperature=0.5), logits, n=20000)
+    freq = torch.bincount(tokens, minlength=VOCAB)[:3].float() / len(tokens)
+    assert torch.allclose(freq, (logits[0, :3] / 0.5).softmax(-1), atol=0.02)
 
 
 @pytest.mark.gpu

@@ -36,9 +36,9 @@ from kiln.ops.triton_store_kv import store_kv_triton
 
 __all__ = ["choose_num_splits", "paged_attention_triton", "store_kv_triton"]
 
-MIN_SPLIT_TOKENS = 256
+MIN_SPLIT_TOKENS = 64
 MAX_SPLITS = 64
-PROGRAMS_PER_SM = 4
+PROGRAMS_PER_SM = 2
 
 
 @functools.cache

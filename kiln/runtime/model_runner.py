@@ -129,7 +129,7 @@ class ModelRunner:
 
         out = StepOutput(sample_seqs, None, [], {}, {s: len(s.output_token_ids) for s in sample_seqs})
         if sample_seqs:
-            logits = self.model.compute_logits(hidden if rows is None else hidden[rows]).float()
+            logits = self.model.compute_logits(hidden if rows is None else hidden[rows])
             result = sample(logits, sample_seqs, self.generator)
             out.tokens, out.logprobs = result.tokens, result.logprobs
             out.copy_out()

@@ -1,15 +1,16 @@
 """Batched sampling on the device: penalties, temperature, min_p, top_k, top_p, per-request seeds,
 and the log-probabilities a request asked for (of the raw model distribution, before processing).
 
-Random rows draw ``token = argmax(probs / q)`` with ``q ~ Exp(1)``, which samples from ``probs``;
-a row with a seed draws its ``q`` from its own generator, so its tokens do not depend on the batch.
+Random rows draw ``token = argmax(logits / T - log q)`` with ``q ~ Exp(1)``, which samples from
+``softmax(logits / T)`` (``kiln.ops.sample_argmax``); a row with a seed draws its ``q`` from its own
+generator, so its tokens do not depend on the batch.
 """
 
-import functools
 from dataclasses import dataclass
 
 import torch
 
+from kiln.ops.sample_argmax import sample_argmax
 from kiln.runtime.sequence import Sequence
 from kiln.runtime.transfer import to_device
 
@@ -61,10 +62,10 @@ def _bans_stops(s: Sequence) -> bool:
 
 
 def apply_constraints(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """min_tokens (stop ids banned until reached), logit_bias, allowed_token_ids. Works on a copy."""
+    """min_tokens (stop ids banned until reached), logit_bias, allowed_token_ids. Works on an fp32 copy."""
     if not any(_bans_stops(s) or s.params.logit_bias or s.params.allowed_token_ids for s in seqs):
         return logits
-    logits = logits.clone()
+    logits = logits.to(torch.float32, copy=True)
     for i, s in enumerate(seqs):
         p = s.params
         if _bans_stops(s):
@@ -104,59 +105,34 @@ def top_k_top_p_min_p(logits: torch.Tensor, top_k, top_p, min_p) -> torch.Tensor
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
-@functools.cache
-def _argmax_chunks(vocab: int) -> int:
-    """The most chunks (at most 256, each at least 256 wide) that split ``vocab`` evenly."""
-    return max((c for c in range(1, 257) if vocab % c == 0 and vocab // c >= 256), default=1)
-
-
-def row_argmax(x: torch.Tensor) -> torch.Tensor:
-    """``x.argmax(-1)`` for ``[rows, vocab]``, first maximum on ties. On CUDA a few wide rows are
-    reduced in two stages: the one-block-per-row reduction takes ~27 us for a 128k vocabulary."""
-    rows, vocab = x.shape
-    chunks = _argmax_chunks(vocab)
-    if not x.is_cuda or rows > 32 or chunks == 1:
-        return x.argmax(-1)
-    return two_stage_argmax(x, chunks)
-
-
-def two_stage_argmax(x: torch.Tensor, chunks: int) -> torch.Tensor:
-    """Row argmax as the best of per-chunk maxima; ``chunks`` must divide the row."""
-    rows, vocab = x.shape
-    width = vocab // chunks
-    best, within = x.view(rows, chunks, width).max(-1)
-    chunk = best.argmax(-1, keepdim=True)  # first chunk holding the row maximum
-    return (chunk * width + within.gather(-1, chunk)).squeeze(-1)
-
-
 def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator | None) -> SamplerOutput:
-    """Pick one token per row of ``logits`` ``[len(seqs), vocab]`` (fp32)."""
+    """Pick one token per row of ``logits`` ``[len(seqs), vocab]`` (any float dtype)."""
     device = logits.device
     raw_logprobs = None
     if any(s.params.logprobs is not None for s in seqs):
-        raw_logprobs = logits.log_softmax(-1)
+        raw_logprobs = logits.float().log_softmax(-1)
     logits = apply_constraints(apply_penalties(logits, seqs), seqs)
     params = [s.params for s in seqs]
-    is_greedy = [p.is_greedy for p in params]
-    if all(is_greedy):
-        tokens = row_argmax(logits)
+    if all(p.is_greedy for p in params):
+        tokens = sample_argmax(logits)
     else:
-        temps = to_device([1.0 if p.is_greedy else p.temperature for p in params], device)
-        scaled = logits / temps[:, None]
 
         def per_row(name, off):
             values = [getattr(p, name) for p in params]
             return None if all(v == off for v in values) else to_device(values, device)
 
-        scaled = top_k_top_p_min_p(scaled, per_row("top_k", 0), per_row("top_p", 1.0), per_row("min_p", 0.0))
-        probs = scaled.softmax(-1)
-        q = torch.empty_like(probs).exponential_(generator=generator)
+        filters = per_row("top_k", 0), per_row("top_p", 1.0), per_row("min_p", 0.0)
+        if any(f is not None for f in filters):
+            temps = to_device([1.0 if p.is_greedy else p.temperature for p in params], device)
+            logits = top_k_top_p_min_p(logits / temps[:, None], *filters)  # keeps each row's maximum
+            inv_temps = [0.0 if p.is_greedy else 1.0 for p in params]
+        else:
+            inv_temps = [0.0 if p.is_greedy else 1.0 / p.temperature for p in params]
+        q = torch.empty(logits.shape, dtype=torch.float32, device=device).exponential_(generator=generator)
         for i, s in enumerate(seqs):
             if s.generator is not None and not params[i].is_greedy:
                 q[i].exponential_(generator=s.generator)
-        tokens = row_argmax(probs / q)
-        if any(is_greedy):
-            tokens = torch.where(to_device(is_greedy, device), row_argmax(logits), tokens)
+        tokens = sample_argmax(logits, to_device(inv_temps, device), q)
     if raw_logprobs is None:
         return SamplerOutput(tokens, [None] * len(seqs))
     return SamplerOutput(tokens, _gather_logprobs(raw_logprobs, tokens.tolist(), seqs))
