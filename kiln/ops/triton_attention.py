@@ -19,7 +19,8 @@ decode the number of KV splits is a function of shapes only: as many (sequence, 
 programs as fit in one wave of ``PROGRAMS_PER_SM`` programs per multiprocessor (a partly filled second
 wave costs more than the extra splits gain), at least one, capped so that a split holds at least
 ``MIN_SPLIT_TOKENS`` of the longest context the block table can address
-(``block_tables.shape[1] * block_size``) and at most ``MAX_SPLITS``. Each split's share of a sequence is
+(``block_tables.shape[1] * block_size``) and at most ``MAX_SPLITS``. A shorter sequence uses fewer of
+them, one per ``MIN_SPLIT_TOKENS`` of its own context. Each split's share of a sequence is
 computed in the kernel from ``seq_lens``, so a captured graph replays correctly for any ``seq_lens``
 that fit the block table. The split workspace (fp32, ``num_seqs * num_heads * num_splits *
 (head_dim_p2 + 2)`` floats) is allocated per call with a shape-only size. Pass ``num_splits`` to pin it.
@@ -75,7 +76,7 @@ def paged_attention_triton(
         if num_splits is None:
             max_context = md.block_tables.shape[1] * kv_cache.shape[2]
             num_splits = choose_num_splits(md.num_seqs, kv_cache.shape[3], max_context, q.device)
-        decode_attention(q, kv_cache, md, scale, sliding_window, out, num_splits)
+        decode_attention(q, kv_cache, md, scale, sliding_window, out, num_splits, min_split=MIN_SPLIT_TOKENS)
     else:
         prefill_attention(q, kv_cache, md, scale, sliding_window, out)
     return out

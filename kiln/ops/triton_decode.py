@@ -1,16 +1,16 @@
 """Split-K (flash-decoding) paged attention for pure-decode steps (every query_len is 0 or 1).
 
-Grid ``(num_seqs, num_kv_heads, num_splits)``: the visible context of a sequence (the last
-``sliding_window`` positions, or all of it) is cut into ``num_splits`` chunks of
-``cdiv(cdiv(len, num_splits), BLOCK_N) * BLOCK_N`` positions, computed in the kernel from ``seq_lens``;
-each program runs the shared online-softmax loop (``attend_kv_range``) over one chunk for the query
-rows of all heads of its GQA group (one ``tl.dot`` over the group, padded to 16 rows), and writes its
-unnormalised fp32 accumulator with the running max and sum to a workspace
-``[num_seqs, num_heads, num_splits, head_dim_p2]``. Empty chunks write max -inf, sum 0. Each program
-then takes a ticket from a per-(sequence, kv head) counter; the one that draws the last ticket rescales
-the partial results to a common max, normalises, writes the output and resets the counter. One kernel
-per step instead of a split pass and a reduction pass. With ``num_splits == 1`` the program writes the
-output directly. ``num_splits`` is a run-time argument.
+Grid ``(num_seqs, num_kv_heads, num_splits)``. A sequence uses ``min(num_splits, cdiv(len, min_split))``
+of its splits (``len``: the visible context, the last ``sliding_window`` positions or all of it), so
+short contexts leave the other programs to exit at once; its context is cut into that many chunks of
+``cdiv(cdiv(len, splits), BLOCK_N) * BLOCK_N`` positions, all computed in the kernel from ``seq_lens``.
+Each program runs the shared online-softmax loop (``attend_kv_range``) over one chunk for the query
+rows of all heads of its GQA group (one ``tl.dot`` over the group, padded to 16 rows). A sequence with
+one split writes its output directly; otherwise each program writes its unnormalised fp32 accumulator
+with the running max and sum to a workspace ``[num_seqs, num_heads, num_splits, head_dim_p2]`` (empty
+chunks write max -inf, sum 0) and takes a ticket from a per-(sequence, kv head) counter; the one that
+draws the last ticket rescales the partial results to a common max, normalises, writes the output and
+resets the counter. One kernel per step instead of a split pass and a reduction pass.
 
 ``num_splits`` is a launch parameter chosen by the caller from shapes only, so one captured graph
 replays correctly for any ``seq_lens`` that fit the block table.
@@ -48,6 +48,7 @@ def _decode_split_kernel(
     stride_kvh,
     num_heads,
     num_splits,
+    min_split,
     GROUP: tl.constexpr,
     GROUP_P2: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -70,7 +71,11 @@ def _decode_split_kernel(
     ctx_lo = 0
     if SLIDING:
         ctx_lo = tl.maximum(seq_len - window, 0)
-    chunk = tl.cdiv(tl.cdiv(seq_len - ctx_lo, num_splits), BLOCK_N) * BLOCK_N
+    # this sequence's splits: at most num_splits, each at least min_split positions
+    splits = tl.maximum(tl.minimum(num_splits, tl.cdiv(seq_len - ctx_lo, min_split)), 1)
+    if split >= splits:
+        return
+    chunk = tl.cdiv(tl.cdiv(seq_len - ctx_lo, splits), BLOCK_N) * BLOCK_N
     lo = ctx_lo + split * chunk
     hi = tl.minimum(lo + chunk, seq_len)
     full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
@@ -102,7 +107,7 @@ def _decode_split_kernel(
         BLOCK_N, BLOCK_SIZE, False, False, True, HEAD_DIM != HEAD_DIM_P2, PRECISION, UPCAST,
     )  # fmt: skip
 
-    if DIRECT:
+    if (splits == 1) | DIRECT:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         o_off = q_start.to(tl.int64) * stride_ot + head * stride_oh
         tl.store(o_ptr + o_off[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=io_mask)
@@ -116,16 +121,16 @@ def _decode_split_kernel(
         # the last split of this (sequence, kv head) to finish combines all of them
         tl.debug_barrier()
         ticket_ptr = tickets_ptr + seq * tl.num_programs(1) + kvh
-        if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == num_splits - 1:
+        if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == splits - 1:
             tl.store(ticket_ptr, 0)  # ready for the next launch (and graph replay)
             # SPLIT_TILE splits per round, loaded at once (one L2 round trip), merged by online softmax
             offs_s = tl.arange(0, SPLIT_TILE)
             m_run = tl.full([GROUP_P2], float("-inf"), dtype=tl.float32)
             total = tl.zeros([GROUP_P2, HEAD_DIM_P2], dtype=tl.float32)
             denom = tl.zeros([GROUP_P2], dtype=tl.float32)
-            for s0 in range(0, num_splits, SPLIT_TILE):
+            for s0 in range(0, splits, SPLIT_TILE):
                 r = rows[None, :] + (s0 + offs_s)[:, None]  # [SPLIT_TILE, GROUP_P2]
-                ok = ((s0 + offs_s) < num_splits)[:, None] & ml_mask[None, :]
+                ok = ((s0 + offs_s) < splits)[:, None] & ml_mask[None, :]
                 m_s = tl.load(ws_ml_ptr + r * 2, mask=ok, other=float("-inf"), cache_modifier=".cg")
                 l_s = tl.load(ws_ml_ptr + r * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg")
                 a_ptr = ws_acc_ptr + r[:, :, None] * HEAD_DIM_P2 + offs_d[None, None, :]
@@ -175,6 +180,7 @@ def decode_attention(
     out: torch.Tensor,
     num_splits: int,
     config: dict | None = None,
+    min_split: int = 1,
 ) -> None:
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
@@ -213,6 +219,7 @@ def decode_attention(
         kv_cache.stride(3),
         num_heads,
         num_splits,
+        min_split,
         GROUP=group,
         GROUP_P2=group_p2,
         BLOCK_SIZE=block_size,
