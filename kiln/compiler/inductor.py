@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 from torch._dynamo.utils import counters
 
+from kiln.compiler.autotune_reuse import reuse_tuned_configs
+
 _HIT = (("aot_autograd", "autograd_cache_hit"), ("inductor", "fxgraph_cache_hit"))
 _MISS = (("aot_autograd", "autograd_cache_miss"), ("inductor", "fxgraph_cache_miss"))
 
@@ -26,6 +28,8 @@ def inductor_compile(gm, example_inputs, options: dict, post_grad_pass=None, dum
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
     patches = dict(options)
+    if patches.get("coordinate_descent_tuning"):
+        reuse_tuned_configs()
     if post_grad_pass is not None:
         patches["post_grad_custom_post_pass"] = post_grad_pass
     kwargs = {}
