@@ -5,13 +5,17 @@
 Starts one LLM (random weights of the named shape), decodes 256 tokens after a 128-token prompt three
 times (TPOT from the request metrics), then profiles 64 decode steps with ``torch.profiler`` and prints
 the device time per step of each kernel, largest first, with the total device-busy time per step. The
-difference between TPOT and busy time is device idle time. Needs CUDA.
+difference between TPOT and busy time is device idle time. With ``--launch-info`` each row is one launch
+configuration (grid, block, registers per thread, shared memory; from the profiler's trace), which tells
+whether two processes ran the same kernels with the same configs. Needs CUDA.
 """
 
 import argparse
+import collections
 import json
 import os
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,6 +36,8 @@ def main() -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--steps", type=int, default=64, help="decode steps profiled")
     parser.add_argument("--top", type=int, default=25, help="kernels listed")
+    parser.add_argument("--launch-info", action="store_true", help="one row per kernel and launch config")
+    parser.add_argument("--output", help="write TPOT, start-up and the rows as JSON here")
     args = parser.parse_args()
 
     cc = json.loads(args.compilation_config)
@@ -61,13 +67,41 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         llm.generate([prompt], short, use_tqdm=False)
         torch.cuda.synchronize()
-    events = prof.key_averages()
-    rows = [(e.key, e.count, e.self_device_time_total) for e in events if e.self_device_time_total > 0]
+    if args.launch_info:
+        rows = _launch_rows(prof)
+    else:
+        events = prof.key_averages()
+        rows = [(e.key, e.count, e.self_device_time_total) for e in events if e.self_device_time_total > 0]
     rows.sort(key=lambda r: -r[2])
     busy = sum(r[2] for r in rows) / args.steps
     print(f"device busy {busy:.1f} us per step (the prompt's prefill spread over the {args.steps} steps)")
     for name, count, total_us in rows[: args.top]:
-        print(f"{total_us / args.steps:9.2f} us/step  {count / args.steps:6.2f}/step  {name[:100]}")
+        print(f"{total_us / args.steps:9.2f} us/step  {count / args.steps:6.2f}/step  {name[:150]}")
+    if args.output:
+        record = {"command": " ".join(sys.argv), "startup_s": startup, "tpot_ms": tpots, "rows": rows}
+        with open(args.output, "w") as f:
+            json.dump(record, f)
+
+
+def _launch_rows(prof) -> list[tuple[str, int, float]]:
+    """(kernel name with its grid, block, registers and shared memory, launches, total us) from the trace."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    totals: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
+    for event in events:
+        if event.get("cat") != "kernel":
+            continue
+        a = event.get("args", {})
+        key = (
+            f"grid={a.get('grid')} block={a.get('block')} regs={a.get('registers per thread')} "
+            f"smem={a.get('shared memory')} {event['name'][:90]}"
+        )
+        totals[key][0] += 1
+        totals[key][1] += event.get("dur", 0)
+    return [(key, n, us) for key, (n, us) in totals.items()]
 
 
 if __name__ == "__main__":

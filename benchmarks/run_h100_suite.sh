@@ -85,7 +85,7 @@ for part in "${PARTS[@]}"; do
         case "$part" in
         sweep-modes) only="eager,dynamo-only,inductor-no-graphs,piecewise-no-graphs,piecewise,full,full-and-piecewise" ;;
         sweep-passes) only="full-and-piecewise,passes-off,fuse-add-rms-norm,fuse-silu-mul,fusions-on" ;;
-        sweep-capture) only="full-and-piecewise,capture-pow2,capture-dense,static-bs1,static-bs1-untuned" ;;
+        sweep-capture) only="full-and-piecewise,capture-pow2,capture-dense,static-bs1,static-bs1-untuned,static-bs1-gemv" ;;
         esac
         tag="llama-1b${part#sweep}"
         bench "$part-llama-1b" sweep --model llama-1b --configs benchmarks/sweep_configs.json \

@@ -50,9 +50,12 @@ class PassConfig(BaseModel):
     eliminate_noops: bool = True
     fuse_add_rms_norm: bool = False
     fuse_silu_mul: bool = False
+    # one-token products with RMSNorm / SiLU-mul / residual add folded in (static compiles of size 1)
+    fuse_gemv: bool = False
 
     def enabled_fusions(self) -> list[str]:
-        return [name for name in ("fuse_add_rms_norm", "fuse_silu_mul") if getattr(self, name)]
+        order = ("fuse_gemv", "fuse_add_rms_norm", "fuse_silu_mul")  # gemv first: it takes the residual adds
+        return [name for name in order if getattr(self, name)]
 
 
 class CompilationConfig(BaseModel):

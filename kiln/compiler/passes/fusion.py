@@ -16,6 +16,7 @@ logger = logging.getLogger("kiln.compiler")
 
 # config toggle -> module under kiln.compiler.passes
 FUSIONS = {
+    "fuse_gemv": "fusion_gemv",
     "fuse_add_rms_norm": "fusion_add_rms_norm",
     "fuse_silu_mul": "fusion_silu_mul",
 }

@@ -1,0 +1,162 @@
+"""``kiln::gemv``: one token's matrix-vector product with its neighbours folded in, for batch-1 decode.
+
+``gemv(x, weight, norm_weight, residual, eps, silu)`` returns ``residual + act(x) @ weight.T`` where
+``act`` is RMSNorm with ``norm_weight`` (when given), or ``silu(gate) * up`` over the two halves of
+``x`` (when ``silu``), or nothing; ``residual`` is optional. ``x`` has one row. Rounding follows the
+model's eager code: the normalised or activated row is rounded to the input dtype before the product,
+the product to the input dtype before the residual add.
+
+The Triton kernel gives each program ``BLOCK_N`` rows of ``weight`` and streams them once, so the
+weight is read from HBM exactly once; the row of ``x`` (a few KiB) is re-read by every program from L2,
+and each program recomputes the RMSNorm statistic itself instead of waiting on another kernel. Block
+sizes come from a fixed rule measured on the H100 (``benchmarks/gemv.py``): no tuning at start-up,
+the same kernels in every process. Torch reference elsewhere.
+"""
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+except ImportError:  # CPU-only installs
+    triton = None
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr,
+        w_ptr,
+        g_ptr,
+        r_ptr,
+        out_ptr,
+        N,
+        K,
+        stride_wn,
+        eps,
+        NORM: tl.constexpr,
+        SILU: tl.constexpr,
+        RESIDUAL: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        cols0 = tl.arange(0, BLOCK_K)
+        dtype = out_ptr.dtype.element_ty
+        if NORM:
+            squares = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k in range(0, K, BLOCK_K):
+                cols = k + cols0
+                xk = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+                squares += xk * xk
+            inv_rms = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            cols = k + cols0
+            col_mask = cols < K
+            if SILU:
+                gate = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+                up = tl.load(x_ptr + K + cols, mask=col_mask, other=0.0).to(tl.float32)
+                act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
+                xk = (act * up).to(dtype).to(tl.float32)
+            elif NORM:
+                xk = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+                g = tl.load(g_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+                xk = (g * (xk * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+            else:
+                xk = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            w = tl.load(
+                w_ptr + rows[:, None] * stride_wn + cols[None, :],
+                mask=row_mask[:, None] & col_mask[None, :],
+                other=0.0,
+                eviction_policy="evict_first",
+            )
+            acc += w.to(tl.float32) * xk[None, :]
+        y = tl.sum(acc, axis=1).to(dtype)
+        if RESIDUAL:
+            r = tl.load(r_ptr + rows, mask=row_mask, other=0.0)
+            y = (y.to(tl.float32) + r.to(tl.float32)).to(dtype)
+        tl.store(out_ptr + rows, y, mask=row_mask)
+
+
+def gemv_config(n: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) for an ``n x k`` weight."""
+    block_k = min(1024, triton.next_power_of_2(k))
+    block_n = 2 if n >= 8192 else 4
+    return block_n, block_k, 8
+
+
+def activation_ref(x, norm_weight, eps: float, silu: bool):
+    if silu:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    if norm_weight is not None:
+        xf = x.float()
+        return norm_weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return x
+
+
+def gemv_ref(x, weight, norm_weight=None, residual=None, eps: float = 1e-6, silu: bool = False):
+    y = F.linear(activation_ref(x, norm_weight, eps, silu), weight)
+    return y if residual is None else residual + y
+
+
+def _check(x, weight, norm_weight, residual, silu):
+    n, k = weight.shape
+    width = 2 * k if silu else k
+    if x.dim() != 2 or tuple(x.shape) != (1, width):
+        raise ValueError(f"gemv: x must have shape (1, {width}), got {tuple(x.shape)}")
+    if residual is not None and tuple(residual.shape) != (1, n):
+        raise ValueError(f"gemv: residual must have shape (1, {n}), got {tuple(residual.shape)}")
+    if norm_weight is not None and (silu or tuple(norm_weight.shape) != (k,)):
+        raise ValueError(f"gemv: norm_weight must have shape ({k},) and exclude silu")
+
+
+def gemv_triton(x, weight, norm_weight=None, residual=None, eps: float = 1e-6, silu: bool = False):
+    """The Triton kernel on any tensors Triton can address (CPU ones under its interpreter)."""
+    n, k = weight.shape
+    x = x.contiguous()
+    weight = weight if weight.stride(1) == 1 else weight.contiguous()
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    block_n, block_k, warps = gemv_config(n, k)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x,
+        weight,
+        norm_weight if norm_weight is not None else x,
+        residual.contiguous() if residual is not None else out,
+        out,
+        n,
+        k,
+        weight.stride(0),
+        eps,
+        NORM=norm_weight is not None,
+        SILU=silu,
+        RESIDUAL=residual is not None,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=warps,
+    )
+    return out
+
+
+@torch.library.custom_op("kiln::gemv", mutates_args=())
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    eps: float,
+    silu: bool,
+) -> torch.Tensor:
+    _check(x, weight, norm_weight, residual, silu)
+    if x.is_cuda and triton is not None:
+        return gemv_triton(x, weight, norm_weight, residual, eps, silu)
+    return gemv_ref(x, weight, norm_weight, residual, eps, silu)
+
+
+@gemv.register_fake
+def _(x, weight, norm_weight, residual, eps, silu):
+    _check(x, weight, norm_weight, residual, silu)
+    return x.new_empty(1, weight.shape[0])
