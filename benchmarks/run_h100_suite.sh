@@ -10,6 +10,9 @@
 #   sweep        llama-1b over benchmarks/sweep_configs.json (one fresh process per config); or in three
 #                shorter parts: sweep-modes, sweep-passes, sweep-capture (SWEEP_ONLY=a,b,c picks configs)
 #   smoke        llama-1b, 100 prompts of 128/128 and batch-1 latency, eager (a quick check that the tools run)
+#   gemv         benchmarks/gemv.py --sweep for llama-1b and llama-8b (batch-1 products, every block-size config)
+#   latency-gemv batch-1 latency of llama-1b and llama-8b with fuse_gemv (static size-1 compile, no tuning)
+#                next to HF static cache + compile
 #
 # Results go to $OUT/results (default ./bench_out/results) and are bundled into
 # $OUT/bench_results_<parts>.tar.gz next to suite.log, so only a couple of files need copying back.
@@ -53,6 +56,19 @@ bench() {  # bench NAME ARGS...: one kiln bench command, logged; a failure does 
     echo "=== $name took $((SECONDS - t0)) s" | tee -a "$LOG"
 }
 
+script() {  # script NAME FILE ARGS...: one benchmarks/*.py run, logged like bench
+    local name="$1"; shift
+    echo "=== $name: $*" | tee -a "$LOG"
+    local t0=$SECONDS
+    if ! "$PY" "$@" 2>&1 | tee -a "$LOG"; then
+        FAILED+=("$name")
+        echo "=== $name FAILED" | tee -a "$LOG"
+    fi
+    echo "=== $name took $((SECONDS - t0)) s" | tee -a "$LOG"
+}
+
+GEMV_CC='{"compile_sizes": [1], "pass_config": {"fuse_gemv": true}}'
+
 {
     echo "kiln suite: parts ${PARTS[*]}; sha $KILN_GIT_SHA; $(date -u +%FT%TZ)"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
@@ -92,6 +108,17 @@ for part in "${PARTS[@]}"; do
             ${only:+--only "$only"} --batch-sizes 1,8,64 --input-len 256 --output-len 128 --num-iters 2 \
             --num-prompts 200 --timeout 900 --tag "$tag"
         ;;
+    gemv)
+        for shape in llama-1b llama-8b; do
+            script "gemv-$shape" benchmarks/gemv.py --model "$shape" --sweep --output "$RES/gemv_sweep_${shape}_h100.json"
+        done
+        ;;
+    latency-gemv)
+        for shape in llama-1b llama-8b; do
+            script "latency-gemv-$shape" benchmarks/latency.py --models "$shape" --output-dir "$RES" \
+                -cc "$GEMV_CC" --hf-variants static-compile --tag "${shape}_gemv1" ${EXTRA_ARGS:-}
+        done
+        ;;
     smoke)
         bench "smoke-throughput" throughput --model llama-1b --num-prompts 100 --input-len 128 --output-len 128 \
             --enforce-eager --compare hf --hf-variants eager --tag llama-1b_100x128x128_eager
@@ -99,7 +126,7 @@ for part in "${PARTS[@]}"; do
             --num-iters 3 --enforce-eager --tag llama-1b_bs1_eager
         ;;
     *)
-        echo "unknown part $part (throughput, latency, compile, sweep[-modes|-passes|-capture], smoke)" | tee -a "$LOG"
+        echo "unknown part $part (throughput, latency, compile, sweep[-modes|-passes|-capture], smoke, gemv, latency-gemv)" | tee -a "$LOG"
         FAILED+=("$part")
         ;;
     esac

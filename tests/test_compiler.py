@@ -340,3 +340,5 @@ def test_static_compile_defaults():
     mine = CompilationConfig(inductor_compile_config={"coordinate_descent_tuning": False})
     assert mine.static_inductor_options() == {"coordinate_descent_tuning": False}
     assert CompilationConfig(tune_static_compiles=False).static_inductor_options() == {}
+    # kiln::gemv takes the one-row products: tuning would decompose them before the pass sees them
+    assert CompilationConfig(pass_config={"fuse_gemv": True}).static_inductor_options() == {}

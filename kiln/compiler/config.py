@@ -50,7 +50,8 @@ class PassConfig(BaseModel):
     eliminate_noops: bool = True
     fuse_add_rms_norm: bool = False
     fuse_silu_mul: bool = False
-    # one-token products with RMSNorm / SiLU-mul / residual add folded in (static compiles of size 1)
+    # one-token products with RMSNorm / SiLU-mul / residual add folded in (static compiles of size 1);
+    # static compiles then skip coordinate-descent tuning (see static_inductor_options)
     fuse_gemv: bool = False
 
     def enabled_fusions(self) -> list[str]:
@@ -165,9 +166,13 @@ class CompilationConfig(BaseModel):
         reduction fused with its neighbours (RMSNorm before it, SiLU-mul before the down projection),
         which beats cuBLAS's GEMV plus separate kernels: ``compile_sizes=[1]`` is the batch-1 latency
         setting. It is off by default because the tuning lengthens start-up, cold and warm
-        (benchmarks/README.md has both sides of the trade)."""
+        (benchmarks/README.md has both sides of the trade).
+
+        With ``pass_config.fuse_gemv`` the products become ``kiln::gemv`` with fixed block sizes instead,
+        and the tuning is left off: with it Inductor decomposes a one-row matmul before kiln's passes
+        see it, so they could not match."""
         options = dict(self.inductor_compile_config)
-        if self.tune_static_compiles:
+        if self.tune_static_compiles and not self.pass_config.fuse_gemv:
             options.setdefault("coordinate_descent_tuning", True)
         return options
 

@@ -82,10 +82,11 @@ if triton is not None:
 
 
 def gemv_config(n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for an ``n x k`` weight."""
-    block_k = min(1024, triton.next_power_of_2(k))
-    block_n = 2 if n >= 8192 else 4
-    return block_n, block_k, 8
+    """(BLOCK_N, BLOCK_K, num_warps) for an ``n x k`` weight. The rule follows the configs Inductor's
+    coordinate descent chose for the largest of these products in its fastest H100 runs
+    (benchmarks/results/batch1_launch_configs_h100.json); ``benchmarks/gemv.py --sweep`` measures it."""
+    block_k = min(1024 if k <= 4096 else 2048, triton.next_power_of_2(k))
+    return (4 if n <= 16384 else 2), block_k, 16
 
 
 def activation_ref(x, norm_weight, eps: float, silu: bool):
