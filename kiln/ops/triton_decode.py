@@ -4,7 +4,7 @@ Grid ``(num_seqs, num_kv_heads, num_splits)``. A sequence uses ``min(num_splits,
 of its splits (``len``: the visible context, the last ``sliding_window`` positions or all of it), so
 short contexts leave the other programs to exit at once; its context is cut into that many chunks of
 ``cdiv(cdiv(len, splits), BLOCK_N) * BLOCK_N`` positions, all computed in the kernel from ``seq_lens``.
-Each program runs the shared online-softmax loop (``attend_kv_range``) over one chunk for the query
+Each program runs the shared online-softmax loop (``attend_context``) over one chunk for the query
 rows of all heads of its GQA group (one ``tl.dot`` over the group, padded to 16 rows). A sequence with
 one split writes its output directly; otherwise each program writes its unnormalised fp32 accumulator
 with the running max and sum to a workspace ``[num_seqs, num_heads, num_splits, head_dim_p2]`` (empty
@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from kiln.ops.metadata import AttentionMetadata
-from kiln.ops.triton_prefill import INTERPRET, attend_kv_range, dot_precision
+from kiln.ops.triton_prefill import INTERPRET, attend_context, dot_precision
 
 
 @triton.jit
@@ -93,18 +93,10 @@ def _decode_split_kernel(
     bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
     k_base = k_ptr + kvh * stride_kvh
     v_base = v_ptr + kvh * stride_kvh
-    acc = tl.zeros([GROUP_P2, HEAD_DIM_P2], dtype=tl.float32)
-    m_i = tl.full([GROUP_P2], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([GROUP_P2], dtype=tl.float32)
-    acc, m_i, l_i = attend_kv_range(
-        acc, m_i, l_i, q, k_base, v_base, bt_row, lo, full_end, q_pos, window, qk_scale,
-        stride_blk, stride_slot, offs_d, d_ok,
-        BLOCK_N, BLOCK_SIZE, False, False, False, HEAD_DIM != HEAD_DIM_P2, PRECISION, UPCAST,
-    )  # fmt: skip
-    acc, m_i, l_i = attend_kv_range(
-        acc, m_i, l_i, q, k_base, v_base, bt_row, full_end, hi, q_pos, window, qk_scale,
-        stride_blk, stride_slot, offs_d, d_ok,
-        BLOCK_N, BLOCK_SIZE, False, False, True, HEAD_DIM != HEAD_DIM_P2, PRECISION, UPCAST,
+    acc, m_i, l_i = attend_context(
+        q, k_base, v_base, bt_row, lo, full_end, hi, q_pos, window, qk_scale, stride_blk, stride_slot,
+        offs_d, d_ok, GROUP_P2, HEAD_DIM_P2, BLOCK_N, BLOCK_SIZE, False, False, HEAD_DIM != HEAD_DIM_P2,
+        PRECISION, UPCAST,
     )  # fmt: skip
 
     if (splits == 1) | DIRECT:

@@ -11,13 +11,14 @@ the grid ``num_tokens // BLOCK_Q + num_seqs`` depends on shapes only; each progr
 by binary search over ``query_start_loc`` and spare programs exit at once. Within a sequence tiles run
 last-first, so the longest (latest) query tiles start earliest.
 
-KV loop (``attend_kv_range``, shared with the decode kernel): ``BLOCK_N`` key positions at a time are
-gathered through the block table (position ``p`` lives in block ``block_tables[seq, p // block_size]``
-at offset ``p % block_size``), scores ``Q K^T`` and the online softmax (base 2, running max and sum)
-are kept in fp32, and ``P V`` is accumulated in fp32. Key tiles wholly at or before the tile's first
-query position run without causal mask or bounds checks; the remaining tiles up to the tile's last
-query position are masked. A sliding window starts the loop at the first tile any row can see and
-masks per row. Decode sequences inside a mixed batch are one-token tiles of this kernel.
+KV loop (``attend_context`` and its ``attend_kv_range``, shared with the decode kernel): ``BLOCK_N`` key
+positions at a time are gathered through the block table (position ``p`` lives in block
+``block_tables[seq, p // block_size]`` at offset ``p % block_size``), scores ``Q K^T`` and the online
+softmax (base 2, running max and sum) are kept in fp32, and ``P V`` is accumulated in fp32. Key tiles
+wholly at or before the tile's first query position run without causal mask or bounds checks; the
+remaining tiles up to the tile's last query position are masked. A sliding window starts the loop at the
+first tile any row can see and masks per row. Decode sequences inside a mixed batch are one-token tiles
+of this kernel.
 """
 
 import os
@@ -116,6 +117,50 @@ def attend_kv_range(
 
 
 @triton.jit
+def attend_context(
+    q,
+    k_ptr,
+    v_ptr,
+    bt_row_ptr,
+    lo,
+    full_end,
+    hi,
+    q_pos,
+    window,
+    qk_scale,
+    stride_blk,
+    stride_slot,
+    offs_d,
+    d_ok,
+    ROWS: tl.constexpr,
+    HEAD_DIM_P2: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    CAUSAL_TAIL: tl.constexpr,
+    SLIDING: tl.constexpr,
+    PAD_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Fresh (acc, m_i, l_i) for ``ROWS`` query rows after key positions ``[lo, hi)``: the tiles up to
+    ``full_end`` (a multiple of BLOCK_N from ``lo``) without bounds checks, the rest with them and,
+    when ``CAUSAL_TAIL``, with the causal mask."""
+    acc = tl.zeros([ROWS, HEAD_DIM_P2], dtype=tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc, m_i, l_i = attend_kv_range(
+        acc, m_i, l_i, q, k_ptr, v_ptr, bt_row_ptr, lo, full_end, q_pos, window, qk_scale,
+        stride_blk, stride_slot, offs_d, d_ok,
+        BLOCK_N, BLOCK_SIZE, False, SLIDING, False, PAD_D, PRECISION, UPCAST,
+    )  # fmt: skip
+    return attend_kv_range(
+        acc, m_i, l_i, q, k_ptr, v_ptr, bt_row_ptr, full_end, hi, q_pos, window, qk_scale,
+        stride_blk, stride_slot, offs_d, d_ok,
+        BLOCK_N, BLOCK_SIZE, CAUSAL_TAIL, SLIDING, True, PAD_D, PRECISION, UPCAST,
+    )  # fmt: skip
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr,
     k_ptr,
@@ -194,18 +239,10 @@ def _prefill_kernel(
     bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
     k_base = k_ptr + kvh * stride_kvh
     v_base = v_ptr + kvh * stride_kvh
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_P2], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i = attend_kv_range(
-        acc, m_i, l_i, q, k_base, v_base, bt_row, lo, full_end, q_pos, window, qk_scale,
-        stride_blk, stride_slot, offs_d, d_ok,
-        BLOCK_N, BLOCK_SIZE, False, SLIDING, False, HEAD_DIM != HEAD_DIM_P2, PRECISION, UPCAST,
-    )  # fmt: skip
-    acc, m_i, l_i = attend_kv_range(
-        acc, m_i, l_i, q, k_base, v_base, bt_row, full_end, hi, q_pos, window, qk_scale,
-        stride_blk, stride_slot, offs_d, d_ok,
-        BLOCK_N, BLOCK_SIZE, True, SLIDING, True, HEAD_DIM != HEAD_DIM_P2, PRECISION, UPCAST,
+    acc, m_i, l_i = attend_context(
+        q, k_base, v_base, bt_row, lo, full_end, hi, q_pos, window, qk_scale, stride_blk, stride_slot,
+        offs_d, d_ok, BLOCK_M, HEAD_DIM_P2, BLOCK_N, BLOCK_SIZE, True, SLIDING, HEAD_DIM != HEAD_DIM_P2,
+        PRECISION, UPCAST,
     )  # fmt: skip
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
