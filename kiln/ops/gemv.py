@@ -9,8 +9,8 @@ the product to the input dtype before the residual add.
 The Triton kernel gives each program ``BLOCK_N`` rows of ``weight`` and streams them once, so the
 weight is read from HBM exactly once; the row of ``x`` (a few KiB) is re-read by every program from L2,
 and each program recomputes the RMSNorm statistic itself instead of waiting on another kernel. Block
-sizes come from a fixed rule measured on the H100 (``benchmarks/gemv.py``): no tuning at start-up,
-the same kernels in every process. Torch reference elsewhere.
+sizes come from a fixed rule (``gemv_config``): no tuning at start-up, the same kernels in every
+process; ``benchmarks/gemv.py`` times them against cuBLAS. Torch reference elsewhere.
 """
 
 import torch
