@@ -77,7 +77,8 @@ def bench_product(name: str, n: int, k: int, kind: str, eps: float, sweep: bool)
         t = graph_time(fn, copies, reps)
         return {"us": t * 1e6, "GBps": weight_bytes / t / 1e9}
 
-    row["kiln"] = {"config": gemv_config(n, k), **timing(lambda j: gemv(x, ws[j], g, r, eps, silu))}
+    config = gemv_config(n, k, kind in ("norm", "silu"))
+    row["kiln"] = {"config": config, **timing(lambda j: gemv(x, ws[j], g, r, eps, silu))}
     row["cublas_and_torch_ops"] = timing(lambda j: gemv_ref(x, ws[j], g, r, eps, silu))
     if not sweep:
         return row

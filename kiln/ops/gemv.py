@@ -81,12 +81,13 @@ if triton is not None:
         tl.store(out_ptr + rows, y, mask=row_mask)
 
 
-def gemv_config(n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for an ``n x k`` weight. The rule follows the configs Inductor's
-    coordinate descent chose for the largest of these products in its fastest H100 runs
-    (benchmarks/results/batch1_launch_configs_h100.json); ``benchmarks/gemv.py --sweep`` measures it."""
-    block_k = min(1024 if k <= 4096 else 2048, triton.next_power_of_2(k))
-    return (4 if n <= 16384 else 2), block_k, 16
+def gemv_config(n: int, k: int, prologue: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) for an ``n x k`` weight; ``prologue``: RMSNorm or SiLU-mul on the
+    input. From ``benchmarks/gemv.py --sweep`` on the H100 (results/gemv_sweep_llama-{1b,8b}_h100.json):
+    4 warps and 8192 weight elements per step of the K loop; (4, 2048) was best or within 2% of it for
+    every product with a prologue, (2, 1024) for the plain ones (the o projection)."""
+    block_n, block_k = (4, 2048) if prologue else (2, 1024)
+    return block_n, min(block_k, triton.next_power_of_2(k)), 4
 
 
 def activation_ref(x, norm_weight, eps: float, silu: bool):
@@ -121,7 +122,7 @@ def gemv_triton(x, weight, norm_weight=None, residual=None, eps: float = 1e-6, s
     x = x.contiguous()
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps = gemv_config(n, k)
+    block_n, block_k, warps = gemv_config(n, k, silu or norm_weight is not None)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x,
         weight,
