@@ -78,6 +78,7 @@ class LLMEngine:
             forward_fn=compile_forward(self.model, model_config, config),
             seed=config.seed,
         )
+        self.runner.one_row_logits = self._one_row_logits()
         self.graph_capture_seconds = 0.0
         self._capture_graphs()
         self.requests: dict[str, Request] = {}
@@ -88,6 +89,13 @@ class LLMEngine:
         self._next_seq_id = 0
         self.detokenizers: dict[Sequence, IncrementalDetokenizer] = {}
         self._token_texts: dict[int, str] = {}
+
+    def _one_row_logits(self) -> bool:
+        """With ``fuse_gemv`` on CUDA the batch-1 logits come from kiln::gemv too (compiled modes)."""
+        cfg = self.config
+        if cfg.device.type != "cuda" or cfg.enforce_eager:
+            return False
+        return CompilationConfig.parse(cfg.compilation_config).pass_config.fuse_gemv
 
     def _graph_plan(self) -> tuple[list[int], list[int]]:
         """(full-graph decode batch sizes, piecewise token buckets); both empty on CPU, with

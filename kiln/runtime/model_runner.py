@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+import kiln.ops.gemv  # noqa: F401  (registers kiln::gemv)
 from kiln.ops.forward_context import forward_context
 from kiln.ops.metadata import AttentionMetadata
 from kiln.runtime.sampler import sample, top_logprobs
@@ -69,6 +70,12 @@ class ModelRunner:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.decode_graphs = None  # kiln.compiler.cudagraph.DecodeGraphs, set by the engine on CUDA
         self.piecewise_graphs = None  # kiln.compiler.cudagraph.PiecewiseGraphs, likewise
+        self.one_row_logits = False  # set by the engine with fuse_gemv on CUDA: kiln::gemv for one row
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.one_row_logits and hidden.shape[0] == 1:
+            return torch.ops.kiln.gemv(hidden, self.model.logits_weight(), None, None, 0.0, False)
+        return self.model.compute_logits(hidden)
 
     def prepare(self, batch: ScheduledBatch, previous: StepOutput | None = None):
         """Device inputs of the step, sent as two pinned host buffers (int64 and int32) so the copies
@@ -129,7 +136,7 @@ class ModelRunner:
 
         out = StepOutput(sample_seqs, None, [], {}, {s: len(s.output_token_ids) for s in sample_seqs})
         if sample_seqs:
-            logits = self.model.compute_logits(hidden if rows is None else hidden[rows])
+            logits = self.logits(hidden if rows is None else hidden[rows])
             result = sample(logits, sample_seqs, self.generator)
             out.tokens, out.logprobs = result.tokens, result.logprobs
             out.copy_out()
