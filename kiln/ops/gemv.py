@@ -85,7 +85,7 @@ def gemv_config(n: int, k: int, prologue: bool) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) for an ``n x k`` weight; ``prologue``: RMSNorm or SiLU-mul on the
     input. From ``benchmarks/gemv.py --sweep`` on the H100 (results/gemv_sweep_llama-{1b,8b}_h100.json):
     4 warps and 8192 weight elements per step of the K loop; (4, 2048) was best or within 2% of it for
-    every product with a prologue, (2, 1024) for the plain ones (the o projection)."""
+    every product with a prologue, (2, 1024) likewise for the plain one (the o projection)."""
     block_n, block_k = (4, 2048) if prologue else (2, 1024)
     return block_n, min(block_k, triton.next_power_of_2(k)), 4
 
