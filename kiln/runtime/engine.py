@@ -77,8 +77,8 @@ class LLMEngine:
             config.attention_backend,
             forward_fn=compile_forward(self.model, model_config, config),
             seed=config.seed,
+            one_row_logits=self._one_row_logits(),
         )
-        self.runner.one_row_logits = self._one_row_logits()
         self.graph_capture_seconds = 0.0
         self._capture_graphs()
         self.requests: dict[str, Request] = {}

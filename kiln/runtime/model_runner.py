@@ -60,6 +60,7 @@ class ModelRunner:
         attention_backend: str,
         forward_fn=None,
         seed: int = 0,
+        one_row_logits: bool = False,
     ):
         self.model = model
         self.kv_caches = kv_caches
@@ -70,7 +71,7 @@ class ModelRunner:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.decode_graphs = None  # kiln.compiler.cudagraph.DecodeGraphs, set by the engine on CUDA
         self.piecewise_graphs = None  # kiln.compiler.cudagraph.PiecewiseGraphs, likewise
-        self.one_row_logits = False  # set by the engine with fuse_gemv on CUDA: kiln::gemv for one row
+        self.one_row_logits = one_row_logits  # fuse_gemv on CUDA: a one-row batch's logits by kiln::gemv
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.one_row_logits and hidden.shape[0] == 1:
