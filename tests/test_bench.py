@@ -308,6 +308,31 @@ def test_sweep_smoke(tmp_path):
     assert "failed:" in table and "TPOT ms @2" in table
     for plot in ("tpot", "throughput", "startup"):
         _nonempty_png(tmp_path / f"bench_sweep_{plot}.png")
+    assert doc["results"]["complete"] is True
+
+
+def test_sweep_keeps_finished_configs_when_cut_short(tmp_path, monkeypatch):
+    from kiln.bench import sweep
+
+    configs = tmp_path / "configs.json"
+    configs.write_text(
+        json.dumps([{"name": "a", "enforce_eager": True}, {"name": "b", "enforce_eager": True}])
+    )
+    calls = []
+
+    def fake_child(module, spec, env, timeout):
+        calls.append(spec)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the run is stopped while the second config runs
+        return {"error": "measured nothing (stand-in)"}
+
+    monkeypatch.setattr(sweep.common, "run_child", fake_child)
+    args = ["bench", "sweep", *TINY, "--configs", str(configs), "--num-prompts", "0"]
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--output-dir", str(tmp_path)])
+    doc = _load(tmp_path / "bench_sweep.json")
+    assert [r["name"] for r in doc["results"]["configs"]] == ["a"]
+    assert doc["results"]["complete"] is False
 
 
 def test_console_script_help():

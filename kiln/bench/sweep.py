@@ -136,6 +136,12 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     entries = load_configs(args.configs, args.only)
     source = common.get_source(args)
     longest = args.input_len + args.output_len
+    config = {
+        "model": source.describe(),
+        "args": common.args_dict(args),
+        "configs_file": args.configs,
+        "entries": entries,
+    }
     rows = []
     for entry in common.progress(entries, disable=args.no_progress, desc="sweep"):
         kwargs = entry_kwargs(args, source, entry, longest)
@@ -163,14 +169,10 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         rows.append({"name": entry["name"], "entry": entry, "llm_kwargs": kwargs, **result})
         status = "failed: " + result["error"] if "error" in result else "ok"
         print(f"[sweep] {entry['name']}: {status}", flush=True)
-    results = {"configs": rows}
-    config = {
-        "model": source.describe(),
-        "args": common.args_dict(args),
-        "configs_file": args.configs,
-        "entries": entries,
-    }
-    path = common.write_result(args, "sweep", config, results, argv)
+        # Rewritten after every config, so a run cut short keeps what it measured.
+        partial = {"configs": rows, "complete": len(rows) == len(entries)}
+        path = common.write_result(args, "sweep", config, partial, argv)
+    results = {"configs": rows, "complete": True}
     table = markdown_table(rows, args.batch_sizes)
     md_path = common.result_path(args, "sweep", "md")
     with open(md_path, "w") as f:
