@@ -29,10 +29,11 @@ that fit the block table. The split workspace (fp32, ``num_seqs * num_heads * nu
 import functools
 
 import torch
+import triton
 
 from kiln.ops.metadata import AttentionMetadata
 from kiln.ops.triton_decode import decode_attention
-from kiln.ops.triton_prefill import prefill_attention
+from kiln.ops.triton_prefill import prefill_attention, prefill_config
 from kiln.ops.triton_store_kv import store_kv_triton
 
 __all__ = ["choose_num_splits", "paged_attention_triton", "store_kv_triton"]
@@ -54,6 +55,44 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, device
     by_occupancy = PROGRAMS_PER_SM * _sm_count(device) // max(1, num_seqs * num_kv_heads)
     by_length = -(-max_context // MIN_SPLIT_TOKENS)
     return max(1, min(by_occupancy, by_length, MAX_SPLITS))
+
+
+def warmup_metadata(
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> list[AttentionMetadata]:
+    """Dummy steps that together launch every compiled variant of the attention kernels a run can pick:
+    one prefill per tile configuration (``BLOCK_Q`` follows the step's longest query) and a decode
+    step with and without KV splits. Run once at start-up, they keep Triton's compiles out of the
+    first requests. Nothing is stored (slots -1) and every block-table entry is block 0."""
+    group_p2 = triton.next_power_of_2(num_heads // num_kv_heads)
+    head_dim_p2 = max(16, triton.next_power_of_2(head_dim))
+    elem = torch.tensor([], dtype=dtype).element_size()
+    steps, seen = [], set()
+    for query_len in (2, 4, 8, 16, 32, 64, 128, 256):
+        cfg = tuple(sorted(prefill_config(head_dim_p2, group_p2, elem, query_len).items()))
+        if cfg not in seen:
+            seen.add(cfg)
+            steps.append(AttentionMetadata.single_sequence(query_len, block_size, device, store=False))
+    # decode without splits (more sequences than one wave of programs) and with them (one long sequence)
+    crowd = PROGRAMS_PER_SM * _sm_count(device) // num_kv_heads + 1
+    for num_seqs, context in ((crowd, 1), (1, 2 * MIN_SPLIT_TOKENS)):
+        ints = dict(dtype=torch.int32, device=device)
+        steps.append(
+            AttentionMetadata(
+                slot_mapping=torch.full((num_seqs,), -1, device=device),
+                query_start_loc=torch.arange(num_seqs + 1, **ints),
+                seq_lens=torch.full((num_seqs,), context, **ints),
+                block_tables=torch.zeros(num_seqs, -(-context // block_size), **ints),
+                max_query_len=1,
+                max_seq_len=context,
+            )
+        )
+    return steps
 
 
 def paged_attention_triton(

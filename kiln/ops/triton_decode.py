@@ -24,7 +24,7 @@ from kiln.ops.metadata import AttentionMetadata
 from kiln.ops.triton_prefill import INTERPRET, attend_context, dot_precision
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "num_splits"])  # batch-dependent: one compile, not one per value
 def _decode_split_kernel(
     q_ptr,
     k_ptr,

@@ -160,7 +160,7 @@ def attend_context(
     )  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])  # batch-dependent: one compile, not one per value
 def _prefill_kernel(
     q_ptr,
     k_ptr,
@@ -250,7 +250,7 @@ def _prefill_kernel(
     tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=io_mask)
 
 
-def _prefill_config(head_dim_p2: int, group_p2: int, elem_size: int, max_query_len: int) -> dict:
+def prefill_config(head_dim_p2: int, group_p2: int, elem_size: int, max_query_len: int) -> dict:
     """Tile sizes: about 128 query rows (tokens x group heads) per program, fewer for short chunks."""
     if elem_size == 4:  # fp32 dots run without tensor cores: smaller tiles keep them in registers
         rows, block_n, num_warps, num_stages = 64, 16, 8, 2
@@ -275,7 +275,7 @@ def prefill_attention(
     group = num_heads // num_kv_heads
     group_p2 = triton.next_power_of_2(group)
     head_dim_p2 = max(16, triton.next_power_of_2(head_dim))
-    cfg = config or _prefill_config(head_dim_p2, group_p2, kv_cache.element_size(), md.max_query_len)
+    cfg = config or prefill_config(head_dim_p2, group_p2, kv_cache.element_size(), md.max_query_len)
     grid = (num_tokens // cfg["BLOCK_Q"] + md.num_seqs, num_kv_heads)
     _prefill_kernel[grid](
         q,

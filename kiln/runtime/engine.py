@@ -79,6 +79,15 @@ class LLMEngine:
             seed=config.seed,
             one_row_logits=self._one_row_logits(),
         )
+        if config.attention_backend == "triton":
+            from kiln.ops.triton_attention import warmup_metadata
+
+            mc = model_config
+            self.runner.warm_up(
+                warmup_metadata(
+                    mc.num_heads, mc.num_kv_heads, mc.head_dim, config.block_size, config.dtype, config.device
+                )
+            )
         self.graph_capture_seconds = 0.0
         self._capture_graphs()
         self.requests: dict[str, Request] = {}

@@ -11,7 +11,7 @@ from kiln.ops.metadata import AttentionMetadata
 from kiln.runtime.sampler import sample, top_logprobs
 from kiln.runtime.scheduler import ScheduledBatch
 from kiln.runtime.sequence import Sequence
-from kiln.runtime.transfer import to_device
+from kiln.runtime.transfer import sections_to_device
 
 PLACEHOLDER = -1  # output token launched but not yet read back from the device
 
@@ -73,6 +73,15 @@ class ModelRunner:
         self.piecewise_graphs = None  # kiln.compiler.cudagraph.PiecewiseGraphs, likewise
         self.one_row_logits = one_row_logits  # fuse_gemv on CUDA: a one-row batch's logits by kiln::gemv
 
+    @torch.inference_mode()
+    def warm_up(self, steps: list[AttentionMetadata]) -> None:
+        """Run the eager model over dummy steps whose metadata stores nothing, so that the kernels
+        those steps select are compiled before the first request rather than during it."""
+        for md in steps:
+            zeros = torch.zeros(md.slot_mapping.shape[0], dtype=torch.long, device=self.device)
+            with forward_context(md, self.kv_caches, self.attention_backend):
+                self.model(zeros, zeros)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.one_row_logits and hidden.shape[0] == 1:
             return torch.ops.kiln.gemv(hidden, self.model.logits_weight(), None, None, 0.0, False)
@@ -103,23 +112,23 @@ class ModelRunner:
         width = max(len(seq.block_ids) for seq in batch.seqs)
         table = [b for seq in batch.seqs for b in seq.block_ids + [0] * (width - len(seq.block_ids))]
         num_tokens, num_seqs = len(ids), len(seq_lens)
-        longs = to_device(ids + positions + slots + sample_rows + fix_dst + fix_src, self.device, torch.long)
-        ints = to_device(starts + seq_lens + table, self.device, torch.int32)
-        t, k, f = num_tokens, len(sample_rows), len(fix_dst)
-        input_ids, positions_t, slot_mapping = longs[:t], longs[t : 2 * t], longs[2 * t : 3 * t]
-        rows = longs[3 * t : 3 * t + k]
-        if f:
-            dst, src = longs[3 * t + k : 3 * t + k + f], longs[3 * t + k + f :]
+        input_ids, positions_t, slot_mapping, rows, dst, src = sections_to_device(
+            [ids, positions, slots, sample_rows, fix_dst, fix_src], self.device, torch.long
+        )
+        query_start_loc, seq_lens_t, table_t = sections_to_device(
+            [starts, seq_lens, table], self.device, torch.int32
+        )
+        if fix_dst:
             input_ids.index_copy_(0, dst, previous.tokens.index_select(0, src))
         md = AttentionMetadata(
             slot_mapping=slot_mapping,
-            query_start_loc=ints[: num_seqs + 1],
-            seq_lens=ints[num_seqs + 1 : 2 * num_seqs + 1],
-            block_tables=ints[2 * num_seqs + 1 :].view(num_seqs, width),
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens_t,
+            block_tables=table_t.view(num_seqs, width),
             max_query_len=max(batch.num_new_tokens),
             max_seq_len=max(seq_lens),
         )
-        all_rows = k == num_tokens
+        all_rows = len(sample_rows) == num_tokens
         return input_ids, positions_t, md, starts, (None if all_rows else rows), sample_seqs
 
     @torch.inference_mode()

@@ -7,8 +7,26 @@ pinned memory with ``non_blocking=True`` queues the copy behind them instead.
 
 import torch
 
+ALIGN_BYTES = 16  # Triton specialises kernels on 16-byte pointer alignment
+
 
 def to_device(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def sections_to_device(sections: list[list], device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Several lists in one copy, each returned as a view that starts on a 16-byte boundary.
+
+    Without the padding a section's alignment would depend on the lengths before it, and every
+    kernel taking it would be compiled once per alignment seen."""
+    per = max(1, ALIGN_BYTES // torch.tensor([], dtype=dtype).element_size())
+    flat, bounds = [], []
+    for values in sections:
+        start = len(flat)
+        flat.extend(values)
+        bounds.append((start, len(flat)))
+        flat.extend([0] * (-len(flat) % per))
+    packed = to_device(flat, device, dtype)
+    return [packed[a:b] for a, b in bounds]
