@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+import kiln.ops.sample_argmax as sample_argmax
 import kiln.ops.triton_decode as triton_decode
 import kiln.ops.triton_prefill as triton_prefill
 from kiln import LLM, SamplingParams
@@ -62,7 +63,10 @@ def test_sections_start_on_16_byte_boundaries():
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_requests_launch_only_variants_compiled_at_startup(arch, tiny_checkpoint, monkeypatch):
     recorders = {}
-    for module, name in [(triton_prefill, "_prefill_kernel"), (triton_decode, "_decode_split_kernel")]:
+    kernels = [(triton_prefill, "_prefill_kernel"), (triton_decode, "_decode_split_kernel")]
+    if torch.cuda.is_available():  # the sampler's kernels run on CUDA only
+        kernels += [(sample_argmax, "_chunk_best_kernel"), (sample_argmax, "_best_chunk_kernel")]
+    for module, name in kernels:
         recorders[name] = Recorder(getattr(module, name))
         monkeypatch.setattr(module, name, recorders[name])
     with LLM(
@@ -82,7 +86,10 @@ def test_requests_launch_only_variants_compiled_at_startup(arch, tiny_checkpoint
             {"prompt_token_ids": (shared if i % 3 == 0 else []) + [rng.randrange(100, 500) for _ in range(n)]}
             for i, n in enumerate([3, 40, 9, 17, 1, 26, 5, 12, 33, 7, 2, 21])
         ]
-        params = [SamplingParams(max_tokens=rng.randrange(1, 9), ignore_eos=True) for _ in prompts]
+        params = [
+            SamplingParams(max_tokens=rng.randrange(1, 9), temperature=i % 2, ignore_eos=True)
+            for i in range(len(prompts))
+        ]
         outs = llm.generate(prompts, params, use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in outs] == [p.max_tokens for p in params]
     for name, recorder in recorders.items():

@@ -79,15 +79,7 @@ class LLMEngine:
             seed=config.seed,
             one_row_logits=self._one_row_logits(),
         )
-        if config.attention_backend == "triton":
-            from kiln.ops.triton_attention import warmup_metadata
-
-            mc = model_config
-            self.runner.warm_up(
-                warmup_metadata(
-                    mc.num_heads, mc.num_kv_heads, mc.head_dim, config.block_size, config.dtype, config.device
-                )
-            )
+        self.runner.warm_up(self._warmup_steps())
         self.graph_capture_seconds = 0.0
         self._capture_graphs()
         self.requests: dict[str, Request] = {}
@@ -98,6 +90,17 @@ class LLMEngine:
         self._next_seq_id = 0
         self.detokenizers: dict[Sequence, IncrementalDetokenizer] = {}
         self._token_texts: dict[int, str] = {}
+
+    def _warmup_steps(self) -> list:
+        """Dummy steps that launch every variant of the Triton attention kernels (none for torch's)."""
+        if self.config.attention_backend != "triton":
+            return []
+        from kiln.ops.triton_attention import warmup_metadata
+
+        mc, cfg = self.model_config, self.config
+        return warmup_metadata(
+            mc.num_heads, mc.num_kv_heads, mc.head_dim, cfg.block_size, cfg.dtype, cfg.device
+        )
 
     def _one_row_logits(self) -> bool:
         """With ``fuse_gemv`` on CUDA the batch-1 logits come from kiln::gemv too (compiled modes)."""

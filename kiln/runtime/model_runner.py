@@ -8,6 +8,7 @@ import torch
 import kiln.ops.gemv  # noqa: F401  (registers kiln::gemv)
 from kiln.ops.forward_context import forward_context
 from kiln.ops.metadata import AttentionMetadata
+from kiln.ops.sample_argmax import sample_argmax
 from kiln.runtime.sampler import sample, top_logprobs
 from kiln.runtime.scheduler import ScheduledBatch
 from kiln.runtime.sequence import Sequence
@@ -75,12 +76,20 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_up(self, steps: list[AttentionMetadata]) -> None:
-        """Run the eager model over dummy steps whose metadata stores nothing, so that the kernels
-        those steps select are compiled before the first request rather than during it."""
+        """Compile before the first request what would otherwise compile during it: run the eager
+        model over dummy steps whose metadata stores nothing, and on CUDA the one-row logits and the
+        sampler's kernels (greedy and sampled, model dtype and fp32 logits)."""
         for md in steps:
             zeros = torch.zeros(md.slot_mapping.shape[0], dtype=torch.long, device=self.device)
             with forward_context(md, self.kv_caches, self.attention_backend):
                 self.model(zeros, zeros)
+        if self.device.type != "cuda":
+            return
+        weight = self.model.logits_weight()
+        logits = self.logits(torch.zeros(1, weight.shape[1], dtype=weight.dtype, device=self.device))
+        for x in (logits, logits.float()):
+            sample_argmax(x)
+            sample_argmax(x, torch.ones(1, device=self.device), torch.ones(x.shape, device=self.device))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.one_row_logits and hidden.shape[0] == 1:
