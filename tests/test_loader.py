@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from kiln import LLM
 from kiln.models.config import ModelConfig
-from kiln.models.loader import build_model, read_config, resolve_model_path
+from kiln.models.hub import resolve_model_path
+from kiln.models.loader import build_model, read_config
 
 
 def copy_ckpt(src, tmp_path, name="ckpt"):
@@ -35,9 +36,10 @@ def test_missing_gguf_file():
         resolve_model_path("/nowhere/model.gguf")
 
 
-def test_hub_id_not_in_local_cache(monkeypatch, tmp_path):
+def test_hub_id_not_in_local_cache_offline(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(ValueError, match="local Hugging Face cache"):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE=1 forbids downloading"):
         resolve_model_path("nobody/no-such-model")
 
 

@@ -180,7 +180,8 @@ def resolve_model(spec: str, load_format: str = "auto", directory: str | None = 
     if spec in SHAPES:
         path = write_shape_dir(spec, directory)
         return ModelSource(spec, path, shape_config(spec), spec, "dummy")
-    from kiln.models.loader import read_config, resolve_model_path
+    from kiln.models.hub import resolve_model_path
+    from kiln.models.loader import read_config
 
     path = resolve_model_path(spec)
     return ModelSource(spec, path, read_config(path), None, load_format)

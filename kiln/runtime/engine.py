@@ -16,8 +16,9 @@ from kiln.ops.metadata import AttentionMetadata
 from kiln.runtime.config import CPU_DEFAULT_KV_CACHE_BYTES, EngineConfig
 from kiln.runtime.detokenizer import IncrementalDetokenizer, find_stop_string
 from kiln.runtime.kv_cache_manager import KVCacheManager
+from kiln.runtime.logprobs import LogprobsBuilder
 from kiln.runtime.model_runner import PLACEHOLDER, ModelRunner, StepOutput
-from kiln.runtime.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from kiln.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler
 from kiln.runtime.sequence import Sequence, Status
@@ -68,7 +69,13 @@ class LLMEngine:
             for _ in range(model_config.num_layers)
         ]
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.kv,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            config.scheduling_policy,
+            config.enable_chunked_prefill,
+        )
         self.runner = ModelRunner(
             self.model,
             self.kv_caches,
@@ -78,6 +85,7 @@ class LLMEngine:
             forward_fn=compile_forward(self.model, model_config, config),
             seed=config.seed,
             one_row_logits=self._one_row_logits(),
+            logprobs_mode=config.logprobs_mode,
         )
         self.runner.warm_up(self._warmup_steps())
         self.graph_capture_seconds = 0.0
@@ -89,7 +97,10 @@ class LLMEngine:
         self.eos_token_ids = {eos} if eos is not None else set(model_config.eos_token_id)
         self._next_seq_id = 0
         self.detokenizers: dict[Sequence, IncrementalDetokenizer] = {}
-        self._token_texts: dict[int, str] = {}
+        self.logprobs = LogprobsBuilder(tokenizer)
+
+    def get_tokenizer(self):
+        return self.tokenizer
 
     def _warmup_steps(self) -> list:
         """Dummy steps that launch every variant of the Triton attention kernels (none for torch's)."""
@@ -248,7 +259,13 @@ class LLMEngine:
     # ------------------------------------------------------------------ requests
 
     def add_request(
-        self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+        priority: int = 0,
     ) -> None:
         max_tokens = self.config.max_model_len - len(prompt_token_ids)
         if params.max_tokens is not None:
@@ -258,7 +275,17 @@ class LLMEngine:
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device=self.config.device).manual_seed(params.seed + i)
-            seq = Sequence(self._next_seq_id, request_id, i, list(prompt_token_ids), params, max_tokens, gen)
+            seq = Sequence(
+                self._next_seq_id,
+                request_id,
+                i,
+                list(prompt_token_ids),
+                params,
+                max_tokens,
+                gen,
+                cache_salt=cache_salt,
+                priority=priority,
+            )
             self._next_seq_id += 1
             if self.tokenizer is not None and params.detokenize:
                 self.detokenizers[seq] = IncrementalDetokenizer(
@@ -312,7 +339,11 @@ class LLMEngine:
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             for target, entry in launched.prompt_logprobs.get(seq, []):
-                seq.prompt_logprobs.append(self._logprob_dict(target, entry))
+                pos = len(seq.prompt_logprobs)  # the target's position in the prompt
+                preceding = seq.prompt_token_ids[max(0, pos - 3) : pos]
+                seq.prompt_logprobs.append(
+                    self.logprobs.make(target, entry, preceding, seq.params.detokenize)
+                )
         for seq in launched.seqs:
             seq.output_token_ids.append(PLACEHOLDER)
             if len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len:
@@ -352,29 +383,14 @@ class LLMEngine:
                 finished.append(self._make_output(self.requests.pop(seq.request_id)))
         return finished
 
-    def _decoded(self, token_id: int) -> str | None:
-        """Text of one token, memoised: logprobs=-1 asks for every vocabulary entry at every step."""
-        if self.tokenizer is None:
-            return None
-        text = self._token_texts.get(token_id)
-        if text is None:
-            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
-        return text
-
-    def _logprob_dict(self, token_id: int, entry) -> dict[int, Logprob]:
-        top_ids, top_lps, lp, rank = entry
-        result = {token_id: Logprob(lp, rank, self._decoded(token_id))}
-        for r, (t, v) in enumerate(zip(top_ids, top_lps), start=1):
-            if t not in result:
-                result[t] = Logprob(v, r, self._decoded(t))
-        return result
-
     def _accept_token(self, seq: Sequence, index: int, token: int, logprob_entry, now: float) -> None:
         """Token ``index`` of the output is now known: logprobs, stop checks, text."""
         params = seq.params
         seq.first_token_time = seq.first_token_time or now
         if logprob_entry is not None:
-            seq.logprobs.append(self._logprob_dict(token, logprob_entry))
+            pos = seq.num_prompt_tokens + index
+            preceding = seq.token_slice(max(0, pos - 3), pos)
+            seq.logprobs.append(self.logprobs.make(token, logprob_entry, preceding, params.detokenize))
             seq.cumulative_logprob += logprob_entry[2]
         num_out = index + 1
         stopped_by_token = False

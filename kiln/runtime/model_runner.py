@@ -62,6 +62,7 @@ class ModelRunner:
         forward_fn=None,
         seed: int = 0,
         one_row_logits: bool = False,
+        logprobs_mode: str = "raw_logprobs",
     ):
         self.model = model
         self.kv_caches = kv_caches
@@ -73,6 +74,7 @@ class ModelRunner:
         self.decode_graphs = None  # kiln.compiler.cudagraph.DecodeGraphs, set by the engine on CUDA
         self.piecewise_graphs = None  # kiln.compiler.cudagraph.PiecewiseGraphs, likewise
         self.one_row_logits = one_row_logits  # fuse_gemv on CUDA: a one-row batch's logits by kiln::gemv
+        self.logprobs_mode = logprobs_mode
 
     @torch.inference_mode()
     def warm_up(self, steps: list[AttentionMetadata]) -> None:
@@ -156,7 +158,7 @@ class ModelRunner:
         out = StepOutput(sample_seqs, None, [], {}, {s: len(s.output_token_ids) for s in sample_seqs})
         if sample_seqs:
             logits = self.logits(hidden if rows is None else hidden[rows])
-            result = sample(logits, sample_seqs, self.generator)
+            result = sample(logits, sample_seqs, self.generator, self.logprobs_mode)
             out.tokens, out.logprobs = result.tokens, result.logprobs
             out.copy_out()
         # prompt positions of sequences that asked for prompt logprobs

@@ -24,6 +24,8 @@ class Sequence:
     params: SamplingParams
     max_tokens: int  # max_tokens capped so that prompt + output fits max_model_len
     generator: torch.Generator | None = None
+    cache_salt: str | None = None  # enters the first block's hash: different salts share no cached blocks
+    priority: int = 0  # with scheduling_policy="priority": lower values are scheduled first
     output_token_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     num_computed_tokens: int = 0
