@@ -143,3 +143,21 @@ def test_dtype_auto_and_explicit(tiny_checkpoint):
         assert llm.llm_engine.kv_caches[0].dtype == torch.bfloat16
     with pytest.raises(ValueError, match="dtype"):
         LLM(path, enforce_eager=True, dtype="int8")
+
+
+def test_truncated_safetensors_is_named_as_damaged(tmp_path, tiny_checkpoint):
+    path = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint("llama"), path)
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=f"weights file '{weights}' is damaged or incomplete"):
+        LLM(str(path), enforce_eager=True, dtype="float32", kv_cache_memory_bytes=2**24)
+
+
+def test_truncated_gguf_is_named_as_damaged(tmp_path, smollm_gguf):
+    broken = tmp_path / "broken.gguf"
+    with open(smollm_gguf, "rb") as src:
+        broken.write_bytes(src.read(os.path.getsize(smollm_gguf) // 2))
+    with pytest.raises(ValueError, match=f"GGUF file '{broken}' is damaged or incomplete"):
+        LLM(str(broken), enforce_eager=True, kv_cache_memory_bytes=2**24)
