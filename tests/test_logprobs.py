@@ -85,6 +85,7 @@ def test_decoded_token_repairs_byte_fallback_pieces(tiny_checkpoint):
         out = llm.generate([prompt], params, use_tqdm=False)[0]
         assert out.outputs[0].token_ids == [last]
         assert out.outputs[0].logprobs[0][last].decoded_token == EMOJI  # completed from the preceding bytes
+        assert out.outputs[0].text == EMOJI  # the prompt's trailing bytes complete the output's character
         assert out.prompt_logprobs[1][first].decoded_token == ""  # cannot be completed from what precedes
         assert out.prompt_logprobs[2][second].decoded_token == ""
         plain = llm.generate("Hello", SamplingParams(max_tokens=2, logprobs=2), use_tqdm=False)[0].outputs[0]
