@@ -201,3 +201,21 @@ def test_get_metrics_needs_stats(tiny_checkpoint):
 def test_token_buckets():
     assert buckets_1_2_5(100) == [1, 2, 5, 10, 20, 50, 100]
     assert buckets_1_2_5(4) == [1, 2]
+
+
+@pytest.mark.gpu
+def test_counts_on_cuda_with_compiled_steps_and_graphs(tiny_checkpoint):
+    """The default CUDA path (compiled forward, CUDA graphs, overlapped steps) counts the same."""
+    rng = random.Random(3)
+    lengths = [3, 20, 40]
+    greedy = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)
+    with LLM(tiny_checkpoint("llama"), disable_log_stats=False, kv_cache_memory_bytes=2**26) as llm:
+        assert llm.llm_engine.async_scheduling
+        llm.generate([{"prompt_token_ids": tokens(rng, n)} for n in lengths], greedy, use_tqdm=False)
+        m = metrics(llm)
+        assert m["vllm:prompt_tokens"] == sum(lengths)
+        assert m["vllm:generation_tokens"] == 3 * 9
+        assert m[("vllm:request_success", "length")] == 3
+        assert m["vllm:time_to_first_token_seconds"].count == 3
+        assert m["vllm:inter_token_latency_seconds"].count == 3 * 8
+        assert m["vllm:kv_cache_usage_perc"] == 0.0

@@ -195,7 +195,9 @@ class LLM:
         )
         torch.manual_seed(seed)
         self.llm_engine = LLMEngine(self.config, model_config, self.tokenizer)
-        self.llm_engine.profiler = EngineProfiler(profiler_config, device)
+        self._profiler = EngineProfiler(profiler_config, device)
+        if profiler_config.profiler is not None:
+            self.llm_engine.profiler = self._profiler
         if log_stats:
             self.llm_engine.stats = MetricsCollector(model, self.config.max_model_len)
         self._request_counter = 0
@@ -254,11 +256,11 @@ class LLM:
     def start_profile(self, profile_prefix: str | None = None) -> None:
         """Profile the engine steps from now until ``stop_profile()``; the trace file names start with
         ``profile_prefix`` (see ``kiln/runtime/profiler.py``). Needs ``LLM(profiler_config=...)``."""
-        self.llm_engine.profiler.start(profile_prefix)
+        self._profiler.start(profile_prefix)
 
     def stop_profile(self) -> None:
         """Stop profiling and write the trace into ``profiler_config.torch_profiler_dir``."""
-        self.llm_engine.profiler.stop()
+        self._profiler.stop()
 
     def get_metrics(self) -> list[Metric]:
         """A snapshot of the engine's metrics (vLLM's names and ``Counter`` / ``Gauge`` / ``Histogram``
@@ -451,7 +453,7 @@ class LLM:
     def shutdown(self) -> None:
         engine = getattr(self, "llm_engine", None)
         if engine is not None:
-            engine.profiler.shutdown()
+            self._profiler.shutdown()
             engine.kv_caches.clear()
             self.llm_engine = None
             if torch.cuda.is_available():

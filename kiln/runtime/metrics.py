@@ -1,9 +1,10 @@
 """Engine statistics under vLLM's Prometheus metric names, collected when ``LLM(disable_log_stats=False)``.
 
 The engine calls ``on_token`` for every generated token it accepts, ``on_abort`` with the sequences
-it drops and ``on_step`` after every step; ``on_step`` copies the scheduler's and the KV-cache
-manager's running totals (preemptions, prefix-cache queries and hits, in tokens) and their state
-(running / waiting sequences, KV-cache usage) into the registry, then lets the stats logger log.
+it drops and ``on_step`` after every step; ``on_step`` adds the step's prompt and generation tokens to
+their counters, copies the scheduler's and the KV-cache manager's running totals (preemptions,
+prefix-cache queries and hits, in tokens) and their state (running / waiting sequences, KV-cache
+usage) into the registry, then lets the stats logger log.
 
 As in vLLM (which runs each of a request's ``n`` samples as a child request), every sequence counts
 as one request: its prompt tokens are counted once, when its first token arrives (a preempted and
@@ -100,6 +101,7 @@ class MetricsCollector:
         )
         # running totals, also read by the stats logger
         self.num_prompt_tokens = self.num_generation_tokens = 0
+        self._counted_prompt_tokens = self._counted_generation_tokens = 0  # already in the counters
         self.num_preemptions = self.num_prefix_queries = self.num_prefix_hits = 0
         self.num_running = self.num_waiting = 0
         self.kv_cache_usage = 0.0
@@ -112,11 +114,9 @@ class MetricsCollector:
         """Output token ``index`` of ``seq`` was accepted at ``now`` (its finish reason already set)."""
         if index == 0:
             self.ttft.observe(now - arrival_time)
-            self.prompt_tokens.inc(seq.num_prompt_tokens)
             self.num_prompt_tokens += seq.num_prompt_tokens
         else:
             self.itl.observe(now - self._last_token_time[seq])
-        self.generation_tokens.inc()
         self.num_generation_tokens += 1
         if seq.finish_reason is None:
             self._last_token_time[seq] = now
@@ -136,7 +136,13 @@ class MetricsCollector:
         self.on_step(scheduler, kv)
 
     def on_step(self, scheduler, kv) -> None:
-        """After a step: the scheduler's and the KV cache's totals and state."""
+        """After a step: this step's token counts, the scheduler's and the KV cache's totals and state."""
+        self.prompt_tokens.inc(self.num_prompt_tokens - self._counted_prompt_tokens)
+        self.generation_tokens.inc(self.num_generation_tokens - self._counted_generation_tokens)
+        self._counted_prompt_tokens, self._counted_generation_tokens = (
+            self.num_prompt_tokens,
+            self.num_generation_tokens,
+        )
         self.preemptions.inc(scheduler.num_preemptions - self.num_preemptions)
         self.prefix_queries.inc(kv.queries - self.num_prefix_queries)
         self.prefix_hits.inc(kv.hits - self.num_prefix_hits)
