@@ -8,8 +8,7 @@ import os
 import pytest
 import torch
 
-from kiln import LLM, SamplingParams
-from kiln.runtime.profiler import ProfilerConfig
+from kiln import LLM, ProfilerConfig, SamplingParams
 
 PARAMS = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 PROMPTS = [{"prompt_token_ids": [100 + i, 200, 300 + i]} for i in range(2)]
@@ -132,11 +131,13 @@ def test_cuda_profiler_needs_cuda(tiny_checkpoint):
         LLM(tiny_checkpoint("llama"), profiler_config={"profiler": "cuda"})
 
 
-def test_config_object_and_dir_made_absolute(tmp_path, monkeypatch):
+def test_config_object_and_dir_made_absolute(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = ProfilerConfig(profiler="torch", torch_profiler_dir="traces")
     assert config.torch_profiler_dir == str(tmp_path / "traces")
     assert ProfilerConfig.parse(config) == config and ProfilerConfig.parse(None).profiler is None
+    with LLM(tiny_checkpoint("llama"), enforce_eager=True, profiler_config=config) as llm:
+        assert llm.llm_engine.profiler.config == config
 
 
 def test_bad_prefix(tiny_checkpoint, tmp_path):
