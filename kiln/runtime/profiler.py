@@ -134,7 +134,11 @@ class EngineProfiler:
         self._steps_seen = self._steps_recorded = 0
         self.last_trace = None
         if self.config.delay_iterations == 0:
-            self._begin()
+            try:
+                self._begin()
+            except BaseException:
+                self.active = False
+                raise
 
     def stop(self) -> None:
         if not self.active:
