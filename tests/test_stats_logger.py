@@ -49,3 +49,19 @@ def test_interval_knob(monkeypatch):
         monkeypatch.setenv("KILN_LOG_STATS_INTERVAL", bad)
         with pytest.raises(ValueError, match="KILN_LOG_STATS_INTERVAL"):
             log_stats_interval()
+
+
+def test_line_is_visible_without_logging_configuration(monkeypatch):
+    from kiln.runtime import stats_logger
+
+    fresh = logging.Logger("kiln.stats")  # outside the hierarchy: no handler anywhere, no level
+    monkeypatch.setattr(stats_logger, "logger", fresh)
+    stats_logger._make_visible()
+    assert fresh.isEnabledFor(logging.INFO) and len(fresh.handlers) == 1
+    stats_logger._make_visible()  # configured once
+    assert len(fresh.handlers) == 1
+    configured = logging.Logger("kiln.stats")
+    configured.setLevel(logging.WARNING)  # the application chose a level: left alone
+    monkeypatch.setattr(stats_logger, "logger", configured)
+    stats_logger._make_visible()
+    assert not configured.handlers and not configured.isEnabledFor(logging.INFO)
