@@ -29,6 +29,7 @@ from kiln.models.config import ModelConfig
 from kiln.models.hub import resolve_model_path
 from kiln.models.loader import read_config
 from kiln.runtime.config import EngineConfig, resolve_dtype
+from kiln.runtime.profiler import ProfilerConfig
 
 LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
 SCHEDULING_POLICIES = ("fcfs", "priority")
@@ -225,6 +226,10 @@ class EngineArgs:
             raise ValueError(
                 f"override_generation_config must be a dict, got {self.override_generation_config!r}"
             )
+        if not isinstance(self.disable_log_stats, bool):
+            raise ValueError(f"disable_log_stats must be a bool, got {self.disable_log_stats!r}")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        ProfilerConfig.parse(self.profiler_config).check_device(device)  # ValueError naming the key
         self.attention_backend()  # validates attention_config
         CompilationConfig.parse(self.compilation_config)  # InvalidCompilationConfig names the key
         if self.enable_chunked_prefill is False and self.max_num_batched_tokens is not None:
@@ -352,6 +357,8 @@ HONOURED = frozenset(
         "generation_config",
         "override_generation_config",
         "async_scheduling",
+        "disable_log_stats",
+        "profiler_config",
         "tensor_parallel_size",
         "pipeline_parallel_size",
         "data_parallel_size",
@@ -361,7 +368,6 @@ HONOURED = frozenset(
 # fields accepted with any value: they change nothing on one device in one process
 HARMLESS = frozenset(
     {
-        "disable_log_stats",
         "aggregate_engine_logging",
         "use_tqdm_on_load",
         "max_parallel_loading_workers",

@@ -25,8 +25,11 @@ from kiln.runtime.input_processor import (
     check_priorities,
     check_tokenization_kwargs,
 )
+from kiln.runtime.metrics import MetricsCollector
+from kiln.runtime.metrics_reader import Metric
 from kiln.runtime.model_config_view import ModelConfigView
 from kiln.runtime.outputs import RequestOutput
+from kiln.runtime.profiler import EngineProfiler, ProfilerConfig
 from kiln.runtime.sampling_params import SamplingParams
 
 _ALWAYS_CALLABLE = frozenset({"shutdown"})  # public names that still work after shutdown()
@@ -93,6 +96,12 @@ class LLM:
         torch.manual_seed(args.seed)
         self.llm_engine = LLMEngine(self.config, self.model_config, self.tokenizer)
         self._inputs = InputProcessor(self.tokenizer, resolved.model_config.vocab_size, self.config)
+        profiler_config = ProfilerConfig.parse(args.profiler_config)
+        self._profiler = EngineProfiler(profiler_config, self.config.device)
+        if profiler_config.profiler is not None:
+            self.llm_engine.profiler = self._profiler
+        if not args.disable_log_stats:
+            self.llm_engine.stats = MetricsCollector(args.model, self.config.max_model_len)
         self._request_counter = 0
 
     def __getattribute__(self, name: str):
@@ -173,6 +182,27 @@ class LLM:
         if reset_running_requests:
             engine.scheduler.preempt_all()
         return engine.kv.reset_prefix_cache()
+
+    # ------------------------------------------------------------------ observability
+
+    def start_profile(self, profile_prefix: str | None = None) -> None:
+        """Profile the engine steps from now until ``stop_profile()``; the trace file names start with
+        ``profile_prefix`` (see ``kiln/runtime/profiler.py``). Needs ``LLM(profiler_config=...)``."""
+        self._profiler.start(profile_prefix)
+
+    def stop_profile(self) -> None:
+        """Stop profiling and write the trace into ``profiler_config.torch_profiler_dir``."""
+        self._profiler.stop()
+
+    def get_metrics(self) -> list[Metric]:
+        """A snapshot of the engine's metrics (vLLM's names and ``Counter`` / ``Gauge`` / ``Histogram``
+        objects, ``kiln/runtime/metrics_reader.py``). Needs ``LLM(disable_log_stats=False)``."""
+        stats = self.llm_engine.stats
+        if stats is None:
+            raise RuntimeError(
+                "get_metrics(): statistics are off (the default); create the LLM with disable_log_stats=False"
+            )
+        return stats.snapshot()
 
     # ------------------------------------------------------------------ generation
 
@@ -332,6 +362,7 @@ class LLM:
         """Free the engine (KV cache, model). Every other method raises RuntimeError afterwards."""
         engine = self.__dict__.get("llm_engine")
         if engine is not None:
+            self._profiler.shutdown()
             engine.abort_all()
             engine.kv_caches.clear()
             self.llm_engine = None
