@@ -125,3 +125,21 @@ def test_tokenization_kwargs_are_honoured(llm):
     with pytest.raises(ValueError, match="tokenization_kwargs: unknown key\\(s\\) \\['truncate'\\]"):
         llm.generate(text, GREEDY, use_tqdm=False, tokenization_kwargs={"truncate": True})
     assert_clean_and_usable(llm)
+
+
+@pytest.mark.gpu
+def test_out_of_vocabulary_ids_never_reach_the_device(tiny_checkpoint):
+    """On CUDA an out-of-range index would be a device-side assert that kills the process."""
+    with LLM(tiny_checkpoint("llama"), dtype="float16", kv_cache_memory_bytes=2**26, max_model_len=64) as llm:
+        vocab = llm.model_config.get_vocab_size()
+        bad = [
+            SamplingParams(logit_bias={vocab: 1.0}),
+            SamplingParams(allowed_token_ids=[vocab + 5]),
+            SamplingParams(stop_token_ids=[vocab], min_tokens=2),
+        ]
+        for params in bad:
+            with pytest.raises(ValueError, match="outside the vocabulary"):
+                llm.generate([[5, 6, 7]], params, use_tqdm=False)
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            llm.generate([[5, vocab]], GREEDY, use_tqdm=False)
+        assert_clean_and_usable(llm)

@@ -176,7 +176,8 @@ def write_shape_dir(name: str, directory: str | None = None) -> str:
 
 def resolve_model(spec: str, load_format: str = "auto", directory: str | None = None) -> ModelSource:
     """A shape name becomes a temp config-only directory loaded with dummy weights; anything else is
-    resolved like ``LLM(model=...)`` does (a local directory, a ``.gguf`` file or a cached hub id)."""
+    resolved like ``LLM(model=...)`` does (a local directory, a ``.gguf`` file or a hub id, downloaded
+    when not cached)."""
     if spec in SHAPES:
         path = write_shape_dir(spec, directory)
         return ModelSource(spec, path, shape_config(spec), spec, "dummy")

@@ -260,7 +260,7 @@ class EngineArgs:
         """Check, find the checkpoint (downloading it when needed) and build the engine config."""
         self.check()
         path = resolve_model_path(self.model, self.revision, cache_dir=self.download_dir, token=self.hf_token)
-        hf_config = apply_hf_overrides(read_config(path), self.hf_overrides, path)
+        hf_config = apply_hf_overrides(read_config(path), self.hf_overrides)
         model_config = ModelConfig.from_dict(hf_config)
         max_len = self.max_model_len
         if max_len is not None and max_len > model_config.max_position_embeddings:
@@ -308,17 +308,15 @@ class EngineArgs:
         generation_config = read_generation_config(
             path, self.generation_config, self.override_generation_config
         )
-        return ResolvedArgs(self, path, hf_config, model_config, engine_config, generation_config)
+        return ResolvedArgs(path, model_config, engine_config, generation_config)
 
 
 @dataclass(frozen=True)
 class ResolvedArgs:
     """What ``EngineArgs.resolve`` found: the checkpoint, its configs and the engine config."""
 
-    args: EngineArgs
     model_path: str
-    hf_config: dict
-    model_config: ModelConfig
+    model_config: ModelConfig  # its ``raw`` is the HF config after ``hf_overrides``
     engine_config: EngineConfig
     generation_config: dict = field(default_factory=dict)
 
@@ -458,7 +456,7 @@ def _merge(base: dict, overrides: dict) -> dict:
     return out
 
 
-def apply_hf_overrides(config: dict, overrides: dict | Callable | None, path: str) -> dict:
+def apply_hf_overrides(config: dict, overrides: dict | Callable | None) -> dict:
     """vLLM's ``hf_overrides``: a dict merged into the HF config, or a callable that edits it.
 
     The callable gets a ``transformers.PretrainedConfig`` and returns it (edited or replaced).
