@@ -6,6 +6,7 @@ plain-data ``SchedulerOutput`` and gets a ``RunnerOutput`` back; the output proc
 tokens once they are read back.
 """
 
+import contextlib
 import logging
 import threading
 from dataclasses import replace
@@ -52,6 +53,17 @@ class LLMEngine:
         self.processor = OutputProcessor(tokenizer, eos_ids, config.max_model_len)
         self.seqs: dict[int, Sequence] = {}  # unfinished sequences by id
         self._next_seq_id = 0
+        self.profiler = None  # EngineProfiler (kiln/runtime/profiler.py) when LLM(profiler_config=...)
+
+    @property
+    def stats(self):
+        """MetricsCollector (kiln/runtime/metrics.py) when LLM(disable_log_stats=False); the output
+        processor reports each accepted token to it."""
+        return self.processor.stats
+
+    @stats.setter
+    def stats(self, collector) -> None:
+        self.processor.stats = collector
 
     @staticmethod
     def _num_kv_blocks(budget: int, block_bytes: int) -> int:
@@ -123,15 +135,26 @@ class LLMEngine:
         if self.pending is not None and self.pending.ready is not None:
             self.pending.ready.synchronize()
         self.pending = None
-        self.scheduler.abort_all()
+        aborted = self.scheduler.abort_all()
         self.processor.abort_all()
         self.seqs.clear()
+        if self.stats is not None:
+            self.stats.on_abort(aborted, self.scheduler, self.kv)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; return the requests that finished in it.
+        """Run one scheduling step (profiled and counted when enabled); return the requests finished in it."""
+        self._check_awake()
+        with self.profiler.step() if self.profiler is not None else contextlib.nullcontext():
+            finished = self._step()
+        if self.stats is not None:
+            self.stats.on_step(self.scheduler, self.kv)
+        return finished
+
+    def _step(self) -> list[RequestOutput]:
+        """One scheduling step.
 
         Steps overlap: step N+1 is launched (its last input tokens taken from step N's device output)
         before step N's tokens are read back, so the host work of one step hides behind the device
@@ -139,7 +162,6 @@ class LLMEngine:
         logprobs), every step is read back before the next is scheduled. Stops are therefore seen one
         step late in overlap; the extra token is dropped.
         """
-        self._check_awake()
         self.processor.begin_step()
         finished: list[RequestOutput] = []
         sync = not self.async_scheduling or self.scheduler.num_needing_host_tokens > 0

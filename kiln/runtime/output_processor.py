@@ -67,6 +67,7 @@ class OutputProcessor:
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}  # seq id -> its detokenizer
         self._token_texts: dict[int, str] = {}
         self._touched: dict[Sequence, tuple[int, int, int]] = {}  # this step: (tokens, text, logprobs) before
+        self.stats = None  # kiln.runtime.metrics.MetricsCollector: told of every accepted token
 
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
@@ -107,6 +108,10 @@ class OutputProcessor:
                 lp = len(seq.logprobs) if seq.logprobs is not None else 0
                 self._touched[seq] = (len(seq.output_token_ids), len(seq.text), lp)
             self._accept(seq, token, entry, now)
+            if self.stats is not None:
+                self.stats.on_token(
+                    self.requests[seq.request_id].arrival_time, seq, len(seq.output_token_ids) - 1, now
+                )
             if seq.finish_reason is None:
                 continue
             self.detokenizers.pop(seq.seq_id, None)
