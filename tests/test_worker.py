@@ -110,6 +110,19 @@ def test_sleep_and_wake_up_keep_greedy_output(llm, level):
 def test_sleep_errors(llm):
     with pytest.raises(ValueError, match="level must be 1 or 2"):
         llm.sleep(level=3)
+    with pytest.raises(ValueError, match="mode must be"):
+        llm.sleep(mode="later")
+    with pytest.raises(NotImplementedError, match="keep"):
+        llm.sleep(mode="keep")
+    engine = llm.llm_engine
+    engine.add_request("pending", None, [5, 6, 7], GREEDY)
+    llm.sleep(mode="abort")  # drops the unfinished request, frees its blocks
+    assert not engine.has_unfinished_requests() and engine.kv.num_free_blocks == engine.num_blocks
+    llm.wake_up()
+    engine.add_request("pending", None, [5, 6, 7], GREEDY)
+    llm.sleep(mode="wait")  # runs it to the end first
+    assert not engine.has_unfinished_requests()
+    llm.wake_up()
     with pytest.raises(ValueError, match="tags"):
         llm.wake_up(tags=["scheduling", "weights"])
     llm.wake_up()  # awake already: nothing to do

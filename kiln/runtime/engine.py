@@ -241,9 +241,17 @@ class LLMEngine:
     def apply_model(self, func):
         return self.collective_rpc(lambda worker: func(worker.model))
 
-    def sleep(self, level: int = 1) -> None:
-        if self.scheduler.has_unfinished():
-            raise RuntimeError("sleep: requests are still running; finish or abort them first")
+    def sleep(self, level: int = 1, mode: str = "abort") -> None:
+        """``mode``: what happens to unfinished requests: ``"abort"`` drops them, ``"wait"`` runs them
+        to completion first (their outputs are discarded; offline ``generate`` never leaves any)."""
+        if mode not in ("abort", "wait", "keep"):
+            raise ValueError(f"mode must be 'abort', 'wait' or 'keep', got {mode!r}")
+        if mode == "keep":
+            raise NotImplementedError("sleep(mode='keep'): kiln aborts or finishes requests before sleeping")
+        if level not in (1, 2):
+            raise ValueError(f"level must be 1 or 2, got {level!r}")
+        while mode == "wait" and self.has_unfinished_requests():
+            self.step()
         self.abort_all()
         self.worker.sleep(level)
         self.kv.reset_prefix_cache()  # the cache's contents are gone

@@ -475,11 +475,12 @@ class LLM:
         ``include_dp``): kiln runs one."""
         return 1
 
-    def sleep(self, level: int = 1) -> None:
+    def sleep(self, level: int = 1, mode: str = "abort") -> None:
         """Release device memory between uses. Level 1: weights to pinned host memory, the KV cache
         discarded; level 2: weights discarded too (``wake_up`` reloads them from the checkpoint).
+        ``mode``: unfinished requests are aborted (``"abort"``) or finished first (``"wait"``).
         Generating raises until ``wake_up``."""
-        self.llm_engine.sleep(level)
+        self.llm_engine.sleep(level, mode)
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Restore what ``sleep`` released: ``tags`` among ``"weights"``, ``"kv_cache"`` (None: both).
