@@ -18,7 +18,7 @@ def llm(tiny_checkpoint):
 
 def assert_clean_and_usable(llm):
     engine = llm.llm_engine
-    assert not engine.has_unfinished_requests() and not engine.requests
+    assert not engine.has_unfinished_requests() and not engine.processor.requests
     assert engine.kv.num_free_blocks == engine.num_blocks
     assert len(llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 4
 
@@ -51,16 +51,23 @@ def test_truncate_prompt_tokens_above_max_model_len_is_refused(llm):
     with pytest.raises(ValueError, match="truncate_prompt_tokens=65 is greater than max_model_len \\(64\\)"):
         llm.generate([[1, 2, 3]], SamplingParams(truncate_prompt_tokens=65), use_tqdm=False)
     out = llm.generate(
-        [list(range(100, 200))], SamplingParams(max_tokens=1, truncate_prompt_tokens=64), use_tqdm=False
+        [list(range(100, 200))], SamplingParams(max_tokens=1, truncate_prompt_tokens=60), use_tqdm=False
     )
-    assert out[0].prompt_token_ids == list(range(136, 200))
+    assert out[0].prompt_token_ids == list(range(140, 200))
     assert_clean_and_usable(llm)
 
 
-def test_prompt_of_exactly_max_model_len_is_accepted(llm):
-    out = llm.generate([list(range(100, 164))], GREEDY, use_tqdm=False)[0].outputs[0]
-    assert len(out.token_ids) >= 1 and out.finish_reason == "length"
-    with pytest.raises(ValueError, match="prompt 0 has 65 tokens, but max_model_len is 64"):
+def test_prompt_length_limits(llm):
+    """vLLM: a prompt may not exceed max_model_len, and must leave room for one output token."""
+    out = llm.generate([list(range(100, 163))], GREEDY, use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 1 and out.finish_reason == "length"
+    with pytest.raises(
+        ValueError, match="decoder prompt \\(length 64\\) plus the number of requested output"
+    ):
+        llm.generate([list(range(100, 164))], GREEDY, use_tqdm=False)
+    with pytest.raises(
+        ValueError, match="decoder prompt \\(length 65\\) is longer than the maximum model length"
+    ):
         llm.generate([list(range(100, 165))], GREEDY, use_tqdm=False)
     assert_clean_and_usable(llm)
 

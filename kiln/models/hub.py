@@ -6,6 +6,8 @@ reads: safetensors weights (and their index), the config, the generation config 
 
 import os
 
+from kiln import envs
+
 ALLOW_PATTERNS = [
     "*.safetensors",
     "*.safetensors.index.json",
@@ -23,12 +25,6 @@ ALLOW_PATTERNS = [
 ]
 
 
-def hub_environment() -> tuple[bool, str | None]:
-    """``(offline, endpoint)`` from ``HF_HUB_OFFLINE`` and ``HF_ENDPOINT``, read at call time."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    return offline, os.environ.get("HF_ENDPOINT") or None
-
-
 def resolve_model_path(
     model: str, revision: str | None = None, cache_dir: str | None = None, token: bool | str | None = None
 ) -> str:
@@ -42,7 +38,7 @@ def resolve_model_path(
         raise ValueError(f"model: directory {model!r} does not exist")
     from huggingface_hub import snapshot_download
 
-    offline, endpoint = hub_environment()
+    offline, endpoint = envs.hub_offline(), envs.hub_endpoint()
     common = dict(revision=revision, cache_dir=cache_dir, allow_patterns=ALLOW_PATTERNS)
     try:
         return snapshot_download(model, local_files_only=True, **common)

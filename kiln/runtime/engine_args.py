@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from kiln import envs
 from kiln.compiler.config import CompilationConfig
 from kiln.models.config import ModelConfig
 from kiln.models.hub import resolve_model_path
@@ -248,7 +249,7 @@ class EngineArgs:
         if set(cfg) - {"backend"}:
             raise ValueError(f"attention_config: unknown keys {sorted(set(cfg) - {'backend'})}")
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        default = os.environ.get("KILN_ATTENTION_BACKEND") or ("triton" if device == "cuda" else "torch")
+        default = envs.attention_backend() or ("triton" if device == "cuda" else "torch")
         backend = cfg.get("backend") or default
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_config backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")

@@ -154,6 +154,14 @@ class InputProcessor:
         trunc = params.truncate_prompt_tokens
         if trunc is not None:
             ids = ids[-(max_len if trunc == -1 else trunc) :]
-        if len(ids) > max_len:
-            raise ValueError(f"prompt {index} has {len(ids)} tokens, but max_model_len is {max_len}")
+        if len(ids) > max_len:  # vLLM's two messages: longer than the context, or leaving no output room
+            raise ValueError(
+                f"prompt {index}: the decoder prompt (length {len(ids)}) is longer than the maximum model "
+                f"length of {max_len}"
+            )
+        if len(ids) == max_len:
+            raise ValueError(
+                f"prompt {index}: the decoder prompt (length {len(ids)}) plus the number of requested output "
+                f"tokens (at least 1) is longer than the maximum model length of {max_len}"
+            )
         return ProcessedPrompt(text, ids, salt)

@@ -87,7 +87,7 @@ class LLM:
         self.compilation_config = self.config.compilation_config
         self.model_config = ModelConfigView(
             resolved.model_config,
-            self.config,
+            lambda: self.__dict__["config"],  # the engine's final config once it exists
             args.model,
             args.tokenizer,
             served_model_name=args.served_model_name,
@@ -95,6 +95,7 @@ class LLM:
         )
         torch.manual_seed(args.seed)
         self.llm_engine = LLMEngine(self.config, self.model_config, self.tokenizer)
+        self.config = self.llm_engine.config  # final: the KV cache may have lowered max_model_len
         self._inputs = InputProcessor(self.tokenizer, resolved.model_config.vocab_size, self.config)
         profiler_config = ProfilerConfig.parse(args.profiler_config)
         self._profiler = EngineProfiler(profiler_config, self.config.device)
@@ -173,7 +174,7 @@ class LLM:
     def compile_report(self) -> CompileReport:
         """What start-up compilation did: graphs, pieces, unique compiles, fusion matches, time per
         stage, cache hits and recompilations (mode "none" when the forward runs eagerly)."""
-        return getattr(self.llm_engine.runner.forward_fn, "report", None) or CompileReport()
+        return self.llm_engine.worker.compile_report()
 
     def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
         """Forget every cached prefix block; True on success. With ``reset_running_requests`` running
@@ -356,6 +357,40 @@ class LLM:
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self._run(prompts, sampling_params, use_tqdm, {})
 
+    # ------------------------------------------------------------------ the worker
+
+    def collective_rpc(
+        self,
+        method: str | Callable[..., Any],
+        timeout: float | None = None,
+        args: tuple = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> list[Any]:
+        """Run a worker method (by name) or ``method(worker, *args, **kwargs)`` on every worker; the
+        list of their results. ``timeout``: seconds to wait before ``TimeoutError`` (None: no limit)."""
+        return self.llm_engine.collective_rpc(method, timeout, args, kwargs)
+
+    def apply_model(self, func: Callable[[torch.nn.Module], Any]) -> list[Any]:
+        """``func(model)`` on every worker's model; the list of results."""
+        return self.llm_engine.apply_model(func)
+
+    def get_world_size(self, include_dp: bool = True) -> int:
+        """Workers serving this LLM (tensor x pipeline parallel, times data parallel with
+        ``include_dp``): kiln runs one."""
+        return 1
+
+    def sleep(self, level: int = 1, mode: str = "abort") -> None:
+        """Release device memory between uses. Level 1: weights to pinned host memory, the KV cache
+        discarded; level 2: weights discarded too (``wake_up`` reloads them from the checkpoint).
+        ``mode``: unfinished requests are aborted (``"abort"``) or finished first (``"wait"``).
+        Generating raises until ``wake_up``."""
+        self.llm_engine.sleep(level, mode)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Restore what ``sleep`` released: ``tags`` among ``"weights"``, ``"kv_cache"`` (None: both).
+        Once both are back the CUDA graphs are captured again."""
+        self.llm_engine.wake_up(tags)
+
     # ------------------------------------------------------------------ lifecycle
 
     def shutdown(self) -> None:
@@ -364,7 +399,7 @@ class LLM:
         if engine is not None:
             self._profiler.shutdown()
             engine.abort_all()
-            engine.kv_caches.clear()
+            engine.worker.shutdown()
             self.llm_engine = None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

@@ -5,6 +5,7 @@ It answers ``model``, ``served_model_name``, ``tokenizer``, ``max_model_len``, `
 other attribute comes from kiln's architecture config (``kiln.models.config.ModelConfig``).
 """
 
+from collections.abc import Callable
 from types import MappingProxyType, SimpleNamespace
 
 from kiln.models.config import ModelConfig
@@ -14,7 +15,14 @@ from kiln.runtime.config import EngineConfig
 class ModelConfigView:
     __slots__ = ("_arch", "_engine", "_names")
 
-    def __init__(self, arch: ModelConfig, engine: EngineConfig, model: str, tokenizer: str | None, **names):
+    def __init__(
+        self,
+        arch: ModelConfig,
+        engine: Callable[[], EngineConfig],
+        model: str,
+        tokenizer: str | None,
+        **names,
+    ):
         object.__setattr__(self, "_arch", arch)
         object.__setattr__(self, "_engine", engine)
         object.__setattr__(
@@ -44,23 +52,23 @@ class ModelConfigView:
 
     @property
     def max_model_len(self) -> int:
-        return self._engine.max_model_len
+        return self._engine().max_model_len
 
     @property
     def dtype(self):
-        return self._engine.dtype
+        return self._engine().dtype
 
     @property
     def seed(self) -> int:
-        return self._engine.seed
+        return self._engine().seed
 
     @property
     def max_logprobs(self) -> int:
-        return self._engine.max_logprobs
+        return self._engine().max_logprobs
 
     @property
     def logprobs_mode(self) -> str:
-        return self._engine.logprobs_mode
+        return self._engine().logprobs_mode
 
     @property
     def runner_type(self) -> str:
