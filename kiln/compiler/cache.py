@@ -17,7 +17,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 MANIFEST = "manifest.json"
-_SOURCE_DIRS = ("models", "ops", "compiler")
+_SOURCE_DIRS = ("models", "ops", "compiler", "lora")
 
 
 def source_hash() -> str:
@@ -43,7 +43,9 @@ def _device_fingerprint(device: torch.device) -> str:
     return device.type
 
 
-def cache_key_details(model_config, dtype: torch.dtype, device: torch.device, compilation_config) -> dict:
+def cache_key_details(
+    model_config, dtype: torch.dtype, device: torch.device, compilation_config, lora=None
+) -> dict:
     from kiln import __version__
 
     model = {k: v for k, v in dataclasses.asdict(model_config).items() if k != "raw"}
@@ -63,6 +65,7 @@ def cache_key_details(model_config, dtype: torch.dtype, device: torch.device, co
         "triton_version": triton_version,
         "python": f"{sys.version_info.major}.{sys.version_info.minor}",
         "compilation_config": compilation_config.cache_fields(),
+        "lora": None if lora is None else dataclasses.asdict(lora),  # the LoRA wrappers change the graph
     }
 
 

@@ -62,12 +62,13 @@ class CompiledForward:
         dtype: torch.dtype,
         device: torch.device,
         attention_backend: str = "torch",
+        lora=None,
     ):
         self.model, self.model_config, self.config, self.mode = model, model_config, config, mode
         self.device, self.attention_backend = device, attention_backend
         self.cache = CompileCache(
             config.resolved_cache_dir(),
-            cache_key_details(model_config, dtype, device, config),
+            cache_key_details(model_config, dtype, device, config, lora),
             config.use_cache,
         )
         self.report = CompileReport(
@@ -168,6 +169,7 @@ def compile_forward(model, model_config, engine_config) -> CompiledForward | Non
         engine_config.dtype,
         engine_config.device,
         engine_config.attention_backend,
+        engine_config.lora,
     )
     forward.warmup(min(CAPTURE_TOKENS, engine_config.max_num_batched_tokens))
     return forward

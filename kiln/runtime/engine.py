@@ -9,6 +9,8 @@ from tqdm.auto import tqdm
 from kiln.compiler.compiled_forward import compile_forward
 from kiln.compiler.config import CompilationConfig, CompilationMode
 from kiln.compiler.cudagraph import DecodeGraphs, PiecewiseGraphs, default_capture_sizes
+from kiln.lora.manager import lora_manager_for
+from kiln.lora.request import LoRARequest
 from kiln.models.config import ModelConfig
 from kiln.models.loader import build_model
 from kiln.ops.forward_context import forward_context
@@ -27,7 +29,12 @@ logger = logging.getLogger("kiln")
 
 class Request:
     def __init__(
-        self, request_id: str, prompt: str | None, prompt_token_ids: list[int], seqs: list[Sequence]
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        seqs: list[Sequence],
+        lora_request: LoRARequest | None = None,
     ):
         self.request_id, self.prompt, self.prompt_token_ids, self.seqs = (
             request_id,
@@ -35,6 +42,7 @@ class Request:
             prompt_token_ids,
             seqs,
         )
+        self.lora_request = lora_request
         self.arrival_time = time.time()
         self.finished_time: float | None = None
 
@@ -49,6 +57,7 @@ class LLMEngine:
         self.model = build_model(
             config.model_path, model_config, config.dtype, config.device, config.load_format
         )
+        self.lora = lora_manager_for(config, model_config, self.model)  # wraps the projections
         num_blocks = self._num_kv_blocks()
         if config.max_model_len > num_blocks * config.block_size:
             fits = num_blocks * config.block_size
@@ -68,7 +77,7 @@ class LLMEngine:
             for _ in range(model_config.num_layers)
         ]
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.lora)
         self.runner = ModelRunner(
             self.model,
             self.kv_caches,
@@ -78,6 +87,7 @@ class LLMEngine:
             forward_fn=compile_forward(self.model, model_config, config),
             seed=config.seed,
             one_row_logits=self._one_row_logits(),
+            lora=self.lora,
         )
         self.runner.warm_up(self._warmup_steps())
         self.graph_capture_seconds = 0.0
@@ -247,9 +257,23 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
 
+    def load_lora(self, lora_request: LoRARequest):
+        """Read and check an adapter (cached after the first time); ValueError naming it otherwise."""
+        if self.lora is None:
+            raise ValueError(
+                f"lora_request {lora_request.lora_name!r}: LoRA is off; build the LLM with enable_lora=True"
+            )
+        return self.lora.load(lora_request)
+
     def add_request(
-        self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        lora_request: LoRARequest | None = None,
     ) -> None:
+        adapter = None if lora_request is None else self.load_lora(lora_request)
         max_tokens = self.config.max_model_len - len(prompt_token_ids)
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
@@ -259,6 +283,7 @@ class LLMEngine:
             if params.seed is not None:
                 gen = torch.Generator(device=self.config.device).manual_seed(params.seed + i)
             seq = Sequence(self._next_seq_id, request_id, i, list(prompt_token_ids), params, max_tokens, gen)
+            seq.lora = adapter
             self._next_seq_id += 1
             if self.tokenizer is not None and params.detokenize:
                 self.detokenizers[seq] = IncrementalDetokenizer(
@@ -266,7 +291,7 @@ class LLMEngine:
                 )
             seqs.append(seq)
             self.scheduler.add(seq)
-        self.requests[request_id] = Request(request_id, prompt, list(prompt_token_ids), seqs)
+        self.requests[request_id] = Request(request_id, prompt, list(prompt_token_ids), seqs, lora_request)
 
     def abort_all(self) -> None:
         """Drop every request and free its KV blocks (the launched step, if any, is discarded)."""
@@ -405,6 +430,7 @@ class LLMEngine:
                 logprobs=s.logprobs,
                 finish_reason=s.finish_reason,
                 stop_reason=s.stop_reason,
+                lora_request=request.lora_request,
             )
             for s in request.seqs
         ]
@@ -426,6 +452,7 @@ class LLMEngine:
             finished=True,
             metrics=metrics,
             num_cached_tokens=first.num_cached_tokens or 0,
+            lora_request=request.lora_request,
         )
 
 

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from kiln.runtime.sequence import Sequence
 
 
-def block_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
+def block_hash(parent: int | tuple | None, tokens: tuple[int, ...]) -> int:
     return hash((parent, tokens))
 
 
@@ -79,12 +79,14 @@ class KVCacheManager:
     def _full_block_hashes(self, seq: Sequence, num_tokens: int) -> list[int]:
         """Chained hashes of the full blocks among the first ``num_tokens`` tokens.
 
-        Extends ``seq.block_hashes`` as the sequence grows; tokens never change once there.
+        Extends ``seq.block_hashes`` as the sequence grows; tokens never change once there. The chain
+        starts from the sequence's LoRA adapter id, so blocks are never shared across adapters.
         """
         bs, hashes = self.block_size, seq.block_hashes
+        root = ("lora", seq.lora_id) if seq.lora_id else None
         for i in range(len(hashes), num_tokens // bs):
             tokens = tuple(seq.token_slice(i * bs, (i + 1) * bs))
-            hashes.append(block_hash(hashes[-1] if hashes else None, tokens))
+            hashes.append(block_hash(hashes[-1] if hashes else root, tokens))
         return hashes if len(hashes) == num_tokens // bs else hashes[: num_tokens // bs]
 
     def lookup_prefix(self, seq: Sequence) -> list[int]:

@@ -12,6 +12,8 @@ from tqdm.auto import tqdm
 
 from kiln.compiler.config import CompilationConfig
 from kiln.compiler.report import CompileReport
+from kiln.lora.config import LoRAConfig
+from kiln.lora.request import per_prompt
 from kiln.models.config import ModelConfig
 from kiln.models.loader import read_config, resolve_model_path
 from kiln.runtime.config import EngineConfig, resolve_dtype
@@ -112,6 +114,7 @@ class LLM:
             warnings.warn(
                 "The 'swap_space' parameter is deprecated and ignored.", DeprecationWarning, stacklevel=2
             )
+        lora_config = LoRAConfig.pop_from(kwargs)  # None unless enable_lora=True
         for name, default in _UNSUPPORTED.items():
             if kwargs.get(name, default) != default:
                 raise NotImplementedError(
@@ -184,6 +187,7 @@ class LLM:
             attention_backend=backend,
             load_format="dummy" if kwargs.get("load_format") == "dummy" else "auto",
             compilation_config=compilation_config,
+            lora=lora_config,
         )
         torch.manual_seed(seed)
         self.llm_engine = LLMEngine(self.config, model_config, self.tokenizer)
@@ -280,14 +284,13 @@ class LLM:
         tokenization_kwargs: dict[str, Any] | None = None,
         mm_processor_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        for name, value in (("lora_request", lora_request), ("mm_processor_kwargs", mm_processor_kwargs)):
-            if value is not None:
-                raise NotImplementedError(f"kiln does not implement generate parameter {name!r}")
+        if mm_processor_kwargs is not None:
+            raise NotImplementedError("kiln does not implement generate parameter 'mm_processor_kwargs'")
         add_special_tokens = (tokenization_kwargs or {}).get("add_special_tokens", True)
-        return self._run(prompts, sampling_params, use_tqdm, add_special_tokens, priority)
+        return self._run(prompts, sampling_params, use_tqdm, add_special_tokens, priority, lora_request)
 
     def _run(
-        self, prompts, sampling_params, use_tqdm, add_special_tokens, priority=None
+        self, prompts, sampling_params, use_tqdm, add_special_tokens, priority=None, lora_request=None
     ) -> list[RequestOutput]:
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
@@ -329,11 +332,15 @@ class LLM:
             )
             prepared.append((*self._to_token_ids(prompt, i, params, add_special_tokens), params))
         engine = self.llm_engine
+        loras = per_prompt(lora_request, len(prompts))
+        for lora in loras:  # every adapter read and checked before any request is added
+            if lora is not None:
+                engine.load_lora(lora)
         ids = []
-        for text, token_ids, params in prepared:
+        for (text, token_ids, params), lora in zip(prepared, loras):
             request_id = str(self._request_counter)
             self._request_counter += 1
-            engine.add_request(request_id, text, token_ids, params)
+            engine.add_request(request_id, text, token_ids, params, lora)
             ids.append(request_id)
         results: dict[str, RequestOutput] = {}
         bar = None
@@ -394,8 +401,8 @@ class LLM:
                 "continue_final_message and add_generation_prompt cannot both be True: "
                 "set add_generation_prompt=False to continue the final message"
             )
-        if lora_request is not None or mm_processor_kwargs is not None:
-            raise NotImplementedError("kiln does not implement lora_request or mm_processor_kwargs")
+        if mm_processor_kwargs is not None:
+            raise NotImplementedError("kiln does not implement mm_processor_kwargs")
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer (skip_tokenizer_init=True)")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
@@ -412,7 +419,7 @@ class LLM:
             )
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             prompts.append({"prompt": text, "prompt_token_ids": ids})
-        return self._run(prompts, sampling_params, use_tqdm, add_special_tokens=False)
+        return self._run(prompts, sampling_params, use_tqdm, False, lora_request=lora_request)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -62,6 +62,7 @@ class ModelRunner:
         forward_fn=None,
         seed: int = 0,
         one_row_logits: bool = False,
+        lora=None,
     ):
         self.model = model
         self.kv_caches = kv_caches
@@ -73,6 +74,7 @@ class ModelRunner:
         self.decode_graphs = None  # kiln.compiler.cudagraph.DecodeGraphs, set by the engine on CUDA
         self.piecewise_graphs = None  # kiln.compiler.cudagraph.PiecewiseGraphs, likewise
         self.one_row_logits = one_row_logits  # fuse_gemv on CUDA: a one-row batch's logits by kiln::gemv
+        self.lora = lora  # kiln.lora.manager.LoRAManager: fills the per-token adapter slots of each step
 
     @torch.inference_mode()
     def warm_up(self, steps: list[AttentionMetadata]) -> None:
@@ -129,6 +131,8 @@ class ModelRunner:
         )
         if fix_dst:
             input_ids.index_copy_(0, dst, previous.tokens.index_select(0, src))
+        if self.lora is not None:
+            self.lora.set_batch([seq.lora for seq in batch.seqs], batch.num_new_tokens)
         md = AttentionMetadata(
             slot_mapping=slot_mapping,
             query_start_loc=query_start_loc,

@@ -29,8 +29,9 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, lora=None):
         self.kv = kv
+        self.lora = lora  # kiln.lora.manager.LoRAManager, or None without enable_lora
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -74,6 +75,8 @@ class Scheduler:
                 i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
+            if not self._lora_admits(seq):
+                break
             cached = self.kv.lookup_prefix(seq)
             n = min(seq.num_tokens - len(cached) * self.kv.block_size, budget)
             if not self.kv.allocate(seq, n, cached):
@@ -89,6 +92,13 @@ class Scheduler:
             batch.num_new_tokens.append(n)
             budget -= n
         return batch
+
+    def _lora_admits(self, seq: Sequence) -> bool:
+        """A sequence's adapter must hold a device slot while it runs; with every slot used by running
+        sequences, it waits."""
+        if self.lora is None or seq.lora is None:
+            return True
+        return self.lora.admit(seq.lora, {s.lora_id for s in self.running if s.lora is not None})
 
     def finish(self, seq: Sequence) -> None:
         if seq.status is Status.RUNNING:

@@ -2,6 +2,7 @@
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -41,6 +42,7 @@ class Sequence:
     text: str = ""
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    lora: Any = None  # kiln.lora.adapter.LoRAAdapter this sequence runs with (None: the base model)
 
     def __post_init__(self):
         if self.params.logprobs is not None:
@@ -68,6 +70,11 @@ class Sequence:
         if lo >= n:
             return self.output_token_ids[lo - n : hi - n]
         return self.prompt_token_ids[lo:] + self.output_token_ids[: hi - n]
+
+    @property
+    def lora_id(self) -> int:
+        """The adapter's ``lora_int_id``; 0 for the base model."""
+        return self.lora.id if self.lora is not None else 0
 
     @property
     def is_finished(self) -> bool:

@@ -1,0 +1,168 @@
+"""Triton kernels of the batched LoRA products (layouts in ``kiln/ops/lora_ref.py``).
+
+Two families, same results:
+
+* gathered per row (decode-sized batches): one program per (token, shard) for the shrink and per
+  (token, column block) for the expand; each program reads its token's slot and that slot's weights.
+  Many small programs keep the GPU busy when there are few tokens.
+* segment-grouped (prefill-sized batches): tokens sorted by slot (``sorted_tokens``, slot ``i`` owning
+  ``sorted_tokens[slot_starts[i]:slot_starts[i + 1]]``); one program per (block of a slot's tokens,
+  shard or column block, slot) multiplies a tile of tokens by the slot's weights with ``tl.dot``, so
+  each weight tile is read once per token block instead of once per token.
+
+The grids depend only on the token count and table sizes, never on the slots' contents: programs of
+empty slots exit at once, so a CUDA graph captured once serves every adapter mix.
+"""
+
+import triton
+import triton.language as tl
+
+ROWS_MAX_TOKENS = 128  # batches up to this many tokens take the gathered kernels
+_BLOCK_K = 128
+_BLOCK_N = 128
+_BLOCK_M = 16
+
+
+@triton.jit
+def _shrink_rows_kernel(
+    x_ptr, a_ptr, h_ptr, slots_ptr, K,
+    stride_xt, stride_al, stride_as, stride_ar, stride_ht, stride_hs,
+    R: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    s = tl.program_id(1)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    r = tl.arange(0, R)
+    acc = tl.zeros([R], dtype=tl.float32)
+    a_base = a_ptr + slot * stride_al + s * stride_as
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        km = k < K
+        xv = tl.load(x_ptr + t * stride_xt + k, mask=km, other=0.0).to(tl.float32)
+        av = tl.load(a_base + r[:, None] * stride_ar + k[None, :], mask=km[None, :], other=0.0)
+        acc += tl.sum(av.to(tl.float32) * xv[None, :], axis=1)
+    tl.store(h_ptr + t * stride_ht + s * stride_hs + r, acc)
+
+
+@triton.jit
+def _expand_rows_kernel(
+    y_ptr, h_ptr, b_ptr, slots_ptr, N, end0, end1,
+    stride_yt, stride_ht, stride_hs, stride_bl, stride_bn,
+    R: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nm = n < N
+    shard = (n >= end0).to(tl.int32) + (n >= end1).to(tl.int32)  # shard owning each column
+    r = tl.arange(0, R)
+    hv = tl.load(h_ptr + t * stride_ht + shard[:, None] * stride_hs + r[None, :], mask=nm[:, None], other=0.0)
+    bv = tl.load(b_ptr + slot * stride_bl + n[:, None] * stride_bn + r[None, :], mask=nm[:, None], other=0.0)
+    delta = tl.sum(hv * bv.to(tl.float32), axis=1)
+    y = tl.load(y_ptr + t * stride_yt + n, mask=nm, other=0.0)
+    tl.store(y_ptr + t * stride_yt + n, (y.to(tl.float32) + delta).to(y.dtype), mask=nm)
+
+
+@triton.jit
+def _segment_rows(sorted_ptr, starts_ptr, slot, BLOCK_M: tl.constexpr):
+    start = tl.load(starts_ptr + slot)
+    count = tl.load(starts_ptr + slot + 1) - start
+    i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    im = i < count
+    rows = tl.load(sorted_ptr + start + i, mask=im, other=0).to(tl.int64)
+    return rows, im, tl.program_id(0) * BLOCK_M < count
+
+
+@triton.jit
+def _shrink_grouped_kernel(
+    x_ptr, a_ptr, h_ptr, sorted_ptr, starts_ptr, K,
+    stride_xt, stride_al, stride_as, stride_ar, stride_ht, stride_hs,
+    R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    s = tl.program_id(1)
+    slot = tl.program_id(2)
+    rows, im, active = _segment_rows(sorted_ptr, starts_ptr, slot, BLOCK_M)
+    if not active:
+        return
+    r = tl.arange(0, R)
+    a_base = a_ptr + slot.to(tl.int64) * stride_al + s * stride_as
+    acc = tl.zeros([BLOCK_M, R], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        km = k < K
+        xv = tl.load(
+            x_ptr + rows[:, None] * stride_xt + k[None, :], mask=im[:, None] & km[None, :], other=0.0
+        )
+        av = tl.load(a_base + k[:, None] + r[None, :] * stride_ar, mask=km[:, None], other=0.0)
+        acc += tl.dot(xv, av, input_precision="ieee")
+    tl.store(h_ptr + rows[:, None] * stride_ht + s * stride_hs + r[None, :], acc, mask=im[:, None])
+
+
+@triton.jit
+def _expand_grouped_kernel(
+    y_ptr, h_ptr, b_ptr, sorted_ptr, starts_ptr, N, end0, end1,
+    stride_yt, stride_ht, stride_hs, stride_bl, stride_bn,
+    R: tl.constexpr, SHARDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    slot = tl.program_id(2)
+    rows, im, active = _segment_rows(sorted_ptr, starts_ptr, slot, BLOCK_M)
+    if not active:
+        return
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nm = n < N
+    shard = (n >= end0).to(tl.int32) + (n >= end1).to(tl.int32)
+    r = tl.arange(0, R)
+    b_base = b_ptr + slot.to(tl.int64) * stride_bl
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for s in tl.static_range(SHARDS):
+        hv = tl.load(
+            h_ptr + rows[:, None] * stride_ht + s * stride_hs + r[None, :], mask=im[:, None], other=0.0
+        )
+        bm = nm & (shard == s)
+        bv = tl.load(b_base + n[None, :] * stride_bn + r[:, None], mask=bm[None, :], other=0.0)
+        acc += tl.dot(hv, bv.to(tl.float32), input_precision="ieee")
+    ptrs = y_ptr + rows[:, None] * stride_yt + n[None, :]
+    mask = im[:, None] & nm[None, :]
+    y = tl.load(ptrs, mask=mask, other=0.0)
+    tl.store(ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=mask)
+
+
+def _shard_ends(slice_sizes, n):
+    ends = [sum(slice_sizes[: i + 1]) for i in range(len(slice_sizes) - 1)]
+    ends += [n] * (2 - len(ends))
+    return ends
+
+
+def lora_shrink_triton(x, a, h, token_slots, sorted_tokens, slot_starts, grouped: bool) -> None:
+    """Fill ``h`` (``[T, shards, R]`` float32) for the tokens that have an adapter."""
+    num_tokens, k = x.shape
+    slots, shards, rank, _ = a.shape
+    strides = (x.stride(0), a.stride(0), a.stride(1), a.stride(2), h.stride(0), h.stride(1))
+    if grouped:
+        grid = (triton.cdiv(num_tokens, _BLOCK_M), shards, slots)
+        _shrink_grouped_kernel[grid](
+            x, a, h, sorted_tokens, slot_starts, k, *strides, R=rank, BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K
+        )
+    else:
+        _shrink_rows_kernel[(num_tokens, shards)](x, a, h, token_slots, k, *strides, R=rank, BLOCK_K=_BLOCK_K)
+
+
+def lora_expand_triton(y, h, b, token_slots, sorted_tokens, slot_starts, slice_sizes, grouped: bool) -> None:
+    """``y += delta`` in place for the tokens that have an adapter."""
+    num_tokens, n = y.shape
+    slots, _, rank = b.shape
+    end0, end1 = _shard_ends(slice_sizes, n)
+    strides = (y.stride(0), h.stride(0), h.stride(1), b.stride(0), b.stride(1))
+    if grouped:
+        grid = (triton.cdiv(num_tokens, _BLOCK_M), triton.cdiv(n, _BLOCK_N), slots)
+        _expand_grouped_kernel[grid](
+            y, h, b, sorted_tokens, slot_starts, n, end0, end1, *strides,
+            R=rank, SHARDS=len(slice_sizes), BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
+        )  # fmt: skip
+    else:
+        grid = (num_tokens, triton.cdiv(n, _BLOCK_N))
+        _expand_rows_kernel[grid](y, h, b, token_slots, n, end0, end1, *strides, R=rank, BLOCK_N=_BLOCK_N)
