@@ -3,7 +3,8 @@
 Layouts: ``a`` ``[slots, shards, R, K]``, ``b`` ``[slots, N, R]`` (scale folded in, shard ``s`` owning
 output columns ``slice_sizes[:s].sum() ...``), ``h`` ``[T, shards, R]`` in float32. ``token_slots[t]``
 is token ``t``'s adapter slot, -1 for the base model (such rows get no delta and their ``h`` is
-unspecified).
+unspecified). ``h`` is rounded to the weights' dtype before the expand, as peft rounds ``lora_A``'s
+output to the model dtype.
 """
 
 import torch
@@ -32,6 +33,6 @@ def lora_expand_ref_(
     for slot, rows in _groups(token_slots, y.shape[0]):
         parts, lo = [], 0
         for s, size in enumerate(slice_sizes):
-            parts.append(h[rows, s] @ b[slot, lo : lo + size].float().T)
+            parts.append(h[rows, s].to(b.dtype).float() @ b[slot, lo : lo + size].float().T)
             lo += size
         y[rows] = (y[rows].float() + torch.cat(parts, dim=1)).to(y.dtype)

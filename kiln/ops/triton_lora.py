@@ -14,6 +14,7 @@ The grids depend only on the token count and table sizes, never on the slots' co
 empty slots exit at once, so a CUDA graph captured once serves every adapter mix.
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -62,7 +63,7 @@ def _expand_rows_kernel(
     r = tl.arange(0, R)
     hv = tl.load(h_ptr + t * stride_ht + shard[:, None] * stride_hs + r[None, :], mask=nm[:, None], other=0.0)
     bv = tl.load(b_ptr + slot * stride_bl + n[:, None] * stride_bn + r[None, :], mask=nm[:, None], other=0.0)
-    delta = tl.sum(hv * bv.to(tl.float32), axis=1)
+    delta = tl.sum(hv.to(bv.dtype).to(tl.float32) * bv.to(tl.float32), axis=1)
     y = tl.load(y_ptr + t * stride_yt + n, mask=nm, other=0.0)
     tl.store(y_ptr + t * stride_yt + n, (y.to(tl.float32) + delta).to(y.dtype), mask=nm)
 
@@ -81,7 +82,7 @@ def _segment_rows(sorted_ptr, starts_ptr, slot, BLOCK_M: tl.constexpr):
 def _shrink_grouped_kernel(
     x_ptr, a_ptr, h_ptr, sorted_ptr, starts_ptr, K,
     stride_xt, stride_al, stride_as, stride_ar, stride_ht, stride_hs,
-    R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
 ):  # fmt: skip
     s = tl.program_id(1)
     slot = tl.program_id(2)
@@ -98,7 +99,10 @@ def _shrink_grouped_kernel(
             x_ptr + rows[:, None] * stride_xt + k[None, :], mask=im[:, None] & km[None, :], other=0.0
         )
         av = tl.load(a_base + k[:, None] + r[None, :] * stride_ar, mask=km[:, None], other=0.0)
-        acc += tl.dot(xv, av, input_precision="ieee")
+        if DOT_FP32:
+            acc += tl.dot(xv.to(tl.float32), av.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(xv, av)
     tl.store(h_ptr + rows[:, None] * stride_ht + s * stride_hs + r[None, :], acc, mask=im[:, None])
 
 
@@ -107,6 +111,7 @@ def _expand_grouped_kernel(
     y_ptr, h_ptr, b_ptr, sorted_ptr, starts_ptr, N, end0, end1,
     stride_yt, stride_ht, stride_hs, stride_bl, stride_bn,
     R: tl.constexpr, SHARDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):  # fmt: skip
     slot = tl.program_id(2)
     rows, im, active = _segment_rows(sorted_ptr, starts_ptr, slot, BLOCK_M)
@@ -124,11 +129,22 @@ def _expand_grouped_kernel(
         )
         bm = nm & (shard == s)
         bv = tl.load(b_base + n[None, :] * stride_bn + r[:, None], mask=bm[None, :], other=0.0)
-        acc += tl.dot(hv, bv.to(tl.float32), input_precision="ieee")
+        hv = hv.to(bv.dtype)
+        if DOT_FP32:
+            acc += tl.dot(hv.to(tl.float32), bv.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(hv, bv)
     ptrs = y_ptr + rows[:, None] * stride_yt + n[None, :]
     mask = im[:, None] & nm[None, :]
     y = tl.load(ptrs, mask=mask, other=0.0)
     tl.store(ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=mask)
+
+
+def _dot_fp32(weights: torch.Tensor) -> bool:
+    """Tile products in exact fp32 (no TF32) for fp32 weights, as the fp32 base model computes them,
+    and for CPU tensors (Triton's interpreter, whose bf16 ``tl.dot`` is wrong); bf16/fp16 tensor-core
+    products with fp32 accumulation otherwise."""
+    return weights.dtype == torch.float32 or not weights.is_cuda
 
 
 def _shard_ends(slice_sizes, n):
@@ -145,8 +161,9 @@ def lora_shrink_triton(x, a, h, token_slots, sorted_tokens, slot_starts, grouped
     if grouped:
         grid = (triton.cdiv(num_tokens, _BLOCK_M), shards, slots)
         _shrink_grouped_kernel[grid](
-            x, a, h, sorted_tokens, slot_starts, k, *strides, R=rank, BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K
-        )
+            x, a, h, sorted_tokens, slot_starts, k, *strides,
+            R=rank, BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K, DOT_FP32=_dot_fp32(a),
+        )  # fmt: skip
     else:
         _shrink_rows_kernel[(num_tokens, shards)](x, a, h, token_slots, k, *strides, R=rank, BLOCK_K=_BLOCK_K)
 
@@ -162,6 +179,7 @@ def lora_expand_triton(y, h, b, token_slots, sorted_tokens, slot_starts, slice_s
         _expand_grouped_kernel[grid](
             y, h, b, sorted_tokens, slot_starts, n, end0, end1, *strides,
             R=rank, SHARDS=len(slice_sizes), BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
+            DOT_FP32=_dot_fp32(b),
         )  # fmt: skip
     else:
         grid = (num_tokens, triton.cdiv(n, _BLOCK_N))
