@@ -4,68 +4,24 @@ tokens identical per prompt and logprobs within 1e-3, whatever the batching, chu
 preemption or compilation."""
 
 import pytest
-from lora_oracle import ADAPTERS, make_adapter, peft_greedy
+from lora_oracle import check_outputs, mixed_batch, peft_greedy, reference_cases
 
-from kiln import LLM, LoRARequest, SamplingParams
+from kiln import LLM, SamplingParams
 
-PROMPTS = [
-    "Hello, my name is",
-    "The capital of France is a city that has been",
-    "1 2 3 4 5 6 7 8 9 10 11 12",
-]
 MAX_TOKENS = 8
 LORA_KWARGS = dict(enable_lora=True, max_loras=3, max_lora_rank=16)
 
 
 @pytest.fixture(scope="module")
 def lora_references(tiny_checkpoint, tmp_path_factory):
-    """Factory: arch -> (base dir, prompt ids, {adapter name: LoRARequest}, {name or None: peft refs})."""
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            from transformers import AutoTokenizer
-
-            base = tiny_checkpoint(arch)
-            ids = [AutoTokenizer.from_pretrained(base)(p)["input_ids"] for p in PROMPTS]
-            requests, refs = {}, {None: peft_greedy(base, None, ids, MAX_TOKENS)}
-            for i, name in enumerate(ADAPTERS):
-                path = make_adapter(base, str(tmp_path_factory.mktemp(f"{arch}-{name}")), name, seed=i)
-                requests[name] = LoRARequest(name, i + 1, path)
-                refs[name] = peft_greedy(base, path, ids, MAX_TOKENS)
-            cache[arch] = (base, ids, requests, refs)
-        return cache[arch]
-
-    return get
-
-
-def mixed_batch(ids, requests):
-    """Every prompt with every adapter and with none, interleaved: (prompts, lora_request list, keys)."""
-    prompts, loras, keys = [], [], []
-    for i, p in enumerate(ids):
-        for name in [None, *requests]:
-            prompts.append({"prompt_token_ids": p})
-            loras.append(None if name is None else requests[name])
-            keys.append((name, i))
-    return prompts, loras, keys
-
-
-def check_outputs(outputs, keys, refs, logprob_tol=1e-3):
-    for out, (name, i) in zip(outputs, keys):
-        ref_tokens, ref_logprobs = refs[name][i]
-        got = out.outputs[0]
-        assert got.token_ids == ref_tokens, (name, i)
-        for step, (token, entry) in enumerate(zip(got.token_ids, got.logprobs)):
-            assert abs(entry[token].logprob - ref_logprobs[step][token].item()) < logprob_tol
-        assert out.lora_request == (None if name is None else out.lora_request)
-        assert (out.lora_request is None) == (name is None)
+    return reference_cases(tiny_checkpoint, tmp_path_factory, MAX_TOKENS)
 
 
 def run_mixed(llm, ids, requests, refs):
     prompts, loras, keys = mixed_batch(ids, requests)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=1)
     outputs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
-    check_outputs(outputs, keys, refs)
+    check_outputs(outputs, keys, refs, loras)
     engine = llm.llm_engine
     assert not engine.requests and engine.kv.num_free_blocks == engine.num_blocks
     return outputs
@@ -108,14 +64,14 @@ def test_prefix_cache_never_shared_across_adapters(lora_references):
             lora = None if name is None else requests[name]
             (out,) = llm.generate(prompt, params, lora_request=lora, use_tqdm=False)
             first[name] = out.num_cached_tokens
-            check_outputs([out], [(name, 1)], refs)
+            check_outputs([out], [(name, 1)], refs, [lora])
         assert all(cached == 0 for cached in first.values())  # same tokens, other adapter: no hit
         run_mixed(llm, ids, requests, refs)
         for name in [None, *requests]:  # same adapter again: its own blocks are reused
             lora = None if name is None else requests[name]
             (out,) = llm.generate(prompt, params, lora_request=lora, use_tqdm=False)
             assert out.num_cached_tokens == full_blocks
-            check_outputs([out], [(name, 1)], refs)
+            check_outputs([out], [(name, 1)], refs, [lora])
 
 
 def test_chunked_prefill(lora_references):
