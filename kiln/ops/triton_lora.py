@@ -69,13 +69,11 @@ def _expand_rows_kernel(
 
 
 @triton.jit
-def _segment_rows(sorted_ptr, starts_ptr, slot, BLOCK_M: tl.constexpr):
-    start = tl.load(starts_ptr + slot)
-    count = tl.load(starts_ptr + slot + 1) - start
+def _segment_rows(sorted_ptr, start, count, BLOCK_M: tl.constexpr):
+    """This program's block of the slot's tokens: (token rows, mask)."""
     i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     im = i < count
-    rows = tl.load(sorted_ptr + start + i, mask=im, other=0).to(tl.int64)
-    return rows, im, tl.program_id(0) * BLOCK_M < count
+    return tl.load(sorted_ptr + start + i, mask=im, other=0).to(tl.int64), im
 
 
 @triton.jit
@@ -86,9 +84,11 @@ def _shrink_grouped_kernel(
 ):  # fmt: skip
     s = tl.program_id(1)
     slot = tl.program_id(2)
-    rows, im, active = _segment_rows(sorted_ptr, starts_ptr, slot, BLOCK_M)
-    if not active:
+    start = tl.load(starts_ptr + slot)
+    count = tl.load(starts_ptr + slot + 1) - start
+    if tl.program_id(0) * BLOCK_M >= count:
         return
+    rows, im = _segment_rows(sorted_ptr, start, count, BLOCK_M)
     r = tl.arange(0, R)
     a_base = a_ptr + slot.to(tl.int64) * stride_al + s * stride_as
     acc = tl.zeros([BLOCK_M, R], dtype=tl.float32)
@@ -114,9 +114,11 @@ def _expand_grouped_kernel(
     DOT_FP32: tl.constexpr,
 ):  # fmt: skip
     slot = tl.program_id(2)
-    rows, im, active = _segment_rows(sorted_ptr, starts_ptr, slot, BLOCK_M)
-    if not active:
+    start = tl.load(starts_ptr + slot)
+    count = tl.load(starts_ptr + slot + 1) - start
+    if tl.program_id(0) * BLOCK_M >= count:
         return
+    rows, im = _segment_rows(sorted_ptr, start, count, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nm = n < N
     shard = (n >= end0).to(tl.int32) + (n >= end1).to(tl.int32)
