@@ -56,12 +56,16 @@ def test_reference_matches_formula():
     assert torch.equal(out[base_rows], y[base_rows])  # base-model rows untouched
 
 
-@pytest.mark.parametrize("grouped", [False, True])
+# gathered kernels whole and with the shrink split over 3 chunks of K=40 (16 features each), grouped kernels
+@pytest.mark.parametrize(("grouped", "k_per_split"), [(False, 512), (False, 16), (True, 512)])
 @pytest.mark.parametrize("num_tokens", [1, 10, 37])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_kernels_match_reference(grouped, num_tokens, dtype):
+def test_triton_kernels_match_reference(grouped, k_per_split, num_tokens, dtype, monkeypatch):
     pytest.importorskip("triton")
+    import kiln.ops.triton_lora as triton_lora
     from kiln.ops.triton_lora import lora_expand_triton, lora_shrink_triton
+
+    monkeypatch.setattr(triton_lora, "K_PER_SPLIT", k_per_split)
 
     x, a, b, y, slots, sorted_tokens, starts = _case(num_tokens, dtype, seed=num_tokens)
     # bf16: products of ~25 in magnitude, rounded to 8 mantissa bits

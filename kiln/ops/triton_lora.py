@@ -2,9 +2,10 @@
 
 Two families, same results:
 
-* gathered per row (decode-sized batches): one program per (token, shard) for the shrink and per
-  (token, column block) for the expand; each program reads its token's slot and that slot's weights.
-  Many small programs keep the GPU busy when there are few tokens.
+* gathered per row (decode-sized batches): one program per (token, shard, chunk of ``K_PER_SPLIT``
+  input features) for the shrink, its partial sums added atomically into ``h`` (so a single token's
+  product is spread over many SMs), and one per (token, column block) for the expand; each program
+  reads its token's slot and that slot's weights.
 * segment-grouped (prefill-sized batches): tokens sorted by slot (``sorted_tokens``, slot ``i`` owning
   ``sorted_tokens[slot_starts[i]:slot_starts[i + 1]]``); one program per (block of a slot's tokens,
   shard or column block, slot) multiplies a tile of tokens by the slot's weights with ``tl.dot``, so
@@ -22,13 +23,14 @@ ROWS_MAX_TOKENS = 128  # batches up to this many tokens take the gathered kernel
 _BLOCK_K = 128
 _BLOCK_N = 128
 _BLOCK_M = 16
+K_PER_SPLIT = 512  # input features per program of the gathered shrink (a power of two)
 
 
 @triton.jit
 def _shrink_rows_kernel(
     x_ptr, a_ptr, h_ptr, slots_ptr, K,
     stride_xt, stride_al, stride_as, stride_ar, stride_ht, stride_hs,
-    R: tl.constexpr, BLOCK_K: tl.constexpr,
+    R: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
     s = tl.program_id(1)
@@ -38,13 +40,17 @@ def _shrink_rows_kernel(
     r = tl.arange(0, R)
     acc = tl.zeros([R], dtype=tl.float32)
     a_base = a_ptr + slot * stride_al + s * stride_as
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
+    k_start = tl.program_id(2) * K_PER_SPLIT
+    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+        k = k_start + k0 + tl.arange(0, BLOCK_K)
         km = k < K
         xv = tl.load(x_ptr + t * stride_xt + k, mask=km, other=0.0).to(tl.float32)
         av = tl.load(a_base + r[:, None] * stride_ar + k[None, :], mask=km[None, :], other=0.0)
         acc += tl.sum(av.to(tl.float32) * xv[None, :], axis=1)
-    tl.store(h_ptr + t * stride_ht + s * stride_hs + r, acc)
+    if SPLIT:
+        tl.atomic_add(h_ptr + t * stride_ht + s * stride_hs + r, acc)
+    else:
+        tl.store(h_ptr + t * stride_ht + s * stride_hs + r, acc)
 
 
 @triton.jit
@@ -156,7 +162,8 @@ def _shard_ends(slice_sizes, n):
 
 
 def lora_shrink_triton(x, a, h, token_slots, sorted_tokens, slot_starts, grouped: bool) -> None:
-    """Fill ``h`` (``[T, shards, R]`` float32) for the tokens that have an adapter."""
+    """Fill ``h`` (``[T, shards, R]`` float32) for the tokens that have an adapter (the gathered
+    kernel with more than one chunk of input features zeroes ``h`` and adds into it)."""
     num_tokens, k = x.shape
     slots, shards, rank, _ = a.shape
     strides = (x.stride(0), a.stride(0), a.stride(1), a.stride(2), h.stride(0), h.stride(1))
@@ -167,7 +174,13 @@ def lora_shrink_triton(x, a, h, token_slots, sorted_tokens, slot_starts, grouped
             R=rank, BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K, DOT_FP32=_dot_fp32(a),
         )  # fmt: skip
     else:
-        _shrink_rows_kernel[(num_tokens, shards)](x, a, h, token_slots, k, *strides, R=rank, BLOCK_K=_BLOCK_K)
+        splits = triton.cdiv(k, K_PER_SPLIT)
+        if splits > 1:
+            h.zero_()
+        _shrink_rows_kernel[(num_tokens, shards, splits)](
+            x, a, h, token_slots, k, *strides,
+            R=rank, BLOCK_K=min(_BLOCK_K, K_PER_SPLIT), K_PER_SPLIT=K_PER_SPLIT, SPLIT=splits > 1,
+        )  # fmt: skip
 
 
 def lora_expand_triton(y, h, b, token_slots, sorted_tokens, slot_starts, slice_sizes, grouped: bool) -> None:
