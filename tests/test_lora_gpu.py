@@ -15,6 +15,10 @@ from kiln.ops.lora_ref import lora_expand_ref_, lora_shrink_ref
 pytestmark = pytest.mark.gpu
 MAX_TOKENS = 8
 LORA_KWARGS = dict(enable_lora=True, max_loras=3, max_lora_rank=16)
+# full graphs for decode batches up to 16, piecewise graphs up to 256 tokens: the mixed batch's first step
+# (12 prompts, ~160 tokens) replays the 256-token piecewise graphs (segment-grouped kernels), decode steps
+# the full graphs (gathered kernels)
+GRAPHS = {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256]}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +70,8 @@ def _run(llm, ids, requests, refs, **tol):
 def test_fp32_in_cuda_graphs_matches_peft(arch, fp32_cases):
     """Default compilation on CUDA: full graphs for decode, piecewise graphs for prefill; exact."""
     base, ids, requests, refs = fp32_cases(arch)
-    with LLM(base, dtype="float32", max_num_seqs=16, max_model_len=256, **LORA_KWARGS) as llm:
+    kwargs = dict(dtype="float32", max_num_seqs=16, max_model_len=256, compilation_config=GRAPHS)
+    with LLM(base, **kwargs, **LORA_KWARGS) as llm:
         runner = llm.llm_engine.runner
         graphs = dict(runner.decode_graphs.graphs), dict(runner.piecewise_graphs.pieces[0].graphs)
         _run(llm, ids, requests, refs)
@@ -82,16 +87,20 @@ def test_fp32_in_cuda_graphs_matches_peft(arch, fp32_cases):
 def test_bf16_matches_peft(arch, eager, bf16_cases):
     base, ids, requests, refs = bf16_cases(arch)
     kwargs = dict(dtype="bfloat16", max_num_seqs=16, max_model_len=256, enforce_eager=eager)
+    if not eager:
+        kwargs["compilation_config"] = GRAPHS
     with LLM(base, **kwargs, **LORA_KWARGS) as llm:
         _run(llm, ids, requests, refs, logprob_tol=0.1, tie_margin=0.1)
         if not eager:
-            assert llm.llm_engine.runner.decode_graphs.replays > 0
+            runner = llm.llm_engine.runner
+            assert runner.decode_graphs.replays > 0 and runner.piecewise_graphs.replays > 0
 
 
 def test_bf16_slot_swaps_under_graphs(bf16_cases):
     """max_loras=1 with three adapters: swap-ins between graph replays keep the outputs right."""
     base, ids, requests, refs = bf16_cases("llama")
     kwargs = dict(dtype="bfloat16", max_num_seqs=16, max_model_len=256, enable_lora=True, max_loras=1)
+    kwargs["compilation_config"] = GRAPHS
     with LLM(base, **kwargs) as llm:
         _run(llm, ids, requests, refs, logprob_tol=0.1, tie_margin=0.1)
         assert llm.llm_engine.lora.num_swap_ins >= 3
