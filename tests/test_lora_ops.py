@@ -56,8 +56,9 @@ def test_reference_matches_formula():
     assert torch.equal(out[base_rows], y[base_rows])  # base-model rows untouched
 
 
-# gathered kernels whole and with the shrink split over 3 chunks of K=40 (16 features each), grouped kernels
-@pytest.mark.parametrize(("grouped", "k_per_split"), [(False, 512), (False, 16), (True, 512)])
+# both families, shrink whole (512) and split over 3 chunks of K=40 (16 features each)
+@pytest.mark.parametrize("k_per_split", [512, 16])
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("num_tokens", [1, 10, 37])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_kernels_match_reference(grouped, k_per_split, num_tokens, dtype, monkeypatch):

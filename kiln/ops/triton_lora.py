@@ -2,14 +2,17 @@
 
 Two families, same results:
 
-* gathered per row (decode-sized batches): one program per (token, shard, chunk of ``K_PER_SPLIT``
-  input features) for the shrink, its partial sums added atomically into ``h`` (so a single token's
-  product is spread over many SMs), and one per (token, column block) for the expand; each program
-  reads its token's slot and that slot's weights.
-* segment-grouped (prefill-sized batches): tokens sorted by slot (``sorted_tokens``, slot ``i`` owning
+* gathered per row (up to ``ROWS_MAX_TOKENS`` tokens: small decode batches): one program per (token,
+  shard, chunk of input features) for the shrink and per (token, column block) for the expand; each
+  program reads its token's slot and that slot's weights.
+* segment-grouped (larger batches): tokens sorted by slot (``sorted_tokens``, slot ``i`` owning
   ``sorted_tokens[slot_starts[i]:slot_starts[i + 1]]``); one program per (block of a slot's tokens,
-  shard or column block, slot) multiplies a tile of tokens by the slot's weights with ``tl.dot``, so
-  each weight tile is read once per token block instead of once per token.
+  shard and chunk of input features or column block, slot) multiplies a tile of tokens by the slot's
+  weights with ``tl.dot``, so each weight tile is read once per block of 16 tokens, not once per token.
+
+Up to ``SPLIT_MAX_TOKENS`` tokens the shrink splits its input features in chunks of ``K_PER_SPLIT``
+over programs, adding partial sums atomically into a zeroed ``h``: a handful of tokens still spreads
+over many SMs.
 
 The grids depend only on the token count and table sizes, never on the slots' contents: programs of
 empty slots exit at once, so a CUDA graph captured once serves every adapter mix.
@@ -19,11 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
-ROWS_MAX_TOKENS = 128  # batches up to this many tokens take the gathered kernels
+ROWS_MAX_TOKENS = 16  # batches up to this many tokens take the gathered kernels
+SPLIT_MAX_TOKENS = 512  # shrinks of batches up to this many tokens split K over programs
 _BLOCK_K = 128
 _BLOCK_N = 128
 _BLOCK_M = 16
-K_PER_SPLIT = 512  # input features per program of the gathered shrink (a power of two)
+K_PER_SPLIT = 512  # input features per shrink program when split (a power of two)
 
 
 @triton.jit
@@ -87,8 +91,10 @@ def _shrink_grouped_kernel(
     x_ptr, a_ptr, h_ptr, sorted_ptr, starts_ptr, K,
     stride_xt, stride_al, stride_as, stride_ar, stride_ht, stride_hs,
     R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+    K_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr,
 ):  # fmt: skip
-    s = tl.program_id(1)
+    s = tl.program_id(1) // SPLITS
+    k_start = (tl.program_id(1) % SPLITS) * K_PER_SPLIT
     slot = tl.program_id(2)
     start = tl.load(starts_ptr + slot)
     count = tl.load(starts_ptr + slot + 1) - start
@@ -98,8 +104,8 @@ def _shrink_grouped_kernel(
     r = tl.arange(0, R)
     a_base = a_ptr + slot.to(tl.int64) * stride_al + s * stride_as
     acc = tl.zeros([BLOCK_M, R], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
+    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+        k = k_start + k0 + tl.arange(0, BLOCK_K)
         km = k < K
         xv = tl.load(
             x_ptr + rows[:, None] * stride_xt + k[None, :], mask=im[:, None] & km[None, :], other=0.0
@@ -109,7 +115,11 @@ def _shrink_grouped_kernel(
             acc += tl.dot(xv.to(tl.float32), av.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(xv, av)
-    tl.store(h_ptr + rows[:, None] * stride_ht + s * stride_hs + r[None, :], acc, mask=im[:, None])
+    ptrs = h_ptr + rows[:, None] * stride_ht + s * stride_hs + r[None, :]
+    if SPLITS > 1:
+        tl.atomic_add(ptrs, acc, mask=im[:, None])
+    else:
+        tl.store(ptrs, acc, mask=im[:, None])
 
 
 @triton.jit
@@ -162,24 +172,27 @@ def _shard_ends(slice_sizes, n):
 
 
 def lora_shrink_triton(x, a, h, token_slots, sorted_tokens, slot_starts, grouped: bool) -> None:
-    """Fill ``h`` (``[T, shards, R]`` float32) for the tokens that have an adapter (the gathered
-    kernel with more than one chunk of input features zeroes ``h`` and adds into it)."""
+    """Fill ``h`` (``[T, shards, R]`` float32) for the tokens that have an adapter. Up to
+    ``SPLIT_MAX_TOKENS`` tokens the input features are split in chunks of ``K_PER_SPLIT`` over programs
+    (``h`` zeroed, partial sums added atomically), so few tokens still spread over many SMs."""
     num_tokens, k = x.shape
     slots, shards, rank, _ = a.shape
     strides = (x.stride(0), a.stride(0), a.stride(1), a.stride(2), h.stride(0), h.stride(1))
+    splits = triton.cdiv(k, K_PER_SPLIT) if num_tokens <= SPLIT_MAX_TOKENS else 1
+    k_per_split = K_PER_SPLIT if splits > 1 else triton.cdiv(k, _BLOCK_K) * _BLOCK_K
+    if splits > 1:
+        h.zero_()
     if grouped:
-        grid = (triton.cdiv(num_tokens, _BLOCK_M), shards, slots)
+        grid = (triton.cdiv(num_tokens, _BLOCK_M), shards * splits, slots)
         _shrink_grouped_kernel[grid](
             x, a, h, sorted_tokens, slot_starts, k, *strides,
-            R=rank, BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K, DOT_FP32=_dot_fp32(a),
+            R=rank, BLOCK_M=_BLOCK_M, BLOCK_K=min(_BLOCK_K, k_per_split), DOT_FP32=_dot_fp32(a),
+            K_PER_SPLIT=k_per_split, SPLITS=splits,
         )  # fmt: skip
     else:
-        splits = triton.cdiv(k, K_PER_SPLIT)
-        if splits > 1:
-            h.zero_()
         _shrink_rows_kernel[(num_tokens, shards, splits)](
             x, a, h, token_slots, k, *strides,
-            R=rank, BLOCK_K=min(_BLOCK_K, K_PER_SPLIT), K_PER_SPLIT=K_PER_SPLIT, SPLIT=splits > 1,
+            R=rank, BLOCK_K=min(_BLOCK_K, k_per_split), K_PER_SPLIT=k_per_split, SPLIT=splits > 1,
         )  # fmt: skip
 
 
