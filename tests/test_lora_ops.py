@@ -7,6 +7,7 @@ import torch
 import kiln.ops.lora_op  # noqa: F401
 from kiln.ops.lora_ref import lora_expand_ref_, lora_shrink_ref
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpreter (tests/conftest.py)
 SLICES = [24, 8, 8]  # a fused q/k/v-like projection: three shards of different widths
 K, R, SLOTS = 40, 16, 3
 
@@ -68,7 +69,8 @@ def test_triton_kernels_match_reference(grouped, k_per_split, num_tokens, dtype,
 
     monkeypatch.setattr(triton_lora, "K_PER_SPLIT", k_per_split)
 
-    x, a, b, y, slots, sorted_tokens, starts = _case(num_tokens, dtype, seed=num_tokens)
+    case = _case(num_tokens, dtype, seed=num_tokens)
+    x, a, b, y, slots, sorted_tokens, starts = (t.to(DEV) for t in case)
     # bf16: products of ~25 in magnitude, rounded to 8 mantissa bits
     tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.25, rtol=2e-2)
     h_ref = lora_shrink_ref(x, a, slots)
@@ -89,7 +91,7 @@ def test_triton_expand_one_and_two_shards(slices):
     pytest.importorskip("triton")
     from kiln.ops.triton_lora import lora_expand_triton
 
-    x, a, b, y, slots, sorted_tokens, starts = _case(10, seed=3)
+    x, a, b, y, slots, sorted_tokens, starts = (t.to(DEV) for t in _case(10, seed=3))
     h = lora_shrink_ref(x, a[:, : len(slices)], slots)
     for grouped in (False, True):
         ref, out = y.clone(), y.clone()
