@@ -104,3 +104,24 @@ def test_bf16_slot_swaps_under_graphs(bf16_cases):
     with LLM(base, **kwargs) as llm:
         _run(llm, ids, requests, refs, logprob_tol=0.1, tie_margin=0.1)
         assert llm.llm_engine.lora.num_swap_ins >= 3
+
+
+def test_bf16_chunked_prefill_prefix_caching_and_preemption_under_graphs(bf16_cases):
+    """Prefill chunks of 32 tokens, a KV cache of 8 blocks (preemption), then the same batch again
+    (prefix-cache hits within each adapter), all inside CUDA graphs."""
+    base, ids, requests, refs = bf16_cases("llama")
+    block_bytes = 2 * 2 * 16 * 2 * 32 * 2  # K+V, 2 layers, 16 slots, 2 kv heads, head_dim 32, bf16
+    kwargs = dict(
+        dtype="bfloat16",
+        max_num_seqs=16,
+        max_num_batched_tokens=32,
+        kv_cache_memory_bytes=8 * block_bytes,
+        compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32]},
+    )
+    with LLM(base, **kwargs, **LORA_KWARGS) as llm:
+        _run(llm, ids, requests, refs, logprob_tol=0.1, tie_margin=0.1)
+        assert llm.llm_engine.scheduler.num_preemptions > 0
+        _run(llm, ids, requests, refs, logprob_tol=0.1, tie_margin=0.1)
+        assert llm.llm_engine.kv.hits > 0
+        runner = llm.llm_engine.runner
+        assert runner.decode_graphs.replays > 0 and runner.piecewise_graphs.replays > 0
