@@ -106,9 +106,8 @@ def test_bf16_slot_swaps_under_graphs(bf16_cases):
         assert llm.llm_engine.lora.num_swap_ins >= 3
 
 
-def test_bf16_chunked_prefill_prefix_caching_and_preemption_under_graphs(bf16_cases):
-    """Prefill chunks of 32 tokens, a KV cache of 8 blocks (preemption), then the same batch again
-    (prefix-cache hits within each adapter), all inside CUDA graphs."""
+def test_bf16_chunked_prefill_and_preemption_under_graphs(bf16_cases):
+    """Prefill chunks of 32 tokens and a KV cache of 8 blocks (preemption), inside CUDA graphs."""
     base, ids, requests, refs = bf16_cases("llama")
     block_bytes = 2 * 2 * 16 * 2 * 32 * 2  # K+V, 2 layers, 16 slots, 2 kv heads, head_dim 32, bf16
     kwargs = dict(
@@ -121,7 +120,5 @@ def test_bf16_chunked_prefill_prefix_caching_and_preemption_under_graphs(bf16_ca
     with LLM(base, **kwargs, **LORA_KWARGS) as llm:
         _run(llm, ids, requests, refs, logprob_tol=0.1, tie_margin=0.1)
         assert llm.llm_engine.scheduler.num_preemptions > 0
-        _run(llm, ids, requests, refs, logprob_tol=0.1, tie_margin=0.1)
-        assert llm.llm_engine.kv.hits > 0
         runner = llm.llm_engine.runner
         assert runner.decode_graphs.replays > 0 and runner.piecewise_graphs.replays > 0
