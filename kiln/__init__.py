@@ -5,6 +5,7 @@ from kiln.lora.request import LoRARequest
 from kiln.runtime.inputs import TextPrompt, TokensPrompt
 from kiln.runtime.llm import LLM
 from kiln.runtime.outputs import CompletionOutput, Logprob, RequestOutput
+from kiln.runtime.profiler import ProfilerConfig
 from kiln.runtime.sampling_params import RequestOutputKind, SamplingParams
 
 __version__ = "0.1.0"
@@ -12,6 +13,7 @@ __all__ = [
     "LLM",
     "CompilationConfig",
     "LoRARequest",
+    "ProfilerConfig",
     "SamplingParams",
     "RequestOutputKind",
     "RequestOutput",
