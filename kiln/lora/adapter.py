@@ -150,9 +150,9 @@ def load_adapter(
         a, b = pair["A"], pair["B"]
         projection, shard = TARGETS[module]
         in_features, shard_sizes = shapes[projection]
-        r = a.shape[0]
+        r = a.shape[0] if a.dim() == 2 else -1
         expected_a, expected_b = (r, in_features), (shard_sizes[shard], r)
-        if a.dim() != 2 or tuple(a.shape) != expected_a or tuple(b.shape) != expected_b:
+        if tuple(a.shape) != expected_a or tuple(b.shape) != expected_b:
             raise _fail(
                 request,
                 f"{name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not match the base model "
