@@ -60,7 +60,7 @@ def _expect_refused(llm, request: LoRARequest, reason: str):
     with pytest.raises(ValueError, match=reason) as info:
         llm.generate(["Hello", "World"], PARAMS, lora_request=[None, request], use_tqdm=False)
     assert repr(request.lora_name) in str(info.value)  # names the adapter
-    assert not engine.requests and not engine.scheduler.has_unfinished()
+    assert not engine.has_unfinished_requests() and not engine.seqs
     assert engine.kv.num_free_blocks == engine.num_blocks
     assert request.lora_int_id not in engine.lora.list_loras()
     (out,) = llm.generate("Hello", PARAMS, use_tqdm=False)  # still serving
@@ -140,7 +140,7 @@ def test_lora_request_without_enable_lora(base, adapters):
             llm.generate(
                 "Hi", PARAMS, lora_request=LoRARequest("attn-qv", 1, adapters["attn-qv"]), use_tqdm=False
             )
-        assert not llm.llm_engine.requests
+        assert not llm.llm_engine.has_unfinished_requests()
         assert llm.llm_engine.lora is None and not hasattr(
             llm.llm_engine.model.model.layers[0].mlp.down_proj, "base"
         )

@@ -63,7 +63,7 @@ def _run(llm, ids, requests, refs, **tol):
     outputs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
     check_outputs(outputs, keys, refs, loras, **tol)
     engine = llm.llm_engine
-    assert not engine.requests and engine.kv.num_free_blocks == engine.num_blocks
+    assert not engine.has_unfinished_requests() and engine.kv.num_free_blocks == engine.num_blocks
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -72,13 +72,13 @@ def test_fp32_in_cuda_graphs_matches_peft(arch, fp32_cases):
     base, ids, requests, refs = fp32_cases(arch)
     kwargs = dict(dtype="float32", max_num_seqs=16, max_model_len=256, compilation_config=GRAPHS)
     with LLM(base, **kwargs, **LORA_KWARGS) as llm:
-        runner = llm.llm_engine.runner
-        graphs = dict(runner.decode_graphs.graphs), dict(runner.piecewise_graphs.pieces[0].graphs)
+        graphs = llm.llm_engine.worker.graphs
+        before = [dict(w.graphs) for w in graphs.wrappers]
+        assert graphs.captured("full") and graphs.captured("piecewise")
         _run(llm, ids, requests, refs)
-        assert runner.decode_graphs.replays > 0 and runner.piecewise_graphs.replays > 0
+        assert graphs.replays("full") > 0 and graphs.replays("piecewise") > 0
         # adapters swapped into slots after capture: the same graphs replayed, none recaptured
-        assert dict(runner.decode_graphs.graphs) == graphs[0]
-        assert dict(runner.piecewise_graphs.pieces[0].graphs) == graphs[1]
+        assert [dict(w.graphs) for w in graphs.wrappers] == before
         assert llm.compile_report().recompilations == 0
 
 
@@ -92,8 +92,8 @@ def test_bf16_matches_peft(arch, eager, bf16_cases):
     with LLM(base, **kwargs, **LORA_KWARGS) as llm:
         _run(llm, ids, requests, refs, logprob_tol=0.1, tie_margin=0.1)
         if not eager:
-            runner = llm.llm_engine.runner
-            assert runner.decode_graphs.replays > 0 and runner.piecewise_graphs.replays > 0
+            graphs = llm.llm_engine.worker.graphs
+            assert graphs.replays("full") > 0 and graphs.replays("piecewise") > 0
 
 
 def test_bf16_slot_swaps_under_graphs(bf16_cases):
@@ -120,5 +120,5 @@ def test_bf16_chunked_prefill_and_preemption_under_graphs(bf16_cases):
     with LLM(base, **kwargs, **LORA_KWARGS) as llm:
         _run(llm, ids, requests, refs, logprob_tol=0.1, tie_margin=0.1)
         assert llm.llm_engine.scheduler.num_preemptions > 0
-        runner = llm.llm_engine.runner
-        assert runner.decode_graphs.replays > 0 and runner.piecewise_graphs.replays > 0
+        graphs = llm.llm_engine.worker.graphs
+        assert graphs.replays("full") > 0 and graphs.replays("piecewise") > 0

@@ -57,7 +57,7 @@ def test_lru_over_slots_not_used_by_running_sequences(setup):
     assert (manager.slot_of(a), manager.slot_of(b)) == (0, 1)
     assert not manager.admit(c, {a.id, b.id})  # both slots in use: c waits
     assert manager.slot_of(c) == -1 and manager.num_swap_ins == 2
-    manager.set_batch([a], [1])  # a used more recently than b
+    assert manager.slot_for(a) == 0  # a scheduled: used more recently than b
     assert manager.admit(c, set())  # b's slot is the least recently used one
     assert (manager.slot_of(a), manager.slot_of(b), manager.slot_of(c)) == (0, -1, 1)
     torch.testing.assert_close(qkv.lora_a[1], c.weights[(0, "self_attn.qkv_proj")][0])
@@ -69,19 +69,20 @@ def test_lru_over_slots_not_used_by_running_sequences(setup):
 
 
 def test_step_slot_buffers(setup):
+    """What the runner writes for a step: slots per token, and the tokens grouped by slot."""
     _, manager, (a, b, _) = _manager(setup, max_loras=2, max_cpu_loras=3)
     manager.admit(a, set())
     manager.admit(b, {a.id})
     batch = manager.batch
-    manager.set_batch([b, None, a, b], [2, 1, 3, 1])
+    batch.set([(manager.slot_for(b), 2), (-1, 1), (manager.slot_for(a), 3), (manager.slot_for(b), 1)])
     assert batch.token_slots[:7].tolist() == [1, 1, -1, 0, 0, 0, 1]
     assert (batch.token_slots[7:] == -1).all()
     assert batch.sorted_tokens[:6].tolist() == [3, 4, 5, 0, 1, 6]
     assert batch.slot_starts.tolist() == [0, 3, 6]
-    manager.set_batch([None, None], [4, 1])
+    batch.set([(-1, 4), (-1, 1)])
     assert (batch.token_slots == -1).all() and batch.slot_starts.tolist() == [0, 0, 0]
     with pytest.raises(RuntimeError, match="holds no slot"):
-        manager.set_batch([manager.load(setup[2][2])], [1])
+        manager.slot_for(manager.load(setup[2][2]))
 
 
 def test_cpu_cache_is_lru_of_max_cpu_loras(setup):

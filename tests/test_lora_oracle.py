@@ -23,7 +23,7 @@ def run_mixed(llm, ids, requests, refs):
     outputs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
     check_outputs(outputs, keys, refs, loras)
     engine = llm.llm_engine
-    assert not engine.requests and engine.kv.num_free_blocks == engine.num_blocks
+    assert not engine.has_unfinished_requests() and engine.kv.num_free_blocks == engine.num_blocks
     return outputs
 
 

@@ -1,11 +1,12 @@
 """``LoRAManager``: adapters in host memory (LRU of ``max_cpu_loras``) and in the device slot table
 (``max_loras`` slots, LRU among the slots no running sequence uses).
 
-The engine asks it three things: ``load`` (read and check an adapter before a request is accepted),
+The engine asks it ``load`` (read and check an adapter before a request is accepted); the scheduler
 ``admit`` (can this waiting sequence run now: its adapter is in a slot, or a slot can take it) and
-``set_batch`` (fill the step's per-token slot buffers). Moving an adapter into a slot is a copy into
-the fixed tables, queued on the device stream behind the steps already launched: nothing recompiles
-and no CUDA graph is recaptured.
+``slot_for`` (the slot each scheduled sequence's ``ScheduledSequence.lora_slot`` carries); the model
+runner fills ``batch`` (the step's per-token slot buffers) from those slots. Moving an adapter into a
+slot is a copy into the fixed tables, queued on the device stream behind the steps already launched:
+nothing recompiles and no CUDA graph is recaptured.
 """
 
 from collections import OrderedDict
@@ -95,17 +96,13 @@ class LoRAManager:
         self.slot_lru.move_to_end(slot)
         self.num_swap_ins += 1
 
-    def set_batch(self, adapters: list[LoRAAdapter | None], num_new_tokens: list[int]) -> None:
-        """Fill the step's per-token slot buffers (each sequence's adapter must hold a slot)."""
-        segments = []
-        for adapter, n in zip(adapters, num_new_tokens):
-            slot = self.slot_of(adapter)
-            if adapter is not None:
-                if slot < 0:
-                    raise RuntimeError(f"LoRA adapter {adapter.request.lora_name!r} holds no slot")
-                self.slot_lru.move_to_end(slot)
-            segments.append((slot, n))
-        self.batch.set(segments)
+    def slot_for(self, adapter: LoRAAdapter) -> int:
+        """The slot of a scheduled sequence's adapter (it holds one since admission), marked used."""
+        slot = self.slot_of(adapter)
+        if slot < 0:
+            raise RuntimeError(f"LoRA adapter {adapter.request.lora_name!r} holds no slot")
+        self.slot_lru.move_to_end(slot)
+        return slot
 
 
 def lora_manager_for(engine_config, model_config: ModelConfig, model) -> LoRAManager | None:
