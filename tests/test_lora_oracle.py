@@ -120,3 +120,14 @@ def test_chat_with_lora(lora_references):
     ref = peft_greedy(base, lora.lora_path, [chat.prompt_token_ids], 4)[0][0]
     assert chat.outputs[0].token_ids == plain.outputs[0].token_ids == ref
     assert chat.lora_request is lora and chat.outputs[0].lora_request is lora
+
+
+def test_sleep_level_2_reloads_weights_under_the_wrappers(lora_references):
+    """The wrappers keep the checkpoint's parameter names: wake_up after sleep(level=2) reloads the base
+    weights by name (the adapters stay in their tables) and outputs stay exact."""
+    base, ids, requests, refs = lora_references("llama")
+    with LLM(base, enforce_eager=True, dtype="float32", **LORA_KWARGS) as llm:
+        run_mixed(llm, ids, requests, refs)
+        llm.sleep(level=2)
+        llm.wake_up()
+        run_mixed(llm, ids, requests, refs)

@@ -28,6 +28,10 @@ class LoRALinear(nn.Module):
         device: torch.device,
     ):
         super().__init__()
+        # the base module's own parameters also under the wrapper's name, listed first, so parameter
+        # names stay the checkpoint's (``...qkv_proj.weight``) and weights load into a wrapped model
+        for name, param in list(base.named_parameters(recurse=False)):
+            self.register_parameter(name, param)
         self.base = base
         self.slice_sizes = list(slice_sizes)
         rank, slots = config.table_rank, config.max_loras
