@@ -1,6 +1,7 @@
 """kiln: vLLM's offline API on an engine built around the PyTorch compiler."""
 
 from kiln.compiler.config import CompilationConfig
+from kiln.lora.request import LoRARequest
 from kiln.runtime.engine_args import EngineArgs
 from kiln.runtime.inputs import TextPrompt, TokensPrompt
 from kiln.runtime.llm import LLM
@@ -13,6 +14,7 @@ __all__ = [
     "LLM",
     "EngineArgs",
     "CompilationConfig",
+    "LoRARequest",
     "ProfilerConfig",
     "SamplingParams",
     "RequestOutputKind",

@@ -18,7 +18,7 @@ import torch
 
 MANIFEST = "manifest.json"
 MEASUREMENTS = "measurements.json"  # figures measured at start-up, reused by warm starts
-_SOURCE_DIRS = ("models", "ops", "compiler")
+_SOURCE_DIRS = ("models", "ops", "compiler", "lora")
 
 
 def source_hash() -> str:
@@ -44,7 +44,9 @@ def _device_fingerprint(device: torch.device) -> str:
     return device.type
 
 
-def cache_key_details(model_config, dtype: torch.dtype, device: torch.device, compilation_config) -> dict:
+def cache_key_details(
+    model_config, dtype: torch.dtype, device: torch.device, compilation_config, lora=None
+) -> dict:
     from kiln import __version__
 
     arch = getattr(model_config, "arch", model_config)  # a runtime ModelConfigView wraps it
@@ -65,6 +67,7 @@ def cache_key_details(model_config, dtype: torch.dtype, device: torch.device, co
         "triton_version": triton_version,
         "python": f"{sys.version_info.major}.{sys.version_info.minor}",
         "compilation_config": compilation_config.cache_fields(),
+        "lora": None if lora is None else dataclasses.asdict(lora),  # the LoRA wrappers change the graph
     }
 
 

@@ -60,6 +60,7 @@ class EngineConfig:
     logprobs_mode: str = "raw_logprobs"  # raw_logprobs | raw_logits | processed_logprobs | processed_logits
     scheduling_policy: str = "fcfs"  # fcfs | priority
     enable_chunked_prefill: bool = True  # False: a prompt is computed in one step or waits
+    lora: object = None  # kiln.lora.config.LoRAConfig with enable_lora=True
     plan: CompilationPlan = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):

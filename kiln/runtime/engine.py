@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import torch
 
+from kiln.lora.request import LoRARequest
 from kiln.models.config import ModelConfig
 from kiln.runtime.config import EngineConfig
 from kiln.runtime.kv_cache_manager import KVCacheManager
@@ -43,6 +44,7 @@ class LLMEngine:
         self.config, self.worker = config, worker
         self.num_blocks = worker.num_blocks
         self.kv = KVCacheManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.lora = getattr(worker, "lora", None)  # kiln.lora.manager.LoRAManager with enable_lora
         self.scheduler = Scheduler(
             self.kv,
             config.max_num_seqs,
@@ -50,6 +52,7 @@ class LLMEngine:
             config.max_model_len,
             config.scheduling_policy,
             config.enable_chunked_prefill,
+            lora=self.lora,
         )
         self.async_scheduling = config.async_scheduling
         self.pending: RunnerOutput | None = None  # launched step whose tokens are not read back yet
@@ -121,6 +124,14 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
 
+    def load_lora(self, lora_request: LoRARequest):
+        """Read and check an adapter (cached after the first time); ValueError naming it otherwise."""
+        if self.lora is None:
+            raise ValueError(
+                f"lora_request {lora_request.lora_name!r}: LoRA is off; build the LLM with enable_lora=True"
+            )
+        return self.lora.load(lora_request)
+
     def add_request(
         self,
         request_id: str,
@@ -129,8 +140,10 @@ class LLMEngine:
         params: SamplingParams,
         cache_salt: str | None = None,
         priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         self._check_awake()
+        adapter = None if lora_request is None else self.load_lora(lora_request)
         max_tokens = self.config.max_model_len - len(prompt_token_ids)
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
@@ -146,9 +159,10 @@ class LLMEngine:
                 cache_salt=cache_salt,
                 priority=priority,
             )
+            seq.lora, seq.lora_request = adapter, lora_request
             self._next_seq_id += 1
             seqs.append(seq)
-        self.processor.add_request(Request(request_id, prompt, list(prompt_token_ids), seqs))
+        self.processor.add_request(Request(request_id, prompt, list(prompt_token_ids), seqs, lora_request))
         for seq in seqs:
             self.seqs[seq.seq_id] = seq
             self.scheduler.add(seq)

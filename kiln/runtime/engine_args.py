@@ -26,6 +26,7 @@ import torch
 
 from kiln import envs
 from kiln.compiler.config import CompilationConfig
+from kiln.lora.config import LoRAConfig
 from kiln.models.config import ModelConfig
 from kiln.models.hub import resolve_model_path
 from kiln.models.loader import read_config
@@ -185,6 +186,7 @@ class EngineArgs:
                 continue
             reason = _REASONS.get(name, "kiln does not implement it")
             raise NotImplementedError(f"LLM parameter {name}={value!r} is not supported: {reason}")
+        LoRAConfig.from_args(self.enable_lora, self.max_loras, self.max_lora_rank, self.max_cpu_loras)
         _check_choice("tokenizer_mode", self.tokenizer_mode, TOKENIZER_MODES)
         _check_choice("load_format", self.load_format, LOAD_FORMATS)
         _check_choice("logprobs_mode", self.logprobs_mode, LOGPROBS_MODES)
@@ -305,6 +307,9 @@ class EngineArgs:
             logprobs_mode=self.logprobs_mode,
             scheduling_policy=self.scheduling_policy,
             enable_chunked_prefill=chunked,
+            lora=LoRAConfig.from_args(
+                self.enable_lora, self.max_loras, self.max_lora_rank, self.max_cpu_loras
+            ),
         )
         generation_config = read_generation_config(
             path, self.generation_config, self.override_generation_config
@@ -361,6 +366,10 @@ HONOURED = frozenset(
         "tensor_parallel_size",
         "pipeline_parallel_size",
         "data_parallel_size",
+        "enable_lora",
+        "max_loras",
+        "max_lora_rank",
+        "max_cpu_loras",
     }
 )
 
@@ -403,7 +412,6 @@ _REASONS = {
     "quantization": "kiln loads unquantised safetensors or dequantised GGUF weights",
     "quantization_config": "kiln loads unquantised safetensors or dequantised GGUF weights",
     "kv_cache_dtype": "the KV cache uses the model dtype",
-    "enable_lora": "kiln has no LoRA support",
     "speculative_config": "kiln has no speculative decoding",
     "spec_method": "kiln has no speculative decoding",
     "spec_model": "kiln has no speculative decoding",

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kiln.compiler.report import CompileReport
+from kiln.lora.request import per_prompt
 from kiln.models.hub import resolve_model_path
 from kiln.runtime.chat import (
     CONTENT_FORMATS,
@@ -218,15 +219,19 @@ class LLM:
         tokenization_kwargs: dict[str, Any] | None = None,
         mm_processor_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        for name, value in (("lora_request", lora_request), ("mm_processor_kwargs", mm_processor_kwargs)):
-            if value is not None:
-                raise NotImplementedError(f"kiln does not implement generate parameter {name!r}")
+        if mm_processor_kwargs is not None:
+            raise NotImplementedError("kiln does not implement generate parameter 'mm_processor_kwargs'")
         return self._run(
-            prompts, sampling_params, use_tqdm, check_tokenization_kwargs(tokenization_kwargs), priority
+            prompts,
+            sampling_params,
+            use_tqdm,
+            check_tokenization_kwargs(tokenization_kwargs),
+            priority,
+            lora_request,
         )
 
     def _run(
-        self, prompts, sampling_params, use_tqdm, tokenization_kwargs, priority=None
+        self, prompts, sampling_params, use_tqdm, tokenization_kwargs, priority=None, lora_request=None
     ) -> list[RequestOutput]:
         prompts = as_prompt_list(prompts)
         if sampling_params is None:
@@ -256,12 +261,16 @@ class LLM:
             )
             prepared.append((self._inputs.process(prompt, i, params, tokenization_kwargs), params))
         engine = self.llm_engine
+        loras = per_prompt(lora_request, len(prompts))
+        for lora in loras:  # every adapter read and checked before any request is added
+            if lora is not None:
+                engine.load_lora(lora)
         ids = []
-        for (processed, params), prio in zip(prepared, priorities):
+        for (processed, params), prio, lora in zip(prepared, priorities, loras):
             request_id = str(self._request_counter)
             self._request_counter += 1
             engine.add_request(
-                request_id, processed.text, processed.token_ids, params, processed.cache_salt, prio
+                request_id, processed.text, processed.token_ids, params, processed.cache_salt, prio, lora
             )
             ids.append(request_id)
         results: dict[str, RequestOutput] = {}
@@ -327,8 +336,8 @@ class LLM:
                 "continue_final_message and add_generation_prompt cannot both be True: "
                 "set add_generation_prompt=False to continue the final message"
             )
-        if lora_request is not None or mm_processor_kwargs is not None:
-            raise NotImplementedError("kiln does not implement lora_request or mm_processor_kwargs")
+        if mm_processor_kwargs is not None:
+            raise NotImplementedError("kiln does not implement mm_processor_kwargs")
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer (skip_tokenizer_init=True)")
         tokenization_kwargs = {"add_special_tokens": False, **check_tokenization_kwargs(tokenization_kwargs)}
@@ -355,7 +364,7 @@ class LLM:
             )
             ids = self.tokenizer(text, **tokenization_kwargs)["input_ids"]
             prompts.append({"prompt": text, "prompt_token_ids": ids})
-        return self._run(prompts, sampling_params, use_tqdm, {})
+        return self._run(prompts, sampling_params, use_tqdm, {}, lora_request=lora_request)
 
     # ------------------------------------------------------------------ the worker
 

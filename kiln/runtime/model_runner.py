@@ -23,6 +23,7 @@ class ModelRunner:
         seed: int = 0,
         one_row_logits: bool = False,
         logprobs_mode: str = "raw_logprobs",
+        lora=None,
     ):
         self.model, self.forward, self.attention, self.graphs = model, forward, attention, graphs
         self.device = device
@@ -31,6 +32,7 @@ class ModelRunner:
         self.generators: dict[int, torch.Generator | None] = {}  # per sequence: its seeded generator
         self.one_row_logits = one_row_logits  # fuse_gemv on CUDA: a one-row batch's logits by kiln::gemv
         self.logprobs_mode = logprobs_mode
+        self.lora = lora  # kiln.lora.manager.LoRAManager: its per-token slot buffers are filled each step
         self.previous: RunnerOutput | None = None  # the last launched step (source of pending tokens)
         self._previous_rows: dict[int, int] = {}
         n = max([*graphs.full_sizes, *graphs.piecewise_sizes], default=0)
@@ -93,6 +95,8 @@ class ModelRunner:
         )
         if fix_dst:
             input_ids.index_copy_(0, dst, self.previous.tokens.index_select(0, src))
+        if self.lora is not None:
+            self.lora.batch.set([(s.lora_slot, s.num_tokens) for s in out.scheduled])
         all_rows = len(sample_rows) == len(ids)
         return input_ids, positions_t, md, starts, (None if all_rows else rows), samples
 

@@ -23,7 +23,12 @@ from kiln.runtime.step_data import RunnerOutput
 
 class Request:
     def __init__(
-        self, request_id: str, prompt: str | None, prompt_token_ids: list[int], seqs: list[Sequence]
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        seqs: list[Sequence],
+        lora_request=None,
     ):
         self.request_id, self.prompt, self.prompt_token_ids, self.seqs = (
             request_id,
@@ -38,8 +43,9 @@ class Request:
             prompt=prompt,
             prompt_token_ids=prompt_token_ids,
             prompt_logprobs=seqs[0].prompt_logprobs,
-            outputs=[CompletionOutput(s.index, "", [], None, None) for s in seqs],
+            outputs=[CompletionOutput(s.index, "", [], None, None, lora_request=lora_request) for s in seqs],
             finished=False,
+            lora_request=lora_request,
         )
 
     @property
@@ -174,6 +180,7 @@ class OutputProcessor:
             logprobs=None if seq.logprobs is None else seq.logprobs[logprobs_from:],
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
+            lora_request=seq.lora_request,
         )
 
     def _final_sample(self, request: Request, seq: Sequence, done: bool) -> RequestOutput:
@@ -198,6 +205,7 @@ class OutputProcessor:
             prompt_logprobs=None,
             outputs=[self._completion(seq)],
             finished=done,
+            lora_request=seq.lora_request,
             metrics=metrics,
             num_cached_tokens=(request.seqs[0].num_cached_tokens or 0) if done else None,
         )
@@ -221,6 +229,7 @@ class OutputProcessor:
                 prompt_logprobs=carries_prompt_logprobs[request_id],
                 outputs=sorted(completions, key=lambda c: c.index),
                 finished=request_id not in self.requests,
+                lora_request=completions[0].lora_request,
             )
             for request_id, completions in by_request.items()
         ]

@@ -46,8 +46,10 @@ class Scheduler:
         max_model_len: int | None = None,
         policy: str = "fcfs",
         chunked_prefill: bool = True,
+        lora=None,
     ):
         self.kv = kv
+        self.lora = lora  # kiln.lora.manager.LoRAManager, or None without enable_lora
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -121,6 +123,8 @@ class Scheduler:
                 i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
+            if not self._lora_admits(seq):
+                break
             cached = self.kv.lookup_prefix(seq)
             remaining = seq.num_tokens - len(cached) * self.kv.block_size
             n = min(remaining, budget)
@@ -174,6 +178,8 @@ class Scheduler:
                     len(seq.prompt_logprobs) if owed is not None else 0,  # prompt_logprobs_done
                 )
             )
+            if seq.lora is not None:
+                out.scheduled[-1].lora_slot = self.lora.slot_for(seq.lora)
             seq.first_scheduled_time = seq.first_scheduled_time or now
             seq.num_computed_tokens = hi
             if sample:
@@ -182,6 +188,13 @@ class Scheduler:
                 if seq.num_output_tokens >= seq.max_tokens or (limit is not None and seq.num_tokens >= limit):
                     seq.awaiting_finish = True
         return out
+
+    def _lora_admits(self, seq: Sequence) -> bool:
+        """A sequence's adapter must hold a device slot while it runs; with every slot used by running
+        sequences, it waits."""
+        if self.lora is None or seq.lora is None:
+            return True
+        return self.lora.admit(seq.lora, {s.lora_id for s in self.running if s.lora is not None})
 
     def cache_computed_blocks(self, out: SchedulerOutput, seqs: dict[int, Sequence]) -> None:
         """Publish the full blocks of the step's unfinished sequences (their tokens are known by now)."""

@@ -7,6 +7,7 @@ finish). The worker never sees one; it gets plain data (``kiln.runtime.step_data
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from kiln.runtime.outputs import Logprob
 from kiln.runtime.sampling_params import SamplingParams
@@ -46,6 +47,8 @@ class Sequence:
     text: str = ""
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    lora: Any = None  # kiln.lora.adapter.LoRAAdapter this sequence runs with (None: the base model)
+    lora_request: Any = None  # the kiln.lora.request.LoRARequest it was added with, for its outputs
 
     def __post_init__(self):
         if self.params.logprobs is not None:
@@ -83,6 +86,11 @@ class Sequence:
         if lo >= n:
             return self.output_token_ids[lo - n : hi - n]
         return self.prompt_token_ids[lo:] + self.output_token_ids[: hi - n]
+
+    @property
+    def lora_id(self) -> int:
+        """The adapter's ``lora_int_id``; 0 for the base model."""
+        return self.lora.id if self.lora is not None else 0
 
     @property
     def is_finished(self) -> bool:

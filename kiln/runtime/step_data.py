@@ -42,6 +42,7 @@ class ScheduledSequence:
     prompt_logprobs: int | None = None  # top-k of prompt logprobs owed for this step's prompt positions
     prompt_logprobs_done: int = 0  # prompt positions whose logprobs are already known (a recomputed prefix)
     generator: torch.Generator | None = None  # set by the worker: the sequence's seeded generator
+    lora_slot: int = -1  # device slot of the sequence's LoRA adapter, -1 for the base model
 
 
 @dataclass

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from kiln.compiler.compiled_forward import compile_forward
 from kiln.compiler.cudagraph import CudaGraphs
 from kiln.compiler.report import CompileReport
+from kiln.lora.manager import lora_manager_for
 from kiln.models.config import ModelConfig
 from kiln.models.loader import build_model, load_weights
 from kiln.ops.attention_backend import attention_backend_class
@@ -50,6 +51,7 @@ class Worker:
         self.attention = attention_backend_class(config.attention_backend)(config.block_size, config.device)
         self.graphs = CudaGraphs(self.plan.full_graph_sizes, self.plan.piecewise_graph_sizes)
         self.model = None
+        self.lora = None  # kiln.lora.manager.LoRAManager with enable_lora
         self.compiled = None  # kiln.compiler.compiled_forward.CompiledForward, None when eager
         self.runner: ModelRunner | None = None
         self.kv_caches: list[torch.Tensor] = []
@@ -69,6 +71,7 @@ class Worker:
         cfg = self.config
         self.phases.append("load_model")
         self.model = build_model(cfg.model_path, self.model_config, cfg.dtype, cfg.device, cfg.load_format)
+        self.lora = lora_manager_for(cfg, self.model_config, self.model)  # wraps the projections
 
     def compile_and_warm_up(self) -> None:
         cfg, mc = self.config, self.model_config
@@ -84,6 +87,7 @@ class Worker:
             seed=cfg.seed,
             one_row_logits=self.plan.one_row_logits,
             logprobs_mode=cfg.logprobs_mode,
+            lora=self.lora,
         )
         if self.graphs.full_sizes:
             self.attention.allocate_graph_buffers(self.graphs.full_sizes[-1], cfg.max_blocks_per_seq)
