@@ -1,6 +1,18 @@
 """kiln: vLLM's offline API on an engine built around the PyTorch compiler."""
 
 from kiln.compiler.config import CompilationConfig
+from kiln.pooling import (
+    ClassificationOutput,
+    ClassificationRequestOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    PoolerConfig,
+    PoolingOutput,
+    PoolingParams,
+    PoolingRequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
+)
 from kiln.runtime.inputs import TextPrompt, TokensPrompt
 from kiln.runtime.llm import LLM
 from kiln.runtime.outputs import CompletionOutput, Logprob, RequestOutput
@@ -17,4 +29,14 @@ __all__ = [
     "Logprob",
     "TextPrompt",
     "TokensPrompt",
+    "PoolerConfig",
+    "PoolingParams",
+    "PoolingOutput",
+    "PoolingRequestOutput",
+    "EmbeddingOutput",
+    "EmbeddingRequestOutput",
+    "ClassificationOutput",
+    "ClassificationRequestOutput",
+    "ScoringOutput",
+    "ScoringRequestOutput",
 ]

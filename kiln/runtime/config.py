@@ -49,4 +49,5 @@ class EngineConfig:
     attention_backend: str = "torch"
     load_format: str = "auto"
     compilation_config: object = None
+    pooling: object = None  # kiln.pooling.spec.PoolingModelSpec with runner="pooling"
     async_scheduling: bool = True  # launch step N+1 before reading step N's tokens back

@@ -13,6 +13,8 @@ from kiln.models.config import ModelConfig
 from kiln.models.loader import build_model
 from kiln.ops.forward_context import forward_context
 from kiln.ops.metadata import AttentionMetadata
+from kiln.pooling.finish import finish_pooled_sequences
+from kiln.pooling.state import PoolingState
 from kiln.runtime.config import CPU_DEFAULT_KV_CACHE_BYTES, EngineConfig
 from kiln.runtime.detokenizer import IncrementalDetokenizer, find_stop_string
 from kiln.runtime.kv_cache_manager import KVCacheManager
@@ -23,6 +25,7 @@ from kiln.runtime.scheduler import Scheduler
 from kiln.runtime.sequence import Sequence, Status
 
 logger = logging.getLogger("kiln")
+_POOLING_PARAMS = SamplingParams(max_tokens=1)  # what a prompt-only sequence's sampling fields read
 
 
 class Request:
@@ -47,7 +50,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, tokenizer):
         self.config, self.model_config, self.tokenizer = config, model_config, tokenizer
         self.model = build_model(
-            config.model_path, model_config, config.dtype, config.device, config.load_format
+            config.model_path, model_config, config.dtype, config.device, config.load_format, config.pooling
         )
         num_blocks = self._num_kv_blocks()
         if config.max_model_len > num_blocks * config.block_size:
@@ -268,6 +271,16 @@ class LLMEngine:
             self.scheduler.add(seq)
         self.requests[request_id] = Request(request_id, prompt, list(prompt_token_ids), seqs)
 
+    def add_pooling_request(
+        self, request_id: str, prompt: str | None, prompt_token_ids: list[int], state: PoolingState
+    ) -> None:
+        """A prompt-only request: prefilled, pooled (``state``), finished; never decoded."""
+        seq = Sequence(self._next_seq_id, request_id, 0, list(prompt_token_ids), _POOLING_PARAMS, 0)
+        seq.pooling = state
+        self._next_seq_id += 1
+        self.scheduler.add(seq)
+        self.requests[request_id] = Request(request_id, prompt, list(prompt_token_ids), [seq])
+
     def abort_all(self) -> None:
         """Drop every request and free its KV blocks (the launched step, if any, is discarded)."""
         if self.pending is not None and self.pending.tokens is not None and self.config.device.type == "cuda":
@@ -313,6 +326,8 @@ class LLMEngine:
             seq.num_computed_tokens += n
             for target, entry in launched.prompt_logprobs.get(seq, []):
                 seq.prompt_logprobs.append(self._logprob_dict(target, entry))
+        if batch.has_pooling:
+            finished += finish_pooled_sequences(self, batch)
         for seq in launched.seqs:
             seq.output_token_ids.append(PLACEHOLDER)
             if len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len:

@@ -14,6 +14,8 @@ from kiln.compiler.config import CompilationConfig
 from kiln.compiler.report import CompileReport
 from kiln.models.config import ModelConfig
 from kiln.models.loader import read_config, resolve_model_path
+from kiln.pooling.api import PoolingMethods
+from kiln.pooling.spec import resolve_runner
 from kiln.runtime.config import EngineConfig, resolve_dtype
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.inputs import parse_prompt
@@ -22,8 +24,6 @@ from kiln.runtime.sampling_params import SamplingParams
 
 # LLM(...) parameters kiln accepts only at their default value: (name, default)
 _UNSUPPORTED = {
-    "runner": "auto",
-    "convert": "auto",
     "allowed_local_media_path": "",
     "allowed_media_domains": None,
     "quantization": None,
@@ -38,7 +38,6 @@ _UNSUPPORTED = {
     "hf_token": None,
     "hf_overrides": None,
     "mm_processor_kwargs": None,
-    "pooler_config": None,
     "structured_outputs_config": None,
     "profiler_config": None,
     "quantization_config": None,
@@ -84,13 +83,17 @@ def _check_implemented(params: SamplingParams) -> None:
         )
 
 
-class LLM:
-    """Generate text from a Llama-family checkpoint with continuous batching over a paged KV cache."""
+class LLM(PoolingMethods):
+    """Generate text from a Llama-family checkpoint with continuous batching over a paged KV cache;
+    or, with ``runner="pooling"``, embed, classify, score and reward (``kiln.pooling``)."""
 
     def __init__(
         self,
         model: str,
         *,
+        runner: str = "auto",
+        convert: str = "auto",
+        pooler_config: Any = None,
         tokenizer: str | None = None,
         tokenizer_mode: str = "auto",
         skip_tokenizer_init: bool = False,
@@ -152,6 +155,10 @@ class LLM:
 
         path = resolve_model_path(model, revision)
         model_config = ModelConfig.from_dict(read_config(path))
+        self.pooling_spec = resolve_runner(
+            model_config.architecture, model_config.raw, runner, convert, pooler_config
+        )
+        self.runner_type = "generate" if self.pooling_spec is None else "pooling"
         self.model_path = path
         self.tokenizer = (
             None
@@ -184,6 +191,7 @@ class LLM:
             attention_backend=backend,
             load_format="dummy" if kwargs.get("load_format") == "dummy" else "auto",
             compilation_config=compilation_config,
+            pooling=self.pooling_spec,
         )
         torch.manual_seed(seed)
         self.llm_engine = LLMEngine(self.config, model_config, self.tokenizer)
@@ -283,8 +291,17 @@ class LLM:
         for name, value in (("lora_request", lora_request), ("mm_processor_kwargs", mm_processor_kwargs)):
             if value is not None:
                 raise NotImplementedError(f"kiln does not implement generate parameter {name!r}")
+        self._require_generate("generate")
         add_special_tokens = (tokenization_kwargs or {}).get("add_special_tokens", True)
         return self._run(prompts, sampling_params, use_tqdm, add_special_tokens, priority)
+
+    def _require_generate(self, method: str) -> None:
+        if self.runner_type != "generate":
+            raise ValueError(
+                f"LLM.{method}() is only supported for generative models; this LLM runs "
+                f"{self.llm_engine.model_config.architecture} with runner='pooling'. Load a causal LM "
+                "with runner='generate' (or 'auto') to generate, or call embed/classify/score/reward/encode."
+            )
 
     def _run(
         self, prompts, sampling_params, use_tqdm, add_special_tokens, priority=None
@@ -384,6 +401,7 @@ class LLM:
         mm_processor_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Render each conversation with the tokenizer's chat template, then generate."""
+        self._require_generate("chat")
         if chat_template_content_format not in ("auto", "string"):
             raise NotImplementedError(
                 f"chat_template_content_format={chat_template_content_format!r}: "

@@ -9,6 +9,7 @@ import kiln.ops.gemv  # noqa: F401  (registers kiln::gemv)
 from kiln.ops.forward_context import forward_context
 from kiln.ops.metadata import AttentionMetadata
 from kiln.ops.sample_argmax import sample_argmax
+from kiln.pooling.state import collect_pooled
 from kiln.runtime.sampler import sample, top_logprobs
 from kiln.runtime.scheduler import ScheduledBatch
 from kiln.runtime.sequence import Sequence
@@ -115,7 +116,7 @@ class ModelRunner:
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(lo, lo + n))
             starts.append(starts[-1] + n)
             seq_lens.append(lo + n)
-            if lo + n == seq.num_tokens:
+            if lo + n == seq.num_tokens and seq.pooling is None:
                 sample_rows.append(starts[-1] - 1)
                 sample_seqs.append(seq)
         width = max(len(seq.block_ids) for seq in batch.seqs)
@@ -152,6 +153,8 @@ class ModelRunner:
         else:
             with forward_context(md, self.kv_caches, self.attention_backend):
                 hidden = self.forward_fn(input_ids, positions)
+        if batch.has_pooling:
+            collect_pooled(hidden, batch.seqs, batch.num_new_tokens, starts)
 
         out = StepOutput(sample_seqs, None, [], {}, {s: len(s.output_token_ids) for s in sample_seqs})
         if sample_seqs:

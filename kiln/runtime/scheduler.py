@@ -27,6 +27,10 @@ class ScheduledBatch:
     def __bool__(self) -> bool:
         return bool(self.seqs)
 
+    @property
+    def has_pooling(self) -> bool:
+        return any(seq.pooling is not None for seq in self.seqs)
+
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):

@@ -2,6 +2,7 @@
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -41,6 +42,7 @@ class Sequence:
     text: str = ""
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    pooling: Any = None  # kiln.pooling.state.PoolingState of a prompt-only pooling request
 
     def __post_init__(self):
         if self.params.logprobs is not None:
@@ -72,6 +74,13 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def reads_prefix_cache(self) -> bool:
+        """Prompt logprobs and most poolings need every prompt position computed."""
+        if self.pooling is not None:
+            return self.pooling.reads_prefix_cache
+        return not self.wants_prompt_logprobs
 
     @property
     def wants_prompt_logprobs(self) -> bool:
