@@ -293,3 +293,67 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(tiny_checkpoint, ids):
         out = llm.embed(ids[2], truncate_prompt_tokens=5, use_tqdm=False)[0]
     assert out.prompt_token_ids == ids[2][-5:]
     assert _cos(out.outputs.embedding, reference) >= 0.99999
+
+
+@pytest.mark.parametrize("kind", ["MEAN", "CLS", "ALL", "LAST"])
+def test_recomputed_prompt_is_pooled_once(kind):
+    """A preempted sequence is recomputed from position 0: its pooling state restarts there."""
+    from kiln.pooling.state import PoolingState, collect_pooled
+    from kiln.runtime.sequence import Sequence
+
+    hidden = torch.randn(10, 8)
+    seq = Sequence(0, "0", 0, list(range(10)), SamplingParams(), 0)
+    seq.pooling = PoolingState("embed", kind, None, True)
+
+    def run_chunk(lo, n):
+        seq.num_computed_tokens = lo
+        collect_pooled(hidden[lo : lo + n] + 0, [seq], [n], [0])
+
+    run_chunk(0, 4)
+    run_chunk(4, 3)  # preempted here, recomputed from scratch
+    run_chunk(0, 6)
+    run_chunk(6, 4)
+    expected = {"MEAN": hidden.mean(0), "CLS": hidden[0], "ALL": hidden, "LAST": hidden[-1]}[kind]
+    assert torch.allclose(seq.pooling.pooled, expected, atol=1e-6)
+
+
+def test_compiled_forward_serves_pooling(classifier, ids, tmp_path):
+    """compilation_config=3 (piecewise Inductor): LAST pooling and per-token (ALL) outputs match HF."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = classifier("llama")
+    hf = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        per_token = [hf.score(hf.model(torch.tensor([p])).last_hidden_state[0]) for p in ids]
+    engine = dict(SMALL, enforce_eager=False, max_num_batched_tokens=16)
+    with LLM(path, compilation_config={"mode": 3, "cache_dir": str(tmp_path)}, **engine) as llm:
+        assert llm.compile_report().mode == "piecewise"
+        raw = llm.classify(ids, PoolingParams(use_activation=False), use_tqdm=False)
+        tokens = llm.encode(ids, PoolingParams(use_activation=False), pooling_task="token_classify")
+        assert llm.compile_report().recompilations == 0
+    for r, t, ref in zip(raw, tokens, per_token):
+        assert torch.allclose(torch.tensor(r.outputs.probs), ref[-1], atol=1e-4, rtol=0)
+        assert torch.allclose(t.outputs.data, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.gpu
+def test_piecewise_cuda_graphs_serve_pooling(tiny_checkpoint, classifier, ids):
+    """On CUDA the default compile and piecewise graphs run the pooling batches; results match eager."""
+    prompts = [list(range(300 + 7 * i, 300 + 7 * i + 5 + 9 * i)) for i in range(6)] + ids
+    kwargs = dict(dtype="float32", max_num_seqs=8, max_model_len=256, max_num_batched_tokens=64)
+    cc = {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64]}
+    for path, method, opts in (
+        (tiny_checkpoint("qwen3"), "embed", dict(runner="pooling")),
+        (tiny_checkpoint("llama"), "embed", dict(runner="pooling", pooler_config={"pooling_type": "MEAN"})),
+        (classifier("qwen2"), "classify", {}),
+    ):
+        with LLM(path, enforce_eager=True, **opts, **kwargs) as eager:
+            expected = getattr(eager, method)(prompts, use_tqdm=False)
+        with LLM(path, compilation_config=cc, **opts, **kwargs) as graphed:
+            got = getattr(graphed, method)(prompts, use_tqdm=False)
+            assert graphed.llm_engine.runner.piecewise_graphs.replays > 0
+            _assert_idle(graphed)
+        for e, g in zip(expected, got):
+            a = torch.tensor(getattr(e.outputs, "embedding", None) or e.outputs.probs)
+            b = torch.tensor(getattr(g.outputs, "embedding", None) or g.outputs.probs)
+            assert torch.allclose(a, b, atol=1e-4), (path, method)
