@@ -13,7 +13,7 @@ from kiln.models.config import ModelConfig
 from kiln.models.loader import build_model
 from kiln.ops.forward_context import forward_context
 from kiln.ops.metadata import AttentionMetadata
-from kiln.pooling.finish import finish_pooled_sequences
+from kiln.pooling.finish import PooledOutputs
 from kiln.pooling.state import PoolingState
 from kiln.runtime.config import CPU_DEFAULT_KV_CACHE_BYTES, EngineConfig
 from kiln.runtime.detokenizer import IncrementalDetokenizer, find_stop_string
@@ -86,6 +86,7 @@ class LLMEngine:
         self.graph_capture_seconds = 0.0
         self._capture_graphs()
         self.requests: dict[str, Request] = {}
+        self.pooled = PooledOutputs(self.model)  # pooling requests' outputs on their way to the host
         self.async_scheduling = config.async_scheduling
         self.pending: StepOutput | None = None  # launched step whose tokens are not read back yet
         eos = getattr(tokenizer, "eos_token_id", None)
@@ -294,9 +295,10 @@ class LLMEngine:
         sched.waiting.clear()
         self.requests.clear()
         self.detokenizers.clear()
+        self.pooled.clear()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self.pooled.has_pending()
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; return the requests that finished in it.
@@ -314,6 +316,7 @@ class LLMEngine:
             finished += self._read_back(self.pending)
             self.pending = None
         if not batch:
+            finished += self.pooled.drain()
             # after a read-back, finished sequences have freed blocks: the next step can schedule again
             if not read_back and self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler produced an empty step while requests are pending")
@@ -327,7 +330,7 @@ class LLMEngine:
             for target, entry in launched.prompt_logprobs.get(seq, []):
                 seq.prompt_logprobs.append(self._logprob_dict(target, entry))
         if batch.has_pooling:
-            finished += finish_pooled_sequences(self, batch)
+            finished += self.pooled.finish(self, batch)
         for seq in launched.seqs:
             seq.output_token_ids.append(PLACEHOLDER)
             if len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len:
