@@ -357,3 +357,18 @@ def test_piecewise_cuda_graphs_serve_pooling(tiny_checkpoint, classifier, ids):
             a = torch.tensor(getattr(e.outputs, "embedding", None) or e.outputs.probs)
             b = torch.tensor(getattr(g.outputs, "embedding", None) or g.outputs.probs)
             assert torch.allclose(a, b, atol=1e-4), (path, method)
+
+
+def test_pooling_requests_are_counted_in_metrics(tiny_checkpoint, ids):
+    path = tiny_checkpoint("llama")
+    with LLM(path, convert="embed", disable_log_stats=False, **SMALL) as llm:
+        llm.embed(ids, use_tqdm=False)
+        metrics = {(m.name, tuple(sorted(m.labels.items()))): m for m in llm.get_metrics()}
+    prompt_tokens = next(m for (name, _), m in metrics.items() if name == "vllm:prompt_tokens")
+    assert prompt_tokens.value == sum(len(p) for p in ids)
+    stops = [
+        m
+        for (name, labels), m in metrics.items()
+        if name == "vllm:request_success" and ("finished_reason", "stop") in labels
+    ]
+    assert stops[0].value == len(ids)

@@ -10,6 +10,7 @@ device idle; on CPU they are handed out at once.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -91,11 +92,13 @@ class PooledOutputs:
         ]
         if not done:
             return earlier
-        requests = []
+        requests, now = [], time.time()
         for seq in done:
             engine.kv.cache_computed_blocks(seq)
             engine.scheduler.finish(seq)
             request = engine.requests.pop(seq.request_id)
+            if engine.stats is not None:
+                engine.stats.on_pooled(request.arrival_time, seq, now)
             requests.append((request.request_id, request.prompt_token_ids, seq.num_cached_tokens or 0))
         results = task_outputs(self.model, [seq.pooling for seq in done])
         flat = torch.cat([r.reshape(-1) for r in results])

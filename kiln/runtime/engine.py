@@ -1,5 +1,6 @@
 """The engine loop: schedule a step, run the model, append tokens, detokenize, check stops, emit outputs."""
 
+import contextlib
 import logging
 import time
 
@@ -94,6 +95,8 @@ class LLMEngine:
         self._next_seq_id = 0
         self.detokenizers: dict[Sequence, IncrementalDetokenizer] = {}
         self._token_texts: dict[int, str] = {}
+        self.stats = None  # MetricsCollector (kiln/runtime/metrics.py) when LLM(disable_log_stats=False)
+        self.profiler = None  # EngineProfiler (kiln/runtime/profiler.py) when LLM(profiler_config=...)
 
     def _warmup_steps(self) -> list:
         """Dummy steps that launch every variant of the Triton attention kernels (none for torch's)."""
@@ -288,7 +291,8 @@ class LLMEngine:
             torch.cuda.synchronize()
         self.pending = None
         sched = self.scheduler
-        for seq in list(sched.running) + list(sched.waiting):
+        aborted = list(sched.running) + list(sched.waiting)
+        for seq in aborted:
             self.kv.free(seq)
             seq.status = Status.FINISHED
         sched.running.clear()
@@ -296,12 +300,22 @@ class LLMEngine:
         self.requests.clear()
         self.detokenizers.clear()
         self.pooled.clear()
+        if self.stats is not None:
+            self.stats.on_abort(aborted, self.scheduler, self.kv)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or self.pooled.has_pending()
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; return the requests that finished in it.
+        """Run one scheduling step (profiled and counted when enabled); return the requests finished in it."""
+        with self.profiler.step() if self.profiler is not None else contextlib.nullcontext():
+            finished = self._step()
+        if self.stats is not None:
+            self.stats.on_step(self.scheduler, self.kv)
+        return finished
+
+    def _step(self) -> list[RequestOutput]:
+        """One scheduling step.
 
         Steps overlap: step N+1 is launched (its last input tokens taken from step N's device output)
         before step N's tokens are read back, so the host work of one step hides behind the device
@@ -359,6 +373,8 @@ class LLMEngine:
             index = step.output_index[seq]
             seq.output_token_ids[index] = token
             self._accept_token(seq, index, token, logprob_entry, now)
+            if self.stats is not None:
+                self.stats.on_token(self.requests[seq.request_id].arrival_time, seq, index, now)
             if seq.finish_reason is None:
                 continue
             del seq.output_token_ids[index + 1 :]

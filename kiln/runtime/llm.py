@@ -19,7 +19,10 @@ from kiln.pooling.spec import resolve_runner
 from kiln.runtime.config import EngineConfig, resolve_dtype
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.inputs import parse_prompt
+from kiln.runtime.metrics import MetricsCollector
+from kiln.runtime.metrics_reader import Metric
 from kiln.runtime.outputs import RequestOutput
+from kiln.runtime.profiler import EngineProfiler, ProfilerConfig
 from kiln.runtime.sampling_params import SamplingParams
 
 # LLM(...) parameters kiln accepts only at their default value: (name, default)
@@ -39,7 +42,6 @@ _UNSUPPORTED = {
     "hf_overrides": None,
     "mm_processor_kwargs": None,
     "structured_outputs_config": None,
-    "profiler_config": None,
     "quantization_config": None,
     "logits_processors": None,
     "spec_method": None,
@@ -56,6 +58,7 @@ _ENGINE_KWARGS = {
     "load_format",
     "disable_log_stats",
     "enable_chunked_prefill",
+    "profiler_config",
 }
 _ATTENTION_BACKENDS = ("torch", "triton")
 
@@ -142,6 +145,11 @@ class LLM(PoolingMethods):
             )
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        profiler_config = ProfilerConfig.parse(kwargs.get("profiler_config"))
+        profiler_config.check_device(device)
+        if not isinstance(kwargs.get("disable_log_stats", True), bool):
+            raise ValueError(f"disable_log_stats must be a bool, got {kwargs['disable_log_stats']!r}")
+        log_stats = not kwargs.get("disable_log_stats", True)
         default_backend = os.environ.get("KILN_ATTENTION_BACKEND") or (
             "triton" if device.type == "cuda" else "torch"
         )
@@ -195,6 +203,11 @@ class LLM(PoolingMethods):
         )
         torch.manual_seed(seed)
         self.llm_engine = LLMEngine(self.config, model_config, self.tokenizer)
+        self._profiler = EngineProfiler(profiler_config, device)
+        if profiler_config.profiler is not None:
+            self.llm_engine.profiler = self._profiler
+        if log_stats:
+            self.llm_engine.stats = MetricsCollector(model, self.config.max_model_len)
         self._request_counter = 0
 
     # ------------------------------------------------------------------ set-up helpers
@@ -245,6 +258,27 @@ class LLM(PoolingMethods):
 
     def reset_prefix_cache(self) -> bool:
         return self.llm_engine.kv.reset_prefix_cache()
+
+    # ------------------------------------------------------------------ observability
+
+    def start_profile(self, profile_prefix: str | None = None) -> None:
+        """Profile the engine steps from now until ``stop_profile()``; the trace file names start with
+        ``profile_prefix`` (see ``kiln/runtime/profiler.py``). Needs ``LLM(profiler_config=...)``."""
+        self._profiler.start(profile_prefix)
+
+    def stop_profile(self) -> None:
+        """Stop profiling and write the trace into ``profiler_config.torch_profiler_dir``."""
+        self._profiler.stop()
+
+    def get_metrics(self) -> list[Metric]:
+        """A snapshot of the engine's metrics (vLLM's names and ``Counter`` / ``Gauge`` / ``Histogram``
+        objects, ``kiln/runtime/metrics_reader.py``). Needs ``LLM(disable_log_stats=False)``."""
+        stats = self.llm_engine.stats
+        if stats is None:
+            raise RuntimeError(
+                "get_metrics(): statistics are off (the default); create the LLM with disable_log_stats=False"
+            )
+        return stats.snapshot()
 
     # ------------------------------------------------------------------ generation
 
@@ -437,6 +471,7 @@ class LLM(PoolingMethods):
     def shutdown(self) -> None:
         engine = getattr(self, "llm_engine", None)
         if engine is not None:
+            self._profiler.shutdown()
             engine.kv_caches.clear()
             self.llm_engine = None
             if torch.cuda.is_available():
