@@ -4,7 +4,8 @@ For each model shape (random weights; kiln loads them with ``load_format="dummy"
 ``AutoModel`` from the same config), N random-token prompts of fixed length are embedded: kiln with
 ``LLM(runner="pooling").embed`` (last-token pooling, normalised; the default compile and CUDA graphs on
 GPU), HF with ``AutoModel`` forwards over batches of ``--hf-batch-size`` prompts, the last hidden
-state pooled and normalised the same way, each batch's embeddings copied to the host as kiln's are.
+state pooled and normalised the same way, each batch's embeddings brought to the host as Python
+lists, as ``embed`` returns them.
 Both are timed after a warm-up; tokens/s counts prompt tokens. Results JSON: machine (GPU name,
 driver), versions, command, configuration and per model kiln/HF tokens/s and their ratio.
 
@@ -93,7 +94,7 @@ def run_hf(config: dict, prompts: list[list[int]], args, device: torch.device, d
     def embed(chunk):
         ids = torch.tensor(chunk, device=device)  # equal lengths: no padding, no mask needed
         hidden = model(input_ids=ids, use_cache=False).last_hidden_state[:, -1]
-        return F.normalize(hidden.float(), dim=-1).cpu()
+        return F.normalize(hidden.float(), dim=-1).cpu().tolist()  # lists, as embed() returns
 
     try:
         embed(prompts[: min(batch, len(prompts))])
