@@ -67,7 +67,7 @@ def _cos(a, b) -> float:
 
 def _assert_idle(llm):
     engine = llm.llm_engine
-    assert not engine.requests and not engine.has_unfinished_requests()
+    assert not engine.seqs and not engine.pooled.requests and not engine.has_unfinished_requests()
     assert engine.kv.num_free_blocks == engine.num_blocks
 
 
@@ -297,24 +297,25 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(tiny_checkpoint, ids):
 
 @pytest.mark.parametrize("kind", ["MEAN", "CLS", "ALL", "LAST"])
 def test_recomputed_prompt_is_pooled_once(kind):
-    """A preempted sequence is recomputed from position 0: its pooling state restarts there."""
-    from kiln.pooling.state import PoolingState, collect_pooled
-    from kiln.runtime.sequence import Sequence
+    """A preempted sequence is recomputed from position 0: its pooled rows restart there."""
+    from types import SimpleNamespace
+
+    from kiln.pooling.state import PooledRows
 
     hidden = torch.randn(10, 8)
-    seq = Sequence(0, "0", 0, list(range(10)), SamplingParams(), 0)
-    seq.pooling = PoolingState("embed", kind, None, True)
+    rows = PooledRows()
+    prompt = list(range(10))
 
     def run_chunk(lo, n):
-        seq.num_computed_tokens = lo
-        collect_pooled(hidden[lo : lo + n] + 0, [seq], [n], [0])
+        s = SimpleNamespace(seq_id=7, start=lo, num_tokens=n, prompt_token_ids=prompt, pooling=kind)
+        return rows.collect(hidden[lo : lo + n] + 0, [s], [0])
 
-    run_chunk(0, 4)
-    run_chunk(4, 3)  # preempted here, recomputed from scratch
-    run_chunk(0, 6)
-    run_chunk(6, 4)
+    assert run_chunk(0, 4) == {}
+    assert run_chunk(4, 3) == {}  # preempted here, recomputed from scratch
+    assert run_chunk(0, 6) == {}
+    done = run_chunk(6, 4)
     expected = {"MEAN": hidden.mean(0), "CLS": hidden[0], "ALL": hidden, "LAST": hidden[-1]}[kind]
-    assert torch.allclose(seq.pooling.pooled, expected, atol=1e-6)
+    assert torch.allclose(done[7], expected, atol=1e-6) and not rows.partial
 
 
 def test_compiled_forward_serves_pooling(classifier, ids, tmp_path):

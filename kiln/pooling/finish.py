@@ -42,36 +42,40 @@ class _InFlight:
 
 
 @torch.inference_mode()
-def task_outputs(model, states) -> list[torch.Tensor]:
-    """Each state's task output (float32, on the device), computed in groups of equal parameters."""
+def task_outputs(model, items) -> list[torch.Tensor]:
+    """Each ``(PoolingState, pooled rows)``'s task output (float32, on the device), computed in groups
+    of equal parameters."""
     groups: dict[tuple, list[int]] = {}
-    for i, s in enumerate(states):
+    for i, (s, _) in enumerate(items):
         groups.setdefault((s.task, s.dimensions, s.use_activation, s.pooling != "ALL"), []).append(i)
-    results: list[torch.Tensor | None] = [None] * len(states)
+    results: list[torch.Tensor | None] = [None] * len(items)
     for (task, dims, act, per_sequence), members in groups.items():
         if per_sequence:
-            out = finish_task(
-                torch.stack([states[i].pooled for i in members]), model.score, model.spec, task, dims, act
-            )
+            x = torch.stack([items[i][1] for i in members])
+            out = finish_task(x, model.score, model.spec, task, dims, act)
             for j, i in enumerate(members):
                 results[i] = out[j]
         else:
             for i in members:
-                results[i] = finish_task(states[i].pooled, model.score, model.spec, task, dims, act)
+                results[i] = finish_task(items[i][1], model.score, model.spec, task, dims, act)
     return results
 
 
 class PooledOutputs:
-    """Finishes pooling sequences and hands out their ``PoolingRequestOutput``s (see module doc)."""
+    """Pooling requests of an engine, and their ``PoolingRequestOutput``s (see module doc)."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self):
+        self.requests: dict[str, tuple[list[int], float]] = {}  # id -> (prompt token ids, arrival time)
         self.in_flight: deque[_InFlight] = deque()
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int]) -> None:
+        self.requests[request_id] = (prompt_token_ids, time.time())
 
     def has_pending(self) -> bool:
         return bool(self.in_flight)
 
     def clear(self) -> None:
+        self.requests.clear()
         self.in_flight.clear()
 
     def drain(self) -> list[PoolingRequestOutput]:
@@ -81,26 +85,23 @@ class PooledOutputs:
             outputs += self.in_flight.popleft().outputs()
         return outputs
 
-    def finish(self, engine, batch) -> list[PoolingRequestOutput]:
-        """Finish the batch's pooling sequences whose whole prompt is now computed; return the outputs
-        of earlier steps (on CUDA) or of this one (on CPU)."""
+    def finish(self, engine, pooled: dict[int, torch.Tensor]) -> list[PoolingRequestOutput]:
+        """Finish the sequences whose pooled rows the step returned; return the outputs of earlier
+        steps (on CUDA) or of this one (on CPU)."""
         earlier = self.drain()
-        done = [
-            seq
-            for seq in batch.seqs
-            if seq.pooling is not None and seq.num_computed_tokens == seq.num_prompt_tokens
-        ]
-        if not done:
+        if not pooled:
             return earlier
-        requests, now = [], time.time()
-        for seq in done:
+        items, requests, now = [], [], time.time()
+        for seq_id, rows in pooled.items():
+            seq = engine.seqs.pop(seq_id)
             engine.kv.cache_computed_blocks(seq)
             engine.scheduler.finish(seq)
-            request = engine.requests.pop(seq.request_id)
+            prompt_ids, arrival = self.requests.pop(seq.request_id)
             if engine.stats is not None:
-                engine.stats.on_pooled(request.arrival_time, seq, now)
-            requests.append((request.request_id, request.prompt_token_ids, seq.num_cached_tokens or 0))
-        results = task_outputs(self.model, [seq.pooling for seq in done])
+                engine.stats.on_pooled(arrival, seq, now)
+            items.append((seq.pooling, rows))
+            requests.append((seq.request_id, prompt_ids, seq.num_cached_tokens or 0))
+        results = task_outputs(engine.model, items)
         flat = torch.cat([r.reshape(-1) for r in results])
         shapes = [r.shape for r in results]
         if flat.is_cuda:

@@ -1,15 +1,18 @@
-"""Per-sequence pooling state and the runner's step hook that fills it.
+"""Pooling state on both sides of the engine/worker boundary.
 
 A pooling request is a prompt-only sequence: the scheduler prefills it (in chunks across steps when
-the token budget says so) and the runner keeps, on the device, only what its pooling needs from each
-step's hidden states: the last row (LAST), a float32 running sum (MEAN), the first row (CLS) or
-every row (ALL). A chunk starting at position 0 restarts the state, so a preempted sequence that is
-recomputed pools its prompt once.
+the token budget says so) and hands the worker its pooling type in the plain-data
+``ScheduledSequence.pooling``. The runner's ``PooledRows`` keeps, on the device, only what that pooling
+needs from each step's hidden states: the last row (LAST), a float32 running sum (MEAN), the first row
+(CLS) or every row (ALL), and returns the pooled rows of the sequences whose last chunk ran in
+``RunnerOutput.pooled``. A chunk starting at position 0 restarts the state, so a preempted sequence
+that is recomputed pools its prompt once. ``PoolingState`` is the engine side: what the request asked
+for (task, dimensions, activation).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -18,15 +21,12 @@ from kiln.runtime.transfer import to_device
 
 @dataclass(eq=False)
 class PoolingState:
-    """What one request asks for (task, pooling, dimensions, activation) and its pooled rows."""
+    """What one pooling request asks for; carried by its ``Sequence``."""
 
     task: str
     pooling: str  # "LAST", "MEAN", "CLS" or "ALL"
     dimensions: int | None
     use_activation: bool
-    partial: torch.Tensor | None = None  # MEAN: running sum; CLS: the first row
-    rows: list[torch.Tensor] = field(default_factory=list)  # ALL: every chunk's rows
-    pooled: torch.Tensor | None = None  # set when the last prompt chunk has run
 
     @property
     def reads_prefix_cache(self) -> bool:
@@ -34,38 +34,48 @@ class PoolingState:
         return self.pooling == "LAST"
 
 
-def collect_pooled(hidden: torch.Tensor, seqs, num_new_tokens: list[int], starts: list[int]) -> None:
-    """Keep the hidden rows the batch's pooling sequences need (copies: ``hidden`` may be a graph's
-    static buffer). Called before ``num_computed_tokens`` advances past this step's chunk."""
-    last_rows, last_states = [], []
-    for seq, n, row0 in zip(seqs, num_new_tokens, starts):
-        state = seq.pooling
-        if state is None:
-            continue
-        lo = seq.num_computed_tokens
-        done = lo + n == seq.num_prompt_tokens
-        if state.pooling == "LAST":
-            if done:
-                last_rows.append(row0 + n - 1)
-                last_states.append(state)
-        elif state.pooling == "MEAN":
-            part = hidden[row0 : row0 + n].float().sum(0)
-            state.partial = part if lo == 0 else state.partial + part
-            if done:
-                state.pooled = state.partial / seq.num_prompt_tokens
-        elif state.pooling == "CLS":
-            if lo == 0:
-                state.partial = hidden[row0].clone()
-            if done:
-                state.pooled = state.partial
-        else:  # ALL
-            if lo == 0:
-                state.rows = []
-            state.rows.append(hidden[row0 : row0 + n].clone())
-            if done:
-                state.pooled = torch.cat(state.rows)
-                state.rows = []
-    if last_rows:
-        picked = hidden.index_select(0, to_device(last_rows, hidden.device, torch.long))
-        for i, state in enumerate(last_states):
-            state.pooled = picked[i]
+class PooledRows:
+    """The runner's partial pools by sequence id (device tensors)."""
+
+    def __init__(self):
+        self.partial: dict[int, torch.Tensor | list[torch.Tensor]] = {}
+
+    def forget(self, seq_id: int) -> None:
+        self.partial.pop(seq_id, None)
+
+    def collect(self, hidden: torch.Tensor, scheduled, starts: list[int]) -> dict[int, torch.Tensor]:
+        """Keep the rows this step's pooling sequences need (copies: ``hidden`` may be a graph's
+        static buffer); return ``{seq id: pooled rows}`` for those whose prompt is now complete."""
+        done: dict[int, torch.Tensor] = {}
+        last_rows, last_ids = [], []
+        for s, row0 in zip(scheduled, starts):
+            kind = s.pooling
+            if kind is None:
+                continue
+            lo, n = s.start, s.num_tokens
+            complete = lo + n == len(s.prompt_token_ids)
+            if kind == "LAST":
+                if complete:
+                    last_rows.append(row0 + n - 1)
+                    last_ids.append(s.seq_id)
+                continue
+            if kind == "MEAN":
+                part = hidden[row0 : row0 + n].float().sum(0)
+                part = part if lo == 0 else self.partial[s.seq_id] + part
+                result = part / len(s.prompt_token_ids) if complete else None
+            elif kind == "CLS":
+                part = hidden[row0].clone() if lo == 0 else self.partial[s.seq_id]
+                result = part if complete else None
+            else:  # ALL
+                part = ([] if lo == 0 else self.partial[s.seq_id]) + [hidden[row0 : row0 + n].clone()]
+                result = torch.cat(part) if complete else None
+            if complete:
+                self.partial.pop(s.seq_id, None)
+                done[s.seq_id] = result
+            else:
+                self.partial[s.seq_id] = part
+        if last_rows:
+            picked = hidden.index_select(0, to_device(last_rows, hidden.device, torch.long))
+            for i, seq_id in enumerate(last_ids):
+                done[seq_id] = picked[i]
+        return done

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from kiln import envs
 from kiln.compiler.config import CompilationConfig
 from kiln.compiler.report import CompileReport
 from kiln.models.config import ModelConfig
@@ -150,9 +151,7 @@ class LLM(PoolingMethods):
         if not isinstance(kwargs.get("disable_log_stats", True), bool):
             raise ValueError(f"disable_log_stats must be a bool, got {kwargs['disable_log_stats']!r}")
         log_stats = not kwargs.get("disable_log_stats", True)
-        default_backend = os.environ.get("KILN_ATTENTION_BACKEND") or (
-            "triton" if device.type == "cuda" else "torch"
-        )
+        default_backend = envs.attention_backend() or ("triton" if device.type == "cuda" else "torch")
         backend = (attention_config or {}).get("backend") or default_backend
         if backend not in _ATTENTION_BACKENDS:
             raise ValueError(
@@ -203,6 +202,7 @@ class LLM(PoolingMethods):
         )
         torch.manual_seed(seed)
         self.llm_engine = LLMEngine(self.config, model_config, self.tokenizer)
+        self.config = self.llm_engine.config  # final: the KV cache may have lowered max_model_len
         self._profiler = EngineProfiler(profiler_config, device)
         if profiler_config.profiler is not None:
             self.llm_engine.profiler = self._profiler
@@ -254,7 +254,7 @@ class LLM(PoolingMethods):
     def compile_report(self) -> CompileReport:
         """What start-up compilation did: graphs, pieces, unique compiles, fusion matches, time per
         stage, cache hits and recompilations (mode "none" when the forward runs eagerly)."""
-        return getattr(self.llm_engine.runner.forward_fn, "report", None) or CompileReport()
+        return self.llm_engine.worker.compile_report()
 
     def reset_prefix_cache(self) -> bool:
         return self.llm_engine.kv.reset_prefix_cache()
@@ -305,10 +305,15 @@ class LLM(PoolingMethods):
         if trunc is not None:
             ids = ids[-(self.config.max_model_len if trunc == -1 else trunc) :]
         max_len = self.config.max_model_len
-        if len(ids) >= max_len:
+        if len(ids) > max_len:  # vLLM's two messages: longer than the context, or leaving no output room
             raise ValueError(
-                f"prompt {index} has {len(ids)} tokens, but max_model_len is {max_len}: "
-                "no room for any output"
+                f"prompt {index}: the decoder prompt (length {len(ids)}) is longer than the maximum model "
+                f"length of {max_len}"
+            )
+        if len(ids) == max_len:
+            raise ValueError(
+                f"prompt {index}: the decoder prompt (length {len(ids)}) plus the number of requested output "
+                f"tokens (at least 1) is longer than the maximum model length of {max_len}"
             )
         return text, ids
 
@@ -466,13 +471,47 @@ class LLM(PoolingMethods):
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self._run(prompts, sampling_params, use_tqdm, add_special_tokens=False)
 
+    # ------------------------------------------------------------------ the worker
+
+    def collective_rpc(
+        self,
+        method: str | Callable[..., Any],
+        timeout: float | None = None,
+        args: tuple = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> list[Any]:
+        """Run a worker method (by name) or ``method(worker, *args, **kwargs)`` on every worker; the
+        list of their results. ``timeout``: seconds to wait before ``TimeoutError`` (None: no limit)."""
+        return self.llm_engine.collective_rpc(method, timeout, args, kwargs)
+
+    def apply_model(self, func: Callable[[torch.nn.Module], Any]) -> list[Any]:
+        """``func(model)`` on every worker's model; the list of results."""
+        return self.llm_engine.apply_model(func)
+
+    def get_world_size(self, include_dp: bool = True) -> int:
+        """Workers serving this LLM (tensor x pipeline parallel, times data parallel with
+        ``include_dp``): kiln runs one."""
+        return 1
+
+    def sleep(self, level: int = 1, mode: str = "abort") -> None:
+        """Release device memory between uses. Level 1: weights to pinned host memory, the KV cache
+        discarded; level 2: weights discarded too (``wake_up`` reloads them from the checkpoint).
+        ``mode``: unfinished requests are aborted (``"abort"``) or finished first (``"wait"``).
+        Generating raises until ``wake_up``."""
+        self.llm_engine.sleep(level, mode)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Restore what ``sleep`` released: ``tags`` among ``"weights"``, ``"kv_cache"`` (None: both).
+        Once both are back the CUDA graphs are captured again."""
+        self.llm_engine.wake_up(tags)
+
     # ------------------------------------------------------------------ lifecycle
 
     def shutdown(self) -> None:
         engine = getattr(self, "llm_engine", None)
         if engine is not None:
             self._profiler.shutdown()
-            engine.kv_caches.clear()
+            engine.worker.shutdown()
             self.llm_engine = None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
