@@ -2,6 +2,18 @@
 
 from kiln.compiler.config import CompilationConfig
 from kiln.lora.request import LoRARequest
+from kiln.pooling import (
+    ClassificationOutput,
+    ClassificationRequestOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    PoolerConfig,
+    PoolingOutput,
+    PoolingParams,
+    PoolingRequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
+)
 from kiln.runtime.engine_args import EngineArgs
 from kiln.runtime.inputs import TextPrompt, TokensPrompt
 from kiln.runtime.llm import LLM
@@ -23,4 +35,14 @@ __all__ = [
     "Logprob",
     "TextPrompt",
     "TokensPrompt",
+    "PoolerConfig",
+    "PoolingParams",
+    "PoolingOutput",
+    "PoolingRequestOutput",
+    "EmbeddingOutput",
+    "EmbeddingRequestOutput",
+    "ClassificationOutput",
+    "ClassificationRequestOutput",
+    "ScoringOutput",
+    "ScoringRequestOutput",
 ]

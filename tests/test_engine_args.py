@@ -45,8 +45,6 @@ def test_argument_vllm_does_not_have_is_a_type_error():
         ({"quantization": "awq"}, "quantization"),
         ({"speculative_config": {"method": "ngram"}}, "speculative_config"),
         ({"tensor_parallel_size": 2}, "tensor_parallel_size"),
-        ({"runner": "pooling"}, "runner"),
-        ({"convert": "embed"}, "convert"),
         ({"enable_lora": True, "fully_sharded_loras": True}, "fully_sharded_loras"),
         ({"cpu_offload_gb": 4}, "cpu_offload_gb"),
         ({"offload_group_size": 2}, "offload_group_size"),

@@ -136,13 +136,17 @@ class LlamaForCausalLM(nn.Module):
         inter = cfg.intermediate_size
         return (shard * inter, (shard + 1) * inter)
 
+    def checkpoint_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters ``load_weights`` fills, by name."""
+        return dict(self.named_parameters())
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor, str]]) -> None:
         """Copy ``(hf_name, tensor, source_file)`` triples into the parameters, fusing q/k/v and gate/up.
 
         Raises ValueError naming the tensor for unknown names and shape mismatches, and for
         parameters the checkpoint never provided.
         """
-        params = dict(self.named_parameters())
+        params = self.checkpoint_parameters()
         expected = {(name, None) for name in params}
         for name in list(params):
             if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):

@@ -62,15 +62,26 @@ def iter_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor, str]]:
 
 
 def build_model(
-    path: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, load_format: str = "auto"
+    path: str,
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    load_format: str = "auto",
+    pooling=None,
 ) -> LlamaForCausalLM:
     """Allocate the model directly on ``device`` (no host copy) and load weights tensor by tensor.
 
     ``load_format="dummy"`` fills weights with small random values instead (for speed measurements).
+    With a ``pooling`` spec (``kiln.pooling.spec.PoolingModelSpec``) the model is the decoder plus
+    its pooling head instead of a causal LM.
     """
-    cls = MODEL_CLASSES[cfg.architecture]
     with torch.device("meta"):
-        model = cls(cfg).to(dtype)
+        if pooling is not None:
+            from kiln.pooling.model import LlamaForPooling
+
+            model = LlamaForPooling(cfg, pooling).to(dtype)
+        else:
+            model = MODEL_CLASSES[cfg.architecture](cfg).to(dtype)
     model = model.to_empty(device=device)
     load_weights(model, path, cfg, load_format)
     model.model.rotary.reset_cache()

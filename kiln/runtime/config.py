@@ -55,6 +55,7 @@ class EngineConfig:
     attention_backend: str = "torch"
     load_format: str = "auto"
     compilation_config: CompilationConfig | None = None
+    pooling: object = None  # kiln.pooling.spec.PoolingModelSpec with runner="pooling"
     async_scheduling: bool = True  # launch step N+1 before reading step N's tokens back
     max_logprobs: int = 20  # most logprobs / prompt_logprobs a request may ask for; -1: the vocabulary
     logprobs_mode: str = "raw_logprobs"  # raw_logprobs | raw_logits | processed_logprobs | processed_logits

@@ -15,6 +15,8 @@ import torch
 
 from kiln.lora.request import LoRARequest
 from kiln.models.config import ModelConfig
+from kiln.pooling.finish import PooledOutputs
+from kiln.pooling.state import PoolingState
 from kiln.runtime.config import EngineConfig
 from kiln.runtime.kv_cache_manager import KVCacheManager
 from kiln.runtime.output_processor import OutputProcessor, Request
@@ -26,6 +28,7 @@ from kiln.runtime.step_data import RunnerOutput
 from kiln.runtime.worker import Worker
 
 logger = logging.getLogger("kiln")
+_POOLING_PARAMS = SamplingParams(max_tokens=1)  # what a prompt-only sequence's sampling fields read
 
 
 class LLMEngine:
@@ -60,6 +63,7 @@ class LLMEngine:
         eos_ids = {eos} if eos is not None else set(model_config.eos_token_id)
         self.processor = OutputProcessor(tokenizer, eos_ids, config.max_model_len)
         self.seqs: dict[int, Sequence] = {}  # unfinished sequences by id
+        self.pooled = PooledOutputs()  # pooling requests and their outputs on the way to the host
         self._next_seq_id = 0
         self.profiler = None  # EngineProfiler (kiln/runtime/profiler.py) when LLM(profiler_config=...)
 
@@ -167,6 +171,18 @@ class LLMEngine:
             self.seqs[seq.seq_id] = seq
             self.scheduler.add(seq)
 
+    def add_pooling_request(
+        self, request_id: str, prompt: str | None, prompt_token_ids: list[int], state: PoolingState
+    ) -> None:
+        """A prompt-only request: prefilled, pooled (``state``), finished; never decoded."""
+        self._check_awake()
+        seq = Sequence(self._next_seq_id, request_id, 0, list(prompt_token_ids), _POOLING_PARAMS, 0)
+        seq.pooling = state
+        self._next_seq_id += 1
+        self.pooled.add_request(request_id, list(prompt_token_ids))
+        self.seqs[seq.seq_id] = seq
+        self.scheduler.add(seq)
+
     def abort_all(self) -> None:
         """Drop every request and free its KV blocks (the launched step, if any, is discarded)."""
         if self.pending is not None and self.pending.ready is not None:
@@ -174,12 +190,13 @@ class LLMEngine:
         self.pending = None
         aborted = self.scheduler.abort_all()
         self.processor.abort_all()
+        self.pooled.clear()
         self.seqs.clear()
         if self.stats is not None:
             self.stats.on_abort(aborted, self.scheduler, self.kv)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self.pooled.has_pending()
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step (profiled and counted when enabled); return the requests finished in it."""
@@ -207,6 +224,7 @@ class LLMEngine:
             self.pending = None
         out = self.scheduler.schedule_step()
         if not out:
+            finished += self.pooled.drain()
             if self.pending is not None:  # nothing to launch: read the last step back
                 finished += self._process(self.pending)
                 self.pending = None
@@ -214,6 +232,7 @@ class LLMEngine:
                 raise RuntimeError("scheduler produced an empty step while requests are pending")
             return finished
         launched = self.worker.execute_model(out)
+        finished += self.pooled.finish(self, launched.pooled)  # earlier steps' pooled outputs too
         previous, self.pending = self.pending, launched
         if previous is not None:
             finished += self._process(previous)

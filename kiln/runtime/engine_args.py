@@ -30,6 +30,7 @@ from kiln.lora.config import LoRAConfig
 from kiln.models.config import ModelConfig
 from kiln.models.hub import resolve_model_path
 from kiln.models.loader import read_config
+from kiln.pooling.spec import resolve_runner
 from kiln.runtime.config import EngineConfig, resolve_dtype
 from kiln.runtime.profiler import ProfilerConfig
 
@@ -307,6 +308,9 @@ class EngineArgs:
             logprobs_mode=self.logprobs_mode,
             scheduling_policy=self.scheduling_policy,
             enable_chunked_prefill=chunked,
+            pooling=resolve_runner(
+                model_config.architecture, model_config.raw, self.runner, self.convert, self.pooler_config
+            ),
             lora=LoRAConfig.from_args(
                 self.enable_lora, self.max_loras, self.max_lora_rank, self.max_cpu_loras
             ),
@@ -366,6 +370,9 @@ HONOURED = frozenset(
         "tensor_parallel_size",
         "pipeline_parallel_size",
         "data_parallel_size",
+        "runner",
+        "convert",
+        "pooler_config",
         "enable_lora",
         "max_loras",
         "max_lora_rank",
@@ -394,8 +401,6 @@ HARMLESS = frozenset(
 
 # values other than the default that mean the same thing in kiln
 _EQUIVALENT: dict[str, tuple] = {
-    "runner": ("generate",),
-    "convert": ("none",),
     "distributed_executor_backend": ("uni", "mp"),
     "offload_params": (set(), frozenset()),
     "limit_mm_per_prompt": ({},),
@@ -407,8 +412,6 @@ _EQUIVALENT: dict[str, tuple] = {
 }
 
 _REASONS = {
-    "runner": "kiln runs generative models only (runner 'auto' or 'generate')",
-    "convert": "kiln runs generative models only",
     "quantization": "kiln loads unquantised safetensors or dequantised GGUF weights",
     "quantization_config": "kiln loads unquantised safetensors or dequantised GGUF weights",
     "kv_cache_dtype": "the KV cache uses the model dtype",
@@ -416,7 +419,6 @@ _REASONS = {
     "spec_method": "kiln has no speculative decoding",
     "spec_model": "kiln has no speculative decoding",
     "spec_tokens": "kiln has no speculative decoding",
-    "pooler_config": "kiln runs generative models only",
     "mm_processor_kwargs": "kiln has no multimodal models",
     "limit_mm_per_prompt": "kiln has no multimodal models",
     "allowed_local_media_path": "kiln has no multimodal models",

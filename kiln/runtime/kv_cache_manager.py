@@ -94,7 +94,7 @@ class KVCacheManager:
 
     def lookup_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks covering a prefix of ``seq`` (at least one token is always left to compute)."""
-        if not self.enable_prefix_caching or seq.wants_prompt_logprobs:
+        if not self.enable_prefix_caching or not seq.reads_prefix_cache:
             return []
         found = []
         for h in self._full_block_hashes(seq, seq.num_tokens - 1):

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from kiln.compiler.report import CompileReport
 from kiln.lora.request import per_prompt
 from kiln.models.hub import resolve_model_path
+from kiln.pooling.api import PoolingMethods
 from kiln.runtime.chat import (
     CONTENT_FORMATS,
     detect_content_format,
@@ -52,8 +53,9 @@ def _check_implemented(params: SamplingParams) -> None:
         )
 
 
-class LLM:
-    """Generate text from a Llama-family checkpoint with continuous batching over a paged KV cache.
+class LLM(PoolingMethods):
+    """Generate text from a Llama-family checkpoint with continuous batching over a paged KV cache;
+    or, with ``runner="pooling"``, embed, classify, score and reward (``kiln.pooling``).
 
     Takes vLLM's ``LLM`` arguments: ``chat_template`` (a template or a file holding one) plus every
     ``EngineArgs`` field (``kiln/runtime/engine_args.py``) by keyword.
@@ -80,6 +82,8 @@ class LLM:
         chat_template = load_chat_template(chat_template)
         path = resolved.model_path
         self.engine_args = args
+        self.pooling_spec = resolved.engine_config.pooling
+        self.runner_type = "generate" if self.pooling_spec is None else "pooling"
         self.model_path = path
         self.tokenizer = None if args.skip_tokenizer_init else self._load_tokenizer(args, path)
         self.chat_template = chat_template
@@ -221,6 +225,7 @@ class LLM:
     ) -> list[RequestOutput]:
         if mm_processor_kwargs is not None:
             raise NotImplementedError("kiln does not implement generate parameter 'mm_processor_kwargs'")
+        self._require_generate("generate")
         return self._run(
             prompts,
             sampling_params,
@@ -229,6 +234,14 @@ class LLM:
             priority,
             lora_request,
         )
+
+    def _require_generate(self, method: str) -> None:
+        if self.runner_type != "generate":
+            raise ValueError(
+                f"LLM.{method}() is only supported for generative models; this LLM runs "
+                f"{self.llm_engine.model_config.architecture} with runner='pooling'. Load a causal LM "
+                "with runner='generate' (or 'auto') to generate, or call embed/classify/score/reward/encode."
+            )
 
     def _run(
         self, prompts, sampling_params, use_tqdm, tokenization_kwargs, priority=None, lora_request=None
@@ -326,6 +339,7 @@ class LLM:
         ``chat_template_content_format``: ``"string"`` renders text parts joined into one string,
         ``"openai"`` a list of ``{"type": "text", ...}`` parts, ``"auto"`` whichever the template loops over.
         """
+        self._require_generate("chat")
         if chat_template_content_format not in CONTENT_FORMATS:
             raise ValueError(
                 "chat_template_content_format must be one of "

@@ -8,6 +8,7 @@ import kiln.ops.gemv  # noqa: F401  (registers kiln::gemv)
 from kiln.compiler.cudagraph import CudaGraphs
 from kiln.ops.attention_backend import AttentionBackend
 from kiln.ops.forward_context import forward_context
+from kiln.pooling.state import PooledRows
 from kiln.runtime.sampler import sample, top_logprobs
 from kiln.runtime.step_data import RunnerOutput, SchedulerOutput
 
@@ -35,6 +36,7 @@ class ModelRunner:
         self.lora = lora  # kiln.lora.manager.LoRAManager: its per-token slot buffers are filled each step
         self.previous: RunnerOutput | None = None  # the last launched step (source of pending tokens)
         self._previous_rows: dict[int, int] = {}
+        self.pooled_rows = PooledRows()  # pooling requests' partial pools, by sequence id
         n = max([*graphs.full_sizes, *graphs.piecewise_sizes], default=0)
         self.input_ids = torch.zeros(n, dtype=torch.long, device=device)  # graph inputs, fixed addresses
         self.positions = torch.zeros(n, dtype=torch.long, device=device)
@@ -67,6 +69,7 @@ class ModelRunner:
             self.generators[new.seq_id] = gen
         for seq_id in out.finished_seq_ids:
             self.generators.pop(seq_id, None)
+            self.pooled_rows.forget(seq_id)
 
     def _prepare(self, out: SchedulerOutput):
         bs = self.block_size
@@ -111,6 +114,8 @@ class ModelRunner:
         input_ids, positions, md, starts, rows, samples = self._prepare(out)
         hidden = self.run_forward(input_ids, positions, md)
         result = RunnerOutput([s.seq_id for s in samples], None, [], {})
+        if any(s.pooling is not None for s in out.scheduled):
+            result.pooled = self.pooled_rows.collect(hidden, out.scheduled, starts)
         if samples:
             for s in samples:
                 s.generator = self.generators.get(s.seq_id)

@@ -159,7 +159,7 @@ class Scheduler:
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             lo, known = seq.num_computed_tokens, seq.num_known_tokens
             hi = lo + n
-            sample = hi == seq.num_tokens
+            sample = hi == seq.num_tokens and seq.pooling is None
             owed = seq.params.prompt_logprobs if seq.wants_prompt_logprobs else None
             out.scheduled.append(  # positional: this runs for every sequence of every step
                 ScheduledSequence(
@@ -176,6 +176,7 @@ class Scheduler:
                     seq.output_token_ids,
                     owed,  # prompt_logprobs
                     len(seq.prompt_logprobs) if owed is not None else 0,  # prompt_logprobs_done
+                    pooling=seq.pooling.pooling if seq.pooling is not None else None,
                 )
             )
             if seq.lora is not None:

@@ -49,6 +49,7 @@ class Sequence:
     first_token_time: float | None = None
     lora: Any = None  # kiln.lora.adapter.LoRAAdapter this sequence runs with (None: the base model)
     lora_request: Any = None  # the kiln.lora.request.LoRARequest it was added with, for its outputs
+    pooling: Any = None  # kiln.pooling.state.PoolingState of a prompt-only pooling request
 
     def __post_init__(self):
         if self.params.logprobs is not None:
@@ -95,6 +96,13 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def reads_prefix_cache(self) -> bool:
+        """Prompt logprobs and most poolings need every prompt position computed."""
+        if self.pooling is not None:
+            return self.pooling.reads_prefix_cache
+        return not self.wants_prompt_logprobs
 
     @property
     def wants_prompt_logprobs(self) -> bool:

@@ -43,6 +43,7 @@ class ScheduledSequence:
     prompt_logprobs_done: int = 0  # prompt positions whose logprobs are already known (a recomputed prefix)
     generator: torch.Generator | None = None  # set by the worker: the sequence's seeded generator
     lora_slot: int = -1  # device slot of the sequence's LoRA adapter, -1 for the base model
+    pooling: str | None = None  # a pooling request's pooling ("LAST", "MEAN", "CLS", "ALL"); never samples
 
 
 @dataclass
@@ -72,6 +73,7 @@ class RunnerOutput:
     tokens: torch.Tensor | None  # int64 [rows] on the device
     logprobs: list[LogprobEntry | None]  # per row, when asked for
     prompt_logprobs: dict[int, list[tuple[int, LogprobEntry]]]  # seq id -> (target token, entry) per position
+    pooled: dict[int, torch.Tensor] = field(default_factory=dict)  # seq id -> pooled rows, on the device
     token_ids: list[int] | None = None  # None: not yet read back
     host_tokens: torch.Tensor | None = None
     ready: "torch.cuda.Event | None" = None

@@ -45,7 +45,8 @@ SLEEP_TAGS = ("weights", "kv_cache")
 
 class Worker:
     def __init__(self, config: EngineConfig, model_config: ModelConfig):
-        self.config, self.model_config = config, model_config
+        self.config = config
+        self.model_config = getattr(model_config, "arch", model_config)  # the architecture config itself
         self.device = config.device
         self.plan = config.plan
         self.attention = attention_backend_class(config.attention_backend)(config.block_size, config.device)
@@ -70,7 +71,9 @@ class Worker:
     def load_model(self) -> None:
         cfg = self.config
         self.phases.append("load_model")
-        self.model = build_model(cfg.model_path, self.model_config, cfg.dtype, cfg.device, cfg.load_format)
+        self.model = build_model(
+            cfg.model_path, self.model_config, cfg.dtype, cfg.device, cfg.load_format, cfg.pooling
+        )
         self.lora = lora_manager_for(cfg, self.model_config, self.model)  # wraps the projections
 
     def compile_and_warm_up(self) -> None:
