@@ -117,6 +117,8 @@ class LLMEngine:
         self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams
     ) -> None:
         self._check_awake()
+        if request_id in self.processor.requests:
+            raise ValueError(f"request_id {request_id!r} is already running")
         max_tokens = self.config.max_model_len - len(prompt_token_ids)
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
@@ -140,6 +142,19 @@ class LLMEngine:
         self.seqs.clear()
         if self.stats is not None:
             self.stats.on_abort(aborted, self.scheduler, self.kv)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Drop one request and free its KV blocks; its output (unfinished samples with finish reason
+        ``"abort"``), or None if it is not running. A launched step's tokens for it are discarded."""
+        request = self.processor.abort_request(request_id)
+        if request is None:
+            return None
+        aborted = [seq for seq in request.seqs if self.seqs.pop(seq.seq_id, None) is not None]
+        for seq in aborted:
+            self.scheduler.finish(seq)
+        if self.stats is not None:
+            self.stats.on_abort(aborted, self.scheduler, self.kv)
+        return request.output
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -22,6 +22,7 @@ from kiln.runtime.metrics import MetricsCollector
 from kiln.runtime.metrics_reader import Metric
 from kiln.runtime.outputs import RequestOutput
 from kiln.runtime.profiler import EngineProfiler, ProfilerConfig
+from kiln.runtime.request_queue import RequestQueue, wait_for_queue
 from kiln.runtime.sampling_params import SamplingParams
 
 # LLM(...) parameters kiln accepts only at their default value: (name, default)
@@ -201,6 +202,7 @@ class LLM:
         if log_stats:
             self.llm_engine.stats = MetricsCollector(model, self.config.max_model_len)
         self._request_counter = 0
+        self._queue = RequestQueue()  # enqueue / wait_for_completion
 
     # ------------------------------------------------------------------ set-up helpers
 
@@ -328,6 +330,13 @@ class LLM:
     def _run(
         self, prompts, sampling_params, use_tqdm, add_special_tokens, priority=None
     ) -> list[RequestOutput]:
+        ids = self._add_requests(self._prepare(prompts, sampling_params, add_special_tokens, priority))
+        return self._run_engine(ids, use_tqdm)
+
+    def _prepare(
+        self, prompts, sampling_params, add_special_tokens, priority=None
+    ) -> list[tuple[str | None, list[int], SamplingParams]]:
+        """Validate and tokenize every prompt, adding nothing: (text, token ids, params) per prompt."""
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
         ):
@@ -352,7 +361,6 @@ class LLM:
             raise ValueError(
                 f"priority: kiln schedules first-come first-served; got priorities {priority[:8]}"
             )
-        # validate and tokenize everything before anything runs, so a bad prompt rejects the call cleanly
         prepared = []
         for i, (prompt, params) in enumerate(zip(prompts, params_list)):
             if not isinstance(params, SamplingParams):
@@ -367,19 +375,28 @@ class LLM:
                 self.generation_config, getattr(self.tokenizer, "eos_token_id", None)
             )
             prepared.append((*self._to_token_ids(prompt, i, params, add_special_tokens), params))
-        engine = self.llm_engine
+        return prepared
+
+    def _add_requests(self, prepared) -> list[str]:
         ids = []
         for text, token_ids, params in prepared:
             request_id = str(self._request_counter)
             self._request_counter += 1
-            engine.add_request(request_id, text, token_ids, params)
+            self.llm_engine.add_request(request_id, text, token_ids, params)
             ids.append(request_id)
+        return ids
+
+    def _run_engine(self, ids: list[str], use_tqdm) -> list[RequestOutput]:
+        """Step until nothing is unfinished; the outputs of ``ids`` in order. Outputs of queued
+        requests (``enqueue``) that finish meanwhile are kept for ``wait_for_completion``."""
+        engine = self.llm_engine
+        wanted = set(ids)
         results: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm:
             make_bar = use_tqdm if callable(use_tqdm) else tqdm
             bar = make_bar(
-                total=len(prompts),
+                total=len(ids),
                 desc="Processed prompts",
                 dynamic_ncols=True,
                 postfix="est. speed input: 0.00 toks/s, output: 0.00 toks/s",
@@ -389,6 +406,9 @@ class LLM:
         try:
             while engine.has_unfinished_requests():
                 for output in engine.step():
+                    if output.request_id not in wanted:
+                        self._queue.finished(output)
+                        continue
                     results[output.request_id] = output
                     if bar is not None:
                         in_tokens += len(output.prompt_token_ids)
@@ -401,6 +421,7 @@ class LLM:
                         bar.update(1)
         except BaseException:
             engine.abort_all()  # an interrupted call leaves nothing behind for the next one
+            self._queue.clear()
             raise
         finally:
             if bar is not None:
@@ -423,6 +444,32 @@ class LLM:
         mm_processor_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Render each conversation with the tokenizer's chat template, then generate."""
+        prompts = self._chat_prompts(
+            messages,
+            lora_request,
+            chat_template,
+            chat_template_content_format,
+            add_generation_prompt,
+            continue_final_message,
+            tools,
+            chat_template_kwargs,
+            mm_processor_kwargs,
+        )
+        return self._run(prompts, sampling_params, use_tqdm, add_special_tokens=False)
+
+    def _chat_prompts(
+        self,
+        messages,
+        lora_request,
+        chat_template,
+        chat_template_content_format,
+        add_generation_prompt,
+        continue_final_message,
+        tools,
+        chat_template_kwargs,
+        mm_processor_kwargs,
+    ) -> list[dict]:
+        """Each conversation rendered with the chat template, as a prompt with its token ids."""
         if chat_template_content_format not in ("auto", "string"):
             raise NotImplementedError(
                 f"chat_template_content_format={chat_template_content_format!r}: "
@@ -451,7 +498,72 @@ class LLM:
             )
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             prompts.append({"prompt": text, "prompt_token_ids": ids})
-        return self._run(prompts, sampling_params, use_tqdm, add_special_tokens=False)
+        return prompts
+
+    # ------------------------------------------------------------------ queued generation
+
+    def enqueue(
+        self,
+        prompts: Any,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora_request: Any = None,
+        priority: list[int] | None = None,
+        use_tqdm: bool | Callable[..., tqdm] = True,
+        tokenization_kwargs: dict[str, Any] | None = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
+    ) -> list[str]:
+        """Add requests without running them; their ids. ``wait_for_completion()`` runs them. Every
+        prompt is validated and tokenized first: a bad one adds nothing."""
+        for name, value in (("lora_request", lora_request), ("mm_processor_kwargs", mm_processor_kwargs)):
+            if value is not None:
+                raise NotImplementedError(f"kiln does not implement enqueue parameter {name!r}")
+        add_special_tokens = (tokenization_kwargs or {}).get("add_special_tokens", True)
+        prepared = self._prepare(prompts, sampling_params, add_special_tokens, priority)
+        ids = self._add_requests(prepared)
+        self._queue.add(ids)
+        return ids
+
+    def enqueue_chat(
+        self,
+        messages: Any,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool | Callable[..., tqdm] = True,
+        lora_request: Any = None,
+        priority: list[int] | None = None,
+        chat_template: str | None = None,
+        chat_template_content_format: str = "auto",
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        tokenization_kwargs: dict[str, Any] | None = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
+    ) -> list[str]:
+        """``chat``'s rendering, then ``enqueue``: the request ids; ``wait_for_completion()`` runs them."""
+        prompts = self._chat_prompts(
+            messages,
+            lora_request,
+            chat_template,
+            chat_template_content_format,
+            add_generation_prompt,
+            continue_final_message,
+            tools,
+            chat_template_kwargs,
+            mm_processor_kwargs,
+        )
+        ids = self._add_requests(self._prepare(prompts, sampling_params, False, priority))
+        self._queue.add(ids)
+        return ids
+
+    def wait_for_completion(
+        self,
+        output_type: type | tuple[type, ...] | None = None,
+        *,
+        use_tqdm: bool | Callable[..., tqdm] = True,
+    ) -> list[Any]:
+        """Run every queued request to completion; their outputs in the order they were enqueued
+        (the queue is empty afterwards). ``output_type``: the type(s) expected (``RequestOutput``)."""
+        return wait_for_queue(self, output_type, use_tqdm)
 
     # ------------------------------------------------------------------ the worker
 
