@@ -2,6 +2,7 @@
 
 from kiln.compiler.config import CompilationConfig
 from kiln.runtime.async_llm import AsyncEngineArgs, AsyncLLM, AsyncLLMEngine
+from kiln.runtime.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from kiln.runtime.inputs import TextPrompt, TokensPrompt
 from kiln.runtime.llm import LLM
 from kiln.runtime.outputs import CompletionOutput, Logprob, RequestOutput
@@ -14,6 +15,9 @@ __all__ = [
     "AsyncLLM",
     "AsyncLLMEngine",
     "AsyncEngineArgs",
+    "BeamSearchParams",
+    "BeamSearchOutput",
+    "BeamSearchSequence",
     "CompilationConfig",
     "ProfilerConfig",
     "SamplingParams",

@@ -15,6 +15,7 @@ from kiln.compiler.config import CompilationConfig
 from kiln.compiler.report import CompileReport
 from kiln.models.config import ModelConfig
 from kiln.models.loader import read_config, resolve_model_path
+from kiln.runtime.beam_search import BeamSearchOutput, BeamSearchParams, run_beam_search
 from kiln.runtime.config import EngineConfig, resolve_dtype
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.inputs import parse_prompt
@@ -499,6 +500,15 @@ class LLM:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return prompts
+
+    def beam_search(
+        self, prompts: Any, params: BeamSearchParams, lora_request: Any = None, use_tqdm: bool = False
+    ) -> list[BeamSearchOutput]:
+        """vLLM's beam search; all beams of all prompts run in one batch and share their prefixes'
+        KV blocks (``kiln/runtime/beam_search.py`` says where the semantics differ from HF's)."""
+        if lora_request is not None:
+            raise NotImplementedError("kiln does not implement beam_search parameter 'lora_request'")
+        return run_beam_search(self, prompts, params)
 
     # ------------------------------------------------------------------ queued generation
 
