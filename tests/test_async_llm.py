@@ -348,3 +348,31 @@ def test_constructor_errors_leave_no_thread(tiny_checkpoint):
     with pytest.raises(NotImplementedError, match="quantization"):
         AsyncLLM(model=tiny_checkpoint("llama"), quantization="awq")
     assert threading.active_count() == before
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_engine_on_the_thread_streams_what_generate_gives(tiny_checkpoint):
+    """On CUDA the engine thread compiles, captures CUDA graphs and serves: streams match generate."""
+    engine = AsyncLLM(
+        model=tiny_checkpoint("llama"), dtype="float32", max_model_len=256, kv_cache_memory_bytes=2**26
+    )
+    try:
+
+        async def main():
+            params = SamplingParams(
+                temperature=0, max_tokens=32, ignore_eos=True, output_kind=RequestOutputKind.DELTA
+            )
+            prompts = [f"{PROMPT} {i}" for i in range(16)]
+            streams = await asyncio.gather(
+                *(collect(engine, p, params, f"g{i}") for i, p in enumerate(prompts))
+            )
+            want = await engine._call(lambda llm: llm.generate(prompts, params, use_tqdm=False))
+            report = await engine._call(lambda llm: llm.compile_report())
+            return streams, want, report
+
+        streams, want, report = run(main())
+        for outs, w in zip(streams, want):
+            assert merged(outs) == as_dict(w)
+        assert report.mode != "none"
+    finally:
+        engine.shutdown()
