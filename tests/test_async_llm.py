@@ -28,6 +28,10 @@ def engine(tiny_checkpoint):
     engine.shutdown()
 
 
+def engine_threads() -> set:
+    return {t for t in threading.enumerate() if t.name == "kiln-engine"}
+
+
 def run(coro):
     return asyncio.run(coro)
 
@@ -309,12 +313,10 @@ def test_seed_001_streaming_example(tiny_checkpoint, capsys):
         finally:
             engine.shutdown()
 
+    before = engine_threads()
     asyncio.run(main())
     assert capsys.readouterr().out.endswith("\nGeneration complete!\n")
-    assert (
-        not [t for t in threading.enumerate() if t.name == "kiln-engine" and t.is_alive()]
-        or len([t for t in threading.enumerate() if t.name == "kiln-engine"]) == 1
-    )  # only the module fixture's engine thread remains
+    assert engine_threads() == before  # the example's engine thread is gone
 
 
 def test_shutdown_ends_streams_and_the_thread(tiny_checkpoint):
