@@ -14,6 +14,8 @@ from kiln.pooling import (
     ScoringOutput,
     ScoringRequestOutput,
 )
+from kiln.runtime.async_llm import AsyncEngineArgs, AsyncLLM, AsyncLLMEngine
+from kiln.runtime.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from kiln.runtime.engine_args import EngineArgs
 from kiln.runtime.inputs import TextPrompt, TokensPrompt
 from kiln.runtime.llm import LLM
@@ -25,6 +27,12 @@ __version__ = "0.1.0"
 __all__ = [
     "LLM",
     "EngineArgs",
+    "AsyncLLM",
+    "AsyncLLMEngine",
+    "AsyncEngineArgs",
+    "BeamSearchParams",
+    "BeamSearchOutput",
+    "BeamSearchSequence",
     "CompilationConfig",
     "LoRARequest",
     "ProfilerConfig",

@@ -147,6 +147,8 @@ class LLMEngine:
         lora_request: LoRARequest | None = None,
     ) -> None:
         self._check_awake()
+        if request_id in self.processor.requests:
+            raise ValueError(f"request_id {request_id!r} is already running")
         adapter = None if lora_request is None else self.load_lora(lora_request)
         max_tokens = self.config.max_model_len - len(prompt_token_ids)
         if params.max_tokens is not None:
@@ -194,6 +196,19 @@ class LLMEngine:
         self.seqs.clear()
         if self.stats is not None:
             self.stats.on_abort(aborted, self.scheduler, self.kv)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Drop one request and free its KV blocks; its output (unfinished samples with finish reason
+        ``"abort"``), or None if it is not running. A launched step's tokens for it are discarded."""
+        request = self.processor.abort_request(request_id)
+        if request is None:
+            return None
+        aborted = [seq for seq in request.seqs if self.seqs.pop(seq.seq_id, None) is not None]
+        for seq in aborted:
+            self.scheduler.finish(seq)
+        if self.stats is not None:
+            self.stats.on_abort(aborted, self.scheduler, self.kv)
+        return request.output
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or self.pooled.has_pending()

@@ -125,11 +125,12 @@ class KVCacheManager:
         seq.block_ids.extend(self.pool.allocate() for _ in range(max(needed, 0)))
         return True
 
-    def cache_computed_blocks(self, seq: Sequence) -> None:
-        """Publish the hashes of the blocks whose every token is now computed."""
+    def cache_computed_blocks(self, seq: Sequence, num_tokens: int | None = None) -> None:
+        """Publish the hashes of the blocks whose every token is now computed (the first
+        ``num_tokens``, by default all computed tokens)."""
         if not self.enable_prefix_caching:
             return
-        hashes = self._full_block_hashes(seq, seq.num_computed_tokens)
+        hashes = self._full_block_hashes(seq, seq.num_computed_tokens if num_tokens is None else num_tokens)
         for i in range(seq.num_published_blocks, len(hashes)):
             self.pool.register(seq.block_ids[i], hashes[i])
         seq.num_published_blocks = len(hashes)

@@ -74,6 +74,7 @@ class OutputProcessor:
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}  # seq id -> its detokenizer
         self.logprobs = LogprobsBuilder(tokenizer)  # Logprob dicts with repaired byte-fallback text
         self._touched: dict[Sequence, tuple[int, int, int]] = {}  # this step: (tokens, text, logprobs) before
+        self._text_sent: dict[int, int] = {}  # seq id -> characters of its text handed out in deltas
         self.stats = None  # kiln.runtime.metrics.MetricsCollector: told of every accepted token
 
     def add_request(self, request: Request) -> None:
@@ -88,6 +89,22 @@ class OutputProcessor:
         self.requests.clear()
         self.detokenizers.clear()
         self._touched.clear()
+        self._text_sent.clear()
+
+    def abort_request(self, request_id: str) -> Request | None:
+        """Forget one request; its unfinished samples get finish reason ``"abort"``. None if unknown."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            self.detokenizers.pop(seq.seq_id, None)
+            self._text_sent.pop(seq.seq_id, None)
+            self._touched.pop(seq, None)
+            if seq.finish_reason is None:
+                seq.finish_reason = "abort"
+                request.output.add(self._final_sample(request, seq, False), aggregate=False)
+        request.output.finished = True
+        return request
 
     # ------------------------------------------------------------------ one step
 
@@ -171,10 +188,12 @@ class OutputProcessor:
     # ------------------------------------------------------------------ outputs
 
     @staticmethod
-    def _completion(seq: Sequence, tokens_from: int = 0, text_from: int = 0, logprobs_from: int = 0):
+    def _completion(
+        seq: Sequence, tokens_from: int = 0, text_from: int = 0, logprobs_from: int = 0, text_to=None
+    ):
         return CompletionOutput(
             index=seq.index,
-            text=seq.text[text_from:],
+            text=seq.text[text_from:text_to],
             token_ids=seq.output_token_ids[tokens_from:],
             cumulative_logprob=seq.cumulative_logprob,
             logprobs=None if seq.logprobs is None else seq.logprobs[logprobs_from:],
@@ -212,12 +231,24 @@ class OutputProcessor:
 
     def step_deltas(self) -> list[RequestOutput]:
         """What the last engine step added, one ``RequestOutput`` per request that got tokens: new text,
-        token ids and logprobs of each sample that changed (the prompt logprobs with the first)."""
+        token ids and logprobs of each sample that changed (the prompt logprobs with the first).
+
+        Call it after every step: the text of an unfinished sample holds back
+        ``params.output_text_buffer_length`` characters (a stop string may still cut them), so the
+        deltas joined give exactly the final text.
+        """
         by_request: dict[str, list[CompletionOutput]] = {}
         carries_prompt_logprobs: dict[str, list | None] = {}
-        for seq, (tokens, text, logprobs) in self._touched.items():
+        for seq, (tokens, _, logprobs) in self._touched.items():
+            sent = self._text_sent.get(seq.seq_id, 0)
+            if seq.finish_reason is None:
+                shown = max(sent, len(seq.text) - seq.params.output_text_buffer_length)
+                self._text_sent[seq.seq_id] = shown
+            else:
+                shown = len(seq.text)
+                self._text_sent.pop(seq.seq_id, None)
             by_request.setdefault(seq.request_id, []).append(
-                self._completion(seq, tokens, min(text, len(seq.text)), logprobs)
+                self._completion(seq, tokens, sent, logprobs, shown)
             )
             if tokens == 0 or seq.request_id not in carries_prompt_logprobs:
                 carries_prompt_logprobs[seq.request_id] = seq.prompt_logprobs if tokens == 0 else None

@@ -212,6 +212,8 @@ class Scheduler:
         else:
             return
         seq.status = Status.FINISHED
+        # publish its last full blocks first: a request with the same prefix (a beam's child) reuses them
+        self.kv.cache_computed_blocks(seq, min(seq.num_computed_tokens, seq.num_known_tokens))
         self.kv.free(seq)
         self._finished.append(seq.seq_id)
         if needs_host_tokens(seq):
