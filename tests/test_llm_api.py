@@ -32,8 +32,8 @@ def texts(outputs):
 
 def test_constructor_rejects_unimplemented_parameters(tiny_checkpoint):
     path = tiny_checkpoint("llama")
-    with pytest.raises(NotImplementedError, match="quantization"):
-        LLM(path, quantization="awq")
+    with pytest.raises(NotImplementedError, match="cpu_offload_gb"):
+        LLM(path, cpu_offload_gb=1)
     with pytest.raises(NotImplementedError, match="speculative_config"):
         LLM(path, speculative_config={"x": 1})
     with pytest.raises(NotImplementedError, match="tensor_parallel_size"):

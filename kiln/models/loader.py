@@ -10,6 +10,8 @@ import torch
 from kiln.models.config import ModelConfig
 from kiln.models.gguf import gguf_config, iter_gguf_tensors
 from kiln.models.llama import LlamaForCausalLM
+from kiln.quant.apply import checkpoint_tensors, finish_model, prepare_model, quantize_model
+from kiln.quant.config import QuantConfig
 
 MODEL_CLASSES = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -71,15 +73,25 @@ def iter_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor, str]]:
 
 
 def build_model(
-    path: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, load_format: str = "auto"
+    path: str,
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    load_format: str = "auto",
+    quant: QuantConfig | None = None,
 ) -> LlamaForCausalLM:
     """Allocate the model directly on ``device`` (no host copy) and load weights tensor by tensor.
 
     ``load_format="dummy"`` fills weights with small random values instead (for speed measurements).
+    With ``quant`` the projections run in fp8 (``kiln.quant``): a pre-quantized checkpoint loads into
+    fp8 modules; otherwise (and with dummy weights) the loaded weights are quantized.
     """
     cls = MODEL_CLASSES[cfg.architecture]
+    serialized = quant is not None and quant.serialized and load_format != "dummy"
     with torch.device("meta"):
         model = cls(cfg).to(dtype)
+    if serialized:
+        prepare_model(model, quant, dtype)
     model = model.to_empty(device=device)
     if load_format == "dummy":
         gen = torch.Generator(device=device).manual_seed(0)
@@ -91,7 +103,14 @@ def build_model(
                     p.normal_(0.0, 0.02, generator=gen)
     else:
         weights = iter_gguf_tensors(path, cfg.raw) if path.endswith(".gguf") else iter_safetensors(path)
+        if serialized:
+            weights = checkpoint_tensors(weights, model, quant)
         with torch.no_grad():
             model.load_weights(weights)
+    if serialized:
+        finish_model(model)
+    elif quant is not None:
+        with torch.no_grad():
+            quantize_model(model, quant)
     model.model.rotary.reset_cache()
     return model.eval()

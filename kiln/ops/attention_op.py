@@ -1,6 +1,7 @@
 """``torch.ops.kiln.attention``: the one custom op every model layer calls for attention.
 
-It stores this step's K/V into the layer's paged cache and writes attention output into ``out``.
+It stores this step's K/V into the layer's paged cache and writes attention output into ``out``
+(an fp8 cache stores them divided by the layer's ``k_scale`` / ``v_scale``).
 Registered through ``torch.library`` with a fake implementation, so Dynamo treats it as opaque and
 the compiler can split graphs at it.
 """
@@ -13,32 +14,55 @@ from kiln.ops.forward_context import get_forward_context
 _lib = torch.library.Library("kiln", "FRAGMENT")
 _lib.define(
     "attention(Tensor q, Tensor k, Tensor v, Tensor(a!) out, int layer_idx, float scale, "
-    "int sliding_window) -> ()"
+    "int sliding_window, float k_scale=1.0, float v_scale=1.0) -> ()"
 )
 
 
-def _attention(q, k, v, out, layer_idx: int, scale: float, sliding_window: int) -> None:
+def _attention(
+    q,
+    k,
+    v,
+    out,
+    layer_idx: int,
+    scale: float,
+    sliding_window: int,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> None:
     ctx = get_forward_context()
     kv_cache = ctx.kv_caches[layer_idx]
     md = ctx.metadata
     if ctx.backend == "triton":
         from kiln.ops.triton_attention import paged_attention_triton, store_kv_triton
 
-        store_kv_triton(k, v, kv_cache, md.slot_mapping)
-        paged_attention_triton(q, kv_cache, md, scale, sliding_window, out=out)
+        store_kv_triton(k, v, kv_cache, md.slot_mapping, k_scale, v_scale)
+        paged_attention_triton(
+            q, kv_cache, md, scale, sliding_window, out=out, k_scale=k_scale, v_scale=v_scale
+        )
     else:
-        store_kv_ref(k, v, kv_cache, md.slot_mapping)
-        paged_attention_ref(q, kv_cache, md, scale, sliding_window, out=out)
+        store_kv_ref(k, v, kv_cache, md.slot_mapping, k_scale, v_scale)
+        paged_attention_ref(q, kv_cache, md, scale, sliding_window, out=out, k_scale=k_scale, v_scale=v_scale)
 
 
 _lib.impl("attention", _attention, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("kiln::attention")
-def _attention_fake(q, k, v, out, layer_idx, scale, sliding_window) -> None:
+def _attention_fake(q, k, v, out, layer_idx, scale, sliding_window, k_scale=1.0, v_scale=1.0) -> None:
     return None
 
 
-def attention(q, k, v, out, layer_idx: int, scale: float, sliding_window: int = 0) -> torch.Tensor:
-    torch.ops.kiln.attention(q, k, v, out, layer_idx, scale, sliding_window)
+def attention(
+    q,
+    k,
+    v,
+    out,
+    layer_idx: int,
+    scale: float,
+    sliding_window: int = 0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> torch.Tensor:
+    """``k_scale`` / ``v_scale``: the layer's fp8 KV-cache scales (unused by caches in the model dtype)."""
+    torch.ops.kiln.attention(q, k, v, out, layer_idx, scale, sliding_window, k_scale, v_scale)
     return out

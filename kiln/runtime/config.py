@@ -49,4 +49,6 @@ class EngineConfig:
     attention_backend: str = "torch"
     load_format: str = "auto"
     compilation_config: object = None
+    quantization: object = None  # kiln.quant.QuantConfig or None
+    kv_cache_dtype: str = "auto"  # "auto" (model dtype) | "fp8" | "fp8_e4m3"
     async_scheduling: bool = True  # launch step N+1 before reading step N's tokens back

@@ -13,6 +13,7 @@ from kiln.models.config import ModelConfig
 from kiln.models.loader import build_model
 from kiln.ops.forward_context import forward_context
 from kiln.ops.metadata import AttentionMetadata
+from kiln.quant.kv_cache import configure_kv_cache
 from kiln.runtime.config import CPU_DEFAULT_KV_CACHE_BYTES, EngineConfig
 from kiln.runtime.detokenizer import IncrementalDetokenizer, find_stop_string
 from kiln.runtime.kv_cache_manager import KVCacheManager
@@ -47,8 +48,14 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, tokenizer):
         self.config, self.model_config, self.tokenizer = config, model_config, tokenizer
         self.model = build_model(
-            config.model_path, model_config, config.dtype, config.device, config.load_format
+            config.model_path,
+            model_config,
+            config.dtype,
+            config.device,
+            config.load_format,
+            config.quantization,
         )
+        self.kv_cache_dtype = configure_kv_cache(self.model, config.kv_cache_dtype, config.dtype)
         num_blocks = self._num_kv_blocks()
         if config.max_model_len > num_blocks * config.block_size:
             fits = num_blocks * config.block_size
@@ -64,7 +71,7 @@ class LLMEngine:
         self.num_blocks = num_blocks
         shape = (2, num_blocks, config.block_size, model_config.num_kv_heads, model_config.head_dim)
         self.kv_caches = [
-            torch.zeros(shape, dtype=config.dtype, device=config.device)
+            torch.zeros(shape, dtype=self.kv_cache_dtype, device=config.device)
             for _ in range(model_config.num_layers)
         ]
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -183,7 +190,7 @@ class LLMEngine:
 
     def kv_bytes_per_block(self) -> int:
         mc = self.model_config
-        elem = torch.tensor([], dtype=self.config.dtype).element_size()
+        elem = torch.tensor([], dtype=self.kv_cache_dtype).element_size()
         return 2 * mc.num_layers * self.config.block_size * mc.num_kv_heads * mc.head_dim * elem
 
     def _num_kv_blocks(self) -> int:
@@ -211,8 +218,14 @@ class LLMEngine:
         blocks = -(-n // cfg.block_size)
         scratch = [
             torch.zeros(
-                2, blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim, dtype=cfg.dtype, device=cfg.device
-            )
+                2,
+                blocks,
+                cfg.block_size,
+                mc.num_kv_heads,
+                mc.head_dim,
+                dtype=self.kv_cache_dtype,
+                device=cfg.device,
+            )  # fmt: skip
             for _ in range(mc.num_layers)
         ]
         dev = cfg.device

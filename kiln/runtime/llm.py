@@ -14,6 +14,8 @@ from kiln.compiler.config import CompilationConfig
 from kiln.compiler.report import CompileReport
 from kiln.models.config import ModelConfig
 from kiln.models.loader import read_config, resolve_model_path
+from kiln.quant.config import resolve_quantization
+from kiln.quant.kv_cache import check_kv_cache_dtype
 from kiln.runtime.config import EngineConfig, resolve_dtype
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.inputs import parse_prompt
@@ -26,7 +28,6 @@ _UNSUPPORTED = {
     "convert": "auto",
     "allowed_local_media_path": "",
     "allowed_media_domains": None,
-    "quantization": None,
     "tokenizer_revision": None,
     "cpu_offload_gb": 0,
     "offload_group_size": 0,
@@ -41,7 +42,6 @@ _UNSUPPORTED = {
     "pooler_config": None,
     "structured_outputs_config": None,
     "profiler_config": None,
-    "quantization_config": None,
     "logits_processors": None,
     "spec_method": None,
     "spec_model": None,
@@ -57,6 +57,9 @@ _ENGINE_KWARGS = {
     "load_format",
     "disable_log_stats",
     "enable_chunked_prefill",
+    "quantization",
+    "quantization_config",
+    "kv_cache_dtype",
 }
 _ATTENTION_BACKENDS = ("torch", "triton")
 
@@ -150,8 +153,12 @@ class LLM:
         if set(attention_config or {}) - {"backend"}:
             raise ValueError(f"attention_config: unknown keys {sorted(set(attention_config) - {'backend'})}")
 
+        kv_cache_dtype = check_kv_cache_dtype(kwargs.get("kv_cache_dtype", "auto"), device)
         path = resolve_model_path(model, revision)
         model_config = ModelConfig.from_dict(read_config(path))
+        quant = resolve_quantization(
+            kwargs.get("quantization"), kwargs.get("quantization_config"), model_config.raw, device
+        )
         self.model_path = path
         self.tokenizer = (
             None
@@ -184,6 +191,8 @@ class LLM:
             attention_backend=backend,
             load_format="dummy" if kwargs.get("load_format") == "dummy" else "auto",
             compilation_config=compilation_config,
+            quantization=quant,
+            kv_cache_dtype=kv_cache_dtype,
         )
         torch.manual_seed(seed)
         self.llm_engine = LLMEngine(self.config, model_config, self.tokenizer)
