@@ -40,7 +40,7 @@ def quantize_activation(x: torch.Tensor, input_scale: torch.Tensor | None):
     """Per-token dynamic scales, or the checkpoint's static per-tensor ``input_scale`` (shape [1])."""
     if input_scale is None:
         return quantize_per_token(x)
-    scale = input_scale.float().reshape(1, 1).expand(x.shape[0], 1)
+    scale = input_scale.float().reshape(1, 1).expand(x.shape[0], 1).contiguous()  # row-wise for _scaled_mm
     return to_fp8(x, scale), scale
 
 
