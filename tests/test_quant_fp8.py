@@ -182,3 +182,29 @@ def test_gpu_bf16_vs_fp8_generate(tiny_checkpoint):
         fp8 = llm.generate(prompts, params, use_tqdm=False)[0].outputs[0]
     assert fp8.token_ids[:4] == base.token_ids[:4]
     assert abs(fp8.cumulative_logprob - base.cumulative_logprob) < 0.1 * abs(base.cumulative_logprob) + 1.0
+
+
+def test_compiled_fp8_model_matches_eager(tiny_checkpoint):
+    """kiln's piecewise compile (Dynamo + FX passes + Inductor, on CPU) of the fp8 model: same tokens."""
+    path = tiny_checkpoint("llama")
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = [{"prompt_token_ids": IDS}]
+    tokens = []
+    for cc in (
+        None,
+        {"mode": "piecewise", "pass_config": {"fuse_add_rms_norm": True, "fuse_silu_mul": True}},
+    ):
+        with LLM(path, enforce_eager=cc is None, quantization="fp8", compilation_config=cc) as llm:
+            tokens.append(llm.generate(prompts, params, use_tqdm=False)[0].outputs[0].token_ids)
+    assert tokens[0] == tokens[1]
+
+
+def test_scaled_mm_path_traces():
+    """The CUDA product traces into one graph (what torch.compile sees on a GPU)."""
+    w = torch.randn(32, 64)
+    wq, ws = quantize_per_channel(w)
+    fn = torch.compile(
+        lambda x: fp8_linear(x, wq, ws, use_scaled_mm=True), backend="aot_eager", fullgraph=True
+    )
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(fn(x), fp8_linear(x, wq, ws, use_scaled_mm=True))
