@@ -15,7 +15,7 @@ import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
-_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # keeps all-zero rows from dividing by zero
+MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # keeps all-zero rows from dividing by zero
 MIN_CAPABILITY = (8, 9)  # Ada and Hopper have fp8 tensor cores
 
 
@@ -26,13 +26,13 @@ def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[out, in]`` weight -> (fp8 weight, fp32 scale ``[out]``), each row scaled to its own max."""
-    scale = (weight.float().abs().amax(dim=1) / FP8_MAX).clamp_min(_MIN_SCALE)
+    scale = (weight.float().abs().amax(dim=1) / FP8_MAX).clamp_min(MIN_SCALE)
     return to_fp8(weight, scale[:, None]), scale
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[tokens, features]`` activations -> (fp8, fp32 scale ``[tokens, 1]``), dynamic per row."""
-    scale = (x.float().abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(_MIN_SCALE)
+    scale = (x.float().abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(MIN_SCALE)
     return to_fp8(x, scale), scale
 
 
@@ -69,13 +69,13 @@ def fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, use_scaled_
 
     ``use_scaled_mm`` defaults to "is ``x`` on CUDA"; pass it to pick a path explicitly (tests)."""
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])  # the model's rows: no view for the passes to skip
     xq, x_scale = quantize_activation(x2, input_scale)
     if use_scaled_mm is None:
         use_scaled_mm = x.is_cuda
     product = scaled_mm_cuda if use_scaled_mm else scaled_mm_ref
     out = product(xq, x_scale, weight, weight_scale, x.dtype, bias)
-    return out.reshape(*shape[:-1], weight.shape[0])
+    return out if x.dim() == 2 else out.reshape(*shape[:-1], weight.shape[0])
 
 
 def check_device_supports_fp8(device: torch.device, what: str = "quantization='fp8'") -> None:
