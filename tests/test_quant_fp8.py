@@ -92,6 +92,12 @@ def test_logits_match_hf_emulation(arch, tiny_checkpoint):
     assert 0.01 < gap < 0.25, gap  # measured 0.10-0.13 on these random models
 
 
+cpu_reference = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the CPU reference product; the test_gpu_* cases cover CUDA"
+)
+
+
+@cpu_reference
 def test_generate_matches_hf_emulation_greedy(tiny_checkpoint, monkeypatch):
     path = tiny_checkpoint("llama")
     prompts = [IDS[:6], IDS[:13]]
@@ -184,6 +190,7 @@ def test_gpu_bf16_vs_fp8_generate(tiny_checkpoint):
     assert abs(fp8.cumulative_logprob - base.cumulative_logprob) < 0.1 * abs(base.cumulative_logprob) + 1.0
 
 
+@cpu_reference
 def test_compiled_fp8_model_matches_eager(tiny_checkpoint, tmp_path):
     """kiln's piecewise compile (Dynamo, FX passes with the quantization fusions, Inductor; on CPU) of the
     fp8 model gives the eager tokens, and each norm's and SiLU-mul's quantization is folded into it."""
@@ -247,3 +254,22 @@ def test_fp8_sweep_configs_are_valid():
     assert len(fp8) == len(entries) - 1
     toggles = {k for e in fp8 for k, v in e["compilation_config"].get("pass_config", {}).items() if v}
     assert {"fuse_add_rms_norm_quant", "fuse_rms_norm_quant", "fuse_silu_mul_quant"} <= toggles
+
+
+def test_compile_cache_key_follows_quantization(tiny_checkpoint):
+    """Same config, dtype and compilation settings: the fp8 model and the fp8 KV scales get other keys."""
+    from kiln.compiler.cache import cache_key, cache_key_details
+    from kiln.compiler.config import CompilationConfig
+
+    path = tiny_checkpoint("llama")
+    cfg = ModelConfig.from_dict(read_config(path))
+    quant = resolve_quantization("fp8", None, cfg.raw, CPU)
+    models = [
+        build_model(path, cfg, torch.float32, CPU),
+        build_model(path, cfg, torch.float32, CPU, quant=quant),
+    ]
+    cc = CompilationConfig(mode=3)
+    keys = [cache_key(cache_key_details(cfg, torch.float32, CPU, cc, m)) for m in models]
+    models[1].model.layers[0].self_attn.k_scale = 0.5
+    keys.append(cache_key(cache_key_details(cfg, torch.float32, CPU, cc, models[1])))
+    assert len(set(keys)) == 3

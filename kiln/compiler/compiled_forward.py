@@ -67,7 +67,7 @@ class CompiledForward:
         self.device, self.attention_backend = device, attention_backend
         self.cache = CompileCache(
             config.resolved_cache_dir(),
-            cache_key_details(model_config, dtype, device, config),
+            cache_key_details(model_config, dtype, device, config, model),
             config.use_cache,
         )
         self.report = CompileReport(
