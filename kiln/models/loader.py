@@ -93,24 +93,45 @@ def build_model(
     if serialized:
         prepare_model(model, quant, dtype)
     model = model.to_empty(device=device)
+    if serialized:
+        weights = checkpoint_tensors(_checkpoint(path, cfg), model, quant)
+        with torch.no_grad():
+            model.load_weights(weights)
+        finish_model(model)
+    else:
+        load_weights(model, path, cfg, load_format)
+        if quant is not None:
+            with torch.no_grad():
+                quantize_model(model, quant)
+    model.model.rotary.reset_cache()
+    return model.eval()
+
+
+def load_weights(
+    model: LlamaForCausalLM, path: str, cfg: ModelConfig, load_format: str = "auto", quant=None
+) -> None:
+    """Fill the model's existing parameter tensors from the checkpoint (or the dummy values). A quantized
+    model (``quant``) is rebuilt the way ``build_model`` built it and its tensors copied in."""
+    if quant is not None:
+        first = next(model.parameters())
+        fresh = build_model(path, cfg, model.model.norm.weight.dtype, first.device, load_format, quant)
+        with torch.no_grad():
+            for (name, p), (fresh_name, q) in zip(model.named_parameters(), fresh.named_parameters()):
+                assert name == fresh_name
+                p.copy_(q)
+        return
     if load_format == "dummy":
-        gen = torch.Generator(device=device).manual_seed(0)
+        gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith("norm.weight"):
                     p.fill_(1.0)
                 else:
                     p.normal_(0.0, 0.02, generator=gen)
-    else:
-        weights = iter_gguf_tensors(path, cfg.raw) if path.endswith(".gguf") else iter_safetensors(path)
-        if serialized:
-            weights = checkpoint_tensors(weights, model, quant)
-        with torch.no_grad():
-            model.load_weights(weights)
-    if serialized:
-        finish_model(model)
-    elif quant is not None:
-        with torch.no_grad():
-            quantize_model(model, quant)
-    model.model.rotary.reset_cache()
-    return model.eval()
+        return
+    with torch.no_grad():
+        model.load_weights(_checkpoint(path, cfg))
+
+
+def _checkpoint(path: str, cfg: ModelConfig):
+    return iter_gguf_tensors(path, cfg.raw) if path.endswith(".gguf") else iter_safetensors(path)

@@ -6,15 +6,27 @@ Random rows draw ``token = argmax(logits / T - log q)`` with ``q ~ Exp(1)``, whi
 generator, so its tokens do not depend on the batch.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from kiln.ops.sample_argmax import sample_argmax
-from kiln.runtime.sequence import Sequence
+from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.transfer import to_device
 
 _NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler reads about one row: its parameters, its generator and its tokens so far
+    (the worker passes ``ScheduledSequence``s, which carry the same fields)."""
+
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    num_output_tokens: int = 0
+    prompt_token_ids: list[int] = field(default_factory=list)
+    output_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -40,11 +52,11 @@ def _token_counts(rows: list[list[int]], vocab: int, device) -> torch.Tensor:
     return counts[:, :vocab]  # padding (-1) landed in the extra last column
 
 
-def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, seqs: list[SamplingRow]) -> torch.Tensor:
     vocab, device = logits.shape[1], logits.device
     params = [s.params for s in seqs]
     if any(p.repetition_penalty != 1.0 for p in params):
-        seen = _token_counts([s.token_ids for s in seqs], vocab, device) > 0
+        seen = _token_counts([s.prompt_token_ids + s.output_token_ids for s in seqs], vocab, device) > 0
         rep = to_device([p.repetition_penalty for p in params], device)[:, None]
         penalised = torch.where(logits > 0, logits / rep, logits * rep)
         logits = torch.where(seen, penalised, logits)
@@ -56,12 +68,12 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits
 
 
-def _bans_stops(s: Sequence) -> bool:
+def _bans_stops(s: SamplingRow) -> bool:
     p = s.params
-    return len(s.output_token_ids) < p.min_tokens and bool(p.all_stop_token_ids)  # holds stop_token_ids too
+    return s.num_output_tokens < p.min_tokens and bool(p.all_stop_token_ids)  # holds stop_token_ids too
 
 
-def apply_constraints(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def apply_constraints(logits: torch.Tensor, seqs: list[SamplingRow]) -> torch.Tensor:
     """min_tokens (stop ids banned until reached), logit_bias, allowed_token_ids. Works on an fp32 copy."""
     if not any(_bans_stops(s) or s.params.logit_bias or s.params.allowed_token_ids for s in seqs):
         return logits
@@ -105,7 +117,7 @@ def top_k_top_p_min_p(logits: torch.Tensor, top_k, top_p, min_p) -> torch.Tensor
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator | None) -> SamplerOutput:
+def sample(logits: torch.Tensor, seqs: list[SamplingRow], generator: torch.Generator | None) -> SamplerOutput:
     """Pick one token per row of ``logits`` ``[len(seqs), vocab]`` (any float dtype)."""
     device = logits.device
     raw_logprobs = None
