@@ -273,3 +273,18 @@ def test_compile_cache_key_follows_quantization(tiny_checkpoint):
     models[1].model.layers[0].self_attn.k_scale = 0.5
     keys.append(cache_key(cache_key_details(cfg, torch.float32, CPU, cc, models[1])))
     assert len(set(keys)) == 3
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_sleep_and_wake_up_keep_fp8_output(level, tiny_checkpoint):
+    """Level 2 reloads the checkpoint into the fp8 modules (rebuilt and quantized the same way)."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = [{"prompt_token_ids": IDS}]
+    with LLM(tiny_checkpoint("qwen2"), enforce_eager=True, quantization="fp8", kv_cache_dtype="fp8") as llm:
+        before = llm.generate(prompts, params, use_tqdm=False)[0].outputs[0].token_ids
+        weights = {n: p.clone() for n, p in llm.llm_engine.worker.model.named_parameters()}
+        llm.sleep(level=level)
+        llm.wake_up()
+        after = dict(llm.llm_engine.worker.model.named_parameters())
+        assert all(torch.equal(weights[n].view(torch.uint8), after[n].view(torch.uint8)) for n in weights)
+        assert llm.generate(prompts, params, use_tqdm=False)[0].outputs[0].token_ids == before
