@@ -8,7 +8,8 @@ it runs, each in its own process, ``kiln bench latency --batch-sizes 1`` (prompt
 three timed iterations) and ``kiln bench throughput`` (1000 prompts of 256 tokens, 256 new tokens),
 leaving their ``bench_latency_fp8_<model>_<variant>.json`` / ``bench_throughput_fp8_<model>_<variant>.json``
 in the output directory, then writes ``bench_fp8_<model>.json``: batch-1 TPOT (mean, and the weight-read
-roofline of the variant), total tokens/s, and each fp8 variant's ratio to bf16. Variants:
+roofline of the variant), total tokens/s, and each fp8 variant's ratio to bf16 (a later call with other
+``--parts`` or ``--variants`` adds to the same file). Variants:
 
 - ``bf16``: the bf16 model;
 - ``fp8``: ``quantization="fp8"`` (per-channel fp8 weights, per-token fp8 activations, ``torch._scaled_mm``);
@@ -75,9 +76,14 @@ def main(argv=None) -> int:
     os.makedirs(args.output_dir, exist_ok=True)
     status = 0
     for model in args.models.split(","):
+        name = os.path.basename(model.rstrip("/"))
+        path = os.path.join(args.output_dir, f"bench_fp8_{name}.json")
         summary = {"model": model, "variants": {}, "extra_args": extra}
+        if os.path.isfile(path):  # an earlier call's other parts or variants are kept
+            with open(path) as f:
+                summary["variants"] = json.load(f).get("variants", {})
         for variant in variants:
-            row = summary["variants"][variant] = {}
+            row = summary["variants"].setdefault(variant, {})
             for part in parts:
                 results = run_part(part, model, variant, args.output_dir, extra)
                 row.update(summarize(part, results) if results else {f"{part}_error": "run failed"})
@@ -88,8 +94,6 @@ def main(argv=None) -> int:
                 row["throughput_over_bf16"] = row["total_tokens_per_s"] / base["total_tokens_per_s"]
             if base.get("tpot_ms") and row.get("tpot_ms"):
                 row["tpot_over_bf16"] = row["tpot_ms"] / base["tpot_ms"]
-        name = os.path.basename(model.rstrip("/"))
-        path = os.path.join(args.output_dir, f"bench_fp8_{name}.json")
         with open(path, "w") as f:
             json.dump(summary, f, indent=2)
             f.write("\n")

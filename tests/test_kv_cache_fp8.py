@@ -101,6 +101,7 @@ def test_llm_fp8_kv_cache_backends_agree(tiny_checkpoint):
         with LLM(
             path,
             enforce_eager=True,
+            dtype="float32",
             kv_cache_dtype=kv,
             kv_cache_memory_bytes=budget,
             attention_config={"backend": backend},
