@@ -29,3 +29,32 @@ def triton_interpret() -> bool:
     """``TRITON_INTERPRET`` (Triton's own switch, read here too): the kernels run in Triton's CPU
     interpreter, which lacks bf16 arithmetic, so kiln's kernels upcast bf16 there."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` (huggingface_hub's own switch, read here too): a hub id not in the local cache is
+    an error instead of a download."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_endpoint() -> str | None:
+    """``HF_ENDPOINT`` (huggingface_hub's own, read here too): where hub ids are downloaded from."""
+    return os.environ.get("HF_ENDPOINT") or None
+
+
+DEFAULT_LOG_STATS_INTERVAL = 10.0
+
+
+def log_stats_interval() -> float:
+    """``KILN_LOG_STATS_INTERVAL``: seconds between the stats lines of ``LLM(disable_log_stats=False)``.
+    Unset: 10 (vLLM's interval). Not a number >= 0: ValueError naming the variable."""
+    raw = os.environ.get("KILN_LOG_STATS_INTERVAL")
+    if raw is None or raw == "":
+        return DEFAULT_LOG_STATS_INTERVAL
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ValueError(f"KILN_LOG_STATS_INTERVAL must be a number of seconds >= 0, got {raw!r}")
+    return value

@@ -62,7 +62,8 @@ def cache_key_details(
     from kiln import __version__
 
     tensors = None if model is None else model_fingerprint(model)
-    model = {k: v for k, v in dataclasses.asdict(model_config).items() if k != "raw"}
+    arch = getattr(model_config, "arch", model_config)  # a runtime ModelConfigView wraps it
+    model = {k: v for k, v in dataclasses.asdict(arch).items() if k != "raw"}
     try:
         import triton
 
