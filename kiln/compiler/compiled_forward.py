@@ -70,7 +70,7 @@ class CompiledForward:
         self.device, self.attention = device, get_attention_backend(attention_backend)
         self.cache = CompileCache(
             config.resolved_cache_dir(),
-            cache_key_details(model_config, dtype, device, config, lora),
+            cache_key_details(model_config, dtype, device, config, lora, model),
             config.use_cache,
         )
         self.report = CompileReport(

@@ -10,6 +10,8 @@ import torch
 from kiln.models.config import ModelConfig
 from kiln.models.gguf import gguf_config, iter_gguf_tensors
 from kiln.models.llama import LlamaForCausalLM
+from kiln.quant.apply import checkpoint_tensors, finish_model, prepare_model, quantize_model
+from kiln.quant.config import QuantConfig
 
 MODEL_CLASSES = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -68,13 +70,17 @@ def build_model(
     device: torch.device,
     load_format: str = "auto",
     pooling=None,
+    quant: QuantConfig | None = None,
 ) -> LlamaForCausalLM:
     """Allocate the model directly on ``device`` (no host copy) and load weights tensor by tensor.
 
     ``load_format="dummy"`` fills weights with small random values instead (for speed measurements).
     With a ``pooling`` spec (``kiln.pooling.spec.PoolingModelSpec``) the model is the decoder plus
-    its pooling head instead of a causal LM.
+    its pooling head instead of a causal LM. With ``quant`` the projections run in fp8 (``kiln.quant``):
+    a pre-quantized checkpoint loads into fp8 modules; otherwise (and with dummy weights) the loaded
+    weights are quantized.
     """
+    serialized = quant is not None and quant.serialized and load_format != "dummy"
     with torch.device("meta"):
         if pooling is not None:
             from kiln.pooling.model import LlamaForPooling
@@ -82,14 +88,36 @@ def build_model(
             model = LlamaForPooling(cfg, pooling).to(dtype)
         else:
             model = MODEL_CLASSES[cfg.architecture](cfg).to(dtype)
+    if serialized:
+        prepare_model(model, quant, dtype)
     model = model.to_empty(device=device)
-    load_weights(model, path, cfg, load_format)
+    if serialized:
+        weights = checkpoint_tensors(_checkpoint(path, cfg), model, quant)
+        with torch.no_grad():
+            model.load_weights(weights)
+        finish_model(model)
+    else:
+        load_weights(model, path, cfg, load_format)
+        if quant is not None:
+            with torch.no_grad():
+                quantize_model(model, quant)
     model.model.rotary.reset_cache()
     return model.eval()
 
 
-def load_weights(model: LlamaForCausalLM, path: str, cfg: ModelConfig, load_format: str = "auto") -> None:
-    """Fill the model's existing parameter tensors from the checkpoint (or the dummy values)."""
+def load_weights(
+    model: LlamaForCausalLM, path: str, cfg: ModelConfig, load_format: str = "auto", quant=None
+) -> None:
+    """Fill the model's existing parameter tensors from the checkpoint (or the dummy values). A quantized
+    model (``quant``) is rebuilt the way ``build_model`` built it and its tensors copied in."""
+    if quant is not None:
+        first = next(model.parameters())
+        fresh = build_model(path, cfg, model.model.norm.weight.dtype, first.device, load_format, quant=quant)
+        with torch.no_grad():
+            for (name, p), (fresh_name, q) in zip(model.named_parameters(), fresh.named_parameters()):
+                assert name == fresh_name
+                p.copy_(q)
+        return
     if load_format == "dummy":
         gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
         with torch.no_grad():
@@ -99,6 +127,9 @@ def load_weights(model: LlamaForCausalLM, path: str, cfg: ModelConfig, load_form
                 else:
                     p.normal_(0.0, 0.02, generator=gen)
         return
-    weights = iter_gguf_tensors(path, cfg.raw) if path.endswith(".gguf") else iter_safetensors(path)
     with torch.no_grad():
-        model.load_weights(weights)
+        model.load_weights(_checkpoint(path, cfg))
+
+
+def _checkpoint(path: str, cfg: ModelConfig):
+    return iter_gguf_tensors(path, cfg.raw) if path.endswith(".gguf") else iter_safetensors(path)

@@ -56,6 +56,8 @@ class EngineConfig:
     load_format: str = "auto"
     compilation_config: CompilationConfig | None = None
     pooling: object = None  # kiln.pooling.spec.PoolingModelSpec with runner="pooling"
+    quantization: object = None  # kiln.quant.QuantConfig or None
+    kv_cache_dtype: str = "auto"  # "auto" (model dtype) | "fp8" | "fp8_e4m3"
     async_scheduling: bool = True  # launch step N+1 before reading step N's tokens back
     max_logprobs: int = 20  # most logprobs / prompt_logprobs a request may ask for; -1: the vocabulary
     logprobs_mode: str = "raw_logprobs"  # raw_logprobs | raw_logits | processed_logprobs | processed_logits

@@ -31,6 +31,8 @@ from kiln.models.config import ModelConfig
 from kiln.models.hub import resolve_model_path
 from kiln.models.loader import read_config
 from kiln.pooling.spec import resolve_runner
+from kiln.quant.config import resolve_quantization
+from kiln.quant.kv_cache import check_kv_cache_dtype
 from kiln.runtime.config import EngineConfig, resolve_dtype
 from kiln.runtime.profiler import ProfilerConfig
 
@@ -285,8 +287,12 @@ class EngineArgs:
                 "enable_chunked_prefill=False: longer prompts could never run"
             )
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        kv_cache_dtype = check_kv_cache_dtype(self.kv_cache_dtype, device)
+        quant = resolve_quantization(self.quantization, self.quantization_config, hf_config, device)
         compilation_config = CompilationConfig.parse(self.compilation_config)
         engine_config = EngineConfig(
+            quantization=quant,
+            kv_cache_dtype=kv_cache_dtype,
             model_path=path,
             device=device,
             dtype=resolve_dtype(self.dtype, model_config.torch_dtype, device),
@@ -336,6 +342,9 @@ HONOURED = frozenset(
     {
         "model",
         "served_model_name",
+        "quantization",
+        "quantization_config",
+        "kv_cache_dtype",
         "tokenizer",
         "skip_tokenizer_init",
         "tokenizer_mode",
@@ -412,9 +421,6 @@ _EQUIVALENT: dict[str, tuple] = {
 }
 
 _REASONS = {
-    "quantization": "kiln loads unquantised safetensors or dequantised GGUF weights",
-    "quantization_config": "kiln loads unquantised safetensors or dequantised GGUF weights",
-    "kv_cache_dtype": "the KV cache uses the model dtype",
     "speculative_config": "kiln has no speculative decoding",
     "spec_method": "kiln has no speculative decoding",
     "spec_model": "kiln has no speculative decoding",

@@ -34,6 +34,7 @@ from kiln.models.loader import build_model, load_weights
 from kiln.ops.attention_backend import attention_backend_class
 from kiln.ops.forward_context import forward_context
 from kiln.ops.sample_argmax import sample_argmax
+from kiln.quant.kv_cache import configure_kv_cache
 from kiln.runtime.config import CPU_DEFAULT_KV_CACHE_BYTES, EngineConfig
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.step_data import RunnerOutput, SchedulerOutput
@@ -72,9 +73,16 @@ class Worker:
         cfg = self.config
         self.phases.append("load_model")
         self.model = build_model(
-            cfg.model_path, self.model_config, cfg.dtype, cfg.device, cfg.load_format, cfg.pooling
+            cfg.model_path,
+            self.model_config,
+            cfg.dtype,
+            cfg.device,
+            cfg.load_format,
+            pooling=cfg.pooling,
+            quant=cfg.quantization,
         )
-        self.lora = lora_manager_for(cfg, self.model_config, self.model)  # wraps the projections
+        self.kv_cache_dtype = configure_kv_cache(self.model, cfg.kv_cache_dtype, cfg.dtype)
+        self.lora = lora_manager_for(cfg, self.model_config, self.model)  # wraps the (fp8) projections
 
     def compile_and_warm_up(self) -> None:
         cfg, mc = self.config, self.model_config
@@ -107,7 +115,7 @@ class Worker:
         """A one-block cache per layer: enough for dummy steps that store nothing."""
         mc, cfg = self.model_config, self.config
         shape = (2, 1, cfg.block_size, mc.num_kv_heads, mc.head_dim)
-        return [torch.zeros(shape, dtype=cfg.dtype, device=cfg.device)] * mc.num_layers
+        return [torch.zeros(shape, dtype=self.kv_cache_dtype, device=cfg.device)] * mc.num_layers
 
     @torch.inference_mode()
     def _warm_up(self) -> None:
@@ -131,7 +139,7 @@ class Worker:
 
     def kv_bytes_per_block(self) -> int:
         mc, cfg = self.model_config, self.config
-        elem = torch.tensor([], dtype=cfg.dtype).element_size()
+        elem = torch.tensor([], dtype=self.kv_cache_dtype).element_size()
         return 2 * mc.num_layers * cfg.block_size * mc.num_kv_heads * mc.head_dim * elem
 
     def determine_kv_budget(self) -> int:
@@ -226,7 +234,7 @@ class Worker:
         mc, cfg = self.model_config, self.config
         shape = (2, num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim)
         self.kv_caches = [
-            torch.zeros(shape, dtype=cfg.dtype, device=cfg.device) for _ in range(mc.num_layers)
+            torch.zeros(shape, dtype=self.kv_cache_dtype, device=cfg.device) for _ in range(mc.num_layers)
         ]
         self.runner.kv_caches = self.kv_caches
 
@@ -354,7 +362,9 @@ class Worker:
                         p.copy_(self._host_weights.pop(name))
                 else:
                     cfg = self.config
-                    load_weights(self.model, cfg.model_path, self.model_config, cfg.load_format)
+                    load_weights(
+                        self.model, cfg.model_path, self.model_config, cfg.load_format, cfg.quantization
+                    )
                 self.asleep.discard("weights")
             if "kv_cache" in tags and "kv_cache" in self.asleep:
                 for t in self.kv_caches:
