@@ -5,12 +5,15 @@ from kiln.runtime.inputs import TextPrompt, TokensPrompt
 from kiln.runtime.llm import LLM
 from kiln.runtime.outputs import CompletionOutput, Logprob, RequestOutput
 from kiln.runtime.sampling_params import RequestOutputKind, SamplingParams
+from kiln.structured.params import StructuredOutputsConfig, StructuredOutputsParams
 
 __version__ = "0.1.0"
 __all__ = [
     "LLM",
     "CompilationConfig",
     "SamplingParams",
+    "StructuredOutputsParams",
+    "StructuredOutputsConfig",
     "RequestOutputKind",
     "RequestOutput",
     "CompletionOutput",

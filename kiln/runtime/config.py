@@ -50,3 +50,4 @@ class EngineConfig:
     load_format: str = "auto"
     compilation_config: object = None
     async_scheduling: bool = True  # launch step N+1 before reading step N's tokens back
+    structured_outputs_config: object = None  # kiln.structured.StructuredOutputsConfig

@@ -21,6 +21,8 @@ from kiln.runtime.outputs import CompletionOutput, Logprob, RequestMetrics, Requ
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler
 from kiln.runtime.sequence import Sequence, Status
+from kiln.structured.manager import StructuredOutputManager
+from kiln.structured.params import StructuredOutputsConfig
 
 logger = logging.getLogger("kiln")
 
@@ -87,6 +89,13 @@ class LLMEngine:
         self.pending: StepOutput | None = None  # launched step whose tokens are not read back yet
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_token_ids = {eos} if eos is not None else set(model_config.eos_token_id)
+        self.structured = StructuredOutputManager(
+            config.structured_outputs_config or StructuredOutputsConfig(),
+            tokenizer,
+            model_config.vocab_size,
+            sorted(self.eos_token_ids),
+            config.device,
+        )
         self._next_seq_id = 0
         self.detokenizers: dict[Sequence, IncrementalDetokenizer] = {}
         self._token_texts: dict[int, str] = {}
@@ -247,10 +256,30 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
 
+    def validate_params(self, params: SamplingParams) -> None:
+        """Checks that need the model or the tokenizer, run before any request of a call is added:
+        token ids inside the vocabulary, bad_words encoded, structured outputs parsed (compiling starts)."""
+        vocab = self.model_config.vocab_size
+        for name, ids in (("logit_bias", params.logit_bias), ("allowed_token_ids", params.allowed_token_ids)):
+            bad = [t for t in ids or () if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"{name}: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if params.bad_words:
+            if self.tokenizer is None:
+                raise ValueError("bad_words need a tokenizer (skip_tokenizer_init=True)")
+            params.update_from_tokenizer(self.tokenizer)
+            bad = [t for ids in params.bad_words_token_ids for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"bad_words: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if params.structured_outputs is not None:
+            self.structured.validate(params)
+
     def add_request(
         self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams
     ) -> None:
         max_tokens = self.config.max_model_len - len(prompt_token_ids)
+        if params.bad_words and not params.bad_words_token_ids:
+            params.update_from_tokenizer(self.tokenizer)
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
         seqs = []
@@ -259,6 +288,8 @@ class LLMEngine:
             if params.seed is not None:
                 gen = torch.Generator(device=self.config.device).manual_seed(params.seed + i)
             seq = Sequence(self._next_seq_id, request_id, i, list(prompt_token_ids), params, max_tokens, gen)
+            if params.structured_outputs is not None:
+                seq.grammar = self.structured.new_state(params)
             self._next_seq_id += 1
             if self.tokenizer is not None and params.detokenize:
                 self.detokenizers[seq] = IncrementalDetokenizer(
@@ -292,6 +323,10 @@ class LLMEngine:
         before step N's tokens are read back, so the host work of one step hides behind the device
         work of the next. A batch with penalties or logprobs needs its tokens on the host and runs
         without overlap. Stops are therefore seen one step late; the extra token is dropped.
+
+        A batch with constrained (structured-output) rows keeps the overlap: step N+1's forward is
+        launched first, then step N is read back (its tokens advance the grammar matchers), then the
+        grammar's token mask for step N+1 is filled on the host and step N+1's sampler launched with it.
         """
         batch = self.scheduler.schedule()
         finished: list[RequestOutput] = []
@@ -303,12 +338,15 @@ class LLMEngine:
         if not batch:
             # after a read-back, finished sequences have freed blocks: the next step can schedule again
             if not read_back and self.scheduler.has_unfinished():
+                if self.structured.wait_for_any(self.scheduler.waiting):  # only grammars compiling
+                    return finished
                 raise RuntimeError("scheduler produced an empty step while requests are pending")
             return finished
         now = time.time()
         for seq in batch.seqs:
             seq.first_scheduled_time = seq.first_scheduled_time or now
-        launched = self.runner.execute(batch, self.pending)
+        constrained = any(seq.grammar is not None for seq in batch.seqs)
+        launched = self.runner.execute(batch, self.pending, defer_sampling=constrained)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             for target, entry in launched.prompt_logprobs.get(seq, []):
@@ -320,6 +358,9 @@ class LLMEngine:
         previous, self.pending = self.pending, launched
         if previous is not None:
             finished += self._read_back(previous)
+        if launched.logits is not None:  # sampling deferred until the matchers have seen step N
+            num_generated = [launched.output_index[s] for s in launched.seqs]
+            self.runner.sample(launched, self.structured.token_mask(launched.seqs, num_generated))
         if sync:
             finished += self._read_back(launched)
             self.pending = None
@@ -340,6 +381,8 @@ class LLMEngine:
                 continue
             index = step.output_index[seq]
             seq.output_token_ids[index] = token
+            if seq.grammar is not None:
+                seq.grammar.accept(token)
             self._accept_token(seq, index, token, logprob_entry, now)
             if seq.finish_reason is None:
                 continue
@@ -438,4 +481,5 @@ def _needs_host_tokens(seq: Sequence) -> bool:
         or p.repetition_penalty != 1.0
         or p.presence_penalty != 0.0
         or p.frequency_penalty != 0.0
+        or any(len(ids) > 1 for ids in p.bad_words_token_ids)  # bans follow the last tokens
     )

@@ -19,6 +19,7 @@ from kiln.runtime.engine import LLMEngine
 from kiln.runtime.inputs import parse_prompt
 from kiln.runtime.outputs import RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
+from kiln.structured.params import StructuredOutputsConfig
 
 # LLM(...) parameters kiln accepts only at their default value: (name, default)
 _UNSUPPORTED = {
@@ -39,7 +40,6 @@ _UNSUPPORTED = {
     "hf_overrides": None,
     "mm_processor_kwargs": None,
     "pooler_config": None,
-    "structured_outputs_config": None,
     "profiler_config": None,
     "quantization_config": None,
     "logits_processors": None,
@@ -71,9 +71,7 @@ def _check_positive(name: str, value, allow_none=True):
 def _check_implemented(params: SamplingParams) -> None:
     """SamplingParams fields kiln accepts only at their default value."""
     unsupported = {
-        "bad_words": bool(params.bad_words),
         "logits_processors": bool(params.logits_processors),
-        "structured_outputs": params.structured_outputs is not None,
         "flat_logprobs": params.flat_logprobs,
         "spaces_between_special_tokens": not params.spaces_between_special_tokens,
     }
@@ -105,6 +103,7 @@ class LLM:
         attention_config: dict | None = None,
         kv_cache_memory_bytes: int | None = None,
         compilation_config: Any = None,
+        structured_outputs_config: dict | StructuredOutputsConfig | None = None,
         **kwargs: Any,
     ) -> None:
         if "swap_space" in kwargs:
@@ -133,6 +132,7 @@ class LLM:
             _check_positive(name, kwargs.get(name))
         _check_positive("kv_cache_memory_bytes", kv_cache_memory_bytes)
         compilation_config = CompilationConfig.parse(compilation_config)  # InvalidCompilationConfig
+        structured_outputs_config = StructuredOutputsConfig.parse(structured_outputs_config)
         if kwargs.get("load_format", "auto") not in ("auto", "safetensors", "gguf", "dummy"):
             raise ValueError(
                 f"load_format must be 'auto', 'safetensors', 'gguf' or 'dummy', got {kwargs['load_format']!r}"
@@ -184,6 +184,7 @@ class LLM:
             attention_backend=backend,
             load_format="dummy" if kwargs.get("load_format") == "dummy" else "auto",
             compilation_config=compilation_config,
+            structured_outputs_config=structured_outputs_config,
         )
         torch.manual_seed(seed)
         self.llm_engine = LLMEngine(self.config, model_config, self.tokenizer)
@@ -327,6 +328,7 @@ class LLM:
             params.update_from_generation_config(
                 self.generation_config, getattr(self.tokenizer, "eos_token_id", None)
             )
+            self.llm_engine.validate_params(params)  # vocabulary ids, bad_words, structured_outputs
             prepared.append((*self._to_token_ids(prompt, i, params, add_special_tokens), params))
         engine = self.llm_engine
         ids = []

@@ -28,6 +28,7 @@ class StepOutput:
     output_index: dict[Sequence, int]  # where each sampled token goes in seq.output_token_ids
     host_tokens: torch.Tensor | None = None  # pinned copy of ``tokens``, valid once ``ready`` has passed
     ready: "torch.cuda.Event | None" = None
+    logits: torch.Tensor | None = None  # launched but not yet sampled (``ModelRunner.sample``)
 
     def __post_init__(self):
         self._rows = {seq: i for i, seq in enumerate(self.seqs)}
@@ -96,6 +97,14 @@ class ModelRunner:
             return torch.ops.kiln.gemv(hidden, self.model.logits_weight(), None, None, 0.0, False)
         return self.model.compute_logits(hidden)
 
+    @torch.inference_mode()
+    def sample(self, out: StepOutput, token_mask=None) -> None:
+        """Launch the sampler on the step's logits and the copy of its tokens to the host."""
+        num_generated = [out.output_index[s] for s in out.seqs]
+        result = sample(out.logits, out.seqs, self.generator, num_generated, token_mask)
+        out.tokens, out.logprobs, out.logits = result.tokens, result.logprobs, None
+        out.copy_out()
+
     def prepare(self, batch: ScheduledBatch, previous: StepOutput | None = None):
         """Device inputs of the step, sent as two pinned host buffers (int64 and int32) so the copies
         never wait for the device. Tokens still on the device from ``previous`` (placeholders) are
@@ -141,8 +150,12 @@ class ModelRunner:
         return input_ids, positions_t, md, starts, (None if all_rows else rows), sample_seqs
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, previous: StepOutput | None = None) -> StepOutput:
-        """Launch the step; sampled tokens stay on the device (``StepOutput.tokens``)."""
+    def execute(
+        self, batch: ScheduledBatch, previous: StepOutput | None = None, defer_sampling: bool = False
+    ) -> StepOutput:
+        """Launch the step; sampled tokens stay on the device (``StepOutput.tokens``). With
+        ``defer_sampling`` only the forward and the logits are launched: ``sample`` finishes the step
+        once the host knows what the sampler needs (the grammar's token mask)."""
         input_ids, positions, md, starts, rows, sample_seqs = self.prepare(batch, previous)
         full, piecewise = self.decode_graphs, self.piecewise_graphs
         if full is not None and md.max_query_len == 1 and md.num_seqs <= full.max_size:
@@ -155,10 +168,9 @@ class ModelRunner:
 
         out = StepOutput(sample_seqs, None, [], {}, {s: len(s.output_token_ids) for s in sample_seqs})
         if sample_seqs:
-            logits = self.logits(hidden if rows is None else hidden[rows])
-            result = sample(logits, sample_seqs, self.generator)
-            out.tokens, out.logprobs = result.tokens, result.logprobs
-            out.copy_out()
+            out.logits = self.logits(hidden if rows is None else hidden[rows])
+            if not defer_sampling:
+                self.sample(out)
         # prompt positions of sequences that asked for prompt logprobs
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             lo = seq.num_computed_tokens

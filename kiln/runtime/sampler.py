@@ -1,4 +1,5 @@
-"""Batched sampling on the device: penalties, temperature, min_p, top_k, top_p, per-request seeds,
+"""Batched sampling on the device: penalties, min_tokens, logit_bias, allowed_token_ids, bad_words,
+the grammar's token mask (structured outputs), temperature, min_p, top_k, top_p, per-request seeds,
 and the log-probabilities a request asked for (of the raw model distribution, before processing).
 
 Random rows draw ``token = argmax(logits / T - log q)`` with ``q ~ Exp(1)``, which samples from
@@ -13,6 +14,7 @@ import torch
 from kiln.ops.sample_argmax import sample_argmax
 from kiln.runtime.sequence import Sequence
 from kiln.runtime.transfer import to_device
+from kiln.structured.token_mask import TokenMask
 
 _NEG_INF = float("-inf")
 
@@ -56,20 +58,40 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits
 
 
-def _bans_stops(s: Sequence) -> bool:
+def _bans_stops(s: Sequence, num_generated: int) -> bool:
+    """min_tokens not reached: stop ids (all_stop_token_ids holds stop_token_ids too) are banned. A
+    constrained sequence gets this from its grammar mask, which lets the grammar's end win."""
     p = s.params
-    return len(s.output_token_ids) < p.min_tokens and bool(p.all_stop_token_ids)  # holds stop_token_ids too
+    return num_generated < p.min_tokens and bool(p.all_stop_token_ids) and s.grammar is None
 
 
-def apply_constraints(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """min_tokens (stop ids banned until reached), logit_bias, allowed_token_ids. Works on an fp32 copy."""
-    if not any(_bans_stops(s) or s.params.logit_bias or s.params.allowed_token_ids for s in seqs):
+def banned_words(s: Sequence, num_generated: int) -> list[int]:
+    """bad_words: the last token of each word whose other tokens end the output so far (vLLM's rule)."""
+    out = s.output_token_ids[:num_generated]
+    banned = []
+    for ids in s.params.bad_words_token_ids:
+        prefix = ids[:-1]
+        if len(prefix) <= len(out) and (not prefix or out[len(out) - len(prefix) :] == prefix):
+            banned.append(ids[-1])
+    return banned
+
+
+def apply_constraints(logits: torch.Tensor, seqs: list[Sequence], num_generated: list[int]) -> torch.Tensor:
+    """min_tokens (stop ids banned until reached), logit_bias, allowed_token_ids, bad_words. Works on an
+    fp32 copy. ``num_generated[i]``: output tokens of ``seqs[i]`` before the one being sampled."""
+    if not any(
+        _bans_stops(s, n) or s.params.logit_bias or s.params.allowed_token_ids or s.params.bad_words_token_ids
+        for s, n in zip(seqs, num_generated)
+    ):
         return logits
     logits = logits.to(torch.float32, copy=True)
     for i, s in enumerate(seqs):
         p = s.params
-        if _bans_stops(s):
+        if _bans_stops(s, num_generated[i]):
             logits[i].index_fill_(0, to_device(list(p.all_stop_token_ids), logits.device), _NEG_INF)
+        banned = banned_words(s, num_generated[i]) if p.bad_words_token_ids else None
+        if banned:
+            logits[i].index_fill_(0, to_device(banned, logits.device), _NEG_INF)
         if p.logit_bias:
             ids = to_device(list(p.logit_bias), logits.device)
             logits[i].index_add_(0, ids, to_device(list(p.logit_bias.values()), logits.device, logits.dtype))
@@ -105,13 +127,26 @@ def top_k_top_p_min_p(logits: torch.Tensor, top_k, top_p, min_p) -> torch.Tensor
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator | None) -> SamplerOutput:
-    """Pick one token per row of ``logits`` ``[len(seqs), vocab]`` (any float dtype)."""
+def sample(
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    generator: torch.Generator | None,
+    num_generated: list[int] | None = None,
+    token_mask: TokenMask | None = None,
+) -> SamplerOutput:
+    """Pick one token per row of ``logits`` ``[len(seqs), vocab]`` (any float dtype).
+
+    ``num_generated[i]`` is the number of output tokens of ``seqs[i]`` before the one sampled now
+    (default: all of them); ``token_mask`` holds the grammar's allowed tokens of the constrained rows."""
     device = logits.device
+    if num_generated is None:
+        num_generated = [len(s.output_token_ids) for s in seqs]
     raw_logprobs = None
     if any(s.params.logprobs is not None for s in seqs):
         raw_logprobs = logits.float().log_softmax(-1)
-    logits = apply_constraints(apply_penalties(logits, seqs), seqs)
+    logits = apply_constraints(apply_penalties(logits, seqs), seqs, num_generated)
+    if token_mask is not None:
+        logits = token_mask.apply(logits)
     params = [s.params for s in seqs]
     if all(p.is_greedy for p in params):
         tokens = sample_argmax(logits)

@@ -5,7 +5,8 @@ prompt at first, one token while decoding). Each step first serves running seque
 order, preempting the newest running ones (freeing their blocks; they are recomputed later) when the
 KV cache is full, then admits waiting sequences FCFS while budget, sequence slots and blocks last.
 A sequence whose launched tokens already reach its length limit is not scheduled again: it only
-waits for the engine to read its last token back.
+waits for the engine to read its last token back. A waiting sequence whose grammar is still compiling
+is passed over (it keeps its place) without holding up the ones behind it.
 """
 
 from collections import deque
@@ -72,8 +73,12 @@ class Scheduler:
                 batch.num_new_tokens.append(n)
                 budget -= n
                 i += 1
+        compiling = []  # waiting sequences whose grammar is not compiled yet keep their place
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
+            if seq.grammar_pending:
+                compiling.append(self.waiting.popleft())
+                continue
             cached = self.kv.lookup_prefix(seq)
             n = min(seq.num_tokens - len(cached) * self.kv.block_size, budget)
             if not self.kv.allocate(seq, n, cached):
@@ -88,6 +93,7 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
+        self.waiting.extendleft(reversed(compiling))
         return batch
 
     def finish(self, seq: Sequence) -> None:

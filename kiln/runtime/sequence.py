@@ -41,6 +41,7 @@ class Sequence:
     text: str = ""
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    grammar: object = None  # kiln.structured.grammar_state.GrammarState of a constrained sequence
 
     def __post_init__(self):
         if self.params.logprobs is not None:
@@ -68,6 +69,11 @@ class Sequence:
         if lo >= n:
             return self.output_token_ids[lo - n : hi - n]
         return self.prompt_token_ids[lo:] + self.output_token_ids[: hi - n]
+
+    @property
+    def grammar_pending(self) -> bool:
+        """Its grammar is still compiling: the scheduler leaves it waiting."""
+        return self.grammar is not None and not self.grammar.ready
 
     @property
     def is_finished(self) -> bool:
