@@ -421,7 +421,8 @@ class LLMEngine:
             seq.cumulative_logprob += logprob_entry[2]
         num_out = index + 1
         stopped_by_token = False
-        if num_out >= params.min_tokens:
+        # a grammar that accepted its stop token ends the sequence, min_tokens or not
+        if num_out >= params.min_tokens or (seq.grammar is not None and seq.grammar.terminated):
             if not params.ignore_eos and token in self.eos_token_ids:
                 seq.finish_reason, stopped_by_token = "stop", True
             elif token in params.stop_token_ids:

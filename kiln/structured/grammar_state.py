@@ -29,6 +29,11 @@ class GrammarState:
         return self.matcher is not None
 
     @property
+    def terminated(self) -> bool:
+        """The grammar accepted a stop token: the structure is complete and the sequence ends."""
+        return self.matcher is not None and self.matcher.is_terminated()
+
+    @property
     def active(self) -> bool:
         """Constrains the next token: compiled and not terminated (by an accepted stop token)."""
         return self.ready and not self.matcher.is_terminated()

@@ -14,17 +14,22 @@ from kiln.structured.spec import GrammarSpec
 
 
 class GuidanceMatcher:
+    """llguidance "stops" once nothing but the end can follow; its mask is then the EOS token alone.
+    The grammar is terminated (as xgrammar's) only when that EOS has been accepted."""
+
     def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str):
         self.matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        self.eos = tokenizer.eos_token
+        self.ended = False
 
     def accept(self, token: int) -> bool:
+        if token == self.eos and (self.matcher.is_stopped() or self.matcher.is_accepting()):
+            self.ended = True
+            return True
         return self.matcher.consume_token(token)
 
     def is_terminated(self) -> bool:
-        return self.matcher.is_stopped()
-
-    def rollback(self, num_tokens: int) -> None:
-        self.matcher.rollback(num_tokens)
+        return self.ended
 
 
 class GuidanceBackend:

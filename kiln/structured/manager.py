@@ -68,12 +68,13 @@ class StructuredOutputManager:
         return GrammarState(*self._compiled(params))
 
     @staticmethod
-    def wait_for_any(seqs) -> bool:
-        """Block until one of ``seqs``' grammars is compiled; False when none is still compiling."""
+    def wait_for_any(seqs, timeout: float = 0.05) -> bool:
+        """Wait (at most ``timeout`` s) for one of ``seqs``' grammars to compile; False when none is
+        still compiling."""
         pending = {s.grammar.future for s in seqs if s.grammar is not None and not s.grammar.future.done()}
         if not pending:
             return False
-        concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+        concurrent.futures.wait(pending, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
         return True
 
     def token_mask(self, seqs, num_generated: list[int]) -> TokenMask | None:

@@ -16,18 +16,32 @@ def bitmask_words(vocab_size: int) -> int:
     return -(-vocab_size // 32)
 
 
+_BITS: dict[torch.device, torch.Tensor] = {}
+
+
+def _bits(device: torch.device) -> torch.Tensor:
+    """int32 [32]: word value of each bit (bit 31 is the sign bit)."""
+    if device not in _BITS:
+        values = [1 << b for b in range(31)] + [-(1 << 31)]
+        _BITS[device] = torch.tensor(values, dtype=torch.int32).to(device)
+    return _BITS[device]
+
+
+def banned_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``[rows, words]`` int32 -> ``[rows, vocab_size]`` bool, True where the token is not allowed."""
+    return (bitmask.unsqueeze(-1) & _bits(bitmask.device)).eq_(0).flatten(1)[:, :vocab_size].bool()
+
+
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """``[rows, words]`` int32 -> ``[rows, vocab_size]`` bool, True where the token is allowed."""
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    bits = (bitmask.unsqueeze(-1) >> shifts).bitwise_and_(1)
-    return bits.flatten(1)[:, :vocab_size].bool()
+    return ~banned_tokens(bitmask, vocab_size)
 
 
 def apply_token_bitmask(
     logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None
 ) -> torch.Tensor:
     """``logits`` with disallowed tokens at -inf in ``rows`` (all rows, in order, when None)."""
-    banned = ~unpack_bitmask(bitmask, logits.shape[1])
+    banned = banned_tokens(bitmask, logits.shape[1])
     if rows is None:
         return logits.masked_fill(banned, _NEG_INF)
     masked = logits.index_select(0, rows).masked_fill_(banned, _NEG_INF)

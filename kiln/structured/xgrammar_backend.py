@@ -29,9 +29,6 @@ class XGrammarMatcher:
     def is_terminated(self) -> bool:
         return self.matcher.is_terminated()
 
-    def rollback(self, num_tokens: int) -> None:
-        self.matcher.rollback(num_tokens)
-
 
 class XGrammarBackend:
     name = "xgrammar"
