@@ -385,3 +385,106 @@ def test_guidance_backend(tiny_checkpoint):
         assert all(o.finish_reason == "stop" for o in outs)
         with pytest.raises(ValueError, match="structured_outputs.regex is invalid"):
             llm.generate("x", SamplingParams(structured_outputs={"regex": "[a-"}), use_tqdm=False)
+
+
+@pytest.mark.gpu
+def test_token_mask_on_cuda_never_waits_for_the_device(tokenizer_dir):
+    """Filling the mask on the host, copying it and applying it in the sampler queue behind the
+    device's work: CUDA's sync debug mode turns any wait into an error."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from kiln.runtime.sampler import sample
+    from kiln.runtime.sequence import Sequence
+    from kiln.structured.manager import StructuredOutputManager
+    from kiln.structured.params import StructuredOutputsConfig
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    vocab = 128256  # a model vocabulary larger than the tokenizer's, as with padded embeddings
+    manager = StructuredOutputManager(
+        StructuredOutputsConfig(), tok, vocab, [tok.eos_token_id], torch.device("cuda")
+    )
+    seqs = []
+    for i, so in enumerate([{"json": SCHEMAS["nested"]}, None, {"regex": "[a-c]{3}"}, None]):
+        params = SamplingParams(temperature=1.0 if i % 2 else 0.0, structured_outputs=so)
+        seq = Sequence(i, str(i), 0, [1, 2, 3], params, 16)
+        if so is not None:
+            seq.grammar = manager.new_state(params)
+            seq.grammar.future.result()
+            assert seq.grammar.ready
+        seqs.append(seq)
+    logits = torch.randn(len(seqs), vocab, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mask = manager.token_mask(seqs, [0] * len(seqs))
+        tokens = sample(logits, seqs, gen, [0] * len(seqs), mask).tokens
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    tokens = tokens.tolist()
+    assert tok.decode([tokens[0]]).startswith("{") and tok.decode([tokens[2]])[0] in "abc"
+    manager.shutdown()
+
+
+@pytest.mark.gpu
+def test_structured_outputs_on_cuda_with_graphs_and_overlap(tiny_checkpoint):
+    """The default GPU engine (compiled forward, CUDA graphs, Triton attention, overlapped steps)."""
+    with LLM(
+        tiny_checkpoint("llama"), dtype="float32", max_model_len=256, kv_cache_memory_bytes=2**26
+    ) as llm:
+        plain = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+        alone = llm.generate(PROMPTS[:2], plain, use_tqdm=False)
+        requests = [(PROMPTS[0], plain), (PROMPTS[1], plain)]
+        for name, schema in SCHEMAS.items():
+            for draw in DRAWS:
+                so = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+                requests.append((name, SamplingParams(max_tokens=160, structured_outputs=so, **draw)))
+        outs = llm.generate(
+            [PROMPTS[0], PROMPTS[1]] + PROMPTS[2:3] * (len(requests) - 2),
+            [r[1] for r in requests],
+            use_tqdm=False,
+        )
+        assert [o.outputs[0].token_ids for o in outs[:2]] == [o.outputs[0].token_ids for o in alone]
+        for (name, _), out in zip(requests[2:], outs[2:]):
+            assert out.outputs[0].finish_reason == "stop", (name, out.outputs[0].text)
+            jsonschema.validate(json.loads(out.outputs[0].text), SCHEMAS[name])
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "age": {"type": "integer", "minimum": 0, "maximum": 130},
+        "city": {"type": "string", "maxLength": 40},
+        "hobbies": {
+            "type": "array",
+            "items": {"type": "string", "maxLength": 30},
+            "minItems": 1,
+            "maxItems": 3,
+        },
+    },
+    "required": ["name", "age", "hobbies"],
+}
+
+
+@pytest.mark.slow
+def test_real_model_follows_schemas_and_choices(smollm_gguf):
+    """SmolLM2-135M-Instruct with the default (free) JSON whitespace: valid, and sensible."""
+    conversations = [
+        [{"role": "user", "content": "Describe Alice, a 30 year old painter from Lyon, as JSON."}],
+        [{"role": "user", "content": "Invent a person who likes chess and give their details as JSON."}],
+        [{"role": "user", "content": "Is the sky blue on a clear day? Answer yes or no."}],
+    ]
+    params = [
+        SamplingParams(temperature=0, max_tokens=160, structured_outputs={"json": PERSON}),
+        SamplingParams(temperature=0.7, seed=0, max_tokens=160, structured_outputs={"json": PERSON}),
+        SamplingParams(temperature=0, max_tokens=8, structured_outputs={"choice": ["yes", "no"]}),
+    ]
+    with LLM(smollm_gguf, dtype="float32", max_model_len=1024, kv_cache_memory_bytes=2**26) as llm:
+        outs = [o.outputs[0] for o in llm.chat(conversations, params, use_tqdm=False)]
+    for out in outs[:2]:
+        assert out.finish_reason == "stop", out.text
+        jsonschema.validate(json.loads(out.text), PERSON)
+    assert "Alice" in json.loads(outs[0].text)["name"]
+    assert outs[2].text in ("yes", "no")
