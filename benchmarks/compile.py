@@ -189,7 +189,7 @@ def time_variants(forwards: dict, num_tokens: int, decode: bool, iters: int) -> 
     ids, positions, md, caches = _forward_inputs(first, num_tokens, decode)
     sync = torch.cuda.synchronize if first.device.type == "cuda" else (lambda: None)
     times = {name: [] for name in forwards}
-    with torch.inference_mode(), forward_context(md, caches, first.attention_backend):
+    with torch.inference_mode(), forward_context(md, caches, first.attention):
         for i in range(iters + 3):
             for name, forward in forwards.items():
                 sync()

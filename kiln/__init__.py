@@ -4,6 +4,7 @@ from kiln.compiler.config import CompilationConfig
 from kiln.runtime.inputs import TextPrompt, TokensPrompt
 from kiln.runtime.llm import LLM
 from kiln.runtime.outputs import CompletionOutput, Logprob, RequestOutput
+from kiln.runtime.profiler import ProfilerConfig
 from kiln.runtime.sampling_params import RequestOutputKind, SamplingParams
 from kiln.structured.params import StructuredOutputsConfig, StructuredOutputsParams
 
@@ -11,6 +12,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LLM",
     "CompilationConfig",
+    "ProfilerConfig",
     "SamplingParams",
     "StructuredOutputsParams",
     "StructuredOutputsConfig",

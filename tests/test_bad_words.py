@@ -4,8 +4,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from kiln import LLM, SamplingParams
-from kiln.runtime.sampler import banned_words
-from kiln.runtime.sequence import Sequence
+from kiln.runtime.sampler import SamplingRow, banned_words
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +35,9 @@ def test_words_are_encoded_alone_and_after_a_space(tokenizer_dir):
 def test_the_last_token_is_banned_after_the_others():
     params = SamplingParams()
     params.bad_words_token_ids = [[7], [3, 4, 5]]
-    seq = Sequence(0, "r", 0, [1, 2], params, 10)
-    seq.output_token_ids = [9, 3, 4]
-    assert banned_words(seq, 3) == [7, 5]
-    assert banned_words(seq, 2) == [7]  # only [9, 3] generated before the sampled token
-    seq.output_token_ids = [4]
-    assert banned_words(seq, 1) == [7]
+    assert banned_words(SamplingRow(params, output_token_ids=[9, 3, 4])) == [7, 5]
+    assert banned_words(SamplingRow(params, output_token_ids=[9, 3])) == [7]
+    assert banned_words(SamplingRow(params, output_token_ids=[4])) == [7]
 
 
 def test_a_banned_word_never_appears(llm):
@@ -86,7 +82,8 @@ def test_ids_outside_the_vocabulary_are_refused_before_anything_runs(llm, kwargs
         llm.generate(
             ["a", "b"], [SamplingParams(max_tokens=2), SamplingParams(max_tokens=2, **kwargs)], use_tqdm=False
         )
-    assert not engine.requests and engine.kv.num_free_blocks == engine.num_blocks
+    assert not engine.seqs and not engine.processor.requests
+    assert engine.kv.num_free_blocks == engine.num_blocks
     assert (
         len(
             llm.generate("a", SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)[0]

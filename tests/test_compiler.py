@@ -52,7 +52,7 @@ def _generate(llm, prompts, max_tokens=8):
 
 def _pieces(split_module) -> list[CompiledPiece]:
     """The compiled pieces of a split module (unwrapped where CUDA graphs wrap them)."""
-    modules = [getattr(m, "piece", m) for m in split_module.children()]
+    modules = [getattr(m, "runnable", m) for m in split_module.children()]
     return [m for m in modules if isinstance(m, CompiledPiece)]
 
 
@@ -120,7 +120,7 @@ def test_compile_sizes_get_static_compiles(compiled):
     llm, cfg = compiled("qwen3")
     report = llm.compile_report()
     assert report.compile_sizes == [8] and report.static_compiles == 3
-    pieces = _pieces(llm.llm_engine.runner.forward_fn.split_module)
+    pieces = _pieces(llm.llm_engine.worker.compiled.split_module)
     assert len(pieces) == 3 and all(set(p.static) == {8} for p in pieces)
 
 
@@ -133,7 +133,7 @@ def test_debug_dump_writes_graphs_and_inductor_code(compiled):
 
 def test_no_recompilation_across_batch_sizes(compiled):
     llm, _ = compiled("llama")
-    forward = llm.llm_engine.runner.forward_fn
+    forward = llm.llm_engine.worker.compiled
     graphs_before = counters["stats"]["unique_graphs"]
     for n in list(range(1, 34)) + [57, 100, 129, 255, 256]:
         forward._dummy_run(n)
@@ -274,8 +274,8 @@ def test_config_forms():
 def test_enforce_eager_bypasses_compilation(tiny_checkpoint):
     graphs = counters["stats"]["unique_graphs"]
     with LLM(tiny_checkpoint("llama"), enforce_eager=True, compilation_config=3, **ENGINE) as llm:
-        runner = llm.llm_engine.runner
-        assert runner.forward_fn == runner.model.forward
+        worker = llm.llm_engine.worker
+        assert worker.compiled is None and worker.runner.forward == worker.model.forward
         _generate(llm, _prompts(0, 2), max_tokens=2)
         assert llm.compile_report().mode == "none"
     assert counters["stats"]["unique_graphs"] == graphs
@@ -310,7 +310,7 @@ def test_identical_pieces_compile_once(tmp_path, tokenizer_dir, cache_root):
     with LLM(path, compilation_config=cfg, **ENGINE) as llm, LLM(path, enforce_eager=True, **ENGINE) as eager:
         _assert_same(_generate(eager, _prompts(5, 3)), _generate(llm, _prompts(5, 3)))
         report = llm.compile_report()
-        split = llm.llm_engine.runner.forward_fn.split_module
+        split = llm.llm_engine.worker.compiled.split_module
     assert (report.pieces, report.splitting_pieces, report.unique_compiles) == (5, 4, 3)
     pieces = _pieces(split)
     assert len({p.graph_hash for p in pieces}) == 3

@@ -86,7 +86,10 @@ def test_one_params_per_prompt(llm):
 
 def test_bad_prompt_rejects_call_before_anything_runs(llm):
     too_long = list(range(100, 300))
-    with pytest.raises(ValueError, match="prompt 1 has 200 tokens, but max_model_len is 128"):
+    with pytest.raises(
+        ValueError,
+        match=r"prompt 1: the decoder prompt \(length 200\) is longer than the maximum model length of 128",
+    ):
         llm.generate([[1, 2, 3], too_long], GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="prompt 0 is empty"):
         llm.generate([[]], GREEDY, use_tqdm=False)
@@ -281,7 +284,10 @@ def test_kv_cache_too_small_for_max_model_len(tiny_checkpoint):
         )
     with LLM(tiny_checkpoint("llama"), enforce_eager=True, kv_cache_memory_bytes=4 * block_bytes) as llm:
         assert llm.config.max_model_len == 64  # lowered to what the cache holds
-        with pytest.raises(ValueError, match="prompt 0 has 70 tokens, but max_model_len is 64"):
+        with pytest.raises(
+            ValueError,
+            match=r"prompt 0: the decoder prompt \(length 70\) is longer than the maximum model length of 64",
+        ):
             llm.generate([list(range(70))], use_tqdm=False)
         out = llm.generate([list(range(60))], SamplingParams(max_tokens=20), use_tqdm=False)[0].outputs[0]
         assert len(out.token_ids) == 4 and out.finish_reason == "length"

@@ -3,18 +3,17 @@
 import pytest
 import torch
 
-from kiln.runtime.sampler import sample, top_k_top_p_min_p
+from kiln.runtime.sampler import SamplingRow, sample, top_k_top_p_min_p
 from kiln.runtime.sampling_params import SamplingParams
-from kiln.runtime.sequence import Sequence
 
 VOCAB = 50
 
 
 def seqs_for(params: SamplingParams, rows: int, prompt=(1, 2, 3), seeded=False):
     out = []
-    for i in range(rows):
+    for _ in range(rows):
         gen = torch.Generator().manual_seed(params.seed) if seeded else None
-        out.append(Sequence(i, str(i), 0, list(prompt), params, 16, gen))
+        out.append(SamplingRow(params, gen, 0, list(prompt)))
     return out
 
 

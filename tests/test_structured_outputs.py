@@ -291,7 +291,7 @@ def test_bad_constraints_are_refused_before_anything_runs(llm, so, message):
         return
     with pytest.raises(ValueError, match=message):
         llm.generate(PROMPTS[:2], [good, bad], use_tqdm=False)
-    assert not engine.requests and not engine.has_unfinished_requests()
+    assert not engine.seqs and not engine.processor.requests and not engine.has_unfinished_requests()
     assert engine.kv.num_free_blocks == engine.num_blocks
     assert len(llm.generate(PROMPTS[0], good, use_tqdm=False)[0].outputs[0].token_ids) == 4
 
@@ -394,7 +394,7 @@ def test_token_mask_on_cuda_never_waits_for_the_device(tokenizer_dir):
     import torch
     from transformers import AutoTokenizer
 
-    from kiln.runtime.sampler import sample
+    from kiln.runtime.sampler import SamplingRow, sample
     from kiln.runtime.sequence import Sequence
     from kiln.structured.manager import StructuredOutputManager
     from kiln.structured.params import StructuredOutputsConfig
@@ -417,9 +417,10 @@ def test_token_mask_on_cuda_never_waits_for_the_device(tokenizer_dir):
     gen = torch.Generator(device="cuda").manual_seed(0)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
+    rows = [SamplingRow(s.params) for s in seqs]
     try:
-        mask = manager.token_mask(seqs, [0] * len(seqs))
-        tokens = sample(logits, seqs, gen, [0] * len(seqs), mask).tokens
+        mask = manager.token_mask(seqs).to_device(torch.device("cuda"))
+        tokens = sample(logits, rows, gen, mask).tokens
     finally:
         torch.cuda.set_sync_debug_mode("default")
     tokens = tokens.tolist()

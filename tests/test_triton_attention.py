@@ -10,7 +10,6 @@ import torch
 from kiln.ops.attention_ref import paged_attention_ref, store_kv_ref
 from kiln.ops.metadata import AttentionMetadata
 from kiln.ops.triton_attention import paged_attention_triton, store_kv_triton
-from kiln.ops.triton_decode import _TICKETS
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {
@@ -118,7 +117,13 @@ def test_decode_gqa(num_heads, num_kv_heads, head_dim):
 @pytest.mark.parametrize("num_splits", [None, 1, 2, 7])
 def test_decode_splits(num_splits):
     check_attention(DECODE + [(300, 1)], 4, 2, 64, num_splits=num_splits)
-    assert not any(t.any() for t in _TICKETS.values()), "split counters must be back at zero"
+
+
+def test_decode_merge_over_several_tiles():
+    """More splits than the merge kernel loads at once (MERGE_SPLIT_TILE): it combines them in rounds."""
+    from kiln.ops.triton_decode import MERGE_SPLIT_TILE
+
+    check_attention([(1500, 1), (40, 1), (1200, 1)], 4, 2, 64, num_splits=MERGE_SPLIT_TILE + 8)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -244,11 +249,25 @@ def test_gpu_decode_cuda_graph_replay():
     with torch.cuda.graph(graph):
         paged_attention_triton(q, cache, md, 0.088, out=out)
     g = torch.Generator().manual_seed(5)
-    for _ in range(30):  # many replays: the last split of each group combines the rest, no race
+    for _ in range(30):  # many replays with new lengths: splits and merge follow seq_lens
         md.seq_lens.copy_(torch.randint(1, 8193, (8,), generator=g))
         md.block_tables.copy_(md.block_tables[torch.randperm(8, generator=g)])
         q.copy_(torch.randn(q.shape, generator=g))
         graph.replay()
         ref = paged_attention_ref(q, cache, md, 0.088)
         torch.testing.assert_close(out, ref, **TOL[torch.bfloat16])
-    assert not _TICKETS[q.device].any()
+
+
+def test_split_count_rule(monkeypatch):
+    """Shapes alone decide the split count: one wave of one-warp programs, at least MIN_SPLIT_TOKENS
+    of addressable context per split, and no splits at all where fewer than MIN_SPLITS would fit."""
+    import kiln.ops.triton_attention as ta
+
+    monkeypatch.setattr(ta, "_sm_count", lambda device: 132)
+    cpu = torch.device("cpu")
+    assert ta.choose_num_splits(1, 8, 32768, cpu) == 132  # 8 programs per SM over 8 kv heads
+    assert ta.choose_num_splits(1, 8, 4096, cpu) == 4096 // ta.MIN_SPLIT_TOKENS
+    assert ta.choose_num_splits(8, 8, 32768, cpu) == 16
+    assert ta.choose_num_splits(64, 8, 32768, cpu) == 1  # 2 would fit: not worth the merge launch
+    assert ta.choose_num_splits(1, 1, 1 << 20, cpu) == ta.MAX_SPLITS
+    assert ta.choose_num_splits(1, 8, 3 * ta.MIN_SPLIT_TOKENS, cpu) == 1

@@ -63,7 +63,11 @@ def test_sections_start_on_16_byte_boundaries():
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_requests_launch_only_variants_compiled_at_startup(arch, tiny_checkpoint, monkeypatch):
     recorders = {}
-    kernels = [(triton_prefill, "_prefill_kernel"), (triton_decode, "_decode_split_kernel")]
+    kernels = [
+        (triton_prefill, "_prefill_kernel"),
+        (triton_decode, "_decode_split_kernel"),
+        (triton_decode, "_decode_merge_kernel"),
+    ]
     if torch.cuda.is_available():  # the sampler's kernels run on CUDA only
         kernels += [(sample_argmax, "_chunk_best_kernel"), (sample_argmax, "_best_chunk_kernel")]
     for module, name in kernels:

@@ -420,7 +420,6 @@ def cache_env(cache_root: str) -> dict[str, str]:
         "TORCHINDUCTOR_CACHE_DIR": os.path.join(cache_root, "inductor"),
         "TRITON_CACHE_DIR": os.path.join(cache_root, "triton"),
         "KILN_CACHE_DIR": os.path.join(cache_root, "kiln"),
-        "KILN_COMPILE_CACHE_DIR": os.path.join(cache_root, "kiln"),
     }
 
 

@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 
+from kiln import envs
+
 
 def _version(package: str) -> str | None:
     try:
@@ -33,7 +35,7 @@ def _run(cmd: list[str], cwd: str | None = None) -> str | None:
 
 def kiln_git() -> dict:
     """The git commit of the kiln source tree (``KILN_GIT_SHA`` wins, for copies without ``.git``)."""
-    sha = os.environ.get("KILN_GIT_SHA")
+    sha = envs.git_sha()
     if sha:
         return {"sha": sha, "dirty": None, "source": "KILN_GIT_SHA"}
     import kiln

@@ -2,7 +2,8 @@
 
 ``KilnBackend(...)`` is given to ``torch.compile(backend=...)``. For each graph Dynamo captures it
 returns either the graph itself (mode ``dynamo``), Inductor's compile of the whole graph (mode
-``inductor``) or the split graph with compiled pieces (mode ``piecewise``).
+``inductor``) or the split graph with compiled pieces (mode ``piecewise``), each piece inside a
+piecewise ``CUDAGraphWrapper`` when piecewise graphs are planned.
 """
 
 import copy
@@ -14,6 +15,7 @@ from torch._guards import detect_fake_mode
 
 from kiln.compiler.cache import CompileCache
 from kiln.compiler.config import CompilationConfig, CompilationMode
+from kiln.compiler.cudagraph import CudaGraphs
 from kiln.compiler.debug import GraphDumper
 from kiln.compiler.inductor import inductor_compile
 from kiln.compiler.passes.fusion import FusionPasses
@@ -33,8 +35,10 @@ class KilnBackend:
         cache: CompileCache,
         report: CompileReport,
         dumper: GraphDumper,
+        graphs: CudaGraphs | None = None,
     ):
         self.config, self.mode, self.cache, self.report, self.dumper = config, mode, cache, report, dumper
+        self.graphs = graphs  # piecewise CUDA-graph wrappers go around each compiled piece
         self.fusions = FusionPasses(config.pass_config.enabled_fusions(), report.pattern_matches, dumper)
         self.trace_started: float | None = None  # set by the caller just before a traced call
         self.split_gm = None  # the latest piecewise runtime module
@@ -95,6 +99,8 @@ class KilnBackend:
             self.config.compile_sizes,
             self._compile_static,
         )
+        if self.graphs is not None:
+            compiled = self.graphs.wrap(compiled, "piecewise")
         setattr(split_gm, piece.name, compiled)
 
     def _compile_static(self, piece: CompiledPiece, args, size: int):

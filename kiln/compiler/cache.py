@@ -17,6 +17,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 MANIFEST = "manifest.json"
+MEASUREMENTS = "measurements.json"  # figures measured at start-up, reused by warm starts
 _SOURCE_DIRS = ("models", "ops", "compiler")
 
 
@@ -96,6 +97,35 @@ class CompileCache:
         with open(tmp, "w") as f:
             json.dump({"key": self.key, "details": self.details, **data}, f, indent=1, default=str)
         os.replace(tmp, os.path.join(self.dir, MANIFEST))
+
+    def measurement(self, name: str):
+        """A value recorded by an earlier start with this key (e.g. CUDA-graph memory), or None."""
+        path = os.path.join(self.dir, MEASUREMENTS)
+        if not self.enabled or not os.path.isfile(path):
+            return None
+        try:
+            with open(path) as f:
+                return json.load(f).get(name)
+        except (OSError, ValueError):
+            return None
+
+    def record_measurement(self, name: str, value) -> None:
+        if not self.enabled:
+            return
+        os.makedirs(self.dir, exist_ok=True)
+        path = os.path.join(self.dir, MEASUREMENTS)
+        data = {}
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    data = json.load(f)
+            except (OSError, ValueError):
+                data = {}
+        data[name] = value
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
 
     @contextmanager
     def activate(self):

@@ -14,10 +14,11 @@ import torch
 
 from kiln.compiler.cache import CompileCache, cache_key_details
 from kiln.compiler.config import CompilationConfig, CompilationMode
+from kiln.compiler.cudagraph import CudaGraphs
 from kiln.compiler.debug import GraphDumper
 from kiln.compiler.report import CompileReport
+from kiln.ops.attention_backend import AttentionBackend, get_attention_backend
 from kiln.ops.forward_context import forward_context
-from kiln.ops.metadata import AttentionMetadata
 
 logger = logging.getLogger("kiln.compiler")
 
@@ -61,10 +62,11 @@ class CompiledForward:
         mode: CompilationMode,
         dtype: torch.dtype,
         device: torch.device,
-        attention_backend: str = "torch",
+        attention_backend: "str | AttentionBackend" = "torch",
+        graphs: CudaGraphs | None = None,
     ):
         self.model, self.model_config, self.config, self.mode = model, model_config, config, mode
-        self.device, self.attention_backend = device, attention_backend
+        self.device, self.attention = device, get_attention_backend(attention_backend)
         self.cache = CompileCache(
             config.resolved_cache_dir(),
             cache_key_details(model_config, dtype, device, config),
@@ -78,7 +80,7 @@ class CompiledForward:
         self.dumper = GraphDumper(config.debug_dump_path)
         from kiln.compiler.backend import KilnBackend  # imports Inductor: only when compiling
 
-        self.backend = KilnBackend(config, mode, self.cache, self.report, self.dumper)
+        self.backend = KilnBackend(config, mode, self.cache, self.report, self.dumper, graphs)
         self._compiled = torch.compile(
             _private_forward(model),
             backend=self.backend,
@@ -106,15 +108,15 @@ class CompiledForward:
 
     @torch.inference_mode()
     def _dummy_run(self, num_tokens: int) -> None:
+        """One forward over ``num_tokens`` dummy tokens that stores nothing (a one-block scratch cache)."""
         cfg, dev = self.model_config, self.device
-        block = 16
-        blocks = -(-num_tokens // block)
         dtype = next(self.model.parameters()).dtype
-        scratch = torch.zeros(2, blocks, block, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=dev)
-        md = AttentionMetadata.single_sequence(num_tokens, block, dev)
+        block = self.attention.block_size
+        scratch = torch.zeros(2, 1, block, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=dev)
+        md = self.attention.dummy(num_tokens)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=dev)
         positions = torch.arange(num_tokens, device=dev) % cfg.max_position_embeddings
-        with forward_context(md, [scratch] * cfg.num_layers, self.attention_backend):
+        with forward_context(md, [scratch] * cfg.num_layers, self.attention):
             self(ids, positions)
 
     def warmup(self, capture_tokens: int = CAPTURE_TOKENS) -> CompileReport:
@@ -152,22 +154,21 @@ class CompiledForward:
         return report
 
 
-def compile_forward(model, model_config, engine_config) -> CompiledForward | None:
-    """The engine's forward_fn: None when compilation is off (enforce_eager or mode none)."""
-    config = engine_config.compilation_config
-    if not isinstance(config, CompilationConfig):
-        config = CompilationConfig.parse(config)
-    mode = config.resolved_mode(engine_config.device.type)
-    if engine_config.enforce_eager or mode == CompilationMode.NONE:
+def compile_forward(model, model_config, engine_config, attention, graphs: CudaGraphs | None = None):
+    """The compiled forward of ``engine_config.plan`` (None when the plan's mode is none), traced and
+    compiled now, its piecewise CUDA-graph wrappers installed (captured later)."""
+    plan = engine_config.plan
+    if plan.mode == CompilationMode.NONE:
         return None
     forward = CompiledForward(
         model,
         model_config,
-        config,
-        mode,
+        engine_config.compilation_config,
+        plan.mode,
         engine_config.dtype,
         engine_config.device,
-        engine_config.attention_backend,
+        attention,
+        graphs,
     )
     forward.warmup(min(CAPTURE_TOKENS, engine_config.max_num_batched_tokens))
     return forward

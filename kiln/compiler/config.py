@@ -18,10 +18,13 @@ pay; pass ``compilation_config=3`` (or ``{"mode": "piecewise"}``) to compile on 
 """
 
 import os
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from kiln import envs
 
 DEFAULT_SPLITTING_OPS = ("kiln::attention",)
 CUDAGRAPH_MODES = ("none", "piecewise", "full", "full_and_piecewise")
@@ -153,6 +156,56 @@ class CompilationConfig(BaseModel):
             f"got {type(value).__name__}"
         )
 
+    def resolve(
+        self,
+        device_type: str,
+        enforce_eager: bool,
+        graphs_supported: bool,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        attention_backend: str = "",
+    ) -> "CompilationPlan":
+        """The rules that follow from this config and the engine: compilation mode, static compiles,
+        CUDA-graph sizes (full graphs for decode batches up to ``max_num_seqs`` sequences, piecewise
+        graphs for token counts up to ``max_num_batched_tokens``) and the one-row logits product."""
+        mode = CompilationMode.NONE if enforce_eager else self.resolved_mode(device_type)
+        if enforce_eager:
+            reason = "enforce_eager=True"
+        elif device_type != "cuda":
+            reason = f"device {device_type} has no CUDA graphs"
+        elif not graphs_supported:
+            reason = f"the {attention_backend or 'chosen'} attention backend does not support CUDA graphs"
+        elif self.cudagraph_mode == "none":
+            reason = 'cudagraph_mode="none"'
+        else:
+            reason = ""
+        full: tuple[int, ...] = ()
+        piecewise: tuple[int, ...] = ()
+        if not reason:
+            from kiln.compiler.cudagraph import default_capture_sizes
+
+            sizes = sorted(self.cudagraph_capture_sizes or default_capture_sizes(max_num_seqs))
+            if self.cudagraph_mode in ("full", "full_and_piecewise"):
+                full = tuple(s for s in sizes if s <= max_num_seqs)
+            if (
+                self.cudagraph_mode in ("piecewise", "full_and_piecewise")
+                and mode == CompilationMode.PIECEWISE
+            ):
+                piecewise = tuple(s for s in sizes if s <= max_num_batched_tokens)
+            if not full and not piecewise:
+                reason = (
+                    f"no capture size fits (cudagraph_mode={self.cudagraph_mode!r}, "
+                    f"compilation mode {mode.label})"
+                )
+        return CompilationPlan(
+            mode=mode,
+            compile_sizes=tuple(self.compile_sizes) if mode == CompilationMode.PIECEWISE else (),
+            full_graph_sizes=full,
+            piecewise_graph_sizes=piecewise,
+            graphs_off_reason=reason,
+            one_row_logits=device_type == "cuda" and not enforce_eager and self.pass_config.fuse_gemv,
+        )
+
     def resolved_mode(self, device_type: str) -> CompilationMode:
         if self.mode is not None:
             return self.mode
@@ -177,13 +230,43 @@ class CompilationConfig(BaseModel):
         return options
 
     def resolved_cache_dir(self) -> str:
-        path = self.cache_dir or os.environ.get("KILN_CACHE_DIR") or os.path.join("~", ".cache", "kiln")
+        path = self.cache_dir or envs.cache_dir() or os.path.join("~", ".cache", "kiln")
         return os.path.abspath(os.path.expanduser(path))
 
     def cache_fields(self) -> dict[str, Any]:
         """Every field that can change compiled code (where things are written is left out)."""
         data = self.model_dump(mode="json", exclude={"cache_dir", "use_cache", "debug_dump_path"})
         return data
+
+
+@dataclass(frozen=True)
+class CompilationPlan:
+    """What start-up does, derived once by ``CompilationConfig.resolve``."""
+
+    mode: CompilationMode
+    compile_sizes: tuple[int, ...]  # static-shape compiles (piecewise mode only)
+    full_graph_sizes: tuple[int, ...]  # decode batch sizes captured as full graphs
+    piecewise_graph_sizes: tuple[int, ...]  # token counts captured as piecewise graphs
+    graphs_off_reason: str  # why no CUDA graph is captured ("" when some are)
+    one_row_logits: bool  # a one-row batch's logits through kiln::gemv (fuse_gemv on CUDA)
+
+    @property
+    def compiled(self) -> bool:
+        return self.mode != CompilationMode.NONE
+
+    def describe_graphs(self) -> str:
+        if self.graphs_off_reason:
+            return f"off ({self.graphs_off_reason})"
+        parts = []
+        if self.full_graph_sizes:
+            parts.append(f"full {_span(self.full_graph_sizes)}")
+        if self.piecewise_graph_sizes:
+            parts.append(f"piecewise {_span(self.piecewise_graph_sizes)}")
+        return " + ".join(parts)
+
+
+def _span(sizes: tuple[int, ...]) -> str:
+    return f"x{len(sizes)} ({sizes[0]}..{sizes[-1]})"
 
 
 def _describe(error: ValidationError) -> str:

@@ -1,26 +1,27 @@
-"""CUDA graphs per batch-size bucket, all sharing one memory pool.
+"""CUDA graphs: one wrapper for full and piecewise graphs, dispatching on the forward context.
 
-Full graphs (``DecodeGraphs``) serve pure-decode steps; piecewise graphs (``PiecewiseGraphs``) serve
-prefill and mixed batches, replaying each compiled piece between eagerly run attention ops.
+A ``CUDAGraphWrapper`` wraps a callable (the whole forward for ``"full"`` graphs, one compiled piece of
+the split graph for ``"piecewise"`` ones). When the forward context's ``graph_mode`` is the wrapper's
+mode it replays its graph for the context's ``num_tokens`` (capturing it first when the context says
+``capturing``); otherwise it simply calls what it wraps. The compiler's backend installs the piecewise
+wrappers while it builds the split graph; the worker wraps the forward in the full one. Inside a full
+graph the piecewise wrappers therefore run their pieces directly, and inside a piecewise step the full
+wrapper passes through.
 
-Full graphs for pure-decode steps: one graph per batch-size bucket.
+``CudaGraphs`` holds the capture sizes, the one memory pool every graph shares and the wrappers, and
+picks each step's mode and bucket:
 
-A decode step (one new token per sequence) is padded up to the nearest bucket and replayed from a
-graph captured with the whole forward inside, attention included. Inputs and attention metadata live
-in fixed-address buffers sized for the largest bucket; padding rows get slot -1 (nothing stored) and a
-context of one token, and their outputs are dropped. The attention kernels' launch configuration
-depends only on tensor shapes in decode, so one capture serves every context length that fits the
-block table.
+- full graphs serve pure-decode steps (one token per sequence), padded up to a bucket of sequences;
+  their inputs and attention metadata live in fixed-address buffers, padding rows store nothing;
+- piecewise graphs serve prefill and mixed batches, padded up to a bucket of tokens; attention runs
+  eagerly between the replayed pieces, on the pieces' fixed-address outputs.
 """
 
 import bisect
-from contextlib import contextmanager
 
 import torch
 
-from kiln.compiler.piecewise import CompiledPiece
-from kiln.ops.forward_context import forward_context
-from kiln.ops.metadata import AttentionMetadata
+from kiln.ops.forward_context import get_forward_context
 
 
 def default_capture_sizes(max_num_seqs: int) -> list[int]:
@@ -30,113 +31,6 @@ def default_capture_sizes(max_num_seqs: int) -> list[int]:
     if not sizes or sizes[-1] < max_num_seqs <= 512:
         sizes.append(max_num_seqs)
     return sorted(set(sizes))
-
-
-class _Buckets:
-    """A ladder of capture sizes; a batch runs in the smallest bucket that holds it."""
-
-    sizes: list[int]
-
-    @property
-    def max_size(self) -> int:
-        return self.sizes[-1]
-
-    def bucket(self, n: int) -> int | None:
-        i = bisect.bisect_left(self.sizes, n)
-        return self.sizes[i] if i < len(self.sizes) else None
-
-
-class DecodeGraphs(_Buckets):
-    def __init__(
-        self,
-        forward_fn,
-        kv_caches: list[torch.Tensor],
-        capture_sizes: list[int],
-        max_blocks_per_seq: int,
-        device: torch.device,
-        attention_backend: str,
-        pool=None,
-    ):
-        self.forward_fn = forward_fn
-        self.kv_caches = kv_caches
-        self.sizes = sorted(capture_sizes)
-        self.backend = attention_backend
-        self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
-        n = self.sizes[-1]
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
-        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self.max_seq_len = max_blocks_per_seq * kv_caches[0].shape[2]
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
-        self.replays = 0
-
-    def _metadata(self, size: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:size],
-            query_start_loc=self.query_start_loc[: size + 1],
-            seq_lens=self.seq_lens[:size],
-            block_tables=self.block_tables[:size],
-            max_query_len=1,
-            max_seq_len=self.max_seq_len,
-        )
-
-    def _forward(self, size: int) -> torch.Tensor:
-        with forward_context(self._metadata(size), self.kv_caches, self.backend):
-            return self.forward_fn(self.input_ids[:size], self.positions[:size])
-
-    @torch.inference_mode()
-    def capture(self, progress=None) -> None:
-        """Capture every bucket, largest first (later, smaller graphs reuse the pool's memory)."""
-        for size in reversed(self.sizes):
-            self._forward(size)  # warm-up: lazy initialisation and autotuning outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.outputs[size] = self._forward(size)
-            self.graphs[size] = graph
-            if progress is not None:
-                progress.update(1)
-        torch.cuda.synchronize()
-
-    @torch.inference_mode()
-    def run(self, input_ids, positions, slot_mapping, seq_lens, block_tables) -> torch.Tensor:
-        """Replay the bucket for ``len(input_ids)`` sequences; inputs are device tensors of the step."""
-        n = input_ids.shape[0]
-        size = self.bucket(n)
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
-        self.slot_mapping[:n].copy_(slot_mapping)
-        self.seq_lens[:n].copy_(seq_lens)
-        width = block_tables.shape[1]
-        self.block_tables[:n, :width].copy_(block_tables)
-        if size > n:  # padding rows: store nothing, attend to one slot
-            self.slot_mapping[n:size].fill_(-1)
-            self.seq_lens[n:size].fill_(1)
-        self.graphs[size].replay()
-        self.replays += 1
-        return self.outputs[size][:n]
-
-
-# ---------------------------------------------------------------------------------------- piecewise
-
-_active_size: int | None = None  # bucket whose piece graphs replay (or are captured) right now
-_capturing = False
-
-
-@contextmanager
-def piecewise_size(size: int, capture: bool = False):
-    """Within this context every ``GraphedPiece`` replays (or captures) its graph for ``size`` tokens."""
-    global _active_size, _capturing
-    saved = _active_size, _capturing
-    _active_size, _capturing = size, capture
-    try:
-        yield
-    finally:
-        _active_size, _capturing = saved
 
 
 def _weak_ref(value):
@@ -151,83 +45,100 @@ def _weak_ref(value):
     )
 
 
-class GraphedPiece(torch.nn.Module):
-    """A compiled piece that replays one CUDA graph per token bucket; runs the piece as is otherwise.
+class CUDAGraphWrapper(torch.nn.Module):
+    """Replays one CUDA graph per token count of a callable, in the steps whose mode is ``mode``."""
 
-    Between pieces the attention op runs eagerly on the pieces' (fixed-address) output buffers.
-    """
-
-    def __init__(self, piece: torch.nn.Module, pool):
+    def __init__(self, runnable, mode: str, graphs: "CudaGraphs"):
         super().__init__()
-        self.piece, self.pool = piece, pool
+        object.__setattr__(self, "runnable", runnable)  # a compiled piece or the forward, not a submodule
+        self.mode, self.owner = mode, graphs
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, object] = {}
+        self.replays = 0
 
     def forward(self, *args):
-        size = _active_size
-        if size is None:
-            return self.piece(*args)
+        ctx = get_forward_context()
+        if ctx.graph_mode != self.mode:
+            return self.runnable(*args)
+        size = ctx.num_tokens
         graph = self.graphs.get(size)
         if graph is not None:
             graph.replay()
+            self.replays += 1
             return self.outputs[size]
-        if not _capturing:
-            return self.piece(*args)
-        self.piece(*args)  # warm-up outside the capture
+        if not ctx.capturing:
+            return self.runnable(*args)
+        self.runnable(*args)  # warm-up outside the capture: lazy initialisation, autotuning
+        torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self.piece(*args)
+        with torch.cuda.graph(graph, pool=self.owner.pool()):
+            out = self.runnable(*args)
         self.graphs[size] = graph
-        self.outputs[size] = torch.utils._pytree.tree_map(_weak_ref, out)
+        # a piece's outputs are the next piece's inputs, rewritten by every replay; the full graph's
+        # output is what the step returns, so it keeps its memory
+        self.outputs[size] = torch.utils._pytree.tree_map(_weak_ref, out) if self.mode == "piecewise" else out
         return out
 
+    def reset(self) -> None:
+        self.graphs.clear()
+        self.outputs.clear()
 
-class PiecewiseGraphs(_Buckets):
-    """Piecewise CUDA graphs for batches that are not pure decode (prefill chunks, mixed batches).
 
-    The token batch is padded up to the nearest bucket: padding tokens get slot -1 and belong to no
-    sequence, so attention ignores them; their rows are dropped from the output.
-    """
+class CudaGraphs:
+    """The capture plan, the shared memory pool and every wrapper of one engine."""
 
-    def __init__(self, forward_fn, split_module, kv_caches, capture_sizes, block_size, device, backend, pool):
-        self.forward_fn, self.kv_caches, self.backend = forward_fn, kv_caches, backend
-        self.sizes = sorted(capture_sizes)
-        self.block_size, self.device = block_size, device
-        self.pieces = []
-        for name, module in list(split_module.named_children()):
-            if isinstance(module, CompiledPiece):
-                graphed = GraphedPiece(module, pool)
-                setattr(split_module, name, graphed)
-                self.pieces.append(graphed)
-        n = self.sizes[-1]
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
-        self.replays = 0
+    def __init__(self, full_sizes=(), piecewise_sizes=()):
+        self.full_sizes = sorted(full_sizes)
+        self.piecewise_sizes = sorted(piecewise_sizes)
+        self.wrappers: list[CUDAGraphWrapper] = []
+        self._pool = None
+        self.ready = False  # every planned graph is captured: steps may be dispatched to them
 
-    @torch.inference_mode()
-    def capture(self, progress=None) -> None:
-        """Capture every bucket, largest first, on a dummy batch that stores nothing."""
-        dev = self.device
-        for size in reversed(self.sizes):
-            md = AttentionMetadata.single_sequence(size, self.block_size, dev, store=False)
-            with forward_context(md, self.kv_caches, self.backend), piecewise_size(size, capture=True):
-                self.forward_fn(self.input_ids[:size], self.positions[:size])
-            if progress is not None:
-                progress.update(1)
-        torch.cuda.synchronize()
+    @property
+    def enabled(self) -> bool:
+        return bool(self.full_sizes or self.piecewise_sizes)
 
-    @torch.inference_mode()
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
-        n = input_ids.shape[0]
-        size = self.bucket(n)
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
-        slots = md.slot_mapping
-        if size > n:
-            slots = torch.cat([slots, slots.new_full((size - n,), -1)])
-        padded = AttentionMetadata(
-            slots, md.query_start_loc, md.seq_lens, md.block_tables, md.max_query_len, md.max_seq_len
-        )
-        self.replays += 1
-        with forward_context(padded, self.kv_caches, self.backend), piecewise_size(size):
-            return self.forward_fn(self.input_ids[:size], self.positions[:size])[:n]
+    def pool(self):
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
+
+    def wrap(self, runnable, mode: str):
+        """``runnable`` wrapped for ``mode`` graphs, or as is when no size of that mode is planned."""
+        if not (self.full_sizes if mode == "full" else self.piecewise_sizes):
+            return runnable
+        wrapper = CUDAGraphWrapper(runnable, mode, self)
+        self.wrappers.append(wrapper)
+        return wrapper
+
+    @staticmethod
+    def _bucket(sizes: list[int], n: int) -> int | None:
+        i = bisect.bisect_left(sizes, n)
+        return sizes[i] if i < len(sizes) else None
+
+    def dispatch(self, num_tokens: int, num_seqs: int, pure_decode: bool) -> tuple[str, int]:
+        """(graph mode, padded size) of a step: size counts sequences for full graphs, tokens otherwise."""
+        if not self.ready:
+            return "none", num_tokens
+        if pure_decode and self.full_sizes and num_seqs <= self.full_sizes[-1]:
+            return "full", self._bucket(self.full_sizes, num_seqs)
+        if self.piecewise_sizes and num_tokens <= self.piecewise_sizes[-1]:
+            return "piecewise", self._bucket(self.piecewise_sizes, num_tokens)
+        return "none", num_tokens
+
+    def captured(self, mode: str) -> list[int]:
+        """Sizes with a captured graph in every wrapper of ``mode`` (empty when there is none)."""
+        sets = [set(w.graphs) for w in self.wrappers if w.mode == mode]
+        return sorted(set.intersection(*sets)) if sets else []
+
+    def replays(self, mode: str) -> int:
+        """Steps that replayed ``mode`` graphs (a piecewise step replays every piece once)."""
+        counts = [w.replays for w in self.wrappers if w.mode == mode]
+        return max(counts) if counts else 0
+
+    def reset(self) -> None:
+        """Drop every graph and the pool (their memory returns once the allocator's cache is emptied)."""
+        for w in self.wrappers:
+            w.reset()
+        self._pool = None
+        self.ready = False

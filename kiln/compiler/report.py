@@ -27,11 +27,25 @@ class CompileReport:
     cache_status: str = "disabled"  # hit / partial / miss / disabled
     cache_hits: int = 0  # compiles served from the cache (AOT-autograd or FX-graph cache)
     cache_misses: int = 0
+    attention_backend: str = ""  # torch / triton
+    cuda_graphs: str = ""  # what was captured, or "off (why)"
+    graph_capture_s: float = 0.0
+    graph_memory_bytes: int = 0  # what the KV budget left for the graphs
+    graph_memory_source: str = "none"  # "recorded" (an earlier start), "trial capture" or "none"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
+        graphs = f"; attention {self.attention_backend or '?'}, CUDA graphs {self.cuda_graphs or 'off'}"
+        if self.graph_capture_s:
+            graphs += (
+                f" captured in {self.graph_capture_s:.1f}s, {self.graph_memory_bytes / 2**20:.0f} MiB "
+                f"budgeted ({self.graph_memory_source})"
+            )
+        return self._compile_summary() + graphs
+
+    def _compile_summary(self) -> str:
         if self.mode == "none":
             return "compilation off (eager forward)"
         matches = ", ".join(f"{k}={v}" for k, v in self.pattern_matches.items()) or "none"

@@ -81,17 +81,22 @@ def build_model(
     with torch.device("meta"):
         model = cls(cfg).to(dtype)
     model = model.to_empty(device=device)
+    load_weights(model, path, cfg, load_format)
+    model.model.rotary.reset_cache()
+    return model.eval()
+
+
+def load_weights(model: LlamaForCausalLM, path: str, cfg: ModelConfig, load_format: str = "auto") -> None:
+    """Fill the model's existing parameter tensors from the checkpoint (or the dummy values)."""
     if load_format == "dummy":
-        gen = torch.Generator(device=device).manual_seed(0)
+        gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith("norm.weight"):
                     p.fill_(1.0)
                 else:
                     p.normal_(0.0, 0.02, generator=gen)
-    else:
-        weights = iter_gguf_tensors(path, cfg.raw) if path.endswith(".gguf") else iter_safetensors(path)
-        with torch.no_grad():
-            model.load_weights(weights)
-    model.model.rotary.reset_cache()
-    return model.eval()
+        return
+    weights = iter_gguf_tensors(path, cfg.raw) if path.endswith(".gguf") else iter_safetensors(path)
+    with torch.no_grad():
+        model.load_weights(weights)

@@ -1,13 +1,13 @@
 """``torch.ops.kiln.attention``: the one custom op every model layer calls for attention.
 
-It stores this step's K/V into the layer's paged cache and writes attention output into ``out``.
+It runs the forward context's attention backend (``kiln.ops.attention_backend``), which stores this
+step's K/V into the layer's paged cache and writes attention output into ``out``.
 Registered through ``torch.library`` with a fake implementation, so Dynamo treats it as opaque and
 the compiler can split graphs at it.
 """
 
 import torch
 
-from kiln.ops.attention_ref import paged_attention_ref, store_kv_ref
 from kiln.ops.forward_context import get_forward_context
 
 _lib = torch.library.Library("kiln", "FRAGMENT")
@@ -19,16 +19,7 @@ _lib.define(
 
 def _attention(q, k, v, out, layer_idx: int, scale: float, sliding_window: int) -> None:
     ctx = get_forward_context()
-    kv_cache = ctx.kv_caches[layer_idx]
-    md = ctx.metadata
-    if ctx.backend == "triton":
-        from kiln.ops.triton_attention import paged_attention_triton, store_kv_triton
-
-        store_kv_triton(k, v, kv_cache, md.slot_mapping)
-        paged_attention_triton(q, kv_cache, md, scale, sliding_window, out=out)
-    else:
-        store_kv_ref(k, v, kv_cache, md.slot_mapping)
-        paged_attention_ref(q, kv_cache, md, scale, sliding_window, out=out)
+    ctx.backend.forward(q, k, v, out, ctx.kv_caches[layer_idx], ctx.metadata, scale, sliding_window)
 
 
 _lib.impl("attention", _attention, "CompositeExplicitAutograd")

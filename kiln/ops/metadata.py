@@ -53,7 +53,3 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return self.seq_lens.shape[0]
-
-    @property
-    def is_pure_decode(self) -> bool:
-        return self.max_query_len == 1

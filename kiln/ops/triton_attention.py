@@ -16,10 +16,11 @@ fp16/bf16/fp32 and a sliding window.
 CUDA graphs: nothing here synchronises with the host or allocates memory whose size depends on data.
 Grids depend on tensor shapes, plus ``md.max_query_len`` for the prefill tile height. For pure
 decode the number of KV splits is a function of shapes only: as many (sequence, kv head, split)
-programs as fit in one wave of ``PROGRAMS_PER_SM`` programs per multiprocessor (a partly filled second
-wave costs more than the extra splits gain), at least one, capped so that a split holds at least
-``MIN_SPLIT_TOKENS`` of the longest context the block table can address
-(``block_tables.shape[1] * block_size``) and at most ``MAX_SPLITS``. A shorter sequence uses fewer of
+programs as fit in one wave of ``PROGRAMS_PER_SM`` one-warp programs per multiprocessor, capped so that
+a split holds at least ``MIN_SPLIT_TOKENS`` of the longest context the block table can address
+(``block_tables.shape[1] * block_size``) and at most ``MAX_SPLITS``; fewer than ``MIN_SPLITS`` become
+one split (many sequences: the unsplit kernel with its wider tile already fills the GPU, and the merge
+launch would only add time: 2 splits at batch 64 cost 3-5% on the H200). A shorter sequence uses fewer of
 them, one per ``MIN_SPLIT_TOKENS`` of its own context. Each split's share of a sequence is
 computed in the kernel from ``seq_lens``, so a captured graph replays correctly for any ``seq_lens``
 that fit the block table. The split workspace (fp32, ``num_seqs * num_heads * num_splits *
@@ -38,9 +39,10 @@ from kiln.ops.triton_store_kv import store_kv_triton
 
 __all__ = ["choose_num_splits", "paged_attention_triton", "store_kv_triton"]
 
-MIN_SPLIT_TOKENS = 64
-MAX_SPLITS = 64
-PROGRAMS_PER_SM = 2
+MIN_SPLIT_TOKENS = 32
+MIN_SPLITS = 4
+MAX_SPLITS = 256
+PROGRAMS_PER_SM = 8  # split programs are one warp each (see triton_decode._decode_config)
 
 
 @functools.cache
@@ -54,7 +56,8 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, device
     """KV splits per (sequence, kv head) for decode; depends on shapes only (see module docstring)."""
     by_occupancy = PROGRAMS_PER_SM * _sm_count(device) // max(1, num_seqs * num_kv_heads)
     by_length = -(-max_context // MIN_SPLIT_TOKENS)
-    return max(1, min(by_occupancy, by_length, MAX_SPLITS))
+    splits = min(by_occupancy, by_length, MAX_SPLITS)
+    return splits if splits >= MIN_SPLITS else 1
 
 
 def warmup_metadata(
@@ -80,7 +83,7 @@ def warmup_metadata(
             steps.append(AttentionMetadata.single_sequence(query_len, block_size, device, store=False))
     # decode without splits (more sequences than one wave of programs) and with them (one long sequence)
     crowd = PROGRAMS_PER_SM * _sm_count(device) // num_kv_heads + 1
-    for num_seqs, context in ((crowd, 1), (1, 2 * MIN_SPLIT_TOKENS)):
+    for num_seqs, context in ((crowd, 1), (1, 2 * MIN_SPLITS * MIN_SPLIT_TOKENS)):
         ints = dict(dtype=torch.int32, device=device)
         steps.append(
             AttentionMetadata(

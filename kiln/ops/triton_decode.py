@@ -8,9 +8,11 @@ Each program runs the shared online-softmax loop (``attend_context``) over one c
 rows of all heads of its GQA group (one ``tl.dot`` over the group, padded to 16 rows). A sequence with
 one split writes its output directly; otherwise each program writes its unnormalised fp32 accumulator
 with the running max and sum to a workspace ``[num_seqs, num_heads, num_splits, head_dim_p2]`` (empty
-chunks write max -inf, sum 0) and takes a ticket from a per-(sequence, kv head) counter; the one that
-draws the last ticket rescales the partial results to a common max, normalises, writes the output and
-resets the counter. One kernel per step instead of a split pass and a reduction pass.
+chunks write max -inf, sum 0), and a second kernel, one program per (sequence, head), combines them.
+The second launch costs less than combining inside the split kernel did (the last split to finish
+merging the others serially, found by an atomic ticket): on the H200 that merge added 8-17 us per layer
+at batch 1 and grew with the split count, which is what few long sequences need
+(``benchmarks/decode_sweep.py``).
 
 ``num_splits`` is a launch parameter chosen by the caller from shapes only, so one captured graph
 replays correctly for any ``seq_lens`` that fit the block table.
@@ -32,7 +34,6 @@ def _decode_split_kernel(
     o_ptr,
     ws_acc_ptr,
     ws_ml_ptr,
-    tickets_ptr,
     qsl_ptr,
     seq_lens_ptr,
     bt_ptr,
@@ -56,7 +57,6 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
     DIRECT: tl.constexpr,
-    SPLIT_TILE: tl.constexpr,
     SLIDING: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -103,63 +103,87 @@ def _decode_split_kernel(
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         o_off = q_start.to(tl.int64) * stride_ot + head * stride_oh
         tl.store(o_ptr + o_off[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=io_mask)
-    else:
-        rows = (seq.to(tl.int64) * num_heads + head) * num_splits
-        row = rows + split
+    else:  # partial result, combined by _decode_merge_kernel
+        row = (seq.to(tl.int64) * num_heads + head) * num_splits + split
         tl.store(ws_acc_ptr + row[:, None] * HEAD_DIM_P2 + offs_d[None, :], acc, mask=io_mask)
         ml_mask = offs_g < GROUP
         tl.store(ws_ml_ptr + row * 2, m_i, mask=ml_mask)
         tl.store(ws_ml_ptr + row * 2 + 1, l_i, mask=ml_mask)
-        # the last split of this (sequence, kv head) to finish combines all of them
-        tl.debug_barrier()
-        ticket_ptr = tickets_ptr + seq * tl.num_programs(1) + kvh
-        if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == splits - 1:
-            tl.store(ticket_ptr, 0)  # ready for the next launch (and graph replay)
-            # SPLIT_TILE splits per round, loaded at once (one L2 round trip), merged by online softmax
-            offs_s = tl.arange(0, SPLIT_TILE)
-            m_run = tl.full([GROUP_P2], float("-inf"), dtype=tl.float32)
-            total = tl.zeros([GROUP_P2, HEAD_DIM_P2], dtype=tl.float32)
-            denom = tl.zeros([GROUP_P2], dtype=tl.float32)
-            for s0 in range(0, splits, SPLIT_TILE):
-                r = rows[None, :] + (s0 + offs_s)[:, None]  # [SPLIT_TILE, GROUP_P2]
-                ok = ((s0 + offs_s) < splits)[:, None] & ml_mask[None, :]
-                m_s = tl.load(ws_ml_ptr + r * 2, mask=ok, other=float("-inf"), cache_modifier=".cg")
-                l_s = tl.load(ws_ml_ptr + r * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg")
-                a_ptr = ws_acc_ptr + r[:, :, None] * HEAD_DIM_P2 + offs_d[None, None, :]
-                a_s = tl.load(
-                    a_ptr, mask=ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg"
-                )
-                m_new = tl.maximum(m_run, tl.max(m_s, 0))
-                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_run - m_ref)
-                w = tl.exp2(m_s - m_ref[None, :])
-                total = total * alpha[:, None] + tl.sum(a_s * w[:, :, None], 0)
-                denom = denom * alpha + tl.sum(l_s * w, 0)
-                m_run = m_new
-            out = total / tl.where(denom == 0.0, 1.0, denom)[:, None]
-            o_off = q_start.to(tl.int64) * stride_ot + head * stride_oh
-            tl.store(o_ptr + o_off[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=io_mask)
 
 
-_TICKETS: dict[torch.device, torch.Tensor] = {}
+@triton.jit(do_not_specialize=["num_splits"])
+def _decode_merge_kernel(
+    o_ptr,
+    ws_acc_ptr,
+    ws_ml_ptr,
+    qsl_ptr,
+    seq_lens_ptr,
+    window,
+    stride_ot,
+    stride_oh,
+    num_heads,
+    num_splits,
+    min_split,
+    SPLIT_TILE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P2: tl.constexpr,
+    SLIDING: tl.constexpr,
+):
+    """Grid ``(num_seqs, num_heads)``: one head's split results combined. The common max comes first
+    (from the small max/sum records), so the partial accumulators are then summed with weights known in
+    advance: their loads do not wait on each other."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_start = tl.load(qsl_ptr + seq)
+    if tl.load(qsl_ptr + seq + 1) == q_start:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx_lo = 0
+    if SLIDING:
+        ctx_lo = tl.maximum(seq_len - window, 0)
+    splits = tl.maximum(tl.minimum(num_splits, tl.cdiv(seq_len - ctx_lo, min_split)), 1)
+    if splits == 1:  # the split kernel wrote this sequence's output itself
+        return
+    rows = (seq.to(tl.int64) * num_heads + head) * num_splits
+    offs_s = tl.arange(0, SPLIT_TILE)
+    m_max = tl.full([SPLIT_TILE], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, splits, SPLIT_TILE):
+        ok = (s0 + offs_s) < splits
+        m_max = tl.maximum(m_max, tl.load(ws_ml_ptr + (rows + s0 + offs_s) * 2, mask=ok, other=float("-inf")))
+    m_all = tl.max(m_max, 0)
+    m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
+    offs_d = tl.arange(0, HEAD_DIM_P2)
+    d_ok = offs_d < HEAD_DIM
+    total = tl.zeros([HEAD_DIM_P2], dtype=tl.float32)
+    denom = tl.zeros([SPLIT_TILE], dtype=tl.float32)
+    for s0 in range(0, splits, SPLIT_TILE):
+        ok = (s0 + offs_s) < splits
+        r = rows + s0 + offs_s
+        m_s = tl.load(ws_ml_ptr + r * 2, mask=ok, other=float("-inf"))
+        l_s = tl.load(ws_ml_ptr + r * 2 + 1, mask=ok, other=0.0)
+        a_ptr = ws_acc_ptr + r[:, None] * HEAD_DIM_P2 + offs_d[None, :]
+        a_s = tl.load(a_ptr, mask=ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.exp2(m_s - m_ref)
+        total += tl.sum(a_s * w[:, None], 0)
+        denom += l_s * w
+    d = tl.sum(denom, 0)
+    out = total / tl.where(d == 0.0, 1.0, d)
+    o_off = q_start.to(tl.int64) * stride_ot + head * stride_oh
+    tl.store(o_ptr + o_off + offs_d, out.to(o_ptr.dtype.element_ty), mask=d_ok)
 
 
-def _tickets(count: int, device: torch.device) -> torch.Tensor:
-    """Per-(sequence, kv head) counters of finished splits, zero between launches. They live at one
-    address per device for the process (captured graphs point at them), so they are made once, large."""
-    tickets = _TICKETS.get(device)
-    if tickets is None or tickets.numel() < count:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"decode attention needs {count} split counters; run it once before capture")
-        tickets = _TICKETS[device] = torch.zeros(max(count, 1 << 16), dtype=torch.int32, device=device)
-    return tickets
+MERGE_SPLIT_TILE = 32  # split results per load in the merge: one warp holds 32 x head_dim fp32
 
 
-def _decode_config(head_dim_p2: int, elem_size: int) -> dict:
-    """Tile and warps for bf16/fp16 from a sweep on the H100 (batch 1-32, context 256-2048, head_dim 64
-    and 128): two warps per program beat four by up to 1.6x at head_dim 128 and tie at 64."""
+def _decode_config(head_dim_p2: int, elem_size: int, split: bool) -> dict:
+    """Tile and warps for bf16/fp16. Without splits (many sequences), from a sweep on the H100 (batch
+    1-32, context 256-2048): two warps per program beat four by up to 1.6x at head_dim 128 and tie at 64.
+    With splits (few sequences: many small programs), one warp over 16-token tiles, from a sweep on the
+    H200 (``benchmarks/decode_sweep.py``, batch 1-8, context 4096-32768)."""
     if elem_size == 4 or head_dim_p2 > 128:
         return dict(BLOCK_N=32, num_warps=4, num_stages=2)
+    if split:
+        return dict(BLOCK_N=16, num_warps=1, num_stages=2)
     return dict(BLOCK_N=64, num_warps=2, num_stages=2)
 
 
@@ -180,14 +204,13 @@ def decode_attention(
     group = num_heads // num_kv_heads
     group_p2 = max(16, triton.next_power_of_2(group))
     head_dim_p2 = max(16, triton.next_power_of_2(head_dim))
-    cfg = config or _decode_config(head_dim_p2, kv_cache.element_size())
+    cfg = config or _decode_config(head_dim_p2, kv_cache.element_size(), num_splits > 1)
     if num_splits > 1:
         f32 = dict(dtype=torch.float32, device=q.device)
         ws_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim_p2, **f32)
         ws_ml = torch.empty(num_seqs, num_heads, num_splits, 2, **f32)
     else:
         ws_acc = ws_ml = out  # unused
-    tickets = _tickets(num_seqs * num_kv_heads, q.device)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         kv_cache[0],
@@ -195,7 +218,6 @@ def decode_attention(
         out,
         ws_acc,
         ws_ml,
-        tickets,
         md.query_start_loc,
         md.seq_lens,
         md.block_tables,
@@ -218,9 +240,27 @@ def decode_attention(
         HEAD_DIM=head_dim,
         HEAD_DIM_P2=head_dim_p2,
         DIRECT=num_splits == 1,
-        SPLIT_TILE=4,
         SLIDING=sliding_window > 0,
         PRECISION=dot_precision(kv_cache.dtype),
         UPCAST=INTERPRET and kv_cache.dtype == torch.bfloat16,
         **cfg,
     )
+    if num_splits > 1:
+        _decode_merge_kernel[(num_seqs, num_heads)](
+            out,
+            ws_acc,
+            ws_ml,
+            md.query_start_loc,
+            md.seq_lens,
+            sliding_window,
+            out.stride(0),
+            out.stride(1),
+            num_heads,
+            num_splits,
+            min_split,
+            SPLIT_TILE=MERGE_SPLIT_TILE,
+            HEAD_DIM=head_dim,
+            HEAD_DIM_P2=head_dim_p2,
+            SLIDING=sliding_window > 0,
+            num_warps=1,
+        )

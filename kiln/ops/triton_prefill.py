@@ -21,15 +21,14 @@ first tile any row can see and masks per row. Decode sequences inside a mixed ba
 of this kernel.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from kiln import envs
 from kiln.ops.metadata import AttentionMetadata
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRET = envs.triton_interpret()
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -1,8 +1,11 @@
 """Engine settings resolved from ``LLM(...)`` arguments and the model's config."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from kiln.compiler.config import CompilationConfig, CompilationPlan
+from kiln.ops.attention_backend import attention_backend_class
 
 CPU_DEFAULT_KV_CACHE_BYTES = 512 * 1024**2  # KV cache size on CPU when kv_cache_memory_bytes is not given
 
@@ -31,8 +34,11 @@ def resolve_dtype(dtype, config_dtype: str | None, device: torch.device) -> torc
     return _DTYPES[dtype]
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineConfig:
+    """The resolved engine settings, fixed for the engine's life (``dataclasses.replace`` derives a new
+    one, e.g. when the KV cache lowers ``max_model_len``). ``plan`` is derived from the rest."""
+
     model_path: str
     device: torch.device
     dtype: torch.dtype
@@ -48,6 +54,26 @@ class EngineConfig:
     enforce_eager: bool = False
     attention_backend: str = "torch"
     load_format: str = "auto"
-    compilation_config: object = None
+    compilation_config: CompilationConfig | None = None
     async_scheduling: bool = True  # launch step N+1 before reading step N's tokens back
     structured_outputs_config: object = None  # kiln.structured.StructuredOutputsConfig
+    plan: CompilationPlan = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        cc = self.compilation_config
+        if not isinstance(cc, CompilationConfig):
+            cc = CompilationConfig.parse(cc)
+            object.__setattr__(self, "compilation_config", cc)
+        plan = cc.resolve(
+            self.device.type,
+            self.enforce_eager,
+            attention_backend_class(self.attention_backend).supports_cuda_graphs,
+            self.max_num_seqs,
+            self.max_num_batched_tokens,
+            self.attention_backend,
+        )
+        object.__setattr__(self, "plan", plan)
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return -(-self.max_model_len // self.block_size)

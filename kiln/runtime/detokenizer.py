@@ -1,11 +1,9 @@
-"""Incremental detokenization and stop-string detection.
+"""Incremental detokenization (stop strings are applied by ``kiln.runtime.output_processor``).
 
 Text is produced token by token by decoding a short window of ids twice (with and without the newest
 tokens) and keeping the difference, which handles byte-level pieces and leading-space rules; a piece
 that ends in an incomplete UTF-8 character is held back until the next token completes it.
 """
-
-from kiln.runtime.sequence import Sequence
 
 _CONTEXT = 6  # prompt tokens used as left context for the first output tokens
 
@@ -30,21 +28,3 @@ class IncrementalDetokenizer:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return full[len(prefix) :]
         return ""
-
-
-def find_stop_string(seq: Sequence, new_text_len: int) -> bool:
-    """Truncate ``seq.text`` at the first stop string that the newest text completed; True if one did."""
-    params = seq.params
-    if not params.stop or not new_text_len:
-        return False
-    hits = []
-    for stop in params.stop:
-        idx = seq.text.find(stop, max(0, len(seq.text) - new_text_len - len(stop) + 1))
-        if idx != -1:
-            hits.append((idx, stop))
-    if not hits:
-        return False
-    idx, stop = min(hits)
-    seq.text = seq.text[: idx + len(stop) if params.include_stop_str_in_output else idx]
-    seq.finish_reason, seq.stop_reason = "stop", stop
-    return True

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from kiln import envs
 from kiln.compiler.config import CompilationConfig
 from kiln.compiler.report import CompileReport
 from kiln.models.config import ModelConfig
@@ -17,7 +18,10 @@ from kiln.models.loader import read_config, resolve_model_path
 from kiln.runtime.config import EngineConfig, resolve_dtype
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.inputs import parse_prompt
+from kiln.runtime.metrics import MetricsCollector
+from kiln.runtime.metrics_reader import Metric
 from kiln.runtime.outputs import RequestOutput
+from kiln.runtime.profiler import EngineProfiler, ProfilerConfig
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.structured.params import StructuredOutputsConfig
 
@@ -40,7 +44,6 @@ _UNSUPPORTED = {
     "hf_overrides": None,
     "mm_processor_kwargs": None,
     "pooler_config": None,
-    "profiler_config": None,
     "quantization_config": None,
     "logits_processors": None,
     "spec_method": None,
@@ -57,6 +60,7 @@ _ENGINE_KWARGS = {
     "load_format",
     "disable_log_stats",
     "enable_chunked_prefill",
+    "profiler_config",
 }
 _ATTENTION_BACKENDS = ("torch", "triton")
 
@@ -139,9 +143,12 @@ class LLM:
             )
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        default_backend = os.environ.get("KILN_ATTENTION_BACKEND") or (
-            "triton" if device.type == "cuda" else "torch"
-        )
+        profiler_config = ProfilerConfig.parse(kwargs.get("profiler_config"))
+        profiler_config.check_device(device)
+        if not isinstance(kwargs.get("disable_log_stats", True), bool):
+            raise ValueError(f"disable_log_stats must be a bool, got {kwargs['disable_log_stats']!r}")
+        log_stats = not kwargs.get("disable_log_stats", True)
+        default_backend = envs.attention_backend() or ("triton" if device.type == "cuda" else "torch")
         backend = (attention_config or {}).get("backend") or default_backend
         if backend not in _ATTENTION_BACKENDS:
             raise ValueError(
@@ -188,6 +195,12 @@ class LLM:
         )
         torch.manual_seed(seed)
         self.llm_engine = LLMEngine(self.config, model_config, self.tokenizer)
+        self.config = self.llm_engine.config  # final: the KV cache may have lowered max_model_len
+        self._profiler = EngineProfiler(profiler_config, device)
+        if profiler_config.profiler is not None:
+            self.llm_engine.profiler = self._profiler
+        if log_stats:
+            self.llm_engine.stats = MetricsCollector(model, self.config.max_model_len)
         self._request_counter = 0
 
     # ------------------------------------------------------------------ set-up helpers
@@ -234,10 +247,31 @@ class LLM:
     def compile_report(self) -> CompileReport:
         """What start-up compilation did: graphs, pieces, unique compiles, fusion matches, time per
         stage, cache hits and recompilations (mode "none" when the forward runs eagerly)."""
-        return getattr(self.llm_engine.runner.forward_fn, "report", None) or CompileReport()
+        return self.llm_engine.worker.compile_report()
 
     def reset_prefix_cache(self) -> bool:
         return self.llm_engine.kv.reset_prefix_cache()
+
+    # ------------------------------------------------------------------ observability
+
+    def start_profile(self, profile_prefix: str | None = None) -> None:
+        """Profile the engine steps from now until ``stop_profile()``; the trace file names start with
+        ``profile_prefix`` (see ``kiln/runtime/profiler.py``). Needs ``LLM(profiler_config=...)``."""
+        self._profiler.start(profile_prefix)
+
+    def stop_profile(self) -> None:
+        """Stop profiling and write the trace into ``profiler_config.torch_profiler_dir``."""
+        self._profiler.stop()
+
+    def get_metrics(self) -> list[Metric]:
+        """A snapshot of the engine's metrics (vLLM's names and ``Counter`` / ``Gauge`` / ``Histogram``
+        objects, ``kiln/runtime/metrics_reader.py``). Needs ``LLM(disable_log_stats=False)``."""
+        stats = self.llm_engine.stats
+        if stats is None:
+            raise RuntimeError(
+                "get_metrics(): statistics are off (the default); create the LLM with disable_log_stats=False"
+            )
+        return stats.snapshot()
 
     # ------------------------------------------------------------------ generation
 
@@ -264,10 +298,15 @@ class LLM:
         if trunc is not None:
             ids = ids[-(self.config.max_model_len if trunc == -1 else trunc) :]
         max_len = self.config.max_model_len
-        if len(ids) >= max_len:
+        if len(ids) > max_len:  # vLLM's two messages: longer than the context, or leaving no output room
             raise ValueError(
-                f"prompt {index} has {len(ids)} tokens, but max_model_len is {max_len}: "
-                "no room for any output"
+                f"prompt {index}: the decoder prompt (length {len(ids)}) is longer than the maximum model "
+                f"length of {max_len}"
+            )
+        if len(ids) == max_len:
+            raise ValueError(
+                f"prompt {index}: the decoder prompt (length {len(ids)}) plus the number of requested output "
+                f"tokens (at least 1) is longer than the maximum model length of {max_len}"
             )
         return text, ids
 
@@ -416,12 +455,47 @@ class LLM:
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self._run(prompts, sampling_params, use_tqdm, add_special_tokens=False)
 
+    # ------------------------------------------------------------------ the worker
+
+    def collective_rpc(
+        self,
+        method: str | Callable[..., Any],
+        timeout: float | None = None,
+        args: tuple = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> list[Any]:
+        """Run a worker method (by name) or ``method(worker, *args, **kwargs)`` on every worker; the
+        list of their results. ``timeout``: seconds to wait before ``TimeoutError`` (None: no limit)."""
+        return self.llm_engine.collective_rpc(method, timeout, args, kwargs)
+
+    def apply_model(self, func: Callable[[torch.nn.Module], Any]) -> list[Any]:
+        """``func(model)`` on every worker's model; the list of results."""
+        return self.llm_engine.apply_model(func)
+
+    def get_world_size(self, include_dp: bool = True) -> int:
+        """Workers serving this LLM (tensor x pipeline parallel, times data parallel with
+        ``include_dp``): kiln runs one."""
+        return 1
+
+    def sleep(self, level: int = 1, mode: str = "abort") -> None:
+        """Release device memory between uses. Level 1: weights to pinned host memory, the KV cache
+        discarded; level 2: weights discarded too (``wake_up`` reloads them from the checkpoint).
+        ``mode``: unfinished requests are aborted (``"abort"``) or finished first (``"wait"``).
+        Generating raises until ``wake_up``."""
+        self.llm_engine.sleep(level, mode)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Restore what ``sleep`` released: ``tags`` among ``"weights"``, ``"kv_cache"`` (None: both).
+        Once both are back the CUDA graphs are captured again."""
+        self.llm_engine.wake_up(tags)
+
     # ------------------------------------------------------------------ lifecycle
 
     def shutdown(self) -> None:
         engine = getattr(self, "llm_engine", None)
         if engine is not None:
-            engine.kv_caches.clear()
+            self._profiler.shutdown()
+            engine.worker.shutdown()
             self.llm_engine = None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

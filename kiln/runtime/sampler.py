@@ -7,16 +7,28 @@ Random rows draw ``token = argmax(logits / T - log q)`` with ``q ~ Exp(1)``, whi
 generator, so its tokens do not depend on the batch.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from kiln.ops.sample_argmax import sample_argmax
-from kiln.runtime.sequence import Sequence
+from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.transfer import to_device
 from kiln.structured.token_mask import TokenMask
 
 _NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler reads about one row: its parameters, its generator and its tokens so far
+    (the worker passes ``ScheduledSequence``s, which carry the same fields)."""
+
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    num_output_tokens: int = 0
+    prompt_token_ids: list[int] = field(default_factory=list)
+    output_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -42,11 +54,11 @@ def _token_counts(rows: list[list[int]], vocab: int, device) -> torch.Tensor:
     return counts[:, :vocab]  # padding (-1) landed in the extra last column
 
 
-def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, seqs: list[SamplingRow]) -> torch.Tensor:
     vocab, device = logits.shape[1], logits.device
     params = [s.params for s in seqs]
     if any(p.repetition_penalty != 1.0 for p in params):
-        seen = _token_counts([s.token_ids for s in seqs], vocab, device) > 0
+        seen = _token_counts([s.prompt_token_ids + s.output_token_ids for s in seqs], vocab, device) > 0
         rep = to_device([p.repetition_penalty for p in params], device)[:, None]
         penalised = torch.where(logits > 0, logits / rep, logits * rep)
         logits = torch.where(seen, penalised, logits)
@@ -58,16 +70,17 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits
 
 
-def _bans_stops(s: Sequence, num_generated: int) -> bool:
+def _bans_stops(s: SamplingRow) -> bool:
     """min_tokens not reached: stop ids (all_stop_token_ids holds stop_token_ids too) are banned. A
-    constrained sequence gets this from its grammar mask, which lets the grammar's end win."""
+    constrained row gets this from its grammar mask, which lets the grammar's end win."""
     p = s.params
-    return num_generated < p.min_tokens and bool(p.all_stop_token_ids) and s.grammar is None
+    return s.num_output_tokens < p.min_tokens and bool(p.all_stop_token_ids) and p.structured_outputs is None
 
 
-def banned_words(s: Sequence, num_generated: int) -> list[int]:
-    """bad_words: the last token of each word whose other tokens end the output so far (vLLM's rule)."""
-    out = s.output_token_ids[:num_generated]
+def banned_words(s: SamplingRow) -> list[int]:
+    """bad_words: the last token of each word whose other tokens end the output so far (vLLM's rule).
+    A request with words of several tokens reads its tokens on the host (scheduler.needs_host_tokens)."""
+    out = s.output_token_ids
     banned = []
     for ids in s.params.bad_words_token_ids:
         prefix = ids[:-1]
@@ -76,20 +89,20 @@ def banned_words(s: Sequence, num_generated: int) -> list[int]:
     return banned
 
 
-def apply_constraints(logits: torch.Tensor, seqs: list[Sequence], num_generated: list[int]) -> torch.Tensor:
+def apply_constraints(logits: torch.Tensor, seqs: list[SamplingRow]) -> torch.Tensor:
     """min_tokens (stop ids banned until reached), logit_bias, allowed_token_ids, bad_words. Works on an
-    fp32 copy. ``num_generated[i]``: output tokens of ``seqs[i]`` before the one being sampled."""
+    fp32 copy."""
     if not any(
-        _bans_stops(s, n) or s.params.logit_bias or s.params.allowed_token_ids or s.params.bad_words_token_ids
-        for s, n in zip(seqs, num_generated)
+        _bans_stops(s) or s.params.logit_bias or s.params.allowed_token_ids or s.params.bad_words_token_ids
+        for s in seqs
     ):
         return logits
     logits = logits.to(torch.float32, copy=True)
     for i, s in enumerate(seqs):
         p = s.params
-        if _bans_stops(s, num_generated[i]):
+        if _bans_stops(s):
             logits[i].index_fill_(0, to_device(list(p.all_stop_token_ids), logits.device), _NEG_INF)
-        banned = banned_words(s, num_generated[i]) if p.bad_words_token_ids else None
+        banned = banned_words(s) if p.bad_words_token_ids else None
         if banned:
             logits[i].index_fill_(0, to_device(banned, logits.device), _NEG_INF)
         if p.logit_bias:
@@ -129,22 +142,17 @@ def top_k_top_p_min_p(logits: torch.Tensor, top_k, top_p, min_p) -> torch.Tensor
 
 def sample(
     logits: torch.Tensor,
-    seqs: list[Sequence],
+    seqs: list[SamplingRow],
     generator: torch.Generator | None,
-    num_generated: list[int] | None = None,
     token_mask: TokenMask | None = None,
 ) -> SamplerOutput:
-    """Pick one token per row of ``logits`` ``[len(seqs), vocab]`` (any float dtype).
-
-    ``num_generated[i]`` is the number of output tokens of ``seqs[i]`` before the one sampled now
-    (default: all of them); ``token_mask`` holds the grammar's allowed tokens of the constrained rows."""
+    """Pick one token per row of ``logits`` ``[len(seqs), vocab]`` (any float dtype); ``token_mask``
+    holds the grammar's allowed tokens of the constrained rows."""
     device = logits.device
-    if num_generated is None:
-        num_generated = [len(s.output_token_ids) for s in seqs]
     raw_logprobs = None
     if any(s.params.logprobs is not None for s in seqs):
         raw_logprobs = logits.float().log_softmax(-1)
-    logits = apply_constraints(apply_penalties(logits, seqs), seqs, num_generated)
+    logits = apply_constraints(apply_penalties(logits, seqs), seqs)
     if token_mask is not None:
         logits = token_mask.apply(logits)
     params = [s.params for s in seqs]

@@ -7,13 +7,19 @@ KV cache is full, then admits waiting sequences FCFS while budget, sequence slot
 A sequence whose launched tokens already reach its length limit is not scheduled again: it only
 waits for the engine to read its last token back. A waiting sequence whose grammar is still compiling
 is passed over (it keeps its place) without holding up the ones behind it.
+
+``schedule_step()`` is what the engine calls: it schedules, then turns the batch into the worker's
+plain-data ``SchedulerOutput`` and advances each sequence past the launched tokens (computed tokens,
+one pending output token for each sequence that samples).
 """
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
 from kiln.runtime.kv_cache_manager import KVCacheManager
 from kiln.runtime.sequence import Sequence, Status
+from kiln.runtime.step_data import NewSequence, ScheduledSequence, SchedulerOutput
 
 
 @dataclass
@@ -30,16 +36,30 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int | None = None,
+    ):
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_needing_host_tokens = 0  # unfinished sequences whose sampling reads host tokens
+        self._new: list[NewSequence] = []  # added since the last step
+        self._finished: list[int] = []  # seq ids finished since the last step
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        p = seq.params
+        self._new.append(NewSequence(seq.seq_id, None if p.seed is None else p.seed + seq.index))
+        if needs_host_tokens(seq):
+            self.num_needing_host_tokens += 1
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -96,10 +116,82 @@ class Scheduler:
         self.waiting.extendleft(reversed(compiling))
         return batch
 
+    def schedule_step(self) -> SchedulerOutput:
+        """Schedule one step and hand it over as plain data; the scheduled tokens count as computed
+        from now on, and each sequence that samples holds one pending token until it is read back."""
+        batch = self.schedule()
+        if not batch:
+            return SchedulerOutput()  # nothing launches: new and finished sequences wait for the next step
+        out = SchedulerOutput(new_sequences=self._new, finished_seq_ids=self._finished)
+        self._new, self._finished = [], []
+        now = time.time()
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            lo, known = seq.num_computed_tokens, seq.num_known_tokens
+            hi = lo + n
+            sample = hi == seq.num_tokens
+            owed = seq.params.prompt_logprobs if seq.wants_prompt_logprobs else None
+            out.scheduled.append(  # positional: this runs for every sequence of every step
+                ScheduledSequence(
+                    seq.seq_id,
+                    seq.token_slice(lo, min(hi, known)),  # token_ids
+                    lo,  # start
+                    n,  # num_tokens
+                    hi > known,  # last_token_pending
+                    seq.block_ids,
+                    sample,
+                    seq.params,
+                    seq.num_output_tokens,
+                    seq.prompt_token_ids,
+                    seq.output_token_ids,
+                    owed,  # prompt_logprobs
+                    len(seq.prompt_logprobs) if owed is not None else 0,  # prompt_logprobs_done
+                )
+            )
+            seq.first_scheduled_time = seq.first_scheduled_time or now
+            seq.num_computed_tokens = hi
+            if sample:
+                seq.num_pending_tokens += 1
+                limit = self.max_model_len
+                if seq.num_output_tokens >= seq.max_tokens or (limit is not None and seq.num_tokens >= limit):
+                    seq.awaiting_finish = True
+        return out
+
+    def cache_computed_blocks(self, out: SchedulerOutput, seqs: dict[int, Sequence]) -> None:
+        """Publish the full blocks of the step's unfinished sequences (their tokens are known by now)."""
+        for s in out.scheduled:
+            seq = seqs.get(s.seq_id)
+            if seq is not None and not seq.is_finished:
+                self.kv.cache_computed_blocks(seq)
+
     def finish(self, seq: Sequence) -> None:
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
-        else:  # preempted while its last token was still being read back
+        elif seq.status is Status.WAITING:  # preempted while its last token was still being read back
             self.waiting.remove(seq)
+        else:
+            return
         seq.status = Status.FINISHED
         self.kv.free(seq)
+        self._finished.append(seq.seq_id)
+        if needs_host_tokens(seq):
+            self.num_needing_host_tokens -= 1
+
+    def abort_all(self) -> list[Sequence]:
+        """Finish every sequence (freeing its blocks); returns them."""
+        seqs = list(self.running) + list(self.waiting)
+        for seq in seqs:
+            self.finish(seq)
+        return seqs
+
+
+def needs_host_tokens(seq: Sequence) -> bool:
+    """Sampling that reads the previous tokens or returns logprobs cannot run ahead of the read-back."""
+    p = seq.params
+    return (
+        p.logprobs is not None
+        or p.prompt_logprobs is not None
+        or p.repetition_penalty != 1.0
+        or p.presence_penalty != 0.0
+        or p.frequency_penalty != 0.0
+        or any(len(ids) > 1 for ids in p.bad_words_token_ids)  # bans follow the last tokens
+    )

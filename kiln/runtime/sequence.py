@@ -1,9 +1,12 @@
-"""One generated sequence (a request with ``n`` samples has ``n`` of them) and its running state."""
+"""One generated sequence (a request with ``n`` samples has ``n`` of them) and its running state.
+
+Two parts of the engine write a ``Sequence``: the scheduler (with its KV-cache manager: status,
+computed tokens, blocks, pending tokens) and the output processor (accepted tokens, text, logprobs,
+finish). The worker never sees one; it gets plain data (``kiln.runtime.step_data``).
+"""
 
 import enum
 from dataclasses import dataclass, field
-
-import torch
 
 from kiln.runtime.outputs import Logprob
 from kiln.runtime.sampling_params import SamplingParams
@@ -23,8 +26,8 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     max_tokens: int  # max_tokens capped so that prompt + output fits max_model_len
-    generator: torch.Generator | None = None
-    output_token_ids: list[int] = field(default_factory=list)
+    output_token_ids: list[int] = field(default_factory=list)  # tokens read back from the device
+    num_pending_tokens: int = 0  # sampled by a launched step, not read back yet (at most one)
     status: Status = Status.WAITING
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
@@ -55,7 +58,17 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
+        """Prompt and output tokens, pending ones included."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose ids the host knows."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids) + self.num_pending_tokens
 
     @property
     def token_ids(self) -> list[int]:

@@ -4,8 +4,8 @@
   constraint on the caller's thread (bad input raises ``ValueError`` with the backend's message) and
   starts compiling it on the thread pool, unless the cache has it.
 * ``new_state(params)``: a ``GrammarState`` per sequence, sharing the request's compiled grammar.
-* ``token_mask(seqs, num_generated)``: the step's bitmask for the constrained rows, filled on the host
-  from each matcher (which has seen every token before the one being sampled) and sent to the device
+* ``token_mask(seqs)``: the step's bitmask for the constrained rows, filled on the host from each
+  matcher (which has seen every token before the one being sampled); the worker sends it to the device
   with a non-blocking copy.
 
 Backends are created on first use (a tokenizer's vocabulary table takes a moment to build), so an engine
@@ -23,7 +23,7 @@ from kiln.structured.grammar_cache import GrammarCache
 from kiln.structured.grammar_state import GrammarState
 from kiln.structured.params import StructuredOutputsConfig, StructuredOutputsParams
 from kiln.structured.spec import GrammarSpec
-from kiln.structured.token_mask import TokenMask, ban_unless_nothing_left, bitmask_words
+from kiln.structured.token_mask import GrammarBitmask, ban_unless_nothing_left, bitmask_words
 
 
 class StructuredOutputManager:
@@ -77,9 +77,10 @@ class StructuredOutputManager:
         concurrent.futures.wait(pending, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
         return True
 
-    def token_mask(self, seqs, num_generated: list[int]) -> TokenMask | None:
-        """Bitmask of the rows of ``seqs`` whose grammar is active; None when there is none."""
-        rows = [i for i, s in enumerate(seqs) if s.grammar is not None and s.grammar.active]
+    def token_mask(self, seqs) -> GrammarBitmask | None:
+        """Bitmask of the sampling rows whose sequence (None: finished meanwhile) has an active
+        grammar; None when there is none. Every token before the sampled one has been read back."""
+        rows = [i for i, s in enumerate(seqs) if s is not None and s.grammar is not None and s.grammar.active]
         if not rows:
             return None
         pin = self.device.type == "cuda"
@@ -94,12 +95,9 @@ class StructuredOutputManager:
             backend.fill_bitmask(matchers, bitmask, indices)
         for j, i in enumerate(rows):  # min_tokens: no stop token yet, unless the grammar allows only those
             p = seqs[i].params
-            if num_generated[i] < p.min_tokens and p.all_stop_token_ids:
+            if len(seqs[i].output_token_ids) < p.min_tokens and p.all_stop_token_ids:
                 ban_unless_nothing_left(bitmask[j], p.all_stop_token_ids, self.vocab_size)
-        device_rows = None
-        if len(rows) < len(seqs):
-            device_rows = torch.tensor(rows, pin_memory=pin).to(self.device, non_blocking=True)
-        return TokenMask(bitmask.to(self.device, non_blocking=True), device_rows)
+        return GrammarBitmask(rows, bitmask, len(seqs))
 
     def shutdown(self) -> None:
         self.cache.shutdown()

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kiln.runtime.transfer import to_device
+
 _NEG_INF = float("-inf")
 
 
@@ -58,6 +60,20 @@ def ban_unless_nothing_left(row: torch.Tensor, token_ids, vocab_size: int) -> No
             words[t >> 5] &= np.uint32(0xFFFFFFFF ^ (1 << (t & 31)))
     if not words.any():
         words[:] = kept
+
+
+@dataclass
+class GrammarBitmask:
+    """What the engine hands the worker for a deferred sampling: plain host data."""
+
+    rows: list[int]  # sampling rows of the step that are constrained
+    bitmask: torch.Tensor  # int32 [len(rows), words] on the host (pinned on CUDA machines)
+    num_rows: int  # sampling rows of the step
+
+    def to_device(self, device: torch.device) -> TokenMask:
+        """Non-blocking copies (from pinned memory) queued behind the device's work."""
+        rows = None if len(self.rows) == self.num_rows else to_device(self.rows, device, torch.long)
+        return TokenMask(self.bitmask.to(device, non_blocking=True), rows)
 
 
 @dataclass

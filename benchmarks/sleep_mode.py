@@ -1,0 +1,87 @@
+"""GPU memory around LLM.sleep / wake_up, and greedy identity across them. Needs CUDA.
+
+    python benchmarks/sleep_mode.py --model llama-8b [--level 1] [--out results/sleep_h200.json]
+
+Starts an LLM on a named shape (random weights, ``load_format="dummy"``), runs a greedy batch, then for
+the chosen level: device memory in use (``cudaMemGetInfo``: everything this process holds, CUDA
+context included) awake, after ``sleep`` and after ``wake_up``; the seconds each took (wake-up includes
+re-capturing the CUDA graphs); whether the same greedy batch gives the same tokens after waking; and
+the fraction of the awake footprint still held while asleep (target: under 10%).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from kiln import LLM, SamplingParams  # noqa: E402
+from kiln.bench.shapes import write_shape_dir  # noqa: E402
+
+
+def used_bytes() -> int:
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama-8b")
+    parser.add_argument("--level", type=int, default=1, choices=(1, 2))
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    baseline = used_bytes()  # the CUDA context alone
+    start = time.perf_counter()
+    llm = LLM(
+        write_shape_dir(args.model),
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        max_model_len=args.max_model_len,
+        gpu_memory_utilization=0.9,
+    )
+    startup = time.perf_counter() - start
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True, detokenize=False)
+    prompts = [
+        {"prompt_token_ids": [(7 * i + 13 * j) % 30000 + 100 for j in range(32 + 8 * i)]} for i in range(16)
+    ]
+    before = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    awake = used_bytes()
+    t = time.perf_counter()
+    llm.sleep(level=args.level)
+    sleep_s = time.perf_counter() - t
+    asleep = used_bytes()
+    t = time.perf_counter()
+    llm.wake_up()
+    wake_s = time.perf_counter() - t
+    woken = used_bytes()
+    after = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    gib = 2**30
+    result = {
+        "model": args.model,
+        "level": args.level,
+        "device": torch.cuda.get_device_name(),
+        "startup_s": round(startup, 2),
+        "context_only_gib": round(baseline / gib, 3),
+        "awake_gib": round(awake / gib, 3),
+        "asleep_gib": round(asleep / gib, 3),
+        "after_wake_gib": round(woken / gib, 3),
+        "asleep_fraction_of_awake": round(asleep / awake, 4),
+        "sleep_s": round(sleep_s, 2),
+        "wake_up_s": round(wake_s, 2),
+        "graph_capture_s": round(llm.compile_report().graph_capture_s, 2),
+        "greedy_identical": before == after,
+    }
+    print(json.dumps(result, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

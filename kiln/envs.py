@@ -1,0 +1,49 @@
+"""Every environment variable kiln reads, in one place (README.md lists them).
+
+Each knob is a function so that a change to ``os.environ`` (a test, a parent process setting up a child)
+is seen at the moment kiln needs the value.
+"""
+
+import os
+
+
+def attention_backend() -> str | None:
+    """``KILN_ATTENTION_BACKEND``: default attention backend (``torch`` or ``triton``) when
+    ``attention_config`` names none. Unset: ``triton`` on CUDA, ``torch`` elsewhere."""
+    return os.environ.get("KILN_ATTENTION_BACKEND") or None
+
+
+def cache_dir() -> str | None:
+    """``KILN_CACHE_DIR``: root of the persistent compile cache when ``compilation_config.cache_dir`` is
+    unset. Unset: ``~/.cache/kiln``."""
+    return os.environ.get("KILN_CACHE_DIR") or None
+
+
+def git_sha() -> str | None:
+    """``KILN_GIT_SHA``: the commit benchmark results are recorded under, for copies of the source tree
+    without ``.git``."""
+    return os.environ.get("KILN_GIT_SHA") or None
+
+
+def triton_interpret() -> bool:
+    """``TRITON_INTERPRET`` (Triton's own switch, read here too): the kernels run in Triton's CPU
+    interpreter, which lacks bf16 arithmetic, so kiln's kernels upcast bf16 there."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+DEFAULT_LOG_STATS_INTERVAL = 10.0
+
+
+def log_stats_interval() -> float:
+    """``KILN_LOG_STATS_INTERVAL``: seconds between the stats lines of ``LLM(disable_log_stats=False)``.
+    Unset: 10 (vLLM's interval). Not a number >= 0: ValueError naming the variable."""
+    raw = os.environ.get("KILN_LOG_STATS_INTERVAL")
+    if raw is None or raw == "":
+        return DEFAULT_LOG_STATS_INTERVAL
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ValueError(f"KILN_LOG_STATS_INTERVAL must be a number of seconds >= 0, got {raw!r}")
+    return value

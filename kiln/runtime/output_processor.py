@@ -1,0 +1,240 @@
+"""Token acceptance: the one place that turns sampled tokens into outputs.
+
+For each token read back it appends the token, fills logprob dicts, detokenizes, applies EOS, stop
+token ids, stop strings (never matched in the text of the first ``min_tokens`` tokens, as vLLM
+defines it), ``min_tokens``, ``max_tokens`` and the context limit (prompt + output may reach
+``max_model_len``), and sets finish and stop reasons. It writes the output side of a ``Sequence``;
+the scheduler writes the rest.
+
+Each engine step it also records what changed per sequence, so ``step_deltas()`` can hand out
+per-step ``RequestOutput`` deltas (``RequestOutput.add(delta, aggregate=True)`` rebuilds the whole
+output); a request's final output collects its samples through ``RequestOutput.add`` as they finish.
+"""
+
+import time
+
+from kiln.runtime.detokenizer import IncrementalDetokenizer
+from kiln.runtime.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.sequence import Sequence
+from kiln.runtime.step_data import RunnerOutput
+
+
+class Request:
+    def __init__(
+        self, request_id: str, prompt: str | None, prompt_token_ids: list[int], seqs: list[Sequence]
+    ):
+        self.request_id, self.prompt, self.prompt_token_ids, self.seqs = (
+            request_id,
+            prompt,
+            prompt_token_ids,
+            seqs,
+        )
+        self.arrival_time = time.time()
+        self.finished_time: float | None = None
+        self.output = RequestOutput(
+            request_id=request_id,
+            prompt=prompt,
+            prompt_token_ids=prompt_token_ids,
+            prompt_logprobs=seqs[0].prompt_logprobs,
+            outputs=[CompletionOutput(s.index, "", [], None, None) for s in seqs],
+            finished=False,
+        )
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.seqs)
+
+
+def find_stop_string(text: str, new_text_len: int, params: SamplingParams) -> tuple[int, str] | None:
+    """(length to keep, stop string) for the first stop string the newest ``new_text_len`` characters
+    completed (a match may start in earlier text), or None."""
+    hits = []
+    for stop in params.stop:
+        idx = text.find(stop, max(0, len(text) - new_text_len - len(stop) + 1))
+        if idx != -1:
+            hits.append((idx, stop))
+    if not hits:
+        return None
+    idx, stop = min(hits)
+    return (idx + len(stop) if params.include_stop_str_in_output else idx), stop
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer, eos_token_ids: set[int], max_model_len: int):
+        self.tokenizer, self.eos_token_ids, self.max_model_len = tokenizer, eos_token_ids, max_model_len
+        self.requests: dict[str, Request] = {}
+        self.detokenizers: dict[int, IncrementalDetokenizer] = {}  # seq id -> its detokenizer
+        self._token_texts: dict[int, str] = {}
+        self._touched: dict[Sequence, tuple[int, int, int]] = {}  # this step: (tokens, text, logprobs) before
+        self.stats = None  # kiln.runtime.metrics.MetricsCollector: told of every accepted token
+
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        for seq in request.seqs:
+            if self.tokenizer is not None and seq.params.detokenize:
+                self.detokenizers[seq.seq_id] = IncrementalDetokenizer(
+                    self.tokenizer, request.prompt_token_ids, seq.params.skip_special_tokens
+                )
+
+    def abort_all(self) -> None:
+        self.requests.clear()
+        self.detokenizers.clear()
+        self._touched.clear()
+
+    # ------------------------------------------------------------------ one step
+
+    def begin_step(self) -> None:
+        self._touched = {}
+
+    def process(
+        self, out: RunnerOutput, seqs: dict[int, Sequence]
+    ) -> tuple[list[Sequence], list[RequestOutput]]:
+        """Accept a read-back step's tokens; returns (sequences that finished, requests that finished)."""
+        for seq_id, entries in out.prompt_logprobs.items():
+            seq = seqs.get(seq_id)
+            if seq is not None:
+                seq.prompt_logprobs.extend(self._logprob_dict(t, e) for t, e in entries)
+        now = time.time()
+        finished_seqs, finished = [], []
+        for seq_id, token, entry in zip(out.seq_ids, out.read_back(), out.logprobs):
+            seq = seqs.get(seq_id)
+            if seq is None:  # aborted
+                continue
+            seq.num_pending_tokens -= 1
+            if seq.finish_reason is not None:  # it stopped one step earlier; this token is surplus
+                continue
+            if seq not in self._touched:
+                lp = len(seq.logprobs) if seq.logprobs is not None else 0
+                self._touched[seq] = (len(seq.output_token_ids), len(seq.text), lp)
+            self._accept(seq, token, entry, now)
+            if self.stats is not None:
+                self.stats.on_token(
+                    self.requests[seq.request_id].arrival_time, seq, len(seq.output_token_ids) - 1, now
+                )
+            if seq.finish_reason is None:
+                continue
+            self.detokenizers.pop(seq.seq_id, None)
+            finished_seqs.append(seq)
+            request = self.requests[seq.request_id]
+            done = request.finished
+            if done:
+                request.finished_time = now
+                del self.requests[seq.request_id]
+            request.output.add(self._final_sample(request, seq, done), aggregate=False)
+            if done:
+                finished.append(request.output)
+        return finished_seqs, finished
+
+    def _accept(self, seq: Sequence, token: int, entry, now: float) -> None:
+        params = seq.params
+        seq.output_token_ids.append(token)
+        if seq.grammar is not None:
+            seq.grammar.accept(token)
+        seq.first_token_time = seq.first_token_time or now
+        if entry is not None:
+            seq.logprobs.append(self._logprob_dict(token, entry))
+            seq.cumulative_logprob += entry[2]
+        num_out = len(seq.output_token_ids)
+        stopped_by_token = False
+        # a grammar that accepted its stop token ends the sequence, min_tokens or not
+        if num_out >= params.min_tokens or (seq.grammar is not None and seq.grammar.terminated):
+            if not params.ignore_eos and token in self.eos_token_ids:
+                seq.finish_reason, stopped_by_token = "stop", True
+            elif token in params.stop_token_ids:
+                seq.finish_reason, seq.stop_reason, stopped_by_token = "stop", token, True
+        detok = self.detokenizers.get(seq.seq_id)
+        if detok is not None and not (stopped_by_token and not params.include_stop_str_in_output):
+            new_text = detok.add(token)
+            seq.text += new_text
+            # stop strings are looked for only in text after the first min_tokens tokens' text
+            if seq.finish_reason is None and params.stop and new_text and num_out > params.min_tokens:
+                hit = find_stop_string(seq.text, len(new_text), params)
+                if hit is not None:
+                    keep, stop = hit
+                    seq.text = seq.text[:keep]
+                    seq.finish_reason, seq.stop_reason = "stop", stop
+        if seq.finish_reason is None and (
+            num_out >= seq.max_tokens or seq.num_prompt_tokens + num_out >= self.max_model_len
+        ):
+            seq.finish_reason = "length"
+
+    def _decoded(self, token_id: int) -> str | None:
+        """Text of one token, memoised: logprobs=-1 asks for every vocabulary entry at every step."""
+        if self.tokenizer is None:
+            return None
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def _logprob_dict(self, token_id: int, entry) -> dict[int, Logprob]:
+        top_ids, top_lps, lp, rank = entry
+        result = {token_id: Logprob(lp, rank, self._decoded(token_id))}
+        for r, (t, v) in enumerate(zip(top_ids, top_lps), start=1):
+            if t not in result:
+                result[t] = Logprob(v, r, self._decoded(t))
+        return result
+
+    # ------------------------------------------------------------------ outputs
+
+    @staticmethod
+    def _completion(seq: Sequence, tokens_from: int = 0, text_from: int = 0, logprobs_from: int = 0):
+        return CompletionOutput(
+            index=seq.index,
+            text=seq.text[text_from:],
+            token_ids=seq.output_token_ids[tokens_from:],
+            cumulative_logprob=seq.cumulative_logprob,
+            logprobs=None if seq.logprobs is None else seq.logprobs[logprobs_from:],
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+        )
+
+    def _final_sample(self, request: Request, seq: Sequence, done: bool) -> RequestOutput:
+        """A finished sample as an update of its request's output; with ``done`` the request's too."""
+        metrics = None
+        if done:
+            seqs = request.seqs
+            first_scheduled = min(s.first_scheduled_time for s in seqs)
+            metrics = RequestMetrics(
+                arrival_time=request.arrival_time,
+                first_scheduled_time=first_scheduled,
+                first_token_time=min(s.first_token_time for s in seqs),
+                last_token_time=request.finished_time,
+                finished_time=request.finished_time,
+                time_in_queue=first_scheduled - request.arrival_time,
+                num_generation_tokens=sum(len(s.output_token_ids) for s in seqs),
+            )
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            prompt_logprobs=None,
+            outputs=[self._completion(seq)],
+            finished=done,
+            metrics=metrics,
+            num_cached_tokens=(request.seqs[0].num_cached_tokens or 0) if done else None,
+        )
+
+    def step_deltas(self) -> list[RequestOutput]:
+        """What the last engine step added, one ``RequestOutput`` per request that got tokens: new text,
+        token ids and logprobs of each sample that changed (the prompt logprobs with the first)."""
+        by_request: dict[str, list[CompletionOutput]] = {}
+        carries_prompt_logprobs: dict[str, list | None] = {}
+        for seq, (tokens, text, logprobs) in self._touched.items():
+            by_request.setdefault(seq.request_id, []).append(
+                self._completion(seq, tokens, min(text, len(seq.text)), logprobs)
+            )
+            if tokens == 0 or seq.request_id not in carries_prompt_logprobs:
+                carries_prompt_logprobs[seq.request_id] = seq.prompt_logprobs if tokens == 0 else None
+        return [
+            RequestOutput(
+                request_id=request_id,
+                prompt=None,
+                prompt_token_ids=None,
+                prompt_logprobs=carries_prompt_logprobs[request_id],
+                outputs=sorted(completions, key=lambda c: c.index),
+                finished=request_id not in self.requests,
+            )
+            for request_id, completions in by_request.items()
+        ]
