@@ -250,7 +250,7 @@ def test_preemption_chunked_prefill_and_prefix_cache_under_a_constraint(tiny_che
     prompts = [shared + f"and number {i} is " * 5 for i in range(4)]
     params = SamplingParams(temperature=0, max_tokens=80, structured_outputs=so)
     reference = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    block_bytes = llm.llm_engine.kv_bytes_per_block()
+    block_bytes = llm.llm_engine.worker.kv_bytes_per_block()
     with LLM(
         tiny_checkpoint("llama"),
         dtype="float32",
