@@ -7,6 +7,7 @@ tokens once they are read back.
 """
 
 import contextlib
+import functools
 import logging
 import threading
 from dataclasses import replace
@@ -53,13 +54,6 @@ class LLMEngine:
         eos = getattr(tokenizer, "eos_token_id", None)
         eos_ids = {eos} if eos is not None else set(model_config.eos_token_id)
         self.processor = OutputProcessor(tokenizer, eos_ids, config.max_model_len)
-        self.structured = StructuredOutputManager(
-            config.structured_outputs_config or StructuredOutputsConfig(),
-            tokenizer,
-            model_config.vocab_size,
-            sorted(eos_ids),
-            config.device,
-        )
         self.seqs: dict[int, Sequence] = {}  # unfinished sequences by id
         self._next_seq_id = 0
         self.profiler = None  # EngineProfiler (kiln/runtime/profiler.py) when LLM(profiler_config=...)
@@ -73,6 +67,17 @@ class LLMEngine:
     @stats.setter
     def stats(self, collector) -> None:
         self.processor.stats = collector
+
+    @functools.cached_property
+    def structured(self) -> StructuredOutputManager:
+        """Grammars of structured-output requests, made on the first such request."""
+        return StructuredOutputManager(
+            self.config.structured_outputs_config or StructuredOutputsConfig(),
+            self.tokenizer,
+            self.model_config.vocab_size,
+            sorted(self.processor.eos_token_ids),
+            self.config.device,
+        )
 
     @staticmethod
     def _num_kv_blocks(budget: int, block_bytes: int) -> int:
@@ -209,7 +214,7 @@ class LLMEngine:
                 finished += self._process(self.pending)
                 self.pending = None
             elif self.scheduler.has_unfinished():
-                if self.structured.wait_for_any(self.scheduler.waiting):  # only grammars compiling
+                if StructuredOutputManager.wait_for_any(self.scheduler.waiting):  # only grammars compiling
                     return finished
                 raise RuntimeError("scheduler produced an empty step while requests are pending")
             return finished
