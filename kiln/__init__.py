@@ -22,6 +22,7 @@ from kiln.runtime.llm import LLM
 from kiln.runtime.outputs import CompletionOutput, Logprob, RequestOutput
 from kiln.runtime.profiler import ProfilerConfig
 from kiln.runtime.sampling_params import RequestOutputKind, SamplingParams
+from kiln.structured.params import StructuredOutputsConfig, StructuredOutputsParams
 
 __version__ = "0.1.0"
 __all__ = [
@@ -37,6 +38,8 @@ __all__ = [
     "LoRARequest",
     "ProfilerConfig",
     "SamplingParams",
+    "StructuredOutputsParams",
+    "StructuredOutputsConfig",
     "RequestOutputKind",
     "RequestOutput",
     "CompletionOutput",

@@ -64,6 +64,7 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"  # fcfs | priority
     enable_chunked_prefill: bool = True  # False: a prompt is computed in one step or waits
     lora: object = None  # kiln.lora.config.LoRAConfig with enable_lora=True
+    structured_outputs_config: object = None  # kiln.structured.StructuredOutputsConfig
     plan: CompilationPlan = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):

@@ -7,6 +7,7 @@ tokens once they are read back.
 """
 
 import contextlib
+import functools
 import logging
 import threading
 from dataclasses import replace
@@ -26,6 +27,8 @@ from kiln.runtime.scheduler import Scheduler
 from kiln.runtime.sequence import Sequence
 from kiln.runtime.step_data import RunnerOutput
 from kiln.runtime.worker import Worker
+from kiln.structured.manager import StructuredOutputManager
+from kiln.structured.params import StructuredOutputsConfig
 
 logger = logging.getLogger("kiln")
 _POOLING_PARAMS = SamplingParams(max_tokens=1)  # what a prompt-only sequence's sampling fields read
@@ -79,6 +82,17 @@ class LLMEngine:
     @stats.setter
     def stats(self, collector) -> None:
         self.processor.stats = collector
+
+    @functools.cached_property
+    def structured(self) -> StructuredOutputManager:
+        """Grammars of structured-output requests, made on the first such request."""
+        return StructuredOutputManager(
+            self.config.structured_outputs_config or StructuredOutputsConfig(),
+            self.tokenizer,
+            self.model_config.vocab_size,
+            sorted(self.processor.eos_token_ids),
+            self.config.device,
+        )
 
     @staticmethod
     def _num_kv_blocks(budget: int, block_bytes: int) -> int:
@@ -136,6 +150,24 @@ class LLMEngine:
             )
         return self.lora.load(lora_request)
 
+    def validate_params(self, params: SamplingParams) -> None:
+        """Checks that need the model or the tokenizer, run before any request of a call is added:
+        token ids inside the vocabulary, bad_words encoded, structured outputs parsed (compiling starts)."""
+        vocab = self.model_config.vocab_size
+        for name, ids in (("logit_bias", params.logit_bias), ("allowed_token_ids", params.allowed_token_ids)):
+            bad = [t for t in ids or () if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"{name}: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if params.bad_words:
+            if self.tokenizer is None:
+                raise ValueError("bad_words need a tokenizer (skip_tokenizer_init=True)")
+            params.update_from_tokenizer(self.tokenizer)
+            bad = [t for ids in params.bad_words_token_ids for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"bad_words: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if params.structured_outputs is not None:
+            self.structured.validate(params)
+
     def add_request(
         self,
         request_id: str,
@@ -151,6 +183,8 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already running")
         adapter = None if lora_request is None else self.load_lora(lora_request)
         max_tokens = self.config.max_model_len - len(prompt_token_ids)
+        if params.bad_words and not params.bad_words_token_ids:
+            params.update_from_tokenizer(self.tokenizer)
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
         seqs = []
@@ -166,6 +200,8 @@ class LLMEngine:
                 priority=priority,
             )
             seq.lora, seq.lora_request = adapter, lora_request
+            if params.structured_outputs is not None:
+                seq.grammar = self.structured.new_state(params)
             self._next_seq_id += 1
             seqs.append(seq)
         self.processor.add_request(Request(request_id, prompt, list(prompt_token_ids), seqs, lora_request))
@@ -230,6 +266,10 @@ class LLMEngine:
         work of the next. While a request needs its tokens on the host to sample (penalties,
         logprobs), every step is read back before the next is scheduled. Stops are therefore seen one
         step late in overlap; the extra token is dropped.
+
+        A step with constrained (structured-output) rows keeps the overlap: its forward is launched
+        first, then the previous step is read back (its tokens advance the grammar matchers), then the
+        grammar's token mask is filled on the host and the step's sampler launched with it.
         """
         self.processor.begin_step()
         finished: list[RequestOutput] = []
@@ -244,13 +284,20 @@ class LLMEngine:
                 finished += self._process(self.pending)
                 self.pending = None
             elif self.scheduler.has_unfinished():
+                if StructuredOutputManager.wait_for_any(self.scheduler.waiting):  # only grammars compiling
+                    return finished
                 raise RuntimeError("scheduler produced an empty step while requests are pending")
             return finished
+        out.defer_sampling = any(s.sample and s.params.structured_outputs is not None for s in out.scheduled)
         launched = self.worker.execute_model(out)
         finished += self.pooled.finish(self, launched.pooled)  # earlier steps' pooled outputs too
         previous, self.pending = self.pending, launched
         if previous is not None:
             finished += self._process(previous)
+        if out.defer_sampling:  # the matchers have seen every earlier token now
+            self.worker.sample_deferred(
+                self.structured.token_mask([self.seqs.get(i) for i in launched.seq_ids])
+            )
         if sync:
             finished += self._process(launched)
             self.pending = None

@@ -35,6 +35,7 @@ from kiln.quant.config import resolve_quantization
 from kiln.quant.kv_cache import check_kv_cache_dtype
 from kiln.runtime.config import EngineConfig, resolve_dtype
 from kiln.runtime.profiler import ProfilerConfig
+from kiln.structured.params import StructuredOutputsConfig
 
 LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
 SCHEDULING_POLICIES = ("fcfs", "priority")
@@ -190,6 +191,7 @@ class EngineArgs:
             reason = _REASONS.get(name, "kiln does not implement it")
             raise NotImplementedError(f"LLM parameter {name}={value!r} is not supported: {reason}")
         LoRAConfig.from_args(self.enable_lora, self.max_loras, self.max_lora_rank, self.max_cpu_loras)
+        StructuredOutputsConfig.parse(self.structured_outputs_config)
         _check_choice("tokenizer_mode", self.tokenizer_mode, TOKENIZER_MODES)
         _check_choice("load_format", self.load_format, LOAD_FORMATS)
         _check_choice("logprobs_mode", self.logprobs_mode, LOGPROBS_MODES)
@@ -314,6 +316,7 @@ class EngineArgs:
             logprobs_mode=self.logprobs_mode,
             scheduling_policy=self.scheduling_policy,
             enable_chunked_prefill=chunked,
+            structured_outputs_config=StructuredOutputsConfig.parse(self.structured_outputs_config),
             pooling=resolve_runner(
                 model_config.architecture, model_config.raw, self.runner, self.convert, self.pooler_config
             ),
@@ -382,6 +385,7 @@ HONOURED = frozenset(
         "runner",
         "convert",
         "pooler_config",
+        "structured_outputs_config",
         "enable_lora",
         "max_loras",
         "max_lora_rank",

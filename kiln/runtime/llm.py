@@ -42,9 +42,7 @@ _ALWAYS_CALLABLE = frozenset({"shutdown"})  # public names that still work after
 def _check_implemented(params: SamplingParams) -> None:
     """SamplingParams fields kiln accepts only at their default value."""
     unsupported = {
-        "bad_words": bool(params.bad_words),
         "logits_processors": bool(params.logits_processors),
-        "structured_outputs": params.structured_outputs is not None,
         "flat_logprobs": params.flat_logprobs,
         "spaces_between_special_tokens": not params.spaces_between_special_tokens,
     }
@@ -282,6 +280,7 @@ class LLM(PoolingMethods):
             params.update_from_generation_config(
                 self.generation_config, getattr(self.tokenizer, "eos_token_id", None)
             )
+            self.llm_engine.validate_params(params)  # bad_words, structured_outputs
             prepared.append((self._inputs.process(prompt, i, params, tokenization_kwargs), params))
         loras = per_prompt(lora_request, len(prompts))
         for lora in loras:  # every adapter read and checked before any request is added

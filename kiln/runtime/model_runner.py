@@ -11,6 +11,7 @@ from kiln.ops.forward_context import forward_context
 from kiln.pooling.state import PooledRows
 from kiln.runtime.sampler import sample, top_logprobs
 from kiln.runtime.step_data import RunnerOutput, SchedulerOutput
+from kiln.structured.token_mask import GrammarBitmask
 
 
 class ModelRunner:
@@ -35,6 +36,7 @@ class ModelRunner:
         self.logprobs_mode = logprobs_mode
         self.lora = lora  # kiln.lora.manager.LoRAManager: its per-token slot buffers are filled each step
         self.previous: RunnerOutput | None = None  # the last launched step (source of pending tokens)
+        self.deferred: tuple | None = None  # (result, logits, rows) of a step whose sampling waits
         self._previous_rows: dict[int, int] = {}
         self.pooled_rows = PooledRows()  # pooling requests' partial pools, by sequence id
         n = max([*graphs.full_sizes, *graphs.piecewise_sizes], default=0)
@@ -103,13 +105,29 @@ class ModelRunner:
         all_rows = len(sample_rows) == len(ids)
         return input_ids, positions_t, md, starts, (None if all_rows else rows), samples
 
+    def _sample(self, result: RunnerOutput, logits, samples, token_mask=None) -> None:
+        sampled = sample(logits, samples, self.generator, self.logprobs_mode, token_mask)
+        result.tokens, result.logprobs = sampled.tokens, sampled.logprobs
+        result.copy_out()
+
+    @torch.inference_mode()
+    def sample_deferred(self, grammar_bitmask: GrammarBitmask | None) -> None:
+        """Sample the step launched with ``defer_sampling``, under the grammar's mask (host data)."""
+        if self.deferred is None:  # nothing sampled in that step
+            return
+        (result, logits, samples), self.deferred = self.deferred, None
+        mask = None if grammar_bitmask is None else grammar_bitmask.to_device(self.device)
+        self._sample(result, logits, samples, mask)
+
     @property
     def block_size(self) -> int:
         return self.attention.block_size
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        """Launch the step; sampled tokens stay on the device (``RunnerOutput.tokens``)."""
+        """Launch the step; sampled tokens stay on the device (``RunnerOutput.tokens``). With
+        ``out.defer_sampling`` only the forward and the logits: ``sample_deferred`` finishes it."""
+        self.deferred = None
         self._update_states(out)
         input_ids, positions, md, starts, rows, samples = self._prepare(out)
         hidden = self.run_forward(input_ids, positions, md)
@@ -120,9 +138,10 @@ class ModelRunner:
             for s in samples:
                 s.generator = self.generators.get(s.seq_id)
             logits = self.logits(hidden if rows is None else hidden[rows])
-            sampled = sample(logits, samples, self.generator, self.logprobs_mode)
-            result.tokens, result.logprobs = sampled.tokens, sampled.logprobs
-            result.copy_out()
+            if out.defer_sampling:
+                self.deferred = (result, logits, samples)
+            else:
+                self._sample(result, logits, samples)
         for i, s in enumerate(out.scheduled):  # prompt positions of sequences owing prompt logprobs
             if s.prompt_logprobs is None:
                 continue

@@ -156,6 +156,8 @@ class OutputProcessor:
     def _accept(self, seq: Sequence, token: int, entry, now: float) -> None:
         params = seq.params
         seq.output_token_ids.append(token)
+        if seq.grammar is not None:
+            seq.grammar.accept(token)
         seq.first_token_time = seq.first_token_time or now
         if entry is not None:
             pos = seq.num_known_tokens - 1  # the accepted token's position
@@ -164,7 +166,8 @@ class OutputProcessor:
             seq.cumulative_logprob += entry[2]
         num_out = len(seq.output_token_ids)
         stopped_by_token = False
-        if num_out >= params.min_tokens:
+        # a grammar that accepted its stop token ends the sequence, min_tokens or not
+        if num_out >= params.min_tokens or (seq.grammar is not None and seq.grammar.terminated):
             if not params.ignore_eos and token in self.eos_token_ids:
                 seq.finish_reason, stopped_by_token = "stop", True
             elif token in params.stop_token_ids:

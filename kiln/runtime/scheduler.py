@@ -8,7 +8,8 @@ come first served, or with ``policy="priority"`` by (priority, arrival), preempt
 sequence latest in that order. Without chunked prefill a prompt is admitted only when all its
 remaining tokens fit in the step.
 A sequence whose launched tokens already reach its length limit is not scheduled again: it only
-waits for the engine to read its last token back.
+waits for the engine to read its last token back. A waiting sequence whose grammar is still compiling
+is passed over (it keeps its place) without holding up the ones behind it.
 
 ``schedule_step()`` is what the engine calls: it schedules, then turns the batch into the worker's
 plain-data ``SchedulerOutput`` and advances each sequence past the launched tokens (computed tokens,
@@ -121,8 +122,12 @@ class Scheduler:
                 batch.num_new_tokens.append(n)
                 budget -= n
                 i += 1
+        compiling = []  # waiting sequences whose grammar is not compiled yet keep their place
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
+            if seq.grammar_pending:
+                compiling.append(self.waiting.popleft())
+                continue
             if not self._lora_admits(seq):
                 break
             cached = self.kv.lookup_prefix(seq)
@@ -140,6 +145,7 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
+        self.waiting.extendleft(reversed(compiling))
         return batch
 
     def preempt_all(self) -> None:
@@ -236,4 +242,5 @@ def needs_host_tokens(seq: Sequence) -> bool:
         or p.repetition_penalty != 1.0
         or p.presence_penalty != 0.0
         or p.frequency_penalty != 0.0
+        or any(len(ids) > 1 for ids in p.bad_words_token_ids)  # bans follow the last tokens
     )

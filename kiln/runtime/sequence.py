@@ -50,6 +50,7 @@ class Sequence:
     lora: Any = None  # kiln.lora.adapter.LoRAAdapter this sequence runs with (None: the base model)
     lora_request: Any = None  # the kiln.lora.request.LoRARequest it was added with, for its outputs
     pooling: Any = None  # kiln.pooling.state.PoolingState of a prompt-only pooling request
+    grammar: object = None  # kiln.structured.grammar_state.GrammarState of a constrained sequence
 
     def __post_init__(self):
         if self.params.logprobs is not None:
@@ -92,6 +93,11 @@ class Sequence:
     def lora_id(self) -> int:
         """The adapter's ``lora_int_id``; 0 for the base model."""
         return self.lora.id if self.lora is not None else 0
+
+    @property
+    def grammar_pending(self) -> bool:
+        """Its grammar is still compiling: the scheduler leaves it waiting."""
+        return self.grammar is not None and not self.grammar.ready
 
     @property
     def is_finished(self) -> bool:

@@ -51,6 +51,9 @@ class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     new_sequences: list[NewSequence] = field(default_factory=list)
     finished_seq_ids: list[int] = field(default_factory=list)  # finished or aborted since the last step
+    # constrained rows: the worker launches forward and logits only; Worker.sample_deferred samples
+    # once the engine has read the previous step back and filled the grammar's mask
+    defer_sampling: bool = False
 
     @property
     def total_tokens(self) -> int:

@@ -293,6 +293,10 @@ class Worker:
             raise RuntimeError(f"the worker is asleep ({sorted(self.asleep)} released): call wake_up() first")
         return self.runner.execute(scheduler_output)
 
+    def sample_deferred(self, grammar_bitmask) -> None:
+        """Sample the step just launched with ``defer_sampling`` (a ``GrammarBitmask`` or None)."""
+        self.runner.sample_deferred(grammar_bitmask)
+
     def compile_report(self) -> CompileReport:
         report = self.compiled.report if self.compiled is not None else CompileReport()
         report.attention_backend = self.attention.name
