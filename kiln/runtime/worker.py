@@ -216,6 +216,9 @@ class Worker:
         if recorded is not None:
             self.graph_memory_source = "recorded"
             return int(recorded)
+        # capture into fresh memory: with the forward peak's blocks still cached the measurement can
+        # miss the pool; the capture's own warm-up runs are counted too (small next to the peak)
+        torch.cuda.empty_cache()
         used = self._measured_capture(self._scratch_kv(), None)
         self.graphs.reset()
         torch.cuda.synchronize()
