@@ -179,11 +179,12 @@ def _step_until_sampled(llm, seqs: list[Sequence], request_ids: set[str]) -> Non
 
 def _choose(
     group: list[Beam], completed: list[BeamSearchSequence], params: BeamSearchParams, eos: int | None
-) -> list[tuple[int, int, float]]:
+) -> list[tuple[int, int, float]] | None:
     """The next beams of one prompt as (parent index in ``group``, token, cum logprob), best first; EOS
-    candidates go to ``completed``. Empty if the group no longer grows."""
+    candidates go to ``completed``. None if the group no longer grows (all of a prompt's beams are
+    equally long: they reach ``max_model_len`` together)."""
     if not group or group[0][1] is None:
-        return []
+        return None
     candidates = []  # (score, parent, token, cum logprob), in vLLM's order: parents best first
     for b, (beam, seq) in enumerate(group):
         dist = seq.logprobs[-1]
@@ -208,18 +209,20 @@ def _child(beam: BeamSearchSequence, token: int, dist: dict, cum: float, finish:
     )
 
 
-def _drop_unchosen(engine, group: list[Beam], chosen: list[tuple[int, int, float]]) -> None:
+def _drop_unchosen(engine, group: list[Beam], chosen: list[tuple[int, int, float]] | None) -> None:
+    if chosen is None:
+        return
     parents = {b for b, _, _ in chosen}
     for b, (_, seq) in enumerate(group):
         if seq is not None and b not in parents and not seq.is_finished:
             engine.drop_sequence(seq)
 
 
-def _extend(engine, group: list[Beam], chosen: list[tuple[int, int, float]]) -> list[Beam]:
+def _extend(engine, group: list[Beam], chosen: list[tuple[int, int, float]] | None) -> list[Beam]:
     """The chosen children: a parent's first continues in place, the others fork it. Children of a
     sequence the engine finished (``max_tokens``, ``max_model_len``) grow no more. A group that no
     longer grows stays as it is."""
-    if not chosen:
+    if chosen is None:
         return group
     extended, continued = [], set()
     for b, token, cum in chosen:
