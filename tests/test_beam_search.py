@@ -240,3 +240,40 @@ def test_bad_input(llm):
     engine = llm.llm_engine
     assert not engine.has_unfinished_requests() and engine.kv.num_free_blocks == engine.num_blocks
     assert not math.isnan(beam_search_score([1, 2], -1.0, 2, 1.0))
+
+
+@pytest.mark.gpu
+def test_on_cuda_with_compiled_forward_and_graphs_matches_hf(tiny_checkpoint, llm):
+    """On the device (Triton attention, compiled forward, CUDA graphs), block copies on the device:
+    HF's beams, one token per live beam per step."""
+    path = tiny_checkpoint("llama")
+    width, max_tokens = 4, 6
+    params = BeamSearchParams(beam_width=width, max_tokens=max_tokens, ignore_eos=True)
+    with LLM(path, dtype="float32", max_model_len=128, kv_cache_memory_bytes=2**24) as gpu_llm:
+        engine = gpu_llm.llm_engine
+        assert engine.config.device.type == "cuda"
+        steps = spy_steps(engine)
+        outs = gpu_llm.beam_search(PROMPTS, params)
+        del engine.worker.execute_model
+        assert_nothing_left(engine)
+    later = steps[1:]
+    assert len(later) == max_tokens - 1 and any(copies for _, copies in later)
+    assert all(len(s) == width * len(PROMPTS) and all(n == 1 for _, _, n in s) for s, _ in later)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    config = transformers.GenerationConfig(
+        num_beams=width,
+        num_return_sequences=width,
+        max_new_tokens=max_tokens,
+        do_sample=False,
+        early_stopping=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    for prompt, out in zip(PROMPTS, outs):
+        with torch.no_grad():
+            ref = hf.generate(llm.tokenizer(prompt, return_tensors="pt").input_ids, generation_config=config)
+        assert [s.tokens for s in out.sequences] == ref.sequences.tolist()
+        for seq, cum in zip(out.sequences, (ref.sequences_scores * max_tokens).tolist()):
+            assert seq.cum_logprob == pytest.approx(cum, abs=1e-3)
