@@ -151,13 +151,10 @@ class LLMEngine:
         return self.lora.load(lora_request)
 
     def validate_params(self, params: SamplingParams) -> None:
-        """Checks that need the model or the tokenizer, run before any request of a call is added:
-        token ids inside the vocabulary, bad_words encoded, structured outputs parsed (compiling starts)."""
+        """Checks that need the tokenizer or the grammar backend, run before any request of a call is
+        added (after ``InputProcessor.check_params``): bad_words encoded and inside the vocabulary,
+        structured outputs parsed (compiling starts)."""
         vocab = self.model_config.vocab_size
-        for name, ids in (("logit_bias", params.logit_bias), ("allowed_token_ids", params.allowed_token_ids)):
-            bad = [t for t in ids or () if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"{name}: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         if params.bad_words:
             if self.tokenizer is None:
                 raise ValueError("bad_words need a tokenizer (skip_tokenizer_init=True)")
