@@ -29,3 +29,9 @@ def triton_interpret() -> bool:
     """``TRITON_INTERPRET`` (Triton's own switch, read here too): the kernels run in Triton's CPU
     interpreter, which lacks bf16 arithmetic, so kiln's kernels upcast bf16 there."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def distributed_timeout() -> float:
+    """``KILN_DISTRIBUTED_TIMEOUT``: seconds rank 0 waits for another tensor-parallel rank (start-up,
+    a call's reply, a collective) before it raises. Unset: 300."""
+    return float(os.environ.get("KILN_DISTRIBUTED_TIMEOUT") or 300)

@@ -36,8 +36,8 @@ def test_constructor_rejects_unimplemented_parameters(tiny_checkpoint):
         LLM(path, quantization="awq")
     with pytest.raises(NotImplementedError, match="speculative_config"):
         LLM(path, speculative_config={"x": 1})
-    with pytest.raises(NotImplementedError, match="tensor_parallel_size"):
-        LLM(path, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="tensor_parallel_size=3 does not divide"):
+        LLM(path, tensor_parallel_size=3)
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         LLM(path, gpu_memory_utilization=1.5)
     with pytest.raises(ValueError, match="max_num_seqs"):

@@ -3,13 +3,18 @@
 import glob
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
+from kiln.distributed.parallel_state import ONE_RANK, TensorParallel
+from kiln.distributed.sharding import Slice, narrow, pad_rows
 from kiln.models.config import ModelConfig
 from kiln.models.gguf import gguf_config, iter_gguf_tensors
 from kiln.models.llama import LlamaForCausalLM
+
+# checkpoint tensor name -> the slice this rank holds (None: all); tensor parallelism, sharding.py
+ShardFn = Callable[[str], Slice | None]
 
 MODEL_CLASSES = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -48,8 +53,9 @@ def read_config(path: str) -> dict:
         return json.load(f)
 
 
-def iter_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """Yield ``(name, tensor, file)`` one tensor at a time (single file or sharded with an index)."""
+def iter_safetensors(path: str, shard: ShardFn | None = None) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """Yield ``(name, tensor, file)`` one tensor at a time (single file or sharded with an index);
+    with ``shard``, only each tensor's slice is read from the file."""
     from safetensors import safe_open
 
     index = os.path.join(path, "model.safetensors.index.json")
@@ -67,26 +73,46 @@ def iter_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor, str]]:
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name), file
+                piece = shard(name) if shard is not None else None
+                if piece is None:
+                    yield name, f.get_tensor(name), file
+                    continue
+                index = [slice(None)] * len(f.get_slice(name).get_shape())
+                index[piece.dim] = slice(piece.start, piece.start + piece.length)
+                yield name, pad_rows(f.get_slice(name)[tuple(index)], piece), file
 
 
 def build_model(
-    path: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, load_format: str = "auto"
+    path: str,
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    load_format: str = "auto",
+    shard: ShardFn | None = None,
+    tp: TensorParallel = ONE_RANK,
 ) -> LlamaForCausalLM:
     """Allocate the model directly on ``device`` (no host copy) and load weights tensor by tensor.
 
     ``load_format="dummy"`` fills weights with small random values instead (for speed measurements).
+    ``shard``: this rank's slice of each checkpoint tensor and ``tp`` the rank (tensor parallelism;
+    ``cfg`` is the rank's).
     """
     cls = MODEL_CLASSES[cfg.architecture]
     with torch.device("meta"):
-        model = cls(cfg).to(dtype)
+        model = cls(cfg, tp).to(dtype)
     model = model.to_empty(device=device)
-    load_weights(model, path, cfg, load_format)
+    load_weights(model, path, cfg, load_format, shard)
     model.model.rotary.reset_cache()
     return model.eval()
 
 
-def load_weights(model: LlamaForCausalLM, path: str, cfg: ModelConfig, load_format: str = "auto") -> None:
+def load_weights(
+    model: LlamaForCausalLM,
+    path: str,
+    cfg: ModelConfig,
+    load_format: str = "auto",
+    shard: ShardFn | None = None,
+) -> None:
     """Fill the model's existing parameter tensors from the checkpoint (or the dummy values)."""
     if load_format == "dummy":
         gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
@@ -97,6 +123,11 @@ def load_weights(model: LlamaForCausalLM, path: str, cfg: ModelConfig, load_form
                 else:
                     p.normal_(0.0, 0.02, generator=gen)
         return
-    weights = iter_gguf_tensors(path, cfg.raw) if path.endswith(".gguf") else iter_safetensors(path)
+    if path.endswith(".gguf"):  # dequantized whole, then narrowed
+        weights = iter_gguf_tensors(path, cfg.raw)
+        if shard is not None:
+            weights = ((name, narrow(t, shard(name)), src) for name, t, src in weights)
+    else:
+        weights = iter_safetensors(path, shard)
     with torch.no_grad():
         model.load_weights(weights)

@@ -55,6 +55,7 @@ class EngineConfig:
     attention_backend: str = "torch"
     load_format: str = "auto"
     compilation_config: CompilationConfig | None = None
+    tensor_parallel_size: int = 1  # ranks; the worker processes are kiln/distributed/executor.py's
     async_scheduling: bool = True  # launch step N+1 before reading step N's tokens back
     plan: CompilationPlan = field(init=False, repr=False, compare=False)
 

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from kiln import envs
 from kiln.compiler.config import CompilationConfig
 from kiln.compiler.report import CompileReport
+from kiln.distributed.sharding import check_tensor_parallel
 from kiln.models.config import ModelConfig
 from kiln.models.loader import read_config, resolve_model_path
 from kiln.runtime.config import EngineConfig, resolve_dtype
@@ -61,6 +62,7 @@ _ENGINE_KWARGS = {
     "disable_log_stats",
     "enable_chunked_prefill",
     "profiler_config",
+    "distributed_executor_backend",
 }
 _ATTENTION_BACKENDS = ("torch", "triton")
 
@@ -125,8 +127,6 @@ class LLM:
         unknown = set(kwargs) - _ENGINE_KWARGS
         if unknown:
             raise NotImplementedError(f"kiln does not implement LLM parameter(s) {sorted(unknown)}")
-        if tensor_parallel_size != 1:
-            raise NotImplementedError(f"tensor_parallel_size={tensor_parallel_size}: kiln runs on one device")
         if tokenizer_mode not in ("auto", "slow", "hf"):
             raise ValueError(f"tokenizer_mode must be 'auto', 'slow' or 'hf', got {tokenizer_mode!r}")
         if not 0 < gpu_memory_utilization <= 1:
@@ -159,6 +159,8 @@ class LLM:
 
         path = resolve_model_path(model, revision)
         model_config = ModelConfig.from_dict(read_config(path))
+        backend_name = kwargs.get("distributed_executor_backend")
+        check_tensor_parallel(model_config, tensor_parallel_size, backend_name, device)
         self.model_path = path
         self.tokenizer = (
             None
@@ -191,6 +193,7 @@ class LLM:
             attention_backend=backend,
             load_format="dummy" if kwargs.get("load_format") == "dummy" else "auto",
             compilation_config=compilation_config,
+            tensor_parallel_size=tensor_parallel_size,
         )
         torch.manual_seed(seed)
         self.llm_engine = LLMEngine(self.config, model_config, self.tokenizer)
@@ -472,8 +475,8 @@ class LLM:
 
     def get_world_size(self, include_dp: bool = True) -> int:
         """Workers serving this LLM (tensor x pipeline parallel, times data parallel with
-        ``include_dp``): kiln runs one."""
-        return 1
+        ``include_dp``)."""
+        return self.config.tensor_parallel_size
 
     def sleep(self, level: int = 1, mode: str = "abort") -> None:
         """Release device memory between uses. Level 1: weights to pinned host memory, the KV cache

@@ -28,6 +28,8 @@ from tqdm.auto import tqdm
 from kiln.compiler.compiled_forward import compile_forward
 from kiln.compiler.cudagraph import CudaGraphs
 from kiln.compiler.report import CompileReport
+from kiln.distributed import parallel_state
+from kiln.distributed.sharding import checkpoint_slice, rank_model_config
 from kiln.models.config import ModelConfig
 from kiln.models.loader import build_model, load_weights
 from kiln.ops.attention_backend import attention_backend_class
@@ -44,7 +46,11 @@ SLEEP_TAGS = ("weights", "kv_cache")
 
 class Worker:
     def __init__(self, config: EngineConfig, model_config: ModelConfig):
-        self.config, self.model_config = config, model_config
+        """``model_config``: the model's; under tensor parallelism ``self.model_config`` holds this
+        rank's shapes (its heads, KV heads and intermediate size)."""
+        self.tp = parallel_state.get() if config.tensor_parallel_size > 1 else parallel_state.ONE_RANK
+        self.config, self.full_model_config = config, model_config
+        self.model_config = rank_model_config(model_config, self.tp.size)
         self.device = config.device
         self.plan = config.plan
         self.attention = attention_backend_class(config.attention_backend)(config.block_size, config.device)
@@ -68,7 +74,16 @@ class Worker:
     def load_model(self) -> None:
         cfg = self.config
         self.phases.append("load_model")
-        self.model = build_model(cfg.model_path, self.model_config, cfg.dtype, cfg.device, cfg.load_format)
+        self.model = build_model(
+            cfg.model_path, self.model_config, cfg.dtype, cfg.device, cfg.load_format, self._shard(), self.tp
+        )
+
+    def _shard(self):
+        """This rank's slice of each checkpoint tensor (None with one rank)."""
+        if self.tp.size == 1:
+            return None
+        mc, rank, size = self.full_model_config, self.tp.rank, self.tp.size
+        return lambda name: checkpoint_slice(name, mc, rank, size)
 
     def compile_and_warm_up(self) -> None:
         cfg, mc = self.config, self.model_config
@@ -82,7 +97,7 @@ class Worker:
             self.graphs,
             cfg.device,
             seed=cfg.seed,
-            one_row_logits=self.plan.one_row_logits,
+            one_row_logits=self.plan.one_row_logits and self.tp.size == 1,
         )
         if self.graphs.full_sizes:
             self.attention.allocate_graph_buffers(self.graphs.full_sizes[-1], cfg.max_blocks_per_seq)
@@ -346,7 +361,9 @@ class Worker:
                         p.copy_(self._host_weights.pop(name))
                 else:
                     cfg = self.config
-                    load_weights(self.model, cfg.model_path, self.model_config, cfg.load_format)
+                    load_weights(
+                        self.model, cfg.model_path, self.model_config, cfg.load_format, self._shard()
+                    )
                 self.asleep.discard("weights")
             if "kv_cache" in tags and "kv_cache" in self.asleep:
                 for t in self.kv_caches:

@@ -1,0 +1,176 @@
+"""Tensor parallelism on the CPU (gloo, two ranks): the same greedy tokens and logprobs as one rank,
+sharded weights, control calls across ranks, a rank that dies, bad input. Eager forward (fast on CPU)."""
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from kiln import LLM, SamplingParams
+from kiln.distributed import parallel_state
+from kiln.distributed.sharding import check_tensor_parallel
+from kiln.models.config import ModelConfig
+from kiln.models.loader import read_config
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+PROMPTS = [{"prompt_token_ids": list(range(200 + 7 * i, 214 + 11 * i))} for i in range(4)]
+BLOCK_BYTES_TP1 = 2 * 2 * 16 * 2 * 32 * 4  # K and V, 2 layers, 16 tokens, 2 KV heads of 32, fp32
+BASE = dict(enforce_eager=True, max_model_len=128)
+
+
+def sampled(outputs):
+    """(token ids, logprob of each sampled token) per request."""
+    out = []
+    for o in outputs:
+        c = o.outputs[0]
+        out.append((list(c.token_ids), [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]))
+    return out
+
+
+def assert_same(reference, got):
+    for (ref_ids, ref_lp), (ids, lp) in zip(reference, got, strict=True):
+        assert ids == ref_ids
+        assert max(abs(a - b) for a, b in zip(ref_lp, lp)) < 1e-4
+
+
+def run(path, tp, prompts=PROMPTS, params=GREEDY, **kw):
+    with LLM(path, tensor_parallel_size=tp, **BASE, **kw) as llm:
+        return sampled(llm.generate(prompts, params, use_tqdm=False))
+
+
+def no_rank_processes():
+    import multiprocessing
+
+    return [p for p in multiprocessing.active_children() if p.name.startswith("kiln-tp-rank")] == []
+
+
+@pytest.fixture(scope="module")
+def kv1_checkpoint(tmp_path_factory, tokenizer_dir):
+    """Llama with one KV head: two ranks each hold a copy of it."""
+    from conftest import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(
+        str(tmp_path_factory.mktemp("kv1")), "llama", tokenizer_dir, num_key_value_heads=1
+    )
+
+
+@pytest.fixture(scope="module")
+def tp2(tiny_checkpoint):
+    """Llama on two ranks with a KV cache of 8 blocks (prompts of these tests preempt each other)."""
+    with LLM(
+        tiny_checkpoint("llama"), tensor_parallel_size=2, kv_cache_memory_bytes=4 * BLOCK_BYTES_TP1, **BASE
+    ) as llm:
+        yield llm
+    assert no_rank_processes()
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "kv1"])
+def test_two_ranks_match_one(arch, tiny_checkpoint, kv1_checkpoint):
+    path = kv1_checkpoint if arch == "kv1" else tiny_checkpoint(arch)
+    reference = run(path, 1, kv_cache_memory_bytes=2**22)
+    assert_same(reference, run(path, 2, kv_cache_memory_bytes=2**22))
+    assert no_rank_processes()
+
+
+def test_a_killed_rank_gives_an_error_not_a_hang(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint("llama"), tensor_parallel_size=2, kv_cache_memory_bytes=2**22, **BASE)
+    try:
+        proc = llm.llm_engine.worker.procs[0]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(10)
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"rank 1 \(pid \d+\) exited with code -9"):
+            llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
+        assert time.monotonic() - start < 30
+        assert not llm.llm_engine.has_unfinished_requests()
+    finally:
+        llm.shutdown()
+    assert no_rank_processes() and not torch.distributed.is_initialized()
+
+
+def test_bad_input_names_the_numbers(tiny_checkpoint):
+    cfg = ModelConfig.from_dict(read_config(tiny_checkpoint("llama")))  # 4 heads, 2 KV heads
+    cpu = torch.device("cpu")
+    with pytest.raises(
+        ValueError, match="tensor_parallel_size=3 does not divide the model's 4 attention heads"
+    ):
+        LLM(tiny_checkpoint("llama"), tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be a positive integer, got 0"):
+        check_tensor_parallel(cfg, 0, None, cpu)
+    with pytest.raises(ValueError, match="distributed_executor_backend must be None or 'mp', got 'mpi'"):
+        LLM(tiny_checkpoint("llama"), tensor_parallel_size=2, distributed_executor_backend="mpi")
+    with pytest.raises(NotImplementedError, match="ray"):
+        check_tensor_parallel(cfg, 2, "ray", cpu)
+    if not torch.cuda.is_available():  # the device check, with a machine of no CUDA devices
+        with pytest.raises(ValueError, match="tensor_parallel_size=2 exceeds the 0 CUDA devices"):
+            check_tensor_parallel(cfg, 2, "mp", torch.device("cuda"))
+    assert no_rank_processes() and not torch.distributed.is_initialized()
+
+
+def test_llama_two_ranks_match_one_with_preemption_and_prefix_caching(tp2, tiny_checkpoint):
+    path = tiny_checkpoint("llama")
+    long = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=2)
+    # one rank with the same 8 blocks (its blocks hold twice the KV heads of a rank's)
+    reference = run(path, 1, params=long, kv_cache_memory_bytes=8 * BLOCK_BYTES_TP1)
+    assert tp2.llm_engine.num_blocks == 8
+    before = tp2.llm_engine.scheduler.num_preemptions
+    assert_same(reference, sampled(tp2.generate(PROMPTS, long, use_tqdm=False)))
+    assert tp2.llm_engine.scheduler.num_preemptions > before
+    kv = tp2.llm_engine.kv
+    hits = kv.hits
+    shared = [{"prompt_token_ids": list(range(300, 340)) + [400 + i]} for i in range(2)]
+    first = sampled(tp2.generate(shared[:1], GREEDY, use_tqdm=False))
+    second = sampled(tp2.generate(shared, GREEDY, use_tqdm=False))
+    assert kv.hits > hits  # the shared 32-token prefix came from the cache
+    assert_same(run(path, 1, prompts=shared, kv_cache_memory_bytes=2**22), second)
+    assert second[0][0] == first[0][0]
+
+
+def test_each_rank_holds_its_shard(tp2, tiny_checkpoint):
+    one = LLM(tiny_checkpoint("llama"), kv_cache_memory_bytes=2**22, **BASE)
+    full = one.apply_model(lambda m: sum(p.numel() * p.element_size() for p in m.parameters()))[0]
+    norms = one.apply_model(lambda m: sum(p.numel() for n, p in m.named_parameters() if "norm" in n))[0] * 4
+    one.shutdown()
+    sizes = tp2.collective_rpc(rank_weight_bytes)
+    assert len(sizes) == 2 and sizes[0] == sizes[1]
+    assert sizes[0] == (full - norms) // 2 + norms  # everything but the norms is split in two
+    ranks = tp2.collective_rpc(rank_of)
+    assert ranks == [0, 1]
+    assert tp2.get_world_size() == 2 and tp2.get_world_size(include_dp=False) == 2
+    assert tp2.collective_rpc("kv_bytes_per_block") == [BLOCK_BYTES_TP1 // 2] * 2
+    with pytest.raises(ValueError, match="module-level function"):
+        tp2.collective_rpc(lambda worker: 1)
+
+
+def rank_weight_bytes(worker):
+    return sum(p.numel() * p.element_size() for p in worker.model.parameters())
+
+
+def rank_of(worker):
+    return parallel_state.get().rank
+
+
+def raise_on_rank_1(worker):
+    if parallel_state.get().rank == 1:
+        raise KeyError("boom")
+    return 0
+
+
+def test_a_failing_call_on_another_rank_raises_on_rank_0(tp2):
+    with pytest.raises(RuntimeError, match="rank 1 failed: KeyError"):
+        tp2.collective_rpc(raise_on_rank_1)
+    assert tp2.collective_rpc(rank_of) == [0, 1]  # still usable
+
+
+def test_sleep_and_wake_up_on_every_rank(tp2):
+    reference = sampled(tp2.generate(PROMPTS[:2], GREEDY, use_tqdm=False))
+    tp2.sleep(level=1)
+    assert tp2.collective_rpc(lambda_free_asleep) == [True, True]
+    tp2.wake_up()
+    assert_same(reference, sampled(tp2.generate(PROMPTS[:2], GREEDY, use_tqdm=False)))
+
+
+def lambda_free_asleep(worker):
+    return bool(worker.asleep)
