@@ -31,6 +31,24 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+DEFAULT_LOG_STATS_INTERVAL = 10.0
+
+
+def log_stats_interval() -> float:
+    """``KILN_LOG_STATS_INTERVAL``: seconds between the stats lines of ``LLM(disable_log_stats=False)``.
+    Unset: 10 (vLLM's interval). Not a number >= 0: ValueError naming the variable."""
+    raw = os.environ.get("KILN_LOG_STATS_INTERVAL")
+    if raw is None or raw == "":
+        return DEFAULT_LOG_STATS_INTERVAL
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ValueError(f"KILN_LOG_STATS_INTERVAL must be a number of seconds >= 0, got {raw!r}")
+    return value
+
+
 def distributed_timeout() -> float:
     """``KILN_DISTRIBUTED_TIMEOUT``: seconds rank 0 waits for another tensor-parallel rank (start-up,
     a call's reply, a collective) before it raises. Unset: 300."""

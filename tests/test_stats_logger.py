@@ -6,7 +6,8 @@ import re
 import pytest
 
 from kiln import LLM, SamplingParams
-from kiln.runtime.stats_logger import DEFAULT_INTERVAL, log_stats_interval
+from kiln.envs import DEFAULT_LOG_STATS_INTERVAL as DEFAULT_INTERVAL
+from kiln.envs import log_stats_interval
 
 PARAMS = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
 PROMPTS = [{"prompt_token_ids": [100 + i, 200, 300]} for i in range(3)]

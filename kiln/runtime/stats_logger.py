@@ -1,6 +1,6 @@
 """The one-line stats summary ``LLM(disable_log_stats=False)`` logs during ``generate``.
 
-Every ``KILN_LOG_STATS_INTERVAL`` seconds (default 10, vLLM's interval; read here and nowhere else)
+Every ``KILN_LOG_STATS_INTERVAL`` seconds (default 10, vLLM's interval; ``kiln.envs.log_stats_interval``)
 an engine step logs, on the ``kiln.stats`` logger at INFO (DEBUG while idle), the prompt and
 generation throughput since the previous line, running and waiting requests, KV-cache usage and the
 prefix-cache hit rate since start-up. If nothing would show an INFO record of that logger (no
@@ -8,25 +8,11 @@ handler anywhere and no level set), a stderr handler is attached to it, so the l
 """
 
 import logging
-import os
 import time
 
+from kiln.envs import log_stats_interval
+
 logger = logging.getLogger("kiln.stats")
-INTERVAL_VAR = "KILN_LOG_STATS_INTERVAL"
-DEFAULT_INTERVAL = 10.0
-
-
-def log_stats_interval() -> float:
-    raw = os.environ.get(INTERVAL_VAR)
-    if raw is None or raw == "":
-        return DEFAULT_INTERVAL
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise ValueError(f"{INTERVAL_VAR} must be a number of seconds >= 0, got {raw!r}")
-    return value
 
 
 def _make_visible() -> None:
