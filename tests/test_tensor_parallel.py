@@ -174,3 +174,35 @@ def test_sleep_and_wake_up_on_every_rank(tp2):
 
 def lambda_free_asleep(worker):
     return bool(worker.asleep)
+
+
+def test_penalties_and_prompt_logprobs_under_two_ranks(tp2, tiny_checkpoint):
+    """The sequences whose token lists do travel to the other ranks (kiln/distributed/executor.py)."""
+    params = SamplingParams(
+        temperature=0, max_tokens=8, ignore_eos=True, logprobs=2, repetition_penalty=1.5, prompt_logprobs=1
+    )
+    mixed = [params, GREEDY]  # one sequence with penalties, one without, in the same steps
+    with LLM(tiny_checkpoint("llama"), kv_cache_memory_bytes=2**22, **BASE) as one:
+        reference = one.generate(PROMPTS[:2], mixed, use_tqdm=False)
+    got = tp2.generate(PROMPTS[:2], mixed, use_tqdm=False)
+    assert_same(sampled(reference), sampled(got))
+    ref_prompt = [
+        lp[t].logprob for lp, t in zip(reference[0].prompt_logprobs[1:], PROMPTS[0]["prompt_token_ids"][1:])
+    ]
+    tp_prompt = [
+        lp[t].logprob for lp, t in zip(got[0].prompt_logprobs[1:], PROMPTS[0]["prompt_token_ids"][1:])
+    ]
+    assert len(tp_prompt) == len(PROMPTS[0]["prompt_token_ids"]) - 1
+    assert max(abs(a - b) for a, b in zip(ref_prompt, tp_prompt)) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_gpus_on_nccl_match_one_compiled_with_graphs(tiny_checkpoint):
+    path = tiny_checkpoint("llama")
+    kw = dict(dtype="float32", max_model_len=128, kv_cache_memory_bytes=2**24)
+    with LLM(path, **kw) as one:
+        reference = sampled(one.generate(PROMPTS, GREEDY, use_tqdm=False))
+    with LLM(path, tensor_parallel_size=2, **kw) as two:
+        assert_same(reference, sampled(two.generate(PROMPTS, GREEDY, use_tqdm=False)))
+        assert two.compile_report().recompilations == 0
