@@ -1,6 +1,7 @@
 """kiln: vLLM's offline API on an engine built around the PyTorch compiler."""
 
 from kiln.compiler.config import CompilationConfig
+from kiln.runtime.engine_args import EngineArgs
 from kiln.runtime.inputs import TextPrompt, TokensPrompt
 from kiln.runtime.llm import LLM
 from kiln.runtime.outputs import CompletionOutput, Logprob, RequestOutput
@@ -10,6 +11,7 @@ from kiln.runtime.sampling_params import RequestOutputKind, SamplingParams
 __version__ = "0.1.0"
 __all__ = [
     "LLM",
+    "EngineArgs",
     "CompilationConfig",
     "ProfilerConfig",
     "SamplingParams",

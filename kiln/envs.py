@@ -31,6 +31,17 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` (huggingface_hub's own switch, read here too): a hub id not in the local cache is
+    an error instead of a download."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_endpoint() -> str | None:
+    """``HF_ENDPOINT`` (huggingface_hub's own, read here too): where hub ids are downloaded from."""
+    return os.environ.get("HF_ENDPOINT") or None
+
+
 DEFAULT_LOG_STATS_INTERVAL = 10.0
 
 

@@ -30,24 +30,6 @@ def texts(outputs):
     return [o.outputs[0].text for o in outputs]
 
 
-def test_constructor_rejects_unimplemented_parameters(tiny_checkpoint):
-    path = tiny_checkpoint("llama")
-    with pytest.raises(NotImplementedError, match="quantization"):
-        LLM(path, quantization="awq")
-    with pytest.raises(NotImplementedError, match="speculative_config"):
-        LLM(path, speculative_config={"x": 1})
-    with pytest.raises(ValueError, match="tensor_parallel_size=3 does not divide"):
-        LLM(path, tensor_parallel_size=3)
-    with pytest.raises(ValueError, match="gpu_memory_utilization"):
-        LLM(path, gpu_memory_utilization=1.5)
-    with pytest.raises(ValueError, match="max_num_seqs"):
-        LLM(path, max_num_seqs=0)
-    with pytest.raises(ValueError, match="max_model_len=100000"):
-        LLM(path, max_model_len=100000)
-    with pytest.raises(ValueError, match="attention_config backend"):
-        LLM(path, attention_config={"backend": "flash"})
-
-
 def test_swap_space_is_deprecated_and_ignored(tiny_checkpoint):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -239,15 +221,6 @@ def test_reset_prefix_cache_and_cached_tokens(llm):
     assert llm.generate([ids], SamplingParams(max_tokens=1), use_tqdm=False)[0].num_cached_tokens == 0
 
 
-def test_logprobs_minus_one_gives_full_vocab(llm):
-    out = llm.generate("Hi", SamplingParams(max_tokens=2, logprobs=-1), use_tqdm=False)[0].outputs[0]
-    vocab = llm.llm_engine.model_config.vocab_size
-    assert all(len(step) == vocab for step in out.logprobs)
-    assert out.cumulative_logprob == pytest.approx(
-        sum(s[t].logprob for s, t in zip(out.logprobs, out.token_ids))
-    )
-
-
 def test_tqdm_reports_progress(llm, capsys):
     llm.generate(["a", "b"], SamplingParams(max_tokens=2))
     err = capsys.readouterr().err
@@ -300,14 +273,6 @@ def test_kv_cache_too_small_for_max_model_len(tiny_checkpoint):
 def test_unimplemented_sampling_fields_are_refused(llm, field, value):
     with pytest.raises(NotImplementedError, match=field):
         llm.generate("Hi", SamplingParams(**{field: value}), use_tqdm=False)
-
-
-def test_priority_and_content_format(llm):
-    assert len(llm.generate(["a", "b"], SamplingParams(max_tokens=1), use_tqdm=False, priority=[0, 0])) == 2
-    with pytest.raises(ValueError, match="priority"):
-        llm.generate(["a", "b"], SamplingParams(max_tokens=1), use_tqdm=False, priority=[1, 0])
-    with pytest.raises(NotImplementedError, match="chat_template_content_format"):
-        llm.chat([{"role": "user", "content": "x"}], chat_template_content_format="openai")
 
 
 def test_eos_ids_from_generation_config_stop(tmp_path, tiny_checkpoint, llm):

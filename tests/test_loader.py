@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from kiln import LLM
 from kiln.models.config import ModelConfig
-from kiln.models.loader import build_model, read_config, resolve_model_path
+from kiln.models.hub import resolve_model_path
+from kiln.models.loader import build_model, read_config
 
 
 def copy_ckpt(src, tmp_path, name="ckpt"):
@@ -35,9 +36,10 @@ def test_missing_gguf_file():
         resolve_model_path("/nowhere/model.gguf")
 
 
-def test_hub_id_not_in_local_cache(monkeypatch, tmp_path):
+def test_hub_id_not_in_local_cache_offline(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(ValueError, match="local Hugging Face cache"):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE=1 forbids downloading"):
         resolve_model_path("nobody/no-such-model")
 
 
@@ -141,3 +143,21 @@ def test_dtype_auto_and_explicit(tiny_checkpoint):
         assert llm.llm_engine.kv_caches[0].dtype == torch.bfloat16
     with pytest.raises(ValueError, match="dtype"):
         LLM(path, enforce_eager=True, dtype="int8")
+
+
+def test_truncated_safetensors_is_named_as_damaged(tmp_path, tiny_checkpoint):
+    path = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint("llama"), path)
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=f"weights file '{weights}' is damaged or incomplete"):
+        LLM(str(path), enforce_eager=True, dtype="float32", kv_cache_memory_bytes=2**24)
+
+
+def test_truncated_gguf_is_named_as_damaged(tmp_path, smollm_gguf):
+    broken = tmp_path / "broken.gguf"
+    with open(smollm_gguf, "rb") as src:
+        broken.write_bytes(src.read(os.path.getsize(smollm_gguf) // 2))
+    with pytest.raises(ValueError, match=f"GGUF file '{broken}' is damaged or incomplete"):
+        LLM(str(broken), enforce_eager=True, kv_cache_memory_bytes=2**24)

@@ -116,7 +116,9 @@ def test_bad_input_names_the_numbers(tiny_checkpoint):
         LLM(tiny_checkpoint("llama"), tensor_parallel_size=3)
     with pytest.raises(ValueError, match="tensor_parallel_size must be a positive integer, got 0"):
         check_tensor_parallel(cfg, 0, None, cpu)
-    with pytest.raises(ValueError, match="distributed_executor_backend must be None or 'mp', got 'mpi'"):
+    with pytest.raises(
+        ValueError, match="distributed_executor_backend must be None, 'uni' or 'mp', got 'mpi'"
+    ):
         LLM(tiny_checkpoint("llama"), tensor_parallel_size=2, distributed_executor_backend="mpi")
     with pytest.raises(NotImplementedError, match="ray"):
         check_tensor_parallel(cfg, 2, "ray", cpu)

@@ -176,11 +176,13 @@ def write_shape_dir(name: str, directory: str | None = None) -> str:
 
 def resolve_model(spec: str, load_format: str = "auto", directory: str | None = None) -> ModelSource:
     """A shape name becomes a temp config-only directory loaded with dummy weights; anything else is
-    resolved like ``LLM(model=...)`` does (a local directory, a ``.gguf`` file or a cached hub id)."""
+    resolved like ``LLM(model=...)`` does (a local directory, a ``.gguf`` file or a hub id, downloaded
+    when not cached)."""
     if spec in SHAPES:
         path = write_shape_dir(spec, directory)
         return ModelSource(spec, path, shape_config(spec), spec, "dummy")
-    from kiln.models.loader import read_config, resolve_model_path
+    from kiln.models.hub import resolve_model_path
+    from kiln.models.loader import read_config
 
     path = resolve_model_path(spec)
     return ModelSource(spec, path, read_config(path), None, load_format)

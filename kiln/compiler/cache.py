@@ -47,7 +47,8 @@ def _device_fingerprint(device: torch.device) -> str:
 def cache_key_details(model_config, dtype: torch.dtype, device: torch.device, compilation_config) -> dict:
     from kiln import __version__
 
-    model = {k: v for k, v in dataclasses.asdict(model_config).items() if k != "raw"}
+    arch = getattr(model_config, "arch", model_config)  # a runtime ModelConfigView wraps it
+    model = {k: v for k, v in dataclasses.asdict(arch).items() if k != "raw"}
     try:
         import triton
 

@@ -123,6 +123,7 @@ def _stop(procs: list, conns: list, timeout: float = 10.0) -> None:
 class TensorParallelWorkers:
     def __init__(self, config: EngineConfig, model_config):
         size = config.tensor_parallel_size
+        model_config = getattr(model_config, "arch", model_config)  # the plain ModelConfig of a view
         self.world_size = size
         self.timeout = envs.distributed_timeout()
         port = parallel_state.free_port()

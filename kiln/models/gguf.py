@@ -42,7 +42,14 @@ def gguf_config(path: str) -> dict:
     _require_gguf()
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path)).to_dict()
+    try:
+        cfg = AutoConfig.from_pretrained(
+            os.path.dirname(path) or ".", gguf_file=os.path.basename(path)
+        ).to_dict()
+    except Exception as e:
+        raise ValueError(
+            f"model: GGUF file {path!r} is damaged or incomplete ({type(e).__name__}: {e})"
+        ) from e
     if not cfg.get("architectures"):
         arch = _MODEL_TYPES.get(cfg.get("model_type"))
         cfg["architectures"] = [arch] if arch else [f"<gguf model_type {cfg.get('model_type')}>"]
@@ -69,7 +76,12 @@ def _unpermute(w: torch.Tensor, num_heads: int) -> torch.Tensor:
 def iter_gguf_tensors(path: str, cfg: dict) -> Iterator[tuple[str, torch.Tensor, str]]:
     """Yield ``(hf_name, float32 tensor, path)`` one tensor at a time."""
     gguf = _require_gguf()
-    reader = gguf.GGUFReader(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:
+        raise ValueError(
+            f"model: GGUF file {path!r} is damaged or incomplete ({type(e).__name__}: {e})"
+        ) from e
     interleaved = cfg.get("model_type") in ("llama", "mistral")
     heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg.get("num_key_value_heads")}
     for tensor in reader.tensors:

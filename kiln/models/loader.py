@@ -1,4 +1,4 @@
-"""Find a checkpoint, read its config, build kiln's model on the target device and stream weights in."""
+"""Read a checkpoint's config, build kiln's model on the target device and stream weights in."""
 
 import glob
 import json
@@ -22,25 +22,6 @@ MODEL_CLASSES = {
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
 }
-
-
-def resolve_model_path(model: str, revision: str | None = None) -> str:
-    """A local directory, a local .gguf file, or a hub id already in the local Hugging Face cache."""
-    if os.path.isdir(model) or (model.endswith(".gguf") and os.path.isfile(model)):
-        return model
-    if model.endswith(".gguf"):
-        raise ValueError(f"model: GGUF file {model!r} does not exist")
-    if os.path.isabs(model) or model.startswith(".") or model.count("/") != 1:
-        raise ValueError(f"model: directory {model!r} does not exist")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(model, revision=revision, local_files_only=True)
-    except Exception as e:
-        raise ValueError(
-            f"model: {model!r} is not a local directory, a .gguf file, or a model in the local Hugging Face "
-            f"cache (kiln never downloads): {e}"
-        ) from e
 
 
 def read_config(path: str) -> dict:
@@ -71,15 +52,25 @@ def iter_safetensors(path: str, shard: ShardFn | None = None) -> Iterator[tuple[
     if not files:
         raise ValueError(f"model: no *.safetensors weights in {path!r}")
     for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
+        try:
+            handle = safe_open(file, framework="pt", device="cpu")
+        except Exception as e:
+            raise ValueError(f"model: weights file {file!r} is damaged or incomplete ({e})") from e
+        with handle as f:
             for name in f.keys():
                 piece = shard(name) if shard is not None else None
-                if piece is None:
-                    yield name, f.get_tensor(name), file
-                    continue
-                index = [slice(None)] * len(f.get_slice(name).get_shape())
-                index[piece.dim] = slice(piece.start, piece.start + piece.length)
-                yield name, pad_rows(f.get_slice(name)[tuple(index)], piece), file
+                try:
+                    if piece is None:
+                        tensor = f.get_tensor(name)
+                    else:
+                        index = [slice(None)] * len(f.get_slice(name).get_shape())
+                        index[piece.dim] = slice(piece.start, piece.start + piece.length)
+                        tensor = pad_rows(f.get_slice(name)[tuple(index)], piece)
+                except Exception as e:
+                    raise ValueError(
+                        f"model: weights file {file!r} is damaged or incomplete (tensor {name!r}: {e})"
+                    ) from e
+                yield name, tensor, file
 
 
 def build_model(

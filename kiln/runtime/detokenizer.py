@@ -15,6 +15,10 @@ class IncrementalDetokenizer:
         self.ids = list(prompt_token_ids[-_CONTEXT:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
+        # a prompt ending inside a UTF-8 character: its last bytes join the first output character
+        lowest = max(0, self.read_offset - 3)  # a character spans at most 4 bytes
+        while self.read_offset > lowest and self._decode(self.ids[: self.read_offset]).endswith("\ufffd"):
+            self.read_offset -= 1
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)

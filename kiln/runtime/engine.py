@@ -45,7 +45,12 @@ class LLMEngine:
         self.num_blocks = worker.num_blocks
         self.kv = KVCacheManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
-            self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len
+            self.kv,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            config.max_model_len,
+            config.scheduling_policy,
+            config.enable_chunked_prefill,
         )
         self.async_scheduling = config.async_scheduling
         self.pending: RunnerOutput | None = None  # launched step whose tokens are not read back yet
@@ -61,6 +66,9 @@ class LLMEngine:
         """MetricsCollector (kiln/runtime/metrics.py) when LLM(disable_log_stats=False); the output
         processor reports each accepted token to it."""
         return self.processor.stats
+
+    def get_tokenizer(self):
+        return self.tokenizer
 
     @stats.setter
     def stats(self, collector) -> None:
@@ -115,7 +123,13 @@ class LLMEngine:
     # ------------------------------------------------------------------ requests
 
     def add_request(
-        self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+        priority: int = 0,
     ) -> None:
         self._check_awake()
         max_tokens = self.config.max_model_len - len(prompt_token_ids)
@@ -123,7 +137,16 @@ class LLMEngine:
             max_tokens = min(max_tokens, params.max_tokens)
         seqs = []
         for i in range(params.n):
-            seq = Sequence(self._next_seq_id, request_id, i, list(prompt_token_ids), params, max_tokens)
+            seq = Sequence(
+                self._next_seq_id,
+                request_id,
+                i,
+                list(prompt_token_ids),
+                params,
+                max_tokens,
+                cache_salt=cache_salt,
+                priority=priority,
+            )
             self._next_seq_id += 1
             seqs.append(seq)
         self.processor.add_request(Request(request_id, prompt, list(prompt_token_ids), seqs))

@@ -11,8 +11,9 @@ from collections import OrderedDict
 from kiln.runtime.sequence import Sequence
 
 
-def block_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
-    return hash((parent, tokens))
+def block_hash(parent: int | None, tokens: tuple[int, ...], salt: str | None = None) -> int:
+    """Chained hash of one full block; a request's ``cache_salt`` enters its first block's hash."""
+    return hash((parent, tokens)) if salt is None else hash((parent, tokens, salt))
 
 
 class BlockPool:
@@ -84,7 +85,9 @@ class KVCacheManager:
         bs, hashes = self.block_size, seq.block_hashes
         for i in range(len(hashes), num_tokens // bs):
             tokens = tuple(seq.token_slice(i * bs, (i + 1) * bs))
-            hashes.append(block_hash(hashes[-1] if hashes else None, tokens))
+            hashes.append(
+                block_hash(hashes[-1], tokens) if hashes else block_hash(None, tokens, seq.cache_salt)
+            )
         return hashes if len(hashes) == num_tokens // bs else hashes[: num_tokens // bs]
 
     def lookup_prefix(self, seq: Sequence) -> list[int]:

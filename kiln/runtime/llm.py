@@ -1,6 +1,5 @@
 """``LLM``: vLLM's offline entrypoint on kiln's engine."""
 
-import json
 import os
 import time
 import warnings
@@ -10,68 +9,30 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from kiln import envs
-from kiln.compiler.config import CompilationConfig
 from kiln.compiler.report import CompileReport
-from kiln.distributed.sharding import check_tensor_parallel
-from kiln.models.config import ModelConfig
-from kiln.models.loader import read_config, resolve_model_path
-from kiln.runtime.config import EngineConfig, resolve_dtype
+from kiln.models.hub import resolve_model_path
+from kiln.runtime.chat import (
+    CONTENT_FORMATS,
+    detect_content_format,
+    load_chat_template,
+    normalise_conversation,
+)
 from kiln.runtime.engine import LLMEngine
-from kiln.runtime.inputs import parse_prompt
+from kiln.runtime.engine_args import EngineArgs
+from kiln.runtime.input_processor import (
+    InputProcessor,
+    as_prompt_list,
+    check_priorities,
+    check_tokenization_kwargs,
+)
 from kiln.runtime.metrics import MetricsCollector
 from kiln.runtime.metrics_reader import Metric
+from kiln.runtime.model_config_view import ModelConfigView
 from kiln.runtime.outputs import RequestOutput
 from kiln.runtime.profiler import EngineProfiler, ProfilerConfig
 from kiln.runtime.sampling_params import SamplingParams
 
-# LLM(...) parameters kiln accepts only at their default value: (name, default)
-_UNSUPPORTED = {
-    "runner": "auto",
-    "convert": "auto",
-    "allowed_local_media_path": "",
-    "allowed_media_domains": None,
-    "quantization": None,
-    "tokenizer_revision": None,
-    "cpu_offload_gb": 0,
-    "offload_group_size": 0,
-    "offload_num_in_group": 1,
-    "offload_prefetch_step": 1,
-    "offload_params": None,
-    "enable_return_routed_experts": False,
-    "disable_custom_all_reduce": False,
-    "hf_token": None,
-    "hf_overrides": None,
-    "mm_processor_kwargs": None,
-    "pooler_config": None,
-    "structured_outputs_config": None,
-    "quantization_config": None,
-    "logits_processors": None,
-    "spec_method": None,
-    "spec_model": None,
-    "spec_tokens": None,
-}
-# engine arguments accepted through **kwargs
-_ENGINE_KWARGS = {
-    "max_model_len",
-    "max_num_seqs",
-    "max_num_batched_tokens",
-    "block_size",
-    "enable_prefix_caching",
-    "load_format",
-    "disable_log_stats",
-    "enable_chunked_prefill",
-    "profiler_config",
-    "distributed_executor_backend",
-}
-_ATTENTION_BACKENDS = ("torch", "triton")
-
-
-def _check_positive(name: str, value, allow_none=True):
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+_ALWAYS_CALLABLE = frozenset({"shutdown"})  # public names that still work after shutdown()
 
 
 def _check_implemented(params: SamplingParams) -> None:
@@ -91,144 +52,108 @@ def _check_implemented(params: SamplingParams) -> None:
 
 
 class LLM:
-    """Generate text from a Llama-family checkpoint with continuous batching over a paged KV cache."""
+    """Generate text from a Llama-family checkpoint with continuous batching over a paged KV cache.
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        tokenizer: str | None = None,
-        tokenizer_mode: str = "auto",
-        skip_tokenizer_init: bool = False,
-        trust_remote_code: bool = False,
-        tensor_parallel_size: int = 1,
-        dtype: str | torch.dtype = "auto",
-        revision: str | None = None,
-        chat_template: str | None = None,
-        seed: int = 0,
-        gpu_memory_utilization: float = 0.92,
-        enforce_eager: bool = False,
-        attention_config: dict | None = None,
-        kv_cache_memory_bytes: int | None = None,
-        compilation_config: Any = None,
-        **kwargs: Any,
-    ) -> None:
+    Takes vLLM's ``LLM`` arguments: ``chat_template`` (a template or a file holding one) plus every
+    ``EngineArgs`` field (``kiln/runtime/engine_args.py``) by keyword.
+    """
+
+    def __init__(self, model: str, *, chat_template: str | os.PathLike | None = None, **kwargs: Any) -> None:
         if "swap_space" in kwargs:
             kwargs.pop("swap_space")
             warnings.warn(
                 "The 'swap_space' parameter is deprecated and ignored.", DeprecationWarning, stacklevel=2
             )
-        for name, default in _UNSUPPORTED.items():
-            if kwargs.get(name, default) != default:
-                raise NotImplementedError(
-                    f"kiln does not implement LLM parameter {name!r} (got {kwargs[name]!r})"
-                )
-            kwargs.pop(name, None)
-        unknown = set(kwargs) - _ENGINE_KWARGS
-        if unknown:
-            raise NotImplementedError(f"kiln does not implement LLM parameter(s) {sorted(unknown)}")
-        if tokenizer_mode not in ("auto", "slow", "hf"):
-            raise ValueError(f"tokenizer_mode must be 'auto', 'slow' or 'hf', got {tokenizer_mode!r}")
-        if not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
-        if kwargs.get("enable_chunked_prefill") is False:
-            raise NotImplementedError("enable_chunked_prefill=False: kiln always chunks long prefills")
-        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
-            _check_positive(name, kwargs.get(name))
-        _check_positive("kv_cache_memory_bytes", kv_cache_memory_bytes)
-        compilation_config = CompilationConfig.parse(compilation_config)  # InvalidCompilationConfig
-        if kwargs.get("load_format", "auto") not in ("auto", "safetensors", "gguf", "dummy"):
-            raise ValueError(
-                f"load_format must be 'auto', 'safetensors', 'gguf' or 'dummy', got {kwargs['load_format']!r}"
-            )
+        kwargs.setdefault("disable_log_stats", True)
+        self._start(EngineArgs.from_kwargs("LLM", model=model, **kwargs), chat_template)
 
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        profiler_config = ProfilerConfig.parse(kwargs.get("profiler_config"))
-        profiler_config.check_device(device)
-        if not isinstance(kwargs.get("disable_log_stats", True), bool):
-            raise ValueError(f"disable_log_stats must be a bool, got {kwargs['disable_log_stats']!r}")
-        log_stats = not kwargs.get("disable_log_stats", True)
-        default_backend = envs.attention_backend() or ("triton" if device.type == "cuda" else "torch")
-        backend = (attention_config or {}).get("backend") or default_backend
-        if backend not in _ATTENTION_BACKENDS:
-            raise ValueError(
-                f"attention_config backend must be one of {_ATTENTION_BACKENDS}, got {backend!r}"
-            )
-        if set(attention_config or {}) - {"backend"}:
-            raise ValueError(f"attention_config: unknown keys {sorted(set(attention_config) - {'backend'})}")
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs, chat_template: str | None = None) -> "LLM":
+        """Create an LLM from ``EngineArgs``."""
+        llm = cls.__new__(cls)
+        llm._start(engine_args, chat_template)
+        return llm
 
-        path = resolve_model_path(model, revision)
-        model_config = ModelConfig.from_dict(read_config(path))
-        backend_name = kwargs.get("distributed_executor_backend")
-        check_tensor_parallel(model_config, tensor_parallel_size, backend_name, device)
+    def _start(self, args: EngineArgs, chat_template) -> None:
+        resolved = args.resolve()  # every argument checked before anything is loaded
+        chat_template = load_chat_template(chat_template)
+        path = resolved.model_path
+        self.engine_args = args
         self.model_path = path
-        self.tokenizer = (
-            None
-            if skip_tokenizer_init
-            else self._load_tokenizer(tokenizer, path, tokenizer_mode, trust_remote_code, revision)
-        )
+        self.tokenizer = None if args.skip_tokenizer_init else self._load_tokenizer(args, path)
         self.chat_template = chat_template
-        self.generation_config = self._read_generation_config(path)
-        max_len = kwargs.get("max_model_len")
-        if max_len is not None and max_len > model_config.max_position_embeddings:
-            raise ValueError(
-                f"max_model_len={max_len} exceeds the model's max_position_embeddings "
-                f"({model_config.max_position_embeddings})"
-            )
-        self.compilation_config = compilation_config
-        self.config = EngineConfig(
-            model_path=path,
-            device=device,
-            dtype=resolve_dtype(dtype, model_config.torch_dtype, device),
-            max_model_len=max_len or model_config.max_position_embeddings,
-            max_model_len_explicit=max_len is not None,
-            max_num_seqs=kwargs.get("max_num_seqs") or 256,
-            max_num_batched_tokens=kwargs.get("max_num_batched_tokens") or 8192,
-            block_size=kwargs.get("block_size") or 16,
-            enable_prefix_caching=kwargs.get("enable_prefix_caching", True),
-            gpu_memory_utilization=gpu_memory_utilization,
-            kv_cache_memory_bytes=kv_cache_memory_bytes,
-            seed=seed,
-            enforce_eager=enforce_eager,
-            attention_backend=backend,
-            load_format="dummy" if kwargs.get("load_format") == "dummy" else "auto",
-            compilation_config=compilation_config,
-            tensor_parallel_size=tensor_parallel_size,
+        self.generation_config = resolved.generation_config
+        self.config = resolved.engine_config
+        self.compilation_config = self.config.compilation_config
+        self.model_config = ModelConfigView(
+            resolved.model_config,
+            lambda: self.__dict__["config"],  # the engine's final config once it exists
+            args.model,
+            args.tokenizer,
+            served_model_name=args.served_model_name,
+            revision=args.revision,
         )
-        torch.manual_seed(seed)
-        self.llm_engine = LLMEngine(self.config, model_config, self.tokenizer)
+        torch.manual_seed(args.seed)
+        self.llm_engine = LLMEngine(self.config, self.model_config, self.tokenizer)
         self.config = self.llm_engine.config  # final: the KV cache may have lowered max_model_len
-        self._profiler = EngineProfiler(profiler_config, device)
+        self._inputs = InputProcessor(self.tokenizer, resolved.model_config.vocab_size, self.config)
+        profiler_config = ProfilerConfig.parse(args.profiler_config)
+        self._profiler = EngineProfiler(profiler_config, self.config.device)
         if profiler_config.profiler is not None:
             self.llm_engine.profiler = self._profiler
-        if log_stats:
-            self.llm_engine.stats = MetricsCollector(model, self.config.max_model_len)
+        if not args.disable_log_stats:
+            self.llm_engine.stats = MetricsCollector(args.model, self.config.max_model_len)
         self._request_counter = 0
+
+    def __getattribute__(self, name: str):
+        if (
+            not name.startswith("_")
+            and name not in _ALWAYS_CALLABLE
+            and object.__getattribute__(self, "__dict__").get("_shut_down")
+        ):
+            raise RuntimeError(f"LLM.{name}: this LLM has been shut down; create a new LLM to use it again")
+        return object.__getattribute__(self, name)
+
+    def __repr__(self) -> str:
+        d = object.__getattribute__(self, "__dict__")
+        if "engine_args" not in d:
+            return "LLM(<not started>)"
+        if d.get("_shut_down"):
+            return f"LLM(model={d['engine_args'].model!r}, shut down)"
+        cfg, engine = d["config"], d["llm_engine"]
+        return (
+            f"LLM(model={d['engine_args'].model!r}, architecture={engine.model_config.architecture!r}, "
+            f"device={cfg.device.type!r}, dtype={str(cfg.dtype).replace('torch.', '')!r}, "
+            f"max_model_len={cfg.max_model_len}, max_num_seqs={cfg.max_num_seqs}, "
+            f"kv_cache_blocks={engine.num_blocks}x{cfg.block_size}, "
+            f"attention_backend={cfg.attention_backend!r}, enforce_eager={cfg.enforce_eager})"
+        )
 
     # ------------------------------------------------------------------ set-up helpers
 
     @staticmethod
-    def _load_tokenizer(tokenizer, model_path, mode, trust_remote_code, revision):
+    def _load_tokenizer(args: EngineArgs, model_path: str):
         from transformers import AutoTokenizer
 
-        source = tokenizer or model_path
-        kwargs = dict(trust_remote_code=trust_remote_code, use_fast=mode != "slow", local_files_only=True)
+        source = model_path
+        if args.tokenizer:
+            revision = args.tokenizer_revision or args.revision
+            source = resolve_model_path(
+                args.tokenizer, revision, cache_dir=args.download_dir, token=args.hf_token
+            )
+        kwargs = dict(
+            trust_remote_code=args.trust_remote_code,
+            use_fast=args.tokenizer_mode != "slow",
+            local_files_only=True,
+        )
         if source.endswith(".gguf"):
             return AutoTokenizer.from_pretrained(
                 os.path.dirname(source) or ".", gguf_file=os.path.basename(source), **kwargs
             )
         try:
-            return AutoTokenizer.from_pretrained(source, revision=revision, **kwargs)
+            return AutoTokenizer.from_pretrained(source, **kwargs)
         except (OSError, ValueError) as e:
             raise ValueError(f"tokenizer: cannot load a tokenizer from {source!r}: {e}") from e
-
-    @staticmethod
-    def _read_generation_config(path: str) -> dict:
-        file = os.path.join(path, "generation_config.json")
-        if os.path.isdir(path) and os.path.isfile(file):
-            with open(file) as f:
-                return json.load(f)
-        return {}
 
     def get_tokenizer(self):
         return self.tokenizer
@@ -251,8 +176,13 @@ class LLM:
         stage, cache hits and recompilations (mode "none" when the forward runs eagerly)."""
         return self.llm_engine.worker.compile_report()
 
-    def reset_prefix_cache(self) -> bool:
-        return self.llm_engine.kv.reset_prefix_cache()
+    def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
+        """Forget every cached prefix block; True on success. With ``reset_running_requests`` running
+        requests are preempted first (they recompute later); kiln has no KV connector to reset."""
+        engine = self.llm_engine
+        if reset_running_requests:
+            engine.scheduler.preempt_all()
+        return engine.kv.reset_prefix_cache()
 
     # ------------------------------------------------------------------ observability
 
@@ -277,45 +207,11 @@ class LLM:
 
     # ------------------------------------------------------------------ generation
 
-    def _to_token_ids(
-        self, prompt: Any, index: int, params: SamplingParams, add_special_tokens: bool
-    ) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            prompt = {"prompt_token_ids": prompt}
-        parsed = parse_prompt(prompt)
-        if "prompt_token_ids" in parsed:
-            text, ids = parsed.get("prompt"), list(parsed["prompt_token_ids"])
-        else:
-            text = parsed["prompt"]
-            if self.tokenizer is None:
-                raise ValueError(f"prompt {index}: text prompts need a tokenizer (skip_tokenizer_init=True)")
-            ids = self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
-        if not ids:
-            raise ValueError(f"prompt {index} is empty")
-        vocab = self.llm_engine.model_config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt {index}: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        trunc = params.truncate_prompt_tokens
-        if trunc is not None:
-            ids = ids[-(self.config.max_model_len if trunc == -1 else trunc) :]
-        max_len = self.config.max_model_len
-        if len(ids) > max_len:  # vLLM's two messages: longer than the context, or leaving no output room
-            raise ValueError(
-                f"prompt {index}: the decoder prompt (length {len(ids)}) is longer than the maximum model "
-                f"length of {max_len}"
-            )
-        if len(ids) == max_len:
-            raise ValueError(
-                f"prompt {index}: the decoder prompt (length {len(ids)}) plus the number of requested output "
-                f"tokens (at least 1) is longer than the maximum model length of {max_len}"
-            )
-        return text, ids
-
     def generate(
         self,
         prompts: Any,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
         use_tqdm: bool | Callable[..., tqdm] = True,
         lora_request: Any = None,
         priority: list[int] | None = None,
@@ -325,19 +221,14 @@ class LLM:
         for name, value in (("lora_request", lora_request), ("mm_processor_kwargs", mm_processor_kwargs)):
             if value is not None:
                 raise NotImplementedError(f"kiln does not implement generate parameter {name!r}")
-        add_special_tokens = (tokenization_kwargs or {}).get("add_special_tokens", True)
-        return self._run(prompts, sampling_params, use_tqdm, add_special_tokens, priority)
+        return self._run(
+            prompts, sampling_params, use_tqdm, check_tokenization_kwargs(tokenization_kwargs), priority
+        )
 
     def _run(
-        self, prompts, sampling_params, use_tqdm, add_special_tokens, priority=None
+        self, prompts, sampling_params, use_tqdm, tokenization_kwargs, priority=None
     ) -> list[RequestOutput]:
-        if isinstance(prompts, (str, dict)) or (
-            isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
-        ):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if not prompts:
-            raise ValueError("prompts: the list of prompts is empty")
+        prompts = as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
@@ -349,12 +240,7 @@ class LLM:
                     f"sampling_params: got {len(params_list)} for {len(prompts)} prompts; "
                     "pass one, or one per prompt"
                 )
-        if priority is not None and len(priority) != len(prompts):
-            raise ValueError(f"priority: got {len(priority)} values for {len(prompts)} prompts")
-        if priority is not None and any(priority):
-            raise ValueError(
-                f"priority: kiln schedules first-come first-served; got priorities {priority[:8]}"
-            )
+        priorities = check_priorities(priority, len(prompts), self.config.scheduling_policy)
         # validate and tokenize everything before anything runs, so a bad prompt rejects the call cleanly
         prepared = []
         for i, (prompt, params) in enumerate(zip(prompts, params_list)):
@@ -363,19 +249,20 @@ class LLM:
                     f"sampling_params[{i}] must be a SamplingParams, got {type(params).__name__}"
                 )
             _check_implemented(params)
-            if params.logprobs is not None and params.logprobs > self.llm_engine.model_config.vocab_size:
-                raise ValueError(f"logprobs={params.logprobs} exceeds the vocabulary size")
+            self._inputs.check_params(params, i)
             params = params.clone()
             params.update_from_generation_config(
                 self.generation_config, getattr(self.tokenizer, "eos_token_id", None)
             )
-            prepared.append((*self._to_token_ids(prompt, i, params, add_special_tokens), params))
+            prepared.append((self._inputs.process(prompt, i, params, tokenization_kwargs), params))
         engine = self.llm_engine
         ids = []
-        for text, token_ids, params in prepared:
+        for (processed, params), prio in zip(prepared, priorities):
             request_id = str(self._request_counter)
             self._request_counter += 1
-            engine.add_request(request_id, text, token_ids, params)
+            engine.add_request(
+                request_id, processed.text, processed.token_ids, params, processed.cache_salt, prio
+            )
             ids.append(request_id)
         results: dict[str, RequestOutput] = {}
         bar = None
@@ -425,11 +312,15 @@ class LLM:
         tokenization_kwargs: dict[str, Any] | None = None,
         mm_processor_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Render each conversation with the tokenizer's chat template, then generate."""
-        if chat_template_content_format not in ("auto", "string"):
-            raise NotImplementedError(
-                f"chat_template_content_format={chat_template_content_format!r}: "
-                "kiln renders string message contents only"
+        """Render each conversation with the chat template, then generate.
+
+        ``chat_template_content_format``: ``"string"`` renders text parts joined into one string,
+        ``"openai"`` a list of ``{"type": "text", ...}`` parts, ``"auto"`` whichever the template loops over.
+        """
+        if chat_template_content_format not in CONTENT_FORMATS:
+            raise ValueError(
+                "chat_template_content_format must be one of "
+                f"{CONTENT_FORMATS}, got {chat_template_content_format!r}"
             )
         if continue_final_message and add_generation_prompt:
             raise ValueError(
@@ -440,21 +331,31 @@ class LLM:
             raise NotImplementedError("kiln does not implement lora_request or mm_processor_kwargs")
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer (skip_tokenizer_init=True)")
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        tokenization_kwargs = {"add_special_tokens": False, **check_tokenization_kwargs(tokenization_kwargs)}
+        template = load_chat_template(chat_template) or self.chat_template
+        content_format = chat_template_content_format
+        if content_format == "auto":
+            used = template or getattr(self.tokenizer, "chat_template", None)
+            content_format = detect_content_format(used if isinstance(used, str) else None)
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError(
+                f"messages must be a non-empty list of messages or of conversations, got {messages!r}"
+            )
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
         prompts = []
-        for conv in conversations:
+        for i, conv in enumerate(conversations):
             text = self.tokenizer.apply_chat_template(
-                conv,
+                normalise_conversation(conv, content_format, i),
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
                 tools=tools,
-                chat_template=chat_template or self.chat_template,
+                chat_template=template,
                 **(chat_template_kwargs or {}),
             )
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = self.tokenizer(text, **tokenization_kwargs)["input_ids"]
             prompts.append({"prompt": text, "prompt_token_ids": ids})
-        return self._run(prompts, sampling_params, use_tqdm, add_special_tokens=False)
+        return self._run(prompts, sampling_params, use_tqdm, {})
 
     # ------------------------------------------------------------------ the worker
 
@@ -475,7 +376,7 @@ class LLM:
 
     def get_world_size(self, include_dp: bool = True) -> int:
         """Workers serving this LLM (tensor x pipeline parallel, times data parallel with
-        ``include_dp``)."""
+        ``include_dp``): one per tensor-parallel rank."""
         return self.config.tensor_parallel_size
 
     def sleep(self, level: int = 1, mode: str = "abort") -> None:
@@ -493,13 +394,16 @@ class LLM:
     # ------------------------------------------------------------------ lifecycle
 
     def shutdown(self) -> None:
-        engine = getattr(self, "llm_engine", None)
+        """Free the engine (KV cache, model). Every other method raises RuntimeError afterwards."""
+        engine = self.__dict__.get("llm_engine")
         if engine is not None:
             self._profiler.shutdown()
+            engine.abort_all()
             engine.worker.shutdown()
             self.llm_engine = None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+        self._shut_down = True
 
     def __enter__(self):
         return self

@@ -22,6 +22,7 @@ class ModelRunner:
         device: torch.device,
         seed: int = 0,
         one_row_logits: bool = False,
+        logprobs_mode: str = "raw_logprobs",
     ):
         self.model, self.forward, self.attention, self.graphs = model, forward, attention, graphs
         self.device = device
@@ -29,6 +30,7 @@ class ModelRunner:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.generators: dict[int, torch.Generator | None] = {}  # per sequence: its seeded generator
         self.one_row_logits = one_row_logits  # fuse_gemv on CUDA: a one-row batch's logits by kiln::gemv
+        self.logprobs_mode = logprobs_mode
         self.previous: RunnerOutput | None = None  # the last launched step (source of pending tokens)
         self._previous_rows: dict[int, int] = {}
         n = max([*graphs.full_sizes, *graphs.piecewise_sizes], default=0)
@@ -109,7 +111,7 @@ class ModelRunner:
             for s in samples:
                 s.generator = self.generators.get(s.seq_id)
             logits = self.logits(hidden if rows is None else hidden[rows])
-            sampled = sample(logits, samples, self.generator)
+            sampled = sample(logits, samples, self.generator, self.logprobs_mode)
             result.tokens, result.logprobs = sampled.tokens, sampled.logprobs
             result.copy_out()
         for i, s in enumerate(out.scheduled):  # prompt positions of sequences owing prompt logprobs

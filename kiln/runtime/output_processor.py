@@ -14,7 +14,8 @@ output); a request's final output collects its samples through ``RequestOutput.a
 import time
 
 from kiln.runtime.detokenizer import IncrementalDetokenizer
-from kiln.runtime.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from kiln.runtime.logprobs import LogprobsBuilder
+from kiln.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.sequence import Sequence
 from kiln.runtime.step_data import RunnerOutput
@@ -65,7 +66,7 @@ class OutputProcessor:
         self.tokenizer, self.eos_token_ids, self.max_model_len = tokenizer, eos_token_ids, max_model_len
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}  # seq id -> its detokenizer
-        self._token_texts: dict[int, str] = {}
+        self.logprobs = LogprobsBuilder(tokenizer)  # Logprob dicts with repaired byte-fallback text
         self._touched: dict[Sequence, tuple[int, int, int]] = {}  # this step: (tokens, text, logprobs) before
         self.stats = None  # kiln.runtime.metrics.MetricsCollector: told of every accepted token
 
@@ -94,7 +95,10 @@ class OutputProcessor:
         for seq_id, entries in out.prompt_logprobs.items():
             seq = seqs.get(seq_id)
             if seq is not None:
-                seq.prompt_logprobs.extend(self._logprob_dict(t, e) for t, e in entries)
+                for t, e in entries:
+                    pos = len(seq.prompt_logprobs)  # the target's position in the prompt
+                    preceding = seq.prompt_token_ids[max(0, pos - 3) : pos]
+                    seq.prompt_logprobs.append(self.logprobs.make(t, e, preceding, seq.params.detokenize))
         now = time.time()
         finished_seqs, finished = [], []
         for seq_id, token, entry in zip(out.seq_ids, out.read_back(), out.logprobs):
@@ -131,7 +135,9 @@ class OutputProcessor:
         seq.output_token_ids.append(token)
         seq.first_token_time = seq.first_token_time or now
         if entry is not None:
-            seq.logprobs.append(self._logprob_dict(token, entry))
+            pos = seq.num_known_tokens - 1  # the accepted token's position
+            preceding = seq.token_slice(max(0, pos - 3), pos)
+            seq.logprobs.append(self.logprobs.make(token, entry, preceding, params.detokenize))
             seq.cumulative_logprob += entry[2]
         num_out = len(seq.output_token_ids)
         stopped_by_token = False
@@ -155,23 +161,6 @@ class OutputProcessor:
             num_out >= seq.max_tokens or seq.num_prompt_tokens + num_out >= self.max_model_len
         ):
             seq.finish_reason = "length"
-
-    def _decoded(self, token_id: int) -> str | None:
-        """Text of one token, memoised: logprobs=-1 asks for every vocabulary entry at every step."""
-        if self.tokenizer is None:
-            return None
-        text = self._token_texts.get(token_id)
-        if text is None:
-            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
-        return text
-
-    def _logprob_dict(self, token_id: int, entry) -> dict[int, Logprob]:
-        top_ids, top_lps, lp, rank = entry
-        result = {token_id: Logprob(lp, rank, self._decoded(token_id))}
-        for r, (t, v) in enumerate(zip(top_ids, top_lps), start=1):
-            if t not in result:
-                result[t] = Logprob(v, r, self._decoded(t))
-        return result
 
     # ------------------------------------------------------------------ outputs
 

@@ -1,5 +1,5 @@
 """Batched sampling on the device: penalties, temperature, min_p, top_k, top_p, per-request seeds,
-and the log-probabilities a request asked for (of the raw model distribution, before processing).
+and the log-probabilities a request asked for (raw or processed, as ``logprobs_mode`` says).
 
 Random rows draw ``token = argmax(logits / T - log q)`` with ``q ~ Exp(1)``, which samples from
 ``softmax(logits / T)`` (``kiln.ops.sample_argmax``); a row with a seed draws its ``q`` from its own
@@ -117,15 +117,25 @@ def top_k_top_p_min_p(logits: torch.Tensor, top_k, top_p, min_p) -> torch.Tensor
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
-def sample(logits: torch.Tensor, seqs: list[SamplingRow], generator: torch.Generator | None) -> SamplerOutput:
-    """Pick one token per row of ``logits`` ``[len(seqs), vocab]`` (any float dtype)."""
+def sample(
+    logits: torch.Tensor,
+    seqs: list[SamplingRow],
+    generator: torch.Generator | None,
+    logprobs_mode: str = "raw_logprobs",
+) -> SamplerOutput:
+    """Pick one token per row of ``logits`` ``[len(seqs), vocab]`` (any float dtype).
+
+    Requested logprobs come from ``logprobs_mode`` (vLLM's): the raw model output or the processed one
+    (after penalties, logit_bias / allowed ids / min_tokens, temperature and the top-k / top-p / min-p
+    masks), as log-probabilities or as logits."""
     device = logits.device
-    raw_logprobs = None
-    if any(s.params.logprobs is not None for s in seqs):
-        raw_logprobs = logits.float().log_softmax(-1)
+    wants_logprobs = any(s.params.logprobs is not None for s in seqs)
+    reported = logits.float() if wants_logprobs and logprobs_mode.startswith("raw") else None
     logits = apply_constraints(apply_penalties(logits, seqs), seqs)
     params = [s.params for s in seqs]
+    temps = [1.0 if p.is_greedy else p.temperature for p in params]
     if all(p.is_greedy for p in params):
+        processed = logits
         tokens = sample_argmax(logits)
     else:
 
@@ -135,19 +145,28 @@ def sample(logits: torch.Tensor, seqs: list[SamplingRow], generator: torch.Gener
 
         filters = per_row("top_k", 0), per_row("top_p", 1.0), per_row("min_p", 0.0)
         if any(f is not None for f in filters):
-            temps = to_device([1.0 if p.is_greedy else p.temperature for p in params], device)
-            logits = top_k_top_p_min_p(logits / temps[:, None], *filters)  # keeps each row's maximum
+            logits = top_k_top_p_min_p(
+                logits / to_device(temps, device)[:, None], *filters
+            )  # keeps row maxima
+            processed = logits
             inv_temps = [0.0 if p.is_greedy else 1.0 for p in params]
         else:
+            processed = None  # temperature applied inside sample_argmax
             inv_temps = [0.0 if p.is_greedy else 1.0 / p.temperature for p in params]
         q = torch.empty(logits.shape, dtype=torch.float32, device=device).exponential_(generator=generator)
         for i, s in enumerate(seqs):
             if s.generator is not None and not params[i].is_greedy:
                 q[i].exponential_(generator=s.generator)
         tokens = sample_argmax(logits, to_device(inv_temps, device), q)
-    if raw_logprobs is None:
+    if not wants_logprobs:
         return SamplerOutput(tokens, [None] * len(seqs))
-    return SamplerOutput(tokens, _gather_logprobs(raw_logprobs, tokens.tolist(), seqs))
+    if reported is None:  # processed modes
+        reported = (
+            processed.float() if processed is not None else logits.float() / to_device(temps, device)[:, None]
+        )
+    if logprobs_mode.endswith("logprobs"):
+        reported = reported.log_softmax(-1)
+    return SamplerOutput(tokens, _gather_logprobs(reported, tokens.tolist(), seqs))
 
 
 def top_logprobs(logprobs: torch.Tensor, token_ids: list[int], ks: list[int | None]):

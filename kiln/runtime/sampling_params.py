@@ -64,6 +64,12 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
+def _as_list(name: str, value: Any, expected: str) -> list:
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{name} must be {expected}, got {value!r}.")
+    return list(value)
+
+
 @dataclass(repr=False, eq=True)
 class SamplingParams:
     """Settings that control how tokens are sampled and when generation stops.
@@ -194,16 +200,20 @@ class SamplingParams:
         elif isinstance(self.stop, str):
             self.stop = [self.stop]
         else:
-            self.stop = list(self.stop)
-        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+            self.stop = _as_list("stop", self.stop, "a str or a list of str")
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        self.stop_token_ids = _as_list("stop_token_ids", self.stop_token_ids, "a list of int")
         if isinstance(self.bad_words, str):
             self.bad_words = [self.bad_words]
         elif self.bad_words is not None:
-            self.bad_words = list(self.bad_words)
+            self.bad_words = _as_list("bad_words", self.bad_words, "a str or a list of str")
         if self.allowed_token_ids is not None:
-            self.allowed_token_ids = list(self.allowed_token_ids)
+            self.allowed_token_ids = _as_list("allowed_token_ids", self.allowed_token_ids, "a list of int")
         if self.logits_processors is not None:
-            self.logits_processors = list(self.logits_processors)
+            self.logits_processors = _as_list(
+                "logits_processors", self.logits_processors, "a list of callables"
+            )
         if self.logit_bias is not None:
             self.logit_bias = self._parse_logit_bias(self.logit_bias)
 
@@ -391,3 +401,22 @@ class SamplingParams:
             text = f"{type(value).__name__}.{value.name}" if isinstance(value, enum.Enum) else repr(value)
             parts.append(f"{f.name}={text}")
         return f"SamplingParams({', '.join(parts)})"
+
+
+def _init_with_removed_fields(init):
+    """``best_of`` left vLLM's SamplingParams; say so instead of Python's bare unexpected-argument error."""
+    import functools
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        if "best_of" in kwargs:
+            raise TypeError(
+                "SamplingParams: 'best_of' was removed from vLLM's SamplingParams and kiln follows it; "
+                "use n to get several completions (and pick among them by cumulative_logprob)"
+            )
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+SamplingParams.__init__ = _init_with_removed_fields(SamplingParams.__init__)

@@ -3,7 +3,10 @@
 Every sequence simply has tokens not yet computed: ``num_tokens - num_computed_tokens`` (the whole
 prompt at first, one token while decoding). Each step first serves running sequences in arrival
 order, preempting the newest running ones (freeing their blocks; they are recomputed later) when the
-KV cache is full, then admits waiting sequences FCFS while budget, sequence slots and blocks last.
+KV cache is full, then admits waiting sequences while budget, sequence slots and blocks last: first
+come first served, or with ``policy="priority"`` by (priority, arrival), preempting the running
+sequence latest in that order. Without chunked prefill a prompt is admitted only when all its
+remaining tokens fit in the step.
 A sequence whose launched tokens already reach its length limit is not scheduled again: it only
 waits for the engine to read its last token back.
 
@@ -41,11 +44,15 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int | None = None,
+        policy: str = "fcfs",
+        chunked_prefill: bool = True,
     ):
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        self.policy = policy
+        self.chunked_prefill = chunked_prefill
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -53,8 +60,20 @@ class Scheduler:
         self._new: list[NewSequence] = []  # added since the last step
         self._finished: list[int] = []  # seq ids finished since the last step
 
+    def _order(self, seq: Sequence) -> tuple[int, int]:
+        return (seq.priority, seq.seq_id) if self.policy == "priority" else (0, seq.seq_id)
+
+    def _enqueue(self, seq: Sequence, front: bool) -> None:
+        """FCFS: new sequences at the back, preempted ones at the front; priority: by (priority, arrival)."""
+        if self.policy != "priority":
+            self.waiting.appendleft(seq) if front else self.waiting.append(seq)
+            return
+        key = self._order(seq)
+        pos = next((i for i, other in enumerate(self.waiting) if self._order(other) > key), len(self.waiting))
+        self.waiting.insert(pos, seq)
+
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self._enqueue(seq, front=False)
         p = seq.params
         self._new.append(NewSequence(seq.seq_id, None if p.seed is None else p.seed + seq.index))
         if needs_host_tokens(seq):
@@ -68,7 +87,15 @@ class Scheduler:
         seq.status, seq.num_computed_tokens = Status.WAITING, 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self._enqueue(seq, front=True)
+
+    def _victim(self, start: int) -> Sequence:
+        """The running sequence to preempt among those not yet scheduled this step (``running[start:]``):
+        the newest, or under priority the last in (priority, arrival)."""
+        candidates = self.running[start:]
+        victim = max(candidates, key=self._order) if self.policy == "priority" else candidates[-1]
+        self.running.remove(victim)
+        return victim
 
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
@@ -82,7 +109,7 @@ class Scheduler:
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.kv.allocate(seq, n):
-                victim = self.running.pop()
+                victim = self._victim(i)
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
@@ -95,8 +122,9 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
             cached = self.kv.lookup_prefix(seq)
-            n = min(seq.num_tokens - len(cached) * self.kv.block_size, budget)
-            if not self.kv.allocate(seq, n, cached):
+            remaining = seq.num_tokens - len(cached) * self.kv.block_size
+            n = min(remaining, budget)
+            if (n < remaining and not self.chunked_prefill) or not self.kv.allocate(seq, n, cached):
                 break
             self.waiting.popleft()
             seq.num_computed_tokens = len(cached) * self.kv.block_size
@@ -109,6 +137,11 @@ class Scheduler:
             batch.num_new_tokens.append(n)
             budget -= n
         return batch
+
+    def preempt_all(self) -> None:
+        """Move every running sequence back to waiting, its blocks freed (recomputed when rescheduled)."""
+        while self.running:
+            self._preempt(self.running.pop())
 
     def schedule_step(self) -> SchedulerOutput:
         """Schedule one step and hand it over as plain data; the scheduled tokens count as computed

@@ -26,6 +26,8 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     max_tokens: int  # max_tokens capped so that prompt + output fits max_model_len
+    cache_salt: str | None = None  # enters the first block's hash: different salts share no cached blocks
+    priority: int = 0  # with scheduling_policy="priority": lower values are scheduled first
     output_token_ids: list[int] = field(default_factory=list)  # tokens read back from the device
     num_pending_tokens: int = 0  # sampled by a launched step, not read back yet (at most one)
     status: Status = Status.WAITING

@@ -98,6 +98,7 @@ class Worker:
             cfg.device,
             seed=cfg.seed,
             one_row_logits=self.plan.one_row_logits and self.tp.size == 1,
+            logprobs_mode=cfg.logprobs_mode,
         )
         if self.graphs.full_sizes:
             self.attention.allocate_graph_buffers(self.graphs.full_sizes[-1], cfg.max_blocks_per_seq)
