@@ -42,16 +42,12 @@ def test_argument_vllm_does_not_have_is_a_type_error():
 @pytest.mark.parametrize(
     "kwargs, name",
     [
-        ({"quantization": "awq"}, "quantization"),
         ({"speculative_config": {"method": "ngram"}}, "speculative_config"),
         ({"data_parallel_size": 2}, "data_parallel_size"),
-        ({"runner": "pooling"}, "runner"),
-        ({"convert": "embed"}, "convert"),
-        ({"enable_lora": True}, "enable_lora"),
+        ({"enable_lora": True, "fully_sharded_loras": True}, "fully_sharded_loras"),
         ({"cpu_offload_gb": 4}, "cpu_offload_gb"),
         ({"offload_group_size": 2}, "offload_group_size"),
         ({"distributed_executor_backend": "ray"}, "distributed_executor_backend"),
-        ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype"),
     ],
 )
 def test_features_kiln_lacks_are_refused_by_name(kwargs, name):

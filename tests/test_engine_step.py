@@ -286,3 +286,49 @@ def test_abort_all_frees_everything_and_tells_the_worker():
     outs = run(engine, PROMPTS[:1], SamplingParams(max_tokens=2, ignore_eos=True))
     assert outs[0].outputs[0].token_ids == expected_tokens(PROMPTS[0], 2)
     assert started <= worker.finished  # the worker dropped the aborted sequences' state
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_abort_one_request_frees_its_blocks_and_leaves_the_others(overlap):
+    engine, worker = make_engine(overlap=overlap)
+    for i, prompt in enumerate(PROMPTS[:3]):
+        engine.add_request(
+            str(i), None, prompt, SamplingParams(n=2 if i == 1 else 1, max_tokens=10, ignore_eos=True)
+        )
+    engine.step()
+    engine.step()
+    with pytest.raises(ValueError, match="request_id '1' is already running"):
+        engine.add_request("1", None, PROMPTS[0], SamplingParams(max_tokens=2))
+    aborted = engine.abort_request("1")
+    assert aborted.finished and [c.finish_reason for c in aborted.outputs] == ["abort", "abort"]
+    assert engine.abort_request("1") is None and engine.abort_request("nope") is None
+    results = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            results[out.request_id] = out
+    assert set(results) == {"0", "2"}
+    for i in (0, 2):
+        assert results[str(i)].outputs[0].token_ids == expected_tokens(PROMPTS[i], 10)
+    assert engine.kv.num_free_blocks == engine.num_blocks
+    assert not engine.processor.requests and not engine.processor.detokenizers
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_step_deltas_hold_back_text_a_stop_string_may_cut(overlap):
+    tokenizer = CharTokenizer()
+    prompt = PROMPTS[1]
+    text = tokenizer.decode(expected_tokens(prompt, 30))
+    stop = text[6:9]  # three letters spread over three tokens
+    for include in (False, True):
+        engine, _ = make_engine(overlap=overlap, tokenizer=tokenizer)
+        params = SamplingParams(max_tokens=30, stop=[stop], include_stop_str_in_output=include)
+        engine.add_request("0", None, prompt, params)
+        want = text[: text.find(stop) + (len(stop) if include else 0)]
+        joined, final = "", None
+        while engine.has_unfinished_requests():
+            done = engine.step()
+            final = done[0] if done else final
+            for d in engine.step_deltas():
+                joined += d.outputs[0].text
+                assert want.startswith(joined)  # nothing shown is cut later
+        assert final.outputs[0].text == want and joined == want

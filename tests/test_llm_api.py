@@ -268,7 +268,7 @@ def test_kv_cache_too_small_for_max_model_len(tiny_checkpoint):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("bad_words", ["x"]), ("flat_logprobs", True), ("spaces_between_special_tokens", False)],
+    [("flat_logprobs", True), ("spaces_between_special_tokens", False)],
 )
 def test_unimplemented_sampling_fields_are_refused(llm, field, value):
     with pytest.raises(NotImplementedError, match=field):

@@ -22,7 +22,8 @@ def make_llm(path, **profiler):
 
 def load_trace(path: str) -> list[dict]:
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt") as f:
+    # errors="replace": torch's CPU profiler now and then records an event name that is not valid UTF-8
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
         return json.load(f)["traceEvents"]
 
 

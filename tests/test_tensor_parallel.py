@@ -44,10 +44,14 @@ def run(path, tp, prompts=PROMPTS, params=GREEDY, **kw):
         return sampled(llm.generate(prompts, params, use_tqdm=False))
 
 
-def no_rank_processes():
+def rank_processes() -> list:
     import multiprocessing
 
-    return [p for p in multiprocessing.active_children() if p.name.startswith("kiln-tp-rank")] == []
+    return [p for p in multiprocessing.active_children() if p.name.startswith("kiln-tp-rank")]
+
+
+def no_rank_processes():
+    return rank_processes() == []
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +200,11 @@ def test_sleep_and_wake_up_on_every_rank(tp2):
     assert_same(reference, sampled(tp2.generate(PROMPTS[:2], GREEDY, use_tqdm=False)))
 
 
+def last_sampled_tokens(worker):
+    previous = worker.runner.previous
+    return None if previous is None or previous.tokens is None else previous.tokens.tolist()
+
+
 def lambda_free_asleep(worker):
     return bool(worker.asleep)
 
@@ -231,3 +240,43 @@ def test_two_gpus_on_nccl_match_one_compiled_with_graphs(tiny_checkpoint):
     with LLM(path, tensor_parallel_size=2, **kw) as two:
         assert_same(reference, sampled(two.generate(PROMPTS, GREEDY, use_tqdm=False)))
         assert two.compile_report().recompilations == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, setting",
+    [
+        ({"quantization": "fp8"}, "quantization='fp8'"),
+        ({"runner": "pooling"}, "runner='pooling'"),
+        ({"enable_lora": True}, "enable_lora=True"),
+    ],
+)
+def test_features_not_sharded_yet_are_refused_naming_both_settings(kwargs, setting, tiny_checkpoint):
+    before = rank_processes()
+    with pytest.raises(ValueError, match=rf"tensor_parallel_size=2 with {setting}: kiln does not shard it"):
+        LLM(tiny_checkpoint("llama"), tensor_parallel_size=2, **BASE, **kwargs)
+    assert rank_processes() == before  # refused before any rank started
+
+
+@two_ranks
+def test_structured_outputs_under_two_ranks(tp2, tiny_checkpoint):
+    """A grammar step's bitmask reaches every rank, so all of them sample the same constrained token."""
+    pytest.importorskip("xgrammar")
+    choices = ["positive", "negative", "neutral"]
+    params = SamplingParams(temperature=0, max_tokens=20, structured_outputs={"choice": choices})
+    mixed = [params, GREEDY, params]
+    with LLM(tiny_checkpoint("llama"), kv_cache_memory_bytes=2**22, **BASE) as one:
+        reference = one.generate(PROMPTS[:3], mixed, use_tqdm=False)
+    got = tp2.generate(PROMPTS[:3], mixed, use_tqdm=False)
+    ids = [(list(o.outputs[0].token_ids), o.outputs[0].finish_reason) for o in got]
+    assert ids == [(list(o.outputs[0].token_ids), o.outputs[0].finish_reason) for o in reference]
+    assert got[0].outputs[0].text in choices and got[0].outputs[0].finish_reason == "stop"
+    one_constrained = tp2.generate(PROMPTS[:1], params, use_tqdm=False)  # its last step is a grammar step
+    assert one_constrained[0].outputs[0].token_ids == reference[0].outputs[0].token_ids
+    last = tp2.collective_rpc(last_sampled_tokens)
+    assert last[0] is not None and last[1] == last[0]  # rank 1 sampled the grammar step too
+    assert_same(sampled(reference[1:2]), sampled(got[1:2]))
+    # the ranks are still in step: a plain batch afterwards matches one rank
+    assert_same(
+        run(tiny_checkpoint("llama"), 1, kv_cache_memory_bytes=2**22),
+        sampled(tp2.generate(PROMPTS, GREEDY, use_tqdm=False)),
+    )

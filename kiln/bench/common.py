@@ -87,6 +87,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="JSON dict (or @file) passed to LLM(compilation_config=...)",
     )
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--quantization", default=None, help="e.g. fp8: weights quantized at load")
+    g.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8 | fp8_e4m3")
 
 
 def add_output_args(p: argparse.ArgumentParser, compare: bool = False) -> None:
@@ -150,6 +152,10 @@ def engine_kwargs(
         kw["enable_prefix_caching"] = False
     if getattr(args, "attention_backend", None):
         kw["attention_config"] = {"backend": args.attention_backend}
+    if getattr(args, "quantization", None):
+        kw["quantization"] = args.quantization
+    if getattr(args, "kv_cache_dtype", "auto") != "auto":
+        kw["kv_cache_dtype"] = args.kv_cache_dtype
     return kw
 
 

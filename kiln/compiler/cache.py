@@ -18,7 +18,7 @@ import torch
 
 MANIFEST = "manifest.json"
 MEASUREMENTS = "measurements.json"  # figures measured at start-up, reused by warm starts
-_SOURCE_DIRS = ("models", "ops", "compiler")
+_SOURCE_DIRS = ("models", "ops", "compiler", "lora")
 
 
 def source_hash() -> str:
@@ -44,9 +44,24 @@ def _device_fingerprint(device: torch.device) -> str:
     return device.type
 
 
-def cache_key_details(model_config, dtype: torch.dtype, device: torch.device, compilation_config) -> dict:
+def model_fingerprint(model) -> str:
+    """The names, dtypes and shapes of the model's tensors and its attention layers' fp8 KV scales: what
+    quantization changes (fp8 projections, their scales) while the model config stays the same."""
+    digest = hashlib.sha256()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+    for name, module in model.named_modules():
+        if hasattr(module, "k_scale"):
+            digest.update(f"{name}:{module.k_scale}:{module.v_scale};".encode())
+    return digest.hexdigest()[:16]
+
+
+def cache_key_details(
+    model_config, dtype: torch.dtype, device: torch.device, compilation_config, lora=None, model=None
+) -> dict:
     from kiln import __version__
 
+    tensors = None if model is None else model_fingerprint(model)
     arch = getattr(model_config, "arch", model_config)  # a runtime ModelConfigView wraps it
     model = {k: v for k, v in dataclasses.asdict(arch).items() if k != "raw"}
     try:
@@ -65,6 +80,8 @@ def cache_key_details(model_config, dtype: torch.dtype, device: torch.device, co
         "triton_version": triton_version,
         "python": f"{sys.version_info.major}.{sys.version_info.minor}",
         "compilation_config": compilation_config.cache_fields(),
+        "lora": None if lora is None else dataclasses.asdict(lora),  # the LoRA wrappers change the graph
+        "model_tensors": tensors,
     }
 
 

@@ -64,12 +64,13 @@ class CompiledForward:
         device: torch.device,
         attention_backend: "str | AttentionBackend" = "torch",
         graphs: CudaGraphs | None = None,
+        lora=None,
     ):
         self.model, self.model_config, self.config, self.mode = model, model_config, config, mode
         self.device, self.attention = device, get_attention_backend(attention_backend)
         self.cache = CompileCache(
             config.resolved_cache_dir(),
-            cache_key_details(model_config, dtype, device, config),
+            cache_key_details(model_config, dtype, device, config, lora, model),
             config.use_cache,
         )
         self.report = CompileReport(
@@ -169,6 +170,7 @@ def compile_forward(model, model_config, engine_config, attention, graphs: CudaG
         engine_config.device,
         attention,
         graphs,
+        engine_config.lora,
     )
     forward.warmup(min(CAPTURE_TOKENS, engine_config.max_num_batched_tokens))
     return forward

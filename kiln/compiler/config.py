@@ -56,9 +56,15 @@ class PassConfig(BaseModel):
     # one-token products with RMSNorm / SiLU-mul / residual add folded in (static compiles of size 1);
     # static compiles then skip coordinate-descent tuning (see static_inductor_options)
     fuse_gemv: bool = False
+    # fp8 models: the per-token activation quantization folded into the op before it
+    fuse_add_rms_norm_quant: bool = False
+    fuse_rms_norm_quant: bool = False
+    fuse_silu_mul_quant: bool = False
 
     def enabled_fusions(self) -> list[str]:
-        order = ("fuse_gemv", "fuse_add_rms_norm", "fuse_silu_mul")  # gemv first: it takes the residual adds
+        # gemv first: it takes the residual adds; the quant fusions before the plain ones they contain
+        order = ("fuse_gemv", "fuse_add_rms_norm_quant", "fuse_rms_norm_quant", "fuse_silu_mul_quant")
+        order += ("fuse_add_rms_norm", "fuse_silu_mul")
         return [name for name in order if getattr(self, name)]
 
 

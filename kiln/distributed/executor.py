@@ -92,6 +92,9 @@ def _rank_main(rank: int, size: int, port: int, config: EngineConfig, model_conf
             if kind == "execute":
                 worker.execute_model(payload[0])
                 continue
+            if kind == "deferred":
+                worker.sample_deferred(payload[0])
+                continue
             try:
                 conn.send(("ok", _call(worker, *payload)))
             except Exception as e:  # reported to rank 0, which raises it
@@ -232,6 +235,10 @@ class TensorParallelWorkers:
     def execute_model(self, scheduler_output):
         self._send(step_message(scheduler_output))
         return self._run_local(self.local.execute_model, scheduler_output)
+
+    def sample_deferred(self, grammar_bitmask) -> None:
+        self._send(("deferred", grammar_bitmask))
+        self._run_local(self.local.sample_deferred, grammar_bitmask)
 
     def sleep(self, level: int = 1) -> None:
         self.call_all("sleep", (level,))

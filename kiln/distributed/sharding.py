@@ -49,6 +49,25 @@ def check_tensor_parallel(cfg: ModelConfig, size: int, backend, device: torch.de
         )
 
 
+def check_tensor_parallel_features(size: int, quantization, pooling, lora) -> None:
+    """ValueError naming both settings for what a sharded model does not run yet: fp8 projections
+    (their scales are not sharded), pooling models and LoRA adapters (built unsharded)."""
+    if size == 1:
+        return
+    refused = []
+    if quantization is not None:
+        refused.append(f"quantization={quantization.method!r}")
+    if pooling is not None:
+        refused.append("runner='pooling'")
+    if lora is not None:
+        refused.append("enable_lora=True")
+    if refused:
+        raise ValueError(
+            f"tensor_parallel_size={size} with {refused[0]}: kiln does not shard it yet "
+            "(use tensor_parallel_size=1)"
+        )
+
+
 def vocab_rows(vocab_size: int, size: int) -> int:
     """Rows of the embedding / lm_head each rank holds."""
     return -(-vocab_size // size)

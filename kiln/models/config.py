@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass, field
 
+from kiln.pooling.architectures import POOLING_ARCHITECTURES, decoder_family
+
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
@@ -31,12 +33,13 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, cfg: dict) -> "ModelConfig":
         archs = cfg.get("architectures") or []
-        arch = next((a for a in archs if a in ARCHITECTURES), None)
+        arch = next((a for a in archs if a in ARCHITECTURES or a in POOLING_ARCHITECTURES), None)
         if arch is None:
             raise ValueError(
                 f"Unsupported architectures {archs!r} in config.json; "
-                f"kiln supports {', '.join(ARCHITECTURES)}."
+                f"kiln supports {', '.join(ARCHITECTURES + tuple(POOLING_ARCHITECTURES))}."
             )
+        family = decoder_family(arch)
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         rope_theta = cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0
         rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -60,8 +63,8 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            attention_bias=family == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
+            qk_norm=family == "Qwen3ForCausalLM",
             sliding_window=int(window),
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
             eos_token_id=[eos] if isinstance(eos, int) else list(eos or []),

@@ -40,6 +40,7 @@ class Attention(nn.Module):
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         self.sliding_window = cfg.sliding_window
+        self.k_scale = self.v_scale = 1.0  # fp8 KV-cache scales (kiln.quant.kv_cache sets them)
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.qk_norm = cfg.qk_norm
@@ -58,7 +59,7 @@ class Attention(nn.Module):
             qk = qkv[:, : self.q_size + self.kv_size].view(-1, heads + kv_heads, d)
         q, k = rotary(positions, qk).split([heads, kv_heads], dim=1)
         out = torch.empty_like(q)
-        attention(q, k, v, out, self.layer_idx, self.scale, self.sliding_window)
+        attention(q, k, v, out, self.layer_idx, self.scale, self.sliding_window, self.k_scale, self.v_scale)
         return parallel_state.all_reduce(self.o_proj(out.view(-1, self.q_size)), self.tp)
 
 
@@ -145,21 +146,23 @@ class LlamaForCausalLM(nn.Module):
         inter = cfg.intermediate_size
         return (shard * inter, (shard + 1) * inter)
 
+    def checkpoint_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters ``load_weights`` fills, by name."""
+        return dict(self.named_parameters())
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor, str]]) -> None:
         """Copy ``(hf_name, tensor, source_file)`` triples into the parameters, fusing q/k/v and gate/up.
 
         Raises ValueError naming the tensor for unknown names and shape mismatches, and for
         parameters the checkpoint never provided.
         """
-        params = dict(self.named_parameters())
+        params = self.checkpoint_parameters()
         expected = {(name, None) for name in params}
-        for name in list(params):
-            if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):
+        for name in list(params):  # every tensor of a fused module (weight, bias, fp8 scales) has shards
+            shards = 3 if ".qkv_proj." in name else 2 if ".gate_up_proj." in name else 0
+            if shards:
                 expected -= {(name, None)}
-                expected |= {(name, s) for s in range(3)}
-            elif name.endswith("gate_up_proj.weight"):
-                expected -= {(name, None)}
-                expected |= {(name, s) for s in range(2)}
+                expected |= {(name, s) for s in range(shards)}
         loaded = set()
         source = "checkpoint"
         for ckpt_name, tensor, source in weights:
@@ -190,6 +193,17 @@ class LlamaForCausalLM(nn.Module):
             loaded.add((target, shard))
         missing = sorted({name for name, _ in expected - loaded})
         if missing:
+            names = sorted(_checkpoint_name(name, shard) for name, shard in expected - loaded)
+            more = " ..." if len(names) > 8 else ""
             raise ValueError(
                 f"{source}: missing tensors for parameters {missing[:8]}{' ...' if len(missing) > 8 else ''}"
+                f" (checkpoint names {names[:8]}{more})"
             )
+
+
+def _checkpoint_name(param_name: str, shard: int | None) -> str:
+    """The checkpoint tensor that fills ``param_name`` (shard ``shard`` of a fused parameter)."""
+    for old, (new, index) in _FUSED.items():
+        if shard == index and f".{new}." in param_name:
+            return param_name.replace(new, old)
+    return param_name

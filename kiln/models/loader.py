@@ -12,6 +12,8 @@ from kiln.distributed.sharding import Slice, narrow, pad_rows
 from kiln.models.config import ModelConfig
 from kiln.models.gguf import gguf_config, iter_gguf_tensors
 from kiln.models.llama import LlamaForCausalLM
+from kiln.quant.apply import checkpoint_tensors, finish_model, prepare_model, quantize_model
+from kiln.quant.config import QuantConfig
 
 # checkpoint tensor name -> the slice this rank holds (None: all); tensor parallelism, sharding.py
 ShardFn = Callable[[str], Slice | None]
@@ -79,20 +81,41 @@ def build_model(
     dtype: torch.dtype,
     device: torch.device,
     load_format: str = "auto",
+    pooling=None,
+    quant: QuantConfig | None = None,
     shard: ShardFn | None = None,
     tp: TensorParallel = ONE_RANK,
 ) -> LlamaForCausalLM:
     """Allocate the model directly on ``device`` (no host copy) and load weights tensor by tensor.
 
     ``load_format="dummy"`` fills weights with small random values instead (for speed measurements).
-    ``shard``: this rank's slice of each checkpoint tensor and ``tp`` the rank (tensor parallelism;
-    ``cfg`` is the rank's).
+    With a ``pooling`` spec (``kiln.pooling.spec.PoolingModelSpec``) the model is the decoder plus
+    its pooling head instead of a causal LM. With ``quant`` the projections run in fp8 (``kiln.quant``):
+    a pre-quantized checkpoint loads into fp8 modules; otherwise (and with dummy weights) the loaded
+    weights are quantized. ``shard``: this rank's slice of each checkpoint tensor and ``tp`` the rank
+    (tensor parallelism, which runs neither pooling nor ``quant``; ``cfg`` is the rank's).
     """
-    cls = MODEL_CLASSES[cfg.architecture]
+    serialized = quant is not None and quant.serialized and load_format != "dummy"
     with torch.device("meta"):
-        model = cls(cfg, tp).to(dtype)
+        if pooling is not None:
+            from kiln.pooling.model import LlamaForPooling
+
+            model = LlamaForPooling(cfg, pooling).to(dtype)
+        else:
+            model = MODEL_CLASSES[cfg.architecture](cfg, tp).to(dtype)
+    if serialized:
+        prepare_model(model, quant, dtype)
     model = model.to_empty(device=device)
-    load_weights(model, path, cfg, load_format, shard)
+    if serialized:
+        weights = checkpoint_tensors(_checkpoint(path, cfg), model, quant)
+        with torch.no_grad():
+            model.load_weights(weights)
+        finish_model(model)
+    else:
+        load_weights(model, path, cfg, load_format, shard=shard)
+        if quant is not None:
+            with torch.no_grad():
+                quantize_model(model, quant)
     model.model.rotary.reset_cache()
     return model.eval()
 
@@ -102,9 +125,20 @@ def load_weights(
     path: str,
     cfg: ModelConfig,
     load_format: str = "auto",
+    quant=None,
     shard: ShardFn | None = None,
 ) -> None:
-    """Fill the model's existing parameter tensors from the checkpoint (or the dummy values)."""
+    """Fill the model's existing parameter tensors from the checkpoint (or the dummy values). A quantized
+    model (``quant``) is rebuilt the way ``build_model`` built it and its tensors copied in; ``shard``:
+    this rank's slice of each checkpoint tensor (tensor parallelism)."""
+    if quant is not None:
+        first = next(model.parameters())
+        fresh = build_model(path, cfg, model.model.norm.weight.dtype, first.device, load_format, quant=quant)
+        with torch.no_grad():
+            for (name, p), (fresh_name, q) in zip(model.named_parameters(), fresh.named_parameters()):
+                assert name == fresh_name
+                p.copy_(q)
+        return
     if load_format == "dummy":
         gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
         with torch.no_grad():
@@ -114,11 +148,16 @@ def load_weights(
                 else:
                     p.normal_(0.0, 0.02, generator=gen)
         return
-    if path.endswith(".gguf"):  # dequantized whole, then narrowed
-        weights = iter_gguf_tensors(path, cfg.raw)
-        if shard is not None:
-            weights = ((name, narrow(t, shard(name)), src) for name, t, src in weights)
-    else:
-        weights = iter_safetensors(path, shard)
     with torch.no_grad():
-        model.load_weights(weights)
+        model.load_weights(_checkpoint(path, cfg, shard))
+
+
+def _checkpoint(path: str, cfg: ModelConfig, shard: ShardFn | None = None):
+    """The checkpoint's tensors (with ``shard``: this rank's slices; a GGUF's are dequantized whole,
+    then narrowed)."""
+    if not path.endswith(".gguf"):
+        return iter_safetensors(path, shard)
+    weights = iter_gguf_tensors(path, cfg.raw)
+    if shard is None:
+        return weights
+    return ((name, narrow(t, shard(name)), src) for name, t, src in weights)

@@ -28,8 +28,12 @@ class AttentionBackend:
 
     # ------------------------------------------------------------------ the op
 
-    def forward(self, q, k, v, out, kv_cache, md: AttentionMetadata, scale: float, sliding_window: int):
-        """Store this step's K/V into ``kv_cache`` and write attention output into ``out``."""
+    def forward(
+        self, q, k, v, out, kv_cache, md: AttentionMetadata, scale: float, sliding_window: int,
+        k_scale: float = 1.0, v_scale: float = 1.0,
+    ):  # fmt: skip
+        """Store this step's K/V into ``kv_cache`` and write attention output into ``out`` (an fp8 cache
+        holds K / k_scale and V / v_scale)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ metadata
@@ -124,22 +128,24 @@ class TorchAttention(AttentionBackend):
     name = "torch"
     supports_cuda_graphs = False
 
-    def forward(self, q, k, v, out, kv_cache, md, scale, sliding_window):
+    def forward(self, q, k, v, out, kv_cache, md, scale, sliding_window, k_scale=1.0, v_scale=1.0):
         from kiln.ops.attention_ref import paged_attention_ref, store_kv_ref
 
-        store_kv_ref(k, v, kv_cache, md.slot_mapping)
-        paged_attention_ref(q, kv_cache, md, scale, sliding_window, out=out)
+        store_kv_ref(k, v, kv_cache, md.slot_mapping, k_scale, v_scale)
+        paged_attention_ref(q, kv_cache, md, scale, sliding_window, out=out, k_scale=k_scale, v_scale=v_scale)
 
 
 class TritonAttention(AttentionBackend):
     name = "triton"
     supports_cuda_graphs = True
 
-    def forward(self, q, k, v, out, kv_cache, md, scale, sliding_window):
+    def forward(self, q, k, v, out, kv_cache, md, scale, sliding_window, k_scale=1.0, v_scale=1.0):
         from kiln.ops.triton_attention import paged_attention_triton, store_kv_triton
 
-        store_kv_triton(k, v, kv_cache, md.slot_mapping)
-        paged_attention_triton(q, kv_cache, md, scale, sliding_window, out=out)
+        store_kv_triton(k, v, kv_cache, md.slot_mapping, k_scale, v_scale)
+        paged_attention_triton(
+            q, kv_cache, md, scale, sliding_window, out=out, k_scale=k_scale, v_scale=v_scale
+        )
 
     def warmup_steps(self, num_heads, num_kv_heads, head_dim, dtype):
         from kiln.ops.triton_attention import warmup_metadata

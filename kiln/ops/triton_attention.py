@@ -11,7 +11,8 @@ Kernels:
     over paged KV with causal masking, one program per (query tile, kv head).
 Both attention kernels put all query heads of a kv head (GQA group) into the rows of one ``tl.dot``,
 accumulate in fp32, support any head_dim (padded to a power of two and masked), any block_size,
-fp16/bf16/fp32 and a sliding window.
+fp16/bf16/fp32 and a sliding window. A float8_e4m3fn cache (``kv_cache_dtype="fp8"``) holds
+``K / k_scale`` and ``V / v_scale`` (per-layer scales); the kernels dequantize each tile in registers.
 
 CUDA graphs: nothing here synchronises with the host or allocates memory whose size depends on data.
 Grids depend on tensor shapes, plus ``md.max_query_len`` for the prefill tile height. For pure
@@ -107,8 +108,11 @@ def paged_attention_triton(
     out: torch.Tensor | None = None,
     *,
     num_splits: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Causal attention of q ``[num_tokens, num_heads, head_dim]`` over each sequence's paged context."""
+    """Causal attention of q ``[num_tokens, num_heads, head_dim]`` over each sequence's paged context
+    (an fp8 cache holds K / k_scale and V / v_scale)."""
     if out is None:
         out = torch.empty_like(q)
     if q.shape[0] == 0 or md.num_seqs == 0:
@@ -118,7 +122,10 @@ def paged_attention_triton(
         if num_splits is None:
             max_context = md.block_tables.shape[1] * kv_cache.shape[2]
             num_splits = choose_num_splits(md.num_seqs, kv_cache.shape[3], max_context, q.device)
-        decode_attention(q, kv_cache, md, scale, sliding_window, out, num_splits, min_split=MIN_SPLIT_TOKENS)
+        decode_attention(
+            q, kv_cache, md, scale, sliding_window, out, num_splits,
+            min_split=MIN_SPLIT_TOKENS, k_scale=k_scale, v_scale=v_scale,
+        )  # fmt: skip
     else:
-        prefill_attention(q, kv_cache, md, scale, sliding_window, out)
+        prefill_attention(q, kv_cache, md, scale, sliding_window, out, k_scale=k_scale, v_scale=v_scale)
     return out

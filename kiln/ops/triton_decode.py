@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from kiln.ops.metadata import AttentionMetadata
-from kiln.ops.triton_prefill import INTERPRET, attend_context, dot_precision
+from kiln.ops.triton_prefill import attend_context, compute_dtype, kernel_flags
 
 
 @triton.jit(do_not_specialize=["stride_bt", "num_splits"])  # batch-dependent: one compile, not one per value
@@ -39,6 +39,7 @@ def _decode_split_kernel(
     bt_ptr,
     window,
     qk_scale,
+    v_scale,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -58,6 +59,7 @@ def _decode_split_kernel(
     HEAD_DIM_P2: tl.constexpr,
     DIRECT: tl.constexpr,
     SLIDING: tl.constexpr,
+    KV_FP8: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -87,7 +89,8 @@ def _decode_split_kernel(
     io_mask = (offs_g < GROUP)[:, None] & d_ok[None, :]
     q_off = q_start.to(tl.int64) * stride_qt + head * stride_qh
     q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :], mask=io_mask, other=0.0)
-    q = q.to(k_ptr.dtype.element_ty)
+    if not KV_FP8:
+        q = q.to(k_ptr.dtype.element_ty)
     q_pos = tl.zeros([GROUP_P2], dtype=tl.int32)  # unused: no causal or window mask needed here
 
     bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
@@ -101,6 +104,8 @@ def _decode_split_kernel(
 
     if (splits == 1) | DIRECT:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        if KV_FP8:
+            out = out * v_scale
         o_off = q_start.to(tl.int64) * stride_ot + head * stride_oh
         tl.store(o_ptr + o_off[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=io_mask)
     else:  # partial result, combined by _decode_merge_kernel
@@ -119,6 +124,7 @@ def _decode_merge_kernel(
     qsl_ptr,
     seq_lens_ptr,
     window,
+    v_scale,
     stride_ot,
     stride_oh,
     num_heads,
@@ -167,7 +173,7 @@ def _decode_merge_kernel(
         total += tl.sum(a_s * w[:, None], 0)
         denom += l_s * w
     d = tl.sum(denom, 0)
-    out = total / tl.where(d == 0.0, 1.0, d)
+    out = total / tl.where(d == 0.0, 1.0, d) * v_scale  # fp8 cache: V's scale (1.0 otherwise)
     o_off = q_start.to(tl.int64) * stride_ot + head * stride_oh
     tl.store(o_ptr + o_off + offs_d, out.to(o_ptr.dtype.element_ty), mask=d_ok)
 
@@ -197,6 +203,8 @@ def decode_attention(
     num_splits: int,
     config: dict | None = None,
     min_split: int = 1,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
@@ -204,7 +212,8 @@ def decode_attention(
     group = num_heads // num_kv_heads
     group_p2 = max(16, triton.next_power_of_2(group))
     head_dim_p2 = max(16, triton.next_power_of_2(head_dim))
-    cfg = config or _decode_config(head_dim_p2, kv_cache.element_size(), num_splits > 1)
+    elem = torch.empty((), dtype=compute_dtype(q, kv_cache)).element_size()
+    cfg = config or _decode_config(head_dim_p2, elem, num_splits > 1)
     if num_splits > 1:
         f32 = dict(dtype=torch.float32, device=q.device)
         ws_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim_p2, **f32)
@@ -222,7 +231,8 @@ def decode_attention(
         md.seq_lens,
         md.block_tables,
         sliding_window,
-        scale * 1.4426950408889634,
+        scale * k_scale * 1.4426950408889634,
+        v_scale,
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -241,8 +251,7 @@ def decode_attention(
         HEAD_DIM_P2=head_dim_p2,
         DIRECT=num_splits == 1,
         SLIDING=sliding_window > 0,
-        PRECISION=dot_precision(kv_cache.dtype),
-        UPCAST=INTERPRET and kv_cache.dtype == torch.bfloat16,
+        **kernel_flags(q, kv_cache),
         **cfg,
     )
     if num_splits > 1:
@@ -253,6 +262,7 @@ def decode_attention(
             md.query_start_loc,
             md.seq_lens,
             sliding_window,
+            v_scale,
             out.stride(0),
             out.stride(1),
             num_heads,

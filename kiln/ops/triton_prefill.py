@@ -14,8 +14,10 @@ last-first, so the longest (latest) query tiles start earliest.
 KV loop (``attend_context`` and its ``attend_kv_range``, shared with the decode kernel): ``BLOCK_N`` key
 positions at a time are gathered through the block table (position ``p`` lives in block
 ``block_tables[seq, p // block_size]`` at offset ``p % block_size``), scores ``Q K^T`` and the online
-softmax (base 2, running max and sum) are kept in fp32, and ``P V`` is accumulated in fp32. Key tiles
-wholly at or before the tile's first query position run without causal mask or bounds checks; the
+softmax (base 2, running max and sum) are kept in fp32, and ``P V`` is accumulated in fp32. Loaded K/V
+tiles are cast to the dtype of the dots (``q``'s): a no-op for caches in the model dtype; an fp8 cache
+is dequantized there, its ``k_scale`` folded into the score scale and ``v_scale`` applied to the output.
+Key tiles wholly at or before the tile's first query position run without causal mask or bounds checks; the
 remaining tiles up to the tile's last query position are masked. A sliding window starts the loop at the
 first tile any row can see and masks per row. Decode sequences inside a mixed batch are one-token tiles
 of this kernel.
@@ -34,6 +36,21 @@ INTERPRET = envs.triton_interpret()
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 caches get exact fp32 dots (not tf32); 16-bit dtypes ignore the setting."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def compute_dtype(q: torch.Tensor, kv_cache: torch.Tensor) -> torch.dtype:
+    """The dtype of the attention dots: the cache's, or the queries' for an fp8 cache."""
+    return q.dtype if kv_cache.dtype == torch.float8_e4m3fn else kv_cache.dtype
+
+
+def kernel_flags(q: torch.Tensor, kv_cache: torch.Tensor) -> dict:
+    """Constexpr flags shared by the decode and prefill kernels."""
+    dtype = compute_dtype(q, kv_cache)
+    return dict(
+        KV_FP8=kv_cache.dtype == torch.float8_e4m3fn,
+        PRECISION=dot_precision(dtype),
+        UPCAST=INTERPRET and dtype == torch.bfloat16,
+    )
 
 
 @triton.jit
@@ -87,8 +104,7 @@ def attend_kv_range(
             k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
         else:
             k = tl.load(k_ptr + kv_off)
-        if UPCAST:
-            k = k.to(tl.float32)
+        k = k.to(q.dtype)  # no-op unless the cache is fp8 (or UPCAST)
 
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if CHECK_N:
@@ -108,8 +124,7 @@ def attend_kv_range(
             v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
         else:
             v = tl.load(v_ptr + kv_off)
-        if UPCAST:
-            v = v.to(tl.float32)
+        v = v.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -171,6 +186,7 @@ def _prefill_kernel(
     num_seqs,
     window,
     qk_scale,
+    v_scale,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -187,6 +203,7 @@ def _prefill_kernel(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
     SLIDING: tl.constexpr,
+    KV_FP8: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -226,7 +243,8 @@ def _prefill_kernel(
     tok64 = (q_start + tok).to(tl.int64)
     q_off = (tok64 * stride_qt + head * stride_qh)[:, None] + offs_d[None, :]
     q = tl.load(q_ptr + q_off, mask=io_mask, other=0.0)
-    q = q.to(k_ptr.dtype.element_ty)
+    if not KV_FP8:
+        q = q.to(k_ptr.dtype.element_ty)
 
     first_pos = ctx_start + tile * BLOCK_Q
     hi = ctx_start + tl.minimum(tile * BLOCK_Q + BLOCK_Q, q_len)  # one past the tile's last position
@@ -245,6 +263,8 @@ def _prefill_kernel(
     )  # fmt: skip
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if KV_FP8:
+        out = out * v_scale
     o_off = (tok64 * stride_ot + head * stride_oh)[:, None] + offs_d[None, :]
     tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=io_mask)
 
@@ -268,13 +288,16 @@ def prefill_attention(
     sliding_window: int,
     out: torch.Tensor,
     config: dict | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group = num_heads // num_kv_heads
     group_p2 = triton.next_power_of_2(group)
     head_dim_p2 = max(16, triton.next_power_of_2(head_dim))
-    cfg = config or prefill_config(head_dim_p2, group_p2, kv_cache.element_size(), md.max_query_len)
+    elem = torch.empty((), dtype=compute_dtype(q, kv_cache)).element_size()
+    cfg = config or prefill_config(head_dim_p2, group_p2, elem, md.max_query_len)
     grid = (num_tokens // cfg["BLOCK_Q"] + md.num_seqs, num_kv_heads)
     _prefill_kernel[grid](
         q,
@@ -286,7 +309,8 @@ def prefill_attention(
         md.block_tables,
         md.num_seqs,
         sliding_window,
-        scale * 1.4426950408889634,
+        scale * k_scale * 1.4426950408889634,
+        v_scale,
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -301,7 +325,6 @@ def prefill_attention(
         HEAD_DIM=head_dim,
         HEAD_DIM_P2=head_dim_p2,
         SLIDING=sliding_window > 0,
-        PRECISION=dot_precision(kv_cache.dtype),
-        UPCAST=INTERPRET and kv_cache.dtype == torch.bfloat16,
+        **kernel_flags(q, kv_cache),
         **cfg,
     )

@@ -56,11 +56,16 @@ class EngineConfig:
     load_format: str = "auto"
     compilation_config: CompilationConfig | None = None
     tensor_parallel_size: int = 1  # ranks; the worker processes are kiln/distributed/executor.py's
+    pooling: object = None  # kiln.pooling.spec.PoolingModelSpec with runner="pooling"
+    quantization: object = None  # kiln.quant.QuantConfig or None
+    kv_cache_dtype: str = "auto"  # "auto" (model dtype) | "fp8" | "fp8_e4m3"
     async_scheduling: bool = True  # launch step N+1 before reading step N's tokens back
     max_logprobs: int = 20  # most logprobs / prompt_logprobs a request may ask for; -1: the vocabulary
     logprobs_mode: str = "raw_logprobs"  # raw_logprobs | raw_logits | processed_logprobs | processed_logits
     scheduling_policy: str = "fcfs"  # fcfs | priority
     enable_chunked_prefill: bool = True  # False: a prompt is computed in one step or waits
+    lora: object = None  # kiln.lora.config.LoRAConfig with enable_lora=True
+    structured_outputs_config: object = None  # kiln.structured.StructuredOutputsConfig
     plan: CompilationPlan = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):

@@ -7,6 +7,7 @@ tokens once they are read back.
 """
 
 import contextlib
+import functools
 import logging
 import threading
 from dataclasses import replace
@@ -14,7 +15,10 @@ from dataclasses import replace
 import torch
 
 from kiln.distributed.executor import make_worker
+from kiln.lora.request import LoRARequest
 from kiln.models.config import ModelConfig
+from kiln.pooling.finish import PooledOutputs
+from kiln.pooling.state import PoolingState
 from kiln.runtime.config import EngineConfig
 from kiln.runtime.kv_cache_manager import KVCacheManager
 from kiln.runtime.output_processor import OutputProcessor, Request
@@ -23,8 +27,11 @@ from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler
 from kiln.runtime.sequence import Sequence
 from kiln.runtime.step_data import RunnerOutput
+from kiln.structured.manager import StructuredOutputManager
+from kiln.structured.params import StructuredOutputsConfig
 
 logger = logging.getLogger("kiln")
+_POOLING_PARAMS = SamplingParams(max_tokens=1)  # what a prompt-only sequence's sampling fields read
 
 
 class LLMEngine:
@@ -44,6 +51,7 @@ class LLMEngine:
         self.config, self.worker = config, worker
         self.num_blocks = worker.num_blocks
         self.kv = KVCacheManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.lora = getattr(worker, "lora", None)  # kiln.lora.manager.LoRAManager with enable_lora
         self.scheduler = Scheduler(
             self.kv,
             config.max_num_seqs,
@@ -51,6 +59,7 @@ class LLMEngine:
             config.max_model_len,
             config.scheduling_policy,
             config.enable_chunked_prefill,
+            lora=self.lora,
         )
         self.async_scheduling = config.async_scheduling
         self.pending: RunnerOutput | None = None  # launched step whose tokens are not read back yet
@@ -58,6 +67,7 @@ class LLMEngine:
         eos_ids = {eos} if eos is not None else set(model_config.eos_token_id)
         self.processor = OutputProcessor(tokenizer, eos_ids, config.max_model_len)
         self.seqs: dict[int, Sequence] = {}  # unfinished sequences by id
+        self.pooled = PooledOutputs()  # pooling requests and their outputs on the way to the host
         self._next_seq_id = 0
         self.profiler = None  # EngineProfiler (kiln/runtime/profiler.py) when LLM(profiler_config=...)
 
@@ -73,6 +83,17 @@ class LLMEngine:
     @stats.setter
     def stats(self, collector) -> None:
         self.processor.stats = collector
+
+    @functools.cached_property
+    def structured(self) -> StructuredOutputManager:
+        """Grammars of structured-output requests, made on the first such request."""
+        return StructuredOutputManager(
+            self.config.structured_outputs_config or StructuredOutputsConfig(),
+            self.tokenizer,
+            self.model_config.vocab_size,
+            sorted(self.processor.eos_token_ids),
+            self.config.device,
+        )
 
     @staticmethod
     def _num_kv_blocks(budget: int, block_bytes: int) -> int:
@@ -122,6 +143,32 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
 
+    def load_lora(self, lora_request: LoRARequest):
+        """Read and check an adapter (cached after the first time); ValueError naming it otherwise."""
+        if self.lora is None:
+            raise ValueError(
+                f"lora_request {lora_request.lora_name!r}: LoRA is off; build the LLM with enable_lora=True"
+            )
+        return self.lora.load(lora_request)
+
+    def validate_params(self, params: SamplingParams) -> None:
+        """Checks that need the model or the tokenizer, run before any request of a call is added:
+        token ids inside the vocabulary, bad_words encoded, structured outputs parsed (compiling starts)."""
+        vocab = self.model_config.vocab_size
+        for name, ids in (("logit_bias", params.logit_bias), ("allowed_token_ids", params.allowed_token_ids)):
+            bad = [t for t in ids or () if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"{name}: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if params.bad_words:
+            if self.tokenizer is None:
+                raise ValueError("bad_words need a tokenizer (skip_tokenizer_init=True)")
+            params.update_from_tokenizer(self.tokenizer)
+            bad = [t for ids in params.bad_words_token_ids for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"bad_words: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if params.structured_outputs is not None:
+            self.structured.validate(params)
+
     def add_request(
         self,
         request_id: str,
@@ -130,9 +177,15 @@ class LLMEngine:
         params: SamplingParams,
         cache_salt: str | None = None,
         priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         self._check_awake()
+        if request_id in self.processor.requests:
+            raise ValueError(f"request_id {request_id!r} is already running")
+        adapter = None if lora_request is None else self.load_lora(lora_request)
         max_tokens = self.config.max_model_len - len(prompt_token_ids)
+        if params.bad_words and not params.bad_words_token_ids:
+            params.update_from_tokenizer(self.tokenizer)
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
         seqs = []
@@ -147,12 +200,27 @@ class LLMEngine:
                 cache_salt=cache_salt,
                 priority=priority,
             )
+            seq.lora, seq.lora_request = adapter, lora_request
+            if params.structured_outputs is not None:
+                seq.grammar = self.structured.new_state(params)
             self._next_seq_id += 1
             seqs.append(seq)
-        self.processor.add_request(Request(request_id, prompt, list(prompt_token_ids), seqs))
+        self.processor.add_request(Request(request_id, prompt, list(prompt_token_ids), seqs, lora_request))
         for seq in seqs:
             self.seqs[seq.seq_id] = seq
             self.scheduler.add(seq)
+
+    def add_pooling_request(
+        self, request_id: str, prompt: str | None, prompt_token_ids: list[int], state: PoolingState
+    ) -> None:
+        """A prompt-only request: prefilled, pooled (``state``), finished; never decoded."""
+        self._check_awake()
+        seq = Sequence(self._next_seq_id, request_id, 0, list(prompt_token_ids), _POOLING_PARAMS, 0)
+        seq.pooling = state
+        self._next_seq_id += 1
+        self.pooled.add_request(request_id, list(prompt_token_ids))
+        self.seqs[seq.seq_id] = seq
+        self.scheduler.add(seq)
 
     def abort_all(self) -> None:
         """Drop every request and free its KV blocks (the launched step, if any, is discarded)."""
@@ -161,12 +229,26 @@ class LLMEngine:
         self.pending = None
         aborted = self.scheduler.abort_all()
         self.processor.abort_all()
+        self.pooled.clear()
         self.seqs.clear()
         if self.stats is not None:
             self.stats.on_abort(aborted, self.scheduler, self.kv)
 
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Drop one request and free its KV blocks; its output (unfinished samples with finish reason
+        ``"abort"``), or None if it is not running. A launched step's tokens for it are discarded."""
+        request = self.processor.abort_request(request_id)
+        if request is None:
+            return None
+        aborted = [seq for seq in request.seqs if self.seqs.pop(seq.seq_id, None) is not None]
+        for seq in aborted:
+            self.scheduler.finish(seq)
+        if self.stats is not None:
+            self.stats.on_abort(aborted, self.scheduler, self.kv)
+        return request.output
+
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self.pooled.has_pending()
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step (profiled and counted when enabled); return the requests finished in it."""
@@ -185,6 +267,10 @@ class LLMEngine:
         work of the next. While a request needs its tokens on the host to sample (penalties,
         logprobs), every step is read back before the next is scheduled. Stops are therefore seen one
         step late in overlap; the extra token is dropped.
+
+        A step with constrained (structured-output) rows keeps the overlap: its forward is launched
+        first, then the previous step is read back (its tokens advance the grammar matchers), then the
+        grammar's token mask is filled on the host and the step's sampler launched with it.
         """
         self.processor.begin_step()
         finished: list[RequestOutput] = []
@@ -194,16 +280,25 @@ class LLMEngine:
             self.pending = None
         out = self.scheduler.schedule_step()
         if not out:
+            finished += self.pooled.drain()
             if self.pending is not None:  # nothing to launch: read the last step back
                 finished += self._process(self.pending)
                 self.pending = None
             elif self.scheduler.has_unfinished():
+                if StructuredOutputManager.wait_for_any(self.scheduler.waiting):  # only grammars compiling
+                    return finished
                 raise RuntimeError("scheduler produced an empty step while requests are pending")
             return finished
+        out.defer_sampling = any(s.sample and s.params.structured_outputs is not None for s in out.scheduled)
         launched = self.worker.execute_model(out)
+        finished += self.pooled.finish(self, launched.pooled)  # earlier steps' pooled outputs too
         previous, self.pending = self.pending, launched
         if previous is not None:
             finished += self._process(previous)
+        if out.defer_sampling:  # the matchers have seen every earlier token now
+            self.worker.sample_deferred(
+                self.structured.token_mask([self.seqs.get(i) for i in launched.seq_ids])
+            )
         if sync:
             finished += self._process(launched)
             self.pending = None

@@ -26,12 +26,17 @@ import torch
 
 from kiln import envs
 from kiln.compiler.config import CompilationConfig
-from kiln.distributed.sharding import check_tensor_parallel
+from kiln.distributed.sharding import check_tensor_parallel, check_tensor_parallel_features
+from kiln.lora.config import LoRAConfig
 from kiln.models.config import ModelConfig
 from kiln.models.hub import resolve_model_path
 from kiln.models.loader import read_config
+from kiln.pooling.spec import resolve_runner
+from kiln.quant.config import resolve_quantization
+from kiln.quant.kv_cache import check_kv_cache_dtype
 from kiln.runtime.config import EngineConfig, resolve_dtype
 from kiln.runtime.profiler import ProfilerConfig
+from kiln.structured.params import StructuredOutputsConfig
 
 LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
 SCHEDULING_POLICIES = ("fcfs", "priority")
@@ -189,6 +194,8 @@ class EngineArgs:
                 continue
             reason = _REASONS.get(name, "kiln does not implement it")
             raise NotImplementedError(f"LLM parameter {name}={value!r} is not supported: {reason}")
+        LoRAConfig.from_args(self.enable_lora, self.max_loras, self.max_lora_rank, self.max_cpu_loras)
+        StructuredOutputsConfig.parse(self.structured_outputs_config)
         _check_choice("tokenizer_mode", self.tokenizer_mode, TOKENIZER_MODES)
         _check_choice("load_format", self.load_format, LOAD_FORMATS)
         _check_choice("logprobs_mode", self.logprobs_mode, LOGPROBS_MODES)
@@ -287,8 +294,17 @@ class EngineArgs:
             )
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         check_tensor_parallel(model_config, self.tensor_parallel_size, None, device)
+        kv_cache_dtype = check_kv_cache_dtype(self.kv_cache_dtype, device)
+        quant = resolve_quantization(self.quantization, self.quantization_config, hf_config, device)
+        pooling = resolve_runner(
+            model_config.architecture, model_config.raw, self.runner, self.convert, self.pooler_config
+        )
+        lora = LoRAConfig.from_args(self.enable_lora, self.max_loras, self.max_lora_rank, self.max_cpu_loras)
+        check_tensor_parallel_features(self.tensor_parallel_size, quant, pooling, lora)
         compilation_config = CompilationConfig.parse(self.compilation_config)
         engine_config = EngineConfig(
+            quantization=quant,
+            kv_cache_dtype=kv_cache_dtype,
             model_path=path,
             device=device,
             dtype=resolve_dtype(self.dtype, model_config.torch_dtype, device),
@@ -311,6 +327,9 @@ class EngineArgs:
             scheduling_policy=self.scheduling_policy,
             enable_chunked_prefill=chunked,
             tensor_parallel_size=self.tensor_parallel_size,
+            structured_outputs_config=StructuredOutputsConfig.parse(self.structured_outputs_config),
+            pooling=pooling,
+            lora=lora,
         )
         generation_config = read_generation_config(
             path, self.generation_config, self.override_generation_config
@@ -333,6 +352,9 @@ HONOURED = frozenset(
     {
         "model",
         "served_model_name",
+        "quantization",
+        "quantization_config",
+        "kv_cache_dtype",
         "tokenizer",
         "skip_tokenizer_init",
         "tokenizer_mode",
@@ -367,6 +389,14 @@ HONOURED = frozenset(
         "tensor_parallel_size",
         "pipeline_parallel_size",
         "data_parallel_size",
+        "runner",
+        "convert",
+        "pooler_config",
+        "structured_outputs_config",
+        "enable_lora",
+        "max_loras",
+        "max_lora_rank",
+        "max_cpu_loras",
     }
 )
 
@@ -391,8 +421,6 @@ HARMLESS = frozenset(
 
 # values other than the default that mean the same thing in kiln
 _EQUIVALENT: dict[str, tuple] = {
-    "runner": ("generate",),
-    "convert": ("none",),
     "distributed_executor_backend": ("uni", "mp"),
     "offload_params": (set(), frozenset()),
     "limit_mm_per_prompt": ({},),
@@ -404,17 +432,10 @@ _EQUIVALENT: dict[str, tuple] = {
 }
 
 _REASONS = {
-    "runner": "kiln runs generative models only (runner 'auto' or 'generate')",
-    "convert": "kiln runs generative models only",
-    "quantization": "kiln loads unquantised safetensors or dequantised GGUF weights",
-    "quantization_config": "kiln loads unquantised safetensors or dequantised GGUF weights",
-    "kv_cache_dtype": "the KV cache uses the model dtype",
-    "enable_lora": "kiln has no LoRA support",
     "speculative_config": "kiln has no speculative decoding",
     "spec_method": "kiln has no speculative decoding",
     "spec_model": "kiln has no speculative decoding",
     "spec_tokens": "kiln has no speculative decoding",
-    "pooler_config": "kiln runs generative models only",
     "mm_processor_kwargs": "kiln has no multimodal models",
     "limit_mm_per_prompt": "kiln has no multimodal models",
     "allowed_local_media_path": "kiln has no multimodal models",

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from kiln.runtime.sequence import Sequence
 
 
-def block_hash(parent: int | None, tokens: tuple[int, ...], salt: str | None = None) -> int:
+def block_hash(parent: int | tuple | None, tokens: tuple[int, ...], salt: str | None = None) -> int:
     """Chained hash of one full block; a request's ``cache_salt`` enters its first block's hash."""
     return hash((parent, tokens)) if salt is None else hash((parent, tokens, salt))
 
@@ -80,19 +80,21 @@ class KVCacheManager:
     def _full_block_hashes(self, seq: Sequence, num_tokens: int) -> list[int]:
         """Chained hashes of the full blocks among the first ``num_tokens`` tokens.
 
-        Extends ``seq.block_hashes`` as the sequence grows; tokens never change once there.
+        Extends ``seq.block_hashes`` as the sequence grows; tokens never change once there. The chain
+        starts from the sequence's LoRA adapter id, so blocks are never shared across adapters.
         """
         bs, hashes = self.block_size, seq.block_hashes
+        root = ("lora", seq.lora_id) if seq.lora_id else None
         for i in range(len(hashes), num_tokens // bs):
             tokens = tuple(seq.token_slice(i * bs, (i + 1) * bs))
             hashes.append(
-                block_hash(hashes[-1], tokens) if hashes else block_hash(None, tokens, seq.cache_salt)
+                block_hash(hashes[-1], tokens) if hashes else block_hash(root, tokens, seq.cache_salt)
             )
         return hashes if len(hashes) == num_tokens // bs else hashes[: num_tokens // bs]
 
     def lookup_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks covering a prefix of ``seq`` (at least one token is always left to compute)."""
-        if not self.enable_prefix_caching or seq.wants_prompt_logprobs:
+        if not self.enable_prefix_caching or not seq.reads_prefix_cache:
             return []
         found = []
         for h in self._full_block_hashes(seq, seq.num_tokens - 1):
@@ -123,11 +125,12 @@ class KVCacheManager:
         seq.block_ids.extend(self.pool.allocate() for _ in range(max(needed, 0)))
         return True
 
-    def cache_computed_blocks(self, seq: Sequence) -> None:
-        """Publish the hashes of the blocks whose every token is now computed."""
+    def cache_computed_blocks(self, seq: Sequence, num_tokens: int | None = None) -> None:
+        """Publish the hashes of the blocks whose every token is now computed (the first
+        ``num_tokens``, by default all computed tokens)."""
         if not self.enable_prefix_caching:
             return
-        hashes = self._full_block_hashes(seq, seq.num_computed_tokens)
+        hashes = self._full_block_hashes(seq, seq.num_computed_tokens if num_tokens is None else num_tokens)
         for i in range(seq.num_published_blocks, len(hashes)):
             self.pool.register(seq.block_ids[i], hashes[i])
         seq.num_published_blocks = len(hashes)

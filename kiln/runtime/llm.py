@@ -10,7 +10,10 @@ import torch
 from tqdm.auto import tqdm
 
 from kiln.compiler.report import CompileReport
+from kiln.lora.request import per_prompt
 from kiln.models.hub import resolve_model_path
+from kiln.pooling.api import PoolingMethods
+from kiln.runtime.beam_search import BeamSearchOutput, BeamSearchParams, run_beam_search
 from kiln.runtime.chat import (
     CONTENT_FORMATS,
     detect_content_format,
@@ -30,6 +33,7 @@ from kiln.runtime.metrics_reader import Metric
 from kiln.runtime.model_config_view import ModelConfigView
 from kiln.runtime.outputs import RequestOutput
 from kiln.runtime.profiler import EngineProfiler, ProfilerConfig
+from kiln.runtime.request_queue import RequestQueue, wait_for_queue
 from kiln.runtime.sampling_params import SamplingParams
 
 _ALWAYS_CALLABLE = frozenset({"shutdown"})  # public names that still work after shutdown()
@@ -38,9 +42,7 @@ _ALWAYS_CALLABLE = frozenset({"shutdown"})  # public names that still work after
 def _check_implemented(params: SamplingParams) -> None:
     """SamplingParams fields kiln accepts only at their default value."""
     unsupported = {
-        "bad_words": bool(params.bad_words),
         "logits_processors": bool(params.logits_processors),
-        "structured_outputs": params.structured_outputs is not None,
         "flat_logprobs": params.flat_logprobs,
         "spaces_between_special_tokens": not params.spaces_between_special_tokens,
     }
@@ -51,8 +53,9 @@ def _check_implemented(params: SamplingParams) -> None:
         )
 
 
-class LLM:
-    """Generate text from a Llama-family checkpoint with continuous batching over a paged KV cache.
+class LLM(PoolingMethods):
+    """Generate text from a Llama-family checkpoint with continuous batching over a paged KV cache;
+    or, with ``runner="pooling"``, embed, classify, score and reward (``kiln.pooling``).
 
     Takes vLLM's ``LLM`` arguments: ``chat_template`` (a template or a file holding one) plus every
     ``EngineArgs`` field (``kiln/runtime/engine_args.py``) by keyword.
@@ -79,6 +82,8 @@ class LLM:
         chat_template = load_chat_template(chat_template)
         path = resolved.model_path
         self.engine_args = args
+        self.pooling_spec = resolved.engine_config.pooling
+        self.runner_type = "generate" if self.pooling_spec is None else "pooling"
         self.model_path = path
         self.tokenizer = None if args.skip_tokenizer_init else self._load_tokenizer(args, path)
         self.chat_template = chat_template
@@ -97,6 +102,7 @@ class LLM:
         self.llm_engine = LLMEngine(self.config, self.model_config, self.tokenizer)
         self.config = self.llm_engine.config  # final: the KV cache may have lowered max_model_len
         self._inputs = InputProcessor(self.tokenizer, resolved.model_config.vocab_size, self.config)
+        self._queue = RequestQueue()  # enqueue / wait_for_completion
         profiler_config = ProfilerConfig.parse(args.profiler_config)
         self._profiler = EngineProfiler(profiler_config, self.config.device)
         if profiler_config.profiler is not None:
@@ -218,16 +224,37 @@ class LLM:
         tokenization_kwargs: dict[str, Any] | None = None,
         mm_processor_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        for name, value in (("lora_request", lora_request), ("mm_processor_kwargs", mm_processor_kwargs)):
-            if value is not None:
-                raise NotImplementedError(f"kiln does not implement generate parameter {name!r}")
+        if mm_processor_kwargs is not None:
+            raise NotImplementedError("kiln does not implement generate parameter 'mm_processor_kwargs'")
+        self._require_generate("generate")
         return self._run(
-            prompts, sampling_params, use_tqdm, check_tokenization_kwargs(tokenization_kwargs), priority
+            prompts,
+            sampling_params,
+            use_tqdm,
+            check_tokenization_kwargs(tokenization_kwargs),
+            priority,
+            lora_request,
         )
 
+    def _require_generate(self, method: str) -> None:
+        if self.runner_type != "generate":
+            raise ValueError(
+                f"LLM.{method}() is only supported for generative models; this LLM runs "
+                f"{self.llm_engine.model_config.architecture} with runner='pooling'. Load a causal LM "
+                "with runner='generate' (or 'auto') to generate, or call embed/classify/score/reward/encode."
+            )
+
     def _run(
-        self, prompts, sampling_params, use_tqdm, tokenization_kwargs, priority=None
+        self, prompts, sampling_params, use_tqdm, tokenization_kwargs, priority=None, lora_request=None
     ) -> list[RequestOutput]:
+        prepared = self._prepare(prompts, sampling_params, tokenization_kwargs, priority, lora_request)
+        return self._run_engine(self._add_requests(prepared), use_tqdm)
+
+    def _prepare(
+        self, prompts, sampling_params, tokenization_kwargs, priority=None, lora_request=None
+    ) -> list[tuple]:
+        """Validate and tokenize every prompt and read every adapter, adding nothing:
+        ``(ProcessedPrompt, SamplingParams, priority, LoRARequest | None)`` per prompt."""
         prompts = as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
@@ -241,7 +268,6 @@ class LLM:
                     "pass one, or one per prompt"
                 )
         priorities = check_priorities(priority, len(prompts), self.config.scheduling_policy)
-        # validate and tokenize everything before anything runs, so a bad prompt rejects the call cleanly
         prepared = []
         for i, (prompt, params) in enumerate(zip(prompts, params_list)):
             if not isinstance(params, SamplingParams):
@@ -254,22 +280,36 @@ class LLM:
             params.update_from_generation_config(
                 self.generation_config, getattr(self.tokenizer, "eos_token_id", None)
             )
+            self.llm_engine.validate_params(params)  # bad_words, structured_outputs
             prepared.append((self._inputs.process(prompt, i, params, tokenization_kwargs), params))
-        engine = self.llm_engine
+        loras = per_prompt(lora_request, len(prompts))
+        for lora in loras:  # every adapter read and checked before any request is added
+            if lora is not None:
+                self.llm_engine.load_lora(lora)
+        return [(p, params, prio, lora) for (p, params), prio, lora in zip(prepared, priorities, loras)]
+
+    def _add_requests(self, prepared) -> list[str]:
         ids = []
-        for (processed, params), prio in zip(prepared, priorities):
+        for processed, params, prio, lora in prepared:
             request_id = str(self._request_counter)
             self._request_counter += 1
-            engine.add_request(
-                request_id, processed.text, processed.token_ids, params, processed.cache_salt, prio
+            self.llm_engine.add_request(
+                request_id, processed.text, processed.token_ids, params, processed.cache_salt, prio, lora
             )
             ids.append(request_id)
+        return ids
+
+    def _run_engine(self, ids: list[str], use_tqdm) -> list[RequestOutput]:
+        """Step until nothing is unfinished; the outputs of ``ids`` in order. Outputs of queued
+        requests (``enqueue``) that finish meanwhile are kept for ``wait_for_completion``."""
+        engine = self.llm_engine
+        wanted = set(ids)
         results: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm:
             make_bar = use_tqdm if callable(use_tqdm) else tqdm
             bar = make_bar(
-                total=len(prompts),
+                total=len(ids),
                 desc="Processed prompts",
                 dynamic_ncols=True,
                 postfix="est. speed input: 0.00 toks/s, output: 0.00 toks/s",
@@ -279,6 +319,9 @@ class LLM:
         try:
             while engine.has_unfinished_requests():
                 for output in engine.step():
+                    if output.request_id not in wanted:
+                        self._queue.finished(output)
+                        continue
                     results[output.request_id] = output
                     if bar is not None:
                         in_tokens += len(output.prompt_token_ids)
@@ -291,6 +334,7 @@ class LLM:
                         bar.update(1)
         except BaseException:
             engine.abort_all()  # an interrupted call leaves nothing behind for the next one
+            self._queue.clear()
             raise
         finally:
             if bar is not None:
@@ -317,6 +361,33 @@ class LLM:
         ``chat_template_content_format``: ``"string"`` renders text parts joined into one string,
         ``"openai"`` a list of ``{"type": "text", ...}`` parts, ``"auto"`` whichever the template loops over.
         """
+        self._require_generate("chat")
+        prompts = self._chat_prompts(
+            messages,
+            chat_template,
+            chat_template_content_format,
+            add_generation_prompt,
+            continue_final_message,
+            tools,
+            chat_template_kwargs,
+            tokenization_kwargs,
+            mm_processor_kwargs,
+        )
+        return self._run(prompts, sampling_params, use_tqdm, {}, lora_request=lora_request)
+
+    def _chat_prompts(
+        self,
+        messages,
+        chat_template,
+        chat_template_content_format,
+        add_generation_prompt,
+        continue_final_message,
+        tools,
+        chat_template_kwargs,
+        tokenization_kwargs,
+        mm_processor_kwargs,
+    ) -> list[dict]:
+        """Each conversation rendered with the chat template, as a prompt with its token ids."""
         if chat_template_content_format not in CONTENT_FORMATS:
             raise ValueError(
                 "chat_template_content_format must be one of "
@@ -327,8 +398,8 @@ class LLM:
                 "continue_final_message and add_generation_prompt cannot both be True: "
                 "set add_generation_prompt=False to continue the final message"
             )
-        if lora_request is not None or mm_processor_kwargs is not None:
-            raise NotImplementedError("kiln does not implement lora_request or mm_processor_kwargs")
+        if mm_processor_kwargs is not None:
+            raise NotImplementedError("kiln does not implement mm_processor_kwargs")
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer (skip_tokenizer_init=True)")
         tokenization_kwargs = {"add_special_tokens": False, **check_tokenization_kwargs(tokenization_kwargs)}
@@ -355,7 +426,81 @@ class LLM:
             )
             ids = self.tokenizer(text, **tokenization_kwargs)["input_ids"]
             prompts.append({"prompt": text, "prompt_token_ids": ids})
-        return self._run(prompts, sampling_params, use_tqdm, {})
+        return prompts
+
+    def beam_search(
+        self, prompts: Any, params: BeamSearchParams, lora_request: Any = None, use_tqdm: bool = False
+    ) -> list[BeamSearchOutput]:
+        """vLLM's beam search; all beams of all prompts run in one batch and share their prefixes'
+        KV blocks (``kiln/runtime/beam_search.py`` says where the semantics differ from HF's)."""
+        self._require_generate("beam_search")
+        return run_beam_search(self, prompts, params, lora_request)
+
+    # ------------------------------------------------------------------ queued generation
+
+    def enqueue(
+        self,
+        prompts: Any,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora_request: Any = None,
+        priority: list[int] | None = None,
+        use_tqdm: bool | Callable[..., tqdm] = True,
+        tokenization_kwargs: dict[str, Any] | None = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
+    ) -> list[str]:
+        """Add requests without running them; their ids. ``wait_for_completion()`` runs them. Every
+        prompt is validated and tokenized first: a bad one adds nothing."""
+        if mm_processor_kwargs is not None:
+            raise NotImplementedError("kiln does not implement enqueue parameter 'mm_processor_kwargs'")
+        self._require_generate("enqueue")
+        tokenization_kwargs = check_tokenization_kwargs(tokenization_kwargs)
+        prepared = self._prepare(prompts, sampling_params, tokenization_kwargs, priority, lora_request)
+        ids = self._add_requests(prepared)
+        self._queue.add(ids)
+        return ids
+
+    def enqueue_chat(
+        self,
+        messages: Any,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool | Callable[..., tqdm] = True,
+        lora_request: Any = None,
+        priority: list[int] | None = None,
+        chat_template: str | None = None,
+        chat_template_content_format: str = "auto",
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        tokenization_kwargs: dict[str, Any] | None = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
+    ) -> list[str]:
+        """``chat``'s rendering, then ``enqueue``: the request ids; ``wait_for_completion()`` runs them."""
+        self._require_generate("enqueue_chat")
+        prompts = self._chat_prompts(
+            messages,
+            chat_template,
+            chat_template_content_format,
+            add_generation_prompt,
+            continue_final_message,
+            tools,
+            chat_template_kwargs,
+            tokenization_kwargs,
+            mm_processor_kwargs,
+        )
+        ids = self._add_requests(self._prepare(prompts, sampling_params, {}, priority, lora_request))
+        self._queue.add(ids)
+        return ids
+
+    def wait_for_completion(
+        self,
+        output_type: type | tuple[type, ...] | None = None,
+        *,
+        use_tqdm: bool | Callable[..., tqdm] = True,
+    ) -> list[Any]:
+        """Run every queued request to completion; their outputs in the order they were enqueued
+        (the queue is empty afterwards). ``output_type``: the type(s) expected (``RequestOutput``)."""
+        return wait_for_queue(self, output_type, use_tqdm)
 
     # ------------------------------------------------------------------ the worker
 

@@ -128,6 +128,14 @@ class MetricsCollector:
         self.request_prompt_tokens.observe(seq.num_prompt_tokens)
         self.request_generation_tokens.observe(index + 1)
 
+    def on_pooled(self, arrival_time: float, seq, now: float) -> None:
+        """A pooling request finished at ``now``: its prompt was computed, nothing generated."""
+        self.num_prompt_tokens += seq.num_prompt_tokens
+        self.success["stop"].inc()
+        self.e2e.observe(now - arrival_time)
+        self.queue_time.observe(seq.first_scheduled_time - arrival_time)
+        self.request_prompt_tokens.observe(seq.num_prompt_tokens)
+
     def on_abort(self, seqs, scheduler, kv) -> None:
         """``seqs`` were dropped unfinished (an interrupted ``generate``); the state is updated too."""
         for seq in seqs:

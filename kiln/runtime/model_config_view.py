@@ -72,7 +72,7 @@ class ModelConfigView:
 
     @property
     def runner_type(self) -> str:
-        return "generate"
+        return "generate" if self._engine().pooling is None else "pooling"
 
     @property
     def architectures(self) -> list[str]:

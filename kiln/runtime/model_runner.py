@@ -8,8 +8,10 @@ import kiln.ops.gemv  # noqa: F401  (registers kiln::gemv)
 from kiln.compiler.cudagraph import CudaGraphs
 from kiln.ops.attention_backend import AttentionBackend
 from kiln.ops.forward_context import forward_context
+from kiln.pooling.state import PooledRows
 from kiln.runtime.sampler import sample, top_logprobs
 from kiln.runtime.step_data import RunnerOutput, SchedulerOutput
+from kiln.structured.token_mask import GrammarBitmask
 
 
 class ModelRunner:
@@ -23,6 +25,7 @@ class ModelRunner:
         seed: int = 0,
         one_row_logits: bool = False,
         logprobs_mode: str = "raw_logprobs",
+        lora=None,
     ):
         self.model, self.forward, self.attention, self.graphs = model, forward, attention, graphs
         self.device = device
@@ -31,8 +34,11 @@ class ModelRunner:
         self.generators: dict[int, torch.Generator | None] = {}  # per sequence: its seeded generator
         self.one_row_logits = one_row_logits  # fuse_gemv on CUDA: a one-row batch's logits by kiln::gemv
         self.logprobs_mode = logprobs_mode
+        self.lora = lora  # kiln.lora.manager.LoRAManager: its per-token slot buffers are filled each step
         self.previous: RunnerOutput | None = None  # the last launched step (source of pending tokens)
+        self.deferred: tuple | None = None  # (result, logits, rows) of a step whose sampling waits
         self._previous_rows: dict[int, int] = {}
+        self.pooled_rows = PooledRows()  # pooling requests' partial pools, by sequence id
         n = max([*graphs.full_sizes, *graphs.piecewise_sizes], default=0)
         self.input_ids = torch.zeros(n, dtype=torch.long, device=device)  # graph inputs, fixed addresses
         self.positions = torch.zeros(n, dtype=torch.long, device=device)
@@ -65,6 +71,7 @@ class ModelRunner:
             self.generators[new.seq_id] = gen
         for seq_id in out.finished_seq_ids:
             self.generators.pop(seq_id, None)
+            self.pooled_rows.forget(seq_id)
 
     def _prepare(self, out: SchedulerOutput):
         bs = self.block_size
@@ -93,8 +100,24 @@ class ModelRunner:
         )
         if fix_dst:
             input_ids.index_copy_(0, dst, self.previous.tokens.index_select(0, src))
+        if self.lora is not None:
+            self.lora.batch.set([(s.lora_slot, s.num_tokens) for s in out.scheduled])
         all_rows = len(sample_rows) == len(ids)
         return input_ids, positions_t, md, starts, (None if all_rows else rows), samples
+
+    def _sample(self, result: RunnerOutput, logits, samples, token_mask=None) -> None:
+        sampled = sample(logits, samples, self.generator, self.logprobs_mode, token_mask)
+        result.tokens, result.logprobs = sampled.tokens, sampled.logprobs
+        result.copy_out()
+
+    @torch.inference_mode()
+    def sample_deferred(self, grammar_bitmask: GrammarBitmask | None) -> None:
+        """Sample the step launched with ``defer_sampling``, under the grammar's mask (host data)."""
+        if self.deferred is None:  # nothing sampled in that step
+            return
+        (result, logits, samples), self.deferred = self.deferred, None
+        mask = None if grammar_bitmask is None else grammar_bitmask.to_device(self.device)
+        self._sample(result, logits, samples, mask)
 
     @property
     def block_size(self) -> int:
@@ -102,18 +125,23 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        """Launch the step; sampled tokens stay on the device (``RunnerOutput.tokens``)."""
+        """Launch the step; sampled tokens stay on the device (``RunnerOutput.tokens``). With
+        ``out.defer_sampling`` only the forward and the logits: ``sample_deferred`` finishes it."""
+        self.deferred = None
         self._update_states(out)
         input_ids, positions, md, starts, rows, samples = self._prepare(out)
         hidden = self.run_forward(input_ids, positions, md)
         result = RunnerOutput([s.seq_id for s in samples], None, [], {})
+        if any(s.pooling is not None for s in out.scheduled):
+            result.pooled = self.pooled_rows.collect(hidden, out.scheduled, starts)
         if samples:
             for s in samples:
                 s.generator = self.generators.get(s.seq_id)
             logits = self.logits(hidden if rows is None else hidden[rows])
-            sampled = sample(logits, samples, self.generator, self.logprobs_mode)
-            result.tokens, result.logprobs = sampled.tokens, sampled.logprobs
-            result.copy_out()
+            if out.defer_sampling:
+                self.deferred = (result, logits, samples)
+            else:
+                self._sample(result, logits, samples)
         for i, s in enumerate(out.scheduled):  # prompt positions of sequences owing prompt logprobs
             if s.prompt_logprobs is None:
                 continue

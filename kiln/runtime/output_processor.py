@@ -23,7 +23,12 @@ from kiln.runtime.step_data import RunnerOutput
 
 class Request:
     def __init__(
-        self, request_id: str, prompt: str | None, prompt_token_ids: list[int], seqs: list[Sequence]
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        seqs: list[Sequence],
+        lora_request=None,
     ):
         self.request_id, self.prompt, self.prompt_token_ids, self.seqs = (
             request_id,
@@ -38,8 +43,9 @@ class Request:
             prompt=prompt,
             prompt_token_ids=prompt_token_ids,
             prompt_logprobs=seqs[0].prompt_logprobs,
-            outputs=[CompletionOutput(s.index, "", [], None, None) for s in seqs],
+            outputs=[CompletionOutput(s.index, "", [], None, None, lora_request=lora_request) for s in seqs],
             finished=False,
+            lora_request=lora_request,
         )
 
     @property
@@ -68,6 +74,7 @@ class OutputProcessor:
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}  # seq id -> its detokenizer
         self.logprobs = LogprobsBuilder(tokenizer)  # Logprob dicts with repaired byte-fallback text
         self._touched: dict[Sequence, tuple[int, int, int]] = {}  # this step: (tokens, text, logprobs) before
+        self._text_sent: dict[int, int] = {}  # seq id -> characters of its text handed out in deltas
         self.stats = None  # kiln.runtime.metrics.MetricsCollector: told of every accepted token
 
     def add_request(self, request: Request) -> None:
@@ -82,6 +89,22 @@ class OutputProcessor:
         self.requests.clear()
         self.detokenizers.clear()
         self._touched.clear()
+        self._text_sent.clear()
+
+    def abort_request(self, request_id: str) -> Request | None:
+        """Forget one request; its unfinished samples get finish reason ``"abort"``. None if unknown."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            self.detokenizers.pop(seq.seq_id, None)
+            self._text_sent.pop(seq.seq_id, None)
+            self._touched.pop(seq, None)
+            if seq.finish_reason is None:
+                seq.finish_reason = "abort"
+                request.output.add(self._final_sample(request, seq, False), aggregate=False)
+        request.output.finished = True
+        return request
 
     # ------------------------------------------------------------------ one step
 
@@ -133,6 +156,8 @@ class OutputProcessor:
     def _accept(self, seq: Sequence, token: int, entry, now: float) -> None:
         params = seq.params
         seq.output_token_ids.append(token)
+        if seq.grammar is not None:
+            seq.grammar.accept(token)
         seq.first_token_time = seq.first_token_time or now
         if entry is not None:
             pos = seq.num_known_tokens - 1  # the accepted token's position
@@ -141,7 +166,8 @@ class OutputProcessor:
             seq.cumulative_logprob += entry[2]
         num_out = len(seq.output_token_ids)
         stopped_by_token = False
-        if num_out >= params.min_tokens:
+        # a grammar that accepted its stop token ends the sequence, min_tokens or not
+        if num_out >= params.min_tokens or (seq.grammar is not None and seq.grammar.terminated):
             if not params.ignore_eos and token in self.eos_token_ids:
                 seq.finish_reason, stopped_by_token = "stop", True
             elif token in params.stop_token_ids:
@@ -165,15 +191,18 @@ class OutputProcessor:
     # ------------------------------------------------------------------ outputs
 
     @staticmethod
-    def _completion(seq: Sequence, tokens_from: int = 0, text_from: int = 0, logprobs_from: int = 0):
+    def _completion(
+        seq: Sequence, tokens_from: int = 0, text_from: int = 0, logprobs_from: int = 0, text_to=None
+    ):
         return CompletionOutput(
             index=seq.index,
-            text=seq.text[text_from:],
+            text=seq.text[text_from:text_to],
             token_ids=seq.output_token_ids[tokens_from:],
             cumulative_logprob=seq.cumulative_logprob,
             logprobs=None if seq.logprobs is None else seq.logprobs[logprobs_from:],
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
+            lora_request=seq.lora_request,
         )
 
     def _final_sample(self, request: Request, seq: Sequence, done: bool) -> RequestOutput:
@@ -198,18 +227,31 @@ class OutputProcessor:
             prompt_logprobs=None,
             outputs=[self._completion(seq)],
             finished=done,
+            lora_request=seq.lora_request,
             metrics=metrics,
             num_cached_tokens=(request.seqs[0].num_cached_tokens or 0) if done else None,
         )
 
     def step_deltas(self) -> list[RequestOutput]:
         """What the last engine step added, one ``RequestOutput`` per request that got tokens: new text,
-        token ids and logprobs of each sample that changed (the prompt logprobs with the first)."""
+        token ids and logprobs of each sample that changed (the prompt logprobs with the first).
+
+        Call it after every step: the text of an unfinished sample holds back
+        ``params.output_text_buffer_length`` characters (a stop string may still cut them), so the
+        deltas joined give exactly the final text.
+        """
         by_request: dict[str, list[CompletionOutput]] = {}
         carries_prompt_logprobs: dict[str, list | None] = {}
-        for seq, (tokens, text, logprobs) in self._touched.items():
+        for seq, (tokens, _, logprobs) in self._touched.items():
+            sent = self._text_sent.get(seq.seq_id, 0)
+            if seq.finish_reason is None:
+                shown = max(sent, len(seq.text) - seq.params.output_text_buffer_length)
+                self._text_sent[seq.seq_id] = shown
+            else:
+                shown = len(seq.text)
+                self._text_sent.pop(seq.seq_id, None)
             by_request.setdefault(seq.request_id, []).append(
-                self._completion(seq, tokens, min(text, len(seq.text)), logprobs)
+                self._completion(seq, tokens, sent, logprobs, shown)
             )
             if tokens == 0 or seq.request_id not in carries_prompt_logprobs:
                 carries_prompt_logprobs[seq.request_id] = seq.prompt_logprobs if tokens == 0 else None
@@ -221,6 +263,7 @@ class OutputProcessor:
                 prompt_logprobs=carries_prompt_logprobs[request_id],
                 outputs=sorted(completions, key=lambda c: c.index),
                 finished=request_id not in self.requests,
+                lora_request=completions[0].lora_request,
             )
             for request_id, completions in by_request.items()
         ]

@@ -218,10 +218,14 @@ class EngineProfiler:
         prof.stop()
         if self.config.torch_profiler_dump_cuda_time_total and self.last_trace is not None:
             cuda = self.device.type == "cuda"
-            table = prof.key_averages().table(
-                sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
-                row_limit=None if cuda else 50,
-            )
+            try:
+                table = prof.key_averages().table(
+                    sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                    row_limit=None if cuda else 50,
+                )
+            except UnicodeDecodeError as e:  # torch's own parse of an event name; the trace is written
+                table = f"op table unavailable: torch.profiler could not decode an event name ({e})"
+                logger.warning("profiler: %s", table)
             path = os.path.join(self.config.torch_profiler_dir, "profiler_out_0.txt")
             with open(path, "w") as f:
                 print(table, file=f)

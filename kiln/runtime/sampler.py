@@ -1,4 +1,5 @@
-"""Batched sampling on the device: penalties, temperature, min_p, top_k, top_p, per-request seeds,
+"""Batched sampling on the device: penalties, min_tokens, logit_bias, allowed_token_ids, bad_words,
+the grammar's token mask (structured outputs), temperature, min_p, top_k, top_p, per-request seeds,
 and the log-probabilities a request asked for (raw or processed, as ``logprobs_mode`` says).
 
 Random rows draw ``token = argmax(logits / T - log q)`` with ``q ~ Exp(1)``, which samples from
@@ -13,6 +14,7 @@ import torch
 from kiln.ops.sample_argmax import sample_argmax
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.transfer import to_device
+from kiln.structured.token_mask import TokenMask
 
 _NEG_INF = float("-inf")
 
@@ -69,19 +71,40 @@ def apply_penalties(logits: torch.Tensor, seqs: list[SamplingRow]) -> torch.Tens
 
 
 def _bans_stops(s: SamplingRow) -> bool:
+    """min_tokens not reached: stop ids (all_stop_token_ids holds stop_token_ids too) are banned. A
+    constrained row gets this from its grammar mask, which lets the grammar's end win."""
     p = s.params
-    return s.num_output_tokens < p.min_tokens and bool(p.all_stop_token_ids)  # holds stop_token_ids too
+    return s.num_output_tokens < p.min_tokens and bool(p.all_stop_token_ids) and p.structured_outputs is None
+
+
+def banned_words(s: SamplingRow) -> list[int]:
+    """bad_words: the last token of each word whose other tokens end the output so far (vLLM's rule).
+    A request with words of several tokens reads its tokens on the host (scheduler.needs_host_tokens)."""
+    out = s.output_token_ids
+    banned = []
+    for ids in s.params.bad_words_token_ids:
+        prefix = ids[:-1]
+        if len(prefix) <= len(out) and (not prefix or out[len(out) - len(prefix) :] == prefix):
+            banned.append(ids[-1])
+    return banned
 
 
 def apply_constraints(logits: torch.Tensor, seqs: list[SamplingRow]) -> torch.Tensor:
-    """min_tokens (stop ids banned until reached), logit_bias, allowed_token_ids. Works on an fp32 copy."""
-    if not any(_bans_stops(s) or s.params.logit_bias or s.params.allowed_token_ids for s in seqs):
+    """min_tokens (stop ids banned until reached), logit_bias, allowed_token_ids, bad_words. Works on an
+    fp32 copy."""
+    if not any(
+        _bans_stops(s) or s.params.logit_bias or s.params.allowed_token_ids or s.params.bad_words_token_ids
+        for s in seqs
+    ):
         return logits
     logits = logits.to(torch.float32, copy=True)
     for i, s in enumerate(seqs):
         p = s.params
         if _bans_stops(s):
             logits[i].index_fill_(0, to_device(list(p.all_stop_token_ids), logits.device), _NEG_INF)
+        banned = banned_words(s) if p.bad_words_token_ids else None
+        if banned:
+            logits[i].index_fill_(0, to_device(banned, logits.device), _NEG_INF)
         if p.logit_bias:
             ids = to_device(list(p.logit_bias), logits.device)
             logits[i].index_add_(0, ids, to_device(list(p.logit_bias.values()), logits.device, logits.dtype))
@@ -122,8 +145,10 @@ def sample(
     seqs: list[SamplingRow],
     generator: torch.Generator | None,
     logprobs_mode: str = "raw_logprobs",
+    token_mask: TokenMask | None = None,
 ) -> SamplerOutput:
-    """Pick one token per row of ``logits`` ``[len(seqs), vocab]`` (any float dtype).
+    """Pick one token per row of ``logits`` ``[len(seqs), vocab]`` (any float dtype); ``token_mask``
+    holds the grammar's allowed tokens of the constrained rows.
 
     Requested logprobs come from ``logprobs_mode`` (vLLM's): the raw model output or the processed one
     (after penalties, logit_bias / allowed ids / min_tokens, temperature and the top-k / top-p / min-p
@@ -132,6 +157,8 @@ def sample(
     wants_logprobs = any(s.params.logprobs is not None for s in seqs)
     reported = logits.float() if wants_logprobs and logprobs_mode.startswith("raw") else None
     logits = apply_constraints(apply_penalties(logits, seqs), seqs)
+    if token_mask is not None:
+        logits = token_mask.apply(logits)
     params = [s.params for s in seqs]
     temps = [1.0 if p.is_greedy else p.temperature for p in params]
     if all(p.is_greedy for p in params):

@@ -147,6 +147,8 @@ class SamplingParams:
 
     all_stop_token_ids: set[int] = field(default_factory=set, init=False, compare=False)
     """``stop_token_ids`` plus the model's end-of-sequence ids (see ``update_from_generation_config``)."""
+    bad_words_token_ids: list[list[int]] = field(default_factory=list, init=False, compare=False)
+    """Token-id sequences that are never generated, from ``bad_words`` (see ``update_from_tokenizer``)."""
 
     def __post_init__(self) -> None:
         self._normalise()
@@ -216,6 +218,10 @@ class SamplingParams:
             )
         if self.logit_bias is not None:
             self.logit_bias = self._parse_logit_bias(self.logit_bias)
+        if self.structured_outputs is not None:
+            from kiln.structured.params import StructuredOutputsParams
+
+            self.structured_outputs = StructuredOutputsParams.from_value(self.structured_outputs)
 
     def _coerce_float(self, name: str) -> None:
         value = getattr(self, name)
@@ -384,6 +390,21 @@ class SamplingParams:
         if not self.ignore_eos:
             known = set(self.stop_token_ids)
             self.stop_token_ids.extend(sorted(extra - known))
+
+    def update_from_tokenizer(self, tokenizer) -> None:
+        """Encode ``bad_words`` (vLLM's rule): each word as it stands and, when that gives a new first
+        token and as many tokens, after a space, so it is banned at the start and in the middle of text."""
+        self.bad_words_token_ids = []
+        for word in self.bad_words or ():
+            for prefix in ("", " "):
+                ids = tokenizer.encode(prefix + word.lstrip(), add_special_tokens=False)
+                if not ids:
+                    continue
+                if prefix:
+                    last = self.bad_words_token_ids[-1] if self.bad_words_token_ids else None
+                    if last is None or ids[0] == last[0] or len(ids) != len(last):
+                        continue
+                self.bad_words_token_ids.append(ids)
 
     def clone(self) -> SamplingParams:
         """Deep copy; logits processors are shared, not copied, since they may hold large state."""

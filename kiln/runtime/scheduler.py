@@ -8,7 +8,8 @@ come first served, or with ``policy="priority"`` by (priority, arrival), preempt
 sequence latest in that order. Without chunked prefill a prompt is admitted only when all its
 remaining tokens fit in the step.
 A sequence whose launched tokens already reach its length limit is not scheduled again: it only
-waits for the engine to read its last token back.
+waits for the engine to read its last token back. A waiting sequence whose grammar is still compiling
+is passed over (it keeps its place) without holding up the ones behind it.
 
 ``schedule_step()`` is what the engine calls: it schedules, then turns the batch into the worker's
 plain-data ``SchedulerOutput`` and advances each sequence past the launched tokens (computed tokens,
@@ -46,8 +47,10 @@ class Scheduler:
         max_model_len: int | None = None,
         policy: str = "fcfs",
         chunked_prefill: bool = True,
+        lora=None,
     ):
         self.kv = kv
+        self.lora = lora  # kiln.lora.manager.LoRAManager, or None without enable_lora
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -119,8 +122,14 @@ class Scheduler:
                 batch.num_new_tokens.append(n)
                 budget -= n
                 i += 1
+        compiling = []  # waiting sequences whose grammar is not compiled yet keep their place
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
+            if seq.grammar_pending:
+                compiling.append(self.waiting.popleft())
+                continue
+            if not self._lora_admits(seq):
+                break
             cached = self.kv.lookup_prefix(seq)
             remaining = seq.num_tokens - len(cached) * self.kv.block_size
             n = min(remaining, budget)
@@ -136,6 +145,7 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
+        self.waiting.extendleft(reversed(compiling))
         return batch
 
     def preempt_all(self) -> None:
@@ -155,7 +165,7 @@ class Scheduler:
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             lo, known = seq.num_computed_tokens, seq.num_known_tokens
             hi = lo + n
-            sample = hi == seq.num_tokens
+            sample = hi == seq.num_tokens and seq.pooling is None
             owed = seq.params.prompt_logprobs if seq.wants_prompt_logprobs else None
             out.scheduled.append(  # positional: this runs for every sequence of every step
                 ScheduledSequence(
@@ -172,8 +182,11 @@ class Scheduler:
                     seq.output_token_ids,
                     owed,  # prompt_logprobs
                     len(seq.prompt_logprobs) if owed is not None else 0,  # prompt_logprobs_done
+                    pooling=seq.pooling.pooling if seq.pooling is not None else None,
                 )
             )
+            if seq.lora is not None:
+                out.scheduled[-1].lora_slot = self.lora.slot_for(seq.lora)
             seq.first_scheduled_time = seq.first_scheduled_time or now
             seq.num_computed_tokens = hi
             if sample:
@@ -182,6 +195,13 @@ class Scheduler:
                 if seq.num_output_tokens >= seq.max_tokens or (limit is not None and seq.num_tokens >= limit):
                     seq.awaiting_finish = True
         return out
+
+    def _lora_admits(self, seq: Sequence) -> bool:
+        """A sequence's adapter must hold a device slot while it runs; with every slot used by running
+        sequences, it waits."""
+        if self.lora is None or seq.lora is None:
+            return True
+        return self.lora.admit(seq.lora, {s.lora_id for s in self.running if s.lora is not None})
 
     def cache_computed_blocks(self, out: SchedulerOutput, seqs: dict[int, Sequence]) -> None:
         """Publish the full blocks of the step's unfinished sequences (their tokens are known by now)."""
@@ -198,6 +218,8 @@ class Scheduler:
         else:
             return
         seq.status = Status.FINISHED
+        # publish its last full blocks first: a request with the same prefix (a beam's child) reuses them
+        self.kv.cache_computed_blocks(seq, min(seq.num_computed_tokens, seq.num_known_tokens))
         self.kv.free(seq)
         self._finished.append(seq.seq_id)
         if needs_host_tokens(seq):
@@ -220,4 +242,5 @@ def needs_host_tokens(seq: Sequence) -> bool:
         or p.repetition_penalty != 1.0
         or p.presence_penalty != 0.0
         or p.frequency_penalty != 0.0
+        or any(len(ids) > 1 for ids in p.bad_words_token_ids)  # bans follow the last tokens
     )

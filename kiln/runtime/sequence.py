@@ -7,6 +7,7 @@ finish). The worker never sees one; it gets plain data (``kiln.runtime.step_data
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from kiln.runtime.outputs import Logprob
 from kiln.runtime.sampling_params import SamplingParams
@@ -46,6 +47,10 @@ class Sequence:
     text: str = ""
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    lora: Any = None  # kiln.lora.adapter.LoRAAdapter this sequence runs with (None: the base model)
+    lora_request: Any = None  # the kiln.lora.request.LoRARequest it was added with, for its outputs
+    pooling: Any = None  # kiln.pooling.state.PoolingState of a prompt-only pooling request
+    grammar: object = None  # kiln.structured.grammar_state.GrammarState of a constrained sequence
 
     def __post_init__(self):
         if self.params.logprobs is not None:
@@ -85,8 +90,25 @@ class Sequence:
         return self.prompt_token_ids[lo:] + self.output_token_ids[: hi - n]
 
     @property
+    def lora_id(self) -> int:
+        """The adapter's ``lora_int_id``; 0 for the base model."""
+        return self.lora.id if self.lora is not None else 0
+
+    @property
+    def grammar_pending(self) -> bool:
+        """Its grammar is still compiling: the scheduler leaves it waiting."""
+        return self.grammar is not None and not self.grammar.ready
+
+    @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def reads_prefix_cache(self) -> bool:
+        """Prompt logprobs and most poolings need every prompt position computed."""
+        if self.pooling is not None:
+            return self.pooling.reads_prefix_cache
+        return not self.wants_prompt_logprobs
 
     @property
     def wants_prompt_logprobs(self) -> bool:

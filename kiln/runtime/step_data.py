@@ -42,6 +42,8 @@ class ScheduledSequence:
     prompt_logprobs: int | None = None  # top-k of prompt logprobs owed for this step's prompt positions
     prompt_logprobs_done: int = 0  # prompt positions whose logprobs are already known (a recomputed prefix)
     generator: torch.Generator | None = None  # set by the worker: the sequence's seeded generator
+    lora_slot: int = -1  # device slot of the sequence's LoRA adapter, -1 for the base model
+    pooling: str | None = None  # a pooling request's pooling ("LAST", "MEAN", "CLS", "ALL"); never samples
 
 
 @dataclass
@@ -49,6 +51,9 @@ class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     new_sequences: list[NewSequence] = field(default_factory=list)
     finished_seq_ids: list[int] = field(default_factory=list)  # finished or aborted since the last step
+    # constrained rows: the worker launches forward and logits only; Worker.sample_deferred samples
+    # once the engine has read the previous step back and filled the grammar's mask
+    defer_sampling: bool = False
 
     @property
     def total_tokens(self) -> int:
@@ -71,6 +76,7 @@ class RunnerOutput:
     tokens: torch.Tensor | None  # int64 [rows] on the device
     logprobs: list[LogprobEntry | None]  # per row, when asked for
     prompt_logprobs: dict[int, list[tuple[int, LogprobEntry]]]  # seq id -> (target token, entry) per position
+    pooled: dict[int, torch.Tensor] = field(default_factory=dict)  # seq id -> pooled rows, on the device
     token_ids: list[int] | None = None  # None: not yet read back
     host_tokens: torch.Tensor | None = None
     ready: "torch.cuda.Event | None" = None

@@ -30,11 +30,13 @@ from kiln.compiler.cudagraph import CudaGraphs
 from kiln.compiler.report import CompileReport
 from kiln.distributed import parallel_state
 from kiln.distributed.sharding import checkpoint_slice, rank_model_config
+from kiln.lora.manager import lora_manager_for
 from kiln.models.config import ModelConfig
 from kiln.models.loader import build_model, load_weights
 from kiln.ops.attention_backend import attention_backend_class
 from kiln.ops.forward_context import forward_context
 from kiln.ops.sample_argmax import sample_argmax
+from kiln.quant.kv_cache import configure_kv_cache
 from kiln.runtime.config import CPU_DEFAULT_KV_CACHE_BYTES, EngineConfig
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.step_data import RunnerOutput, SchedulerOutput
@@ -46,16 +48,18 @@ SLEEP_TAGS = ("weights", "kv_cache")
 
 class Worker:
     def __init__(self, config: EngineConfig, model_config: ModelConfig):
-        """``model_config``: the model's; under tensor parallelism ``self.model_config`` holds this
-        rank's shapes (its heads, KV heads and intermediate size)."""
+        """``model_config``: the model's (or a view of it); under tensor parallelism ``self.model_config``
+        holds this rank's shapes (its heads, KV heads and intermediate size)."""
         self.tp = parallel_state.get() if config.tensor_parallel_size > 1 else parallel_state.ONE_RANK
-        self.config, self.full_model_config = config, model_config
-        self.model_config = rank_model_config(model_config, self.tp.size)
+        self.config = config
+        self.full_model_config = getattr(model_config, "arch", model_config)  # the architecture config
+        self.model_config = rank_model_config(self.full_model_config, self.tp.size)
         self.device = config.device
         self.plan = config.plan
         self.attention = attention_backend_class(config.attention_backend)(config.block_size, config.device)
         self.graphs = CudaGraphs(self.plan.full_graph_sizes, self.plan.piecewise_graph_sizes)
         self.model = None
+        self.lora = None  # kiln.lora.manager.LoRAManager with enable_lora
         self.compiled = None  # kiln.compiler.compiled_forward.CompiledForward, None when eager
         self.runner: ModelRunner | None = None
         self.kv_caches: list[torch.Tensor] = []
@@ -75,8 +79,18 @@ class Worker:
         cfg = self.config
         self.phases.append("load_model")
         self.model = build_model(
-            cfg.model_path, self.model_config, cfg.dtype, cfg.device, cfg.load_format, self._shard(), self.tp
+            cfg.model_path,
+            self.model_config,
+            cfg.dtype,
+            cfg.device,
+            cfg.load_format,
+            pooling=cfg.pooling,
+            quant=cfg.quantization,
+            shard=self._shard(),
+            tp=self.tp,
         )
+        self.kv_cache_dtype = configure_kv_cache(self.model, cfg.kv_cache_dtype, cfg.dtype)
+        self.lora = lora_manager_for(cfg, self.model_config, self.model)  # wraps the (fp8) projections
 
     def _shard(self):
         """This rank's slice of each checkpoint tensor (None with one rank)."""
@@ -99,6 +113,7 @@ class Worker:
             seed=cfg.seed,
             one_row_logits=self.plan.one_row_logits and self.tp.size == 1,
             logprobs_mode=cfg.logprobs_mode,
+            lora=self.lora,
         )
         if self.graphs.full_sizes:
             self.attention.allocate_graph_buffers(self.graphs.full_sizes[-1], cfg.max_blocks_per_seq)
@@ -115,7 +130,7 @@ class Worker:
         """A one-block cache per layer: enough for dummy steps that store nothing."""
         mc, cfg = self.model_config, self.config
         shape = (2, 1, cfg.block_size, mc.num_kv_heads, mc.head_dim)
-        return [torch.zeros(shape, dtype=cfg.dtype, device=cfg.device)] * mc.num_layers
+        return [torch.zeros(shape, dtype=self.kv_cache_dtype, device=cfg.device)] * mc.num_layers
 
     @torch.inference_mode()
     def _warm_up(self) -> None:
@@ -139,7 +154,7 @@ class Worker:
 
     def kv_bytes_per_block(self) -> int:
         mc, cfg = self.model_config, self.config
-        elem = torch.tensor([], dtype=cfg.dtype).element_size()
+        elem = torch.tensor([], dtype=self.kv_cache_dtype).element_size()
         return 2 * mc.num_layers * cfg.block_size * mc.num_kv_heads * mc.head_dim * elem
 
     def determine_kv_budget(self) -> int:
@@ -234,7 +249,7 @@ class Worker:
         mc, cfg = self.model_config, self.config
         shape = (2, num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim)
         self.kv_caches = [
-            torch.zeros(shape, dtype=cfg.dtype, device=cfg.device) for _ in range(mc.num_layers)
+            torch.zeros(shape, dtype=self.kv_cache_dtype, device=cfg.device) for _ in range(mc.num_layers)
         ]
         self.runner.kv_caches = self.kv_caches
 
@@ -292,6 +307,10 @@ class Worker:
         if self.asleep:
             raise RuntimeError(f"the worker is asleep ({sorted(self.asleep)} released): call wake_up() first")
         return self.runner.execute(scheduler_output)
+
+    def sample_deferred(self, grammar_bitmask) -> None:
+        """Sample the step just launched with ``defer_sampling`` (a ``GrammarBitmask`` or None)."""
+        self.runner.sample_deferred(grammar_bitmask)
 
     def compile_report(self) -> CompileReport:
         report = self.compiled.report if self.compiled is not None else CompileReport()
@@ -363,7 +382,12 @@ class Worker:
                 else:
                     cfg = self.config
                     load_weights(
-                        self.model, cfg.model_path, self.model_config, cfg.load_format, self._shard()
+                        self.model,
+                        cfg.model_path,
+                        self.model_config,
+                        cfg.load_format,
+                        cfg.quantization,
+                        shard=self._shard(),
                     )
                 self.asleep.discard("weights")
             if "kv_cache" in tags and "kv_cache" in self.asleep:

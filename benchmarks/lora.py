@@ -1,0 +1,144 @@
+"""LoRA serving cost on a model shape: decode TPOT with adapters vs the base model, and swap-in time.
+
+    python benchmarks/lora.py --model llama-8b [--rank 16] [--output-dir benchmarks/results]
+
+Random rank-``--rank`` adapters on all seven projections (dummy base weights). In one process:
+
+* base: ``LLM`` without LoRA, decode batches of 64 and 1;
+* lora: ``LLM(enable_lora=True, max_loras=4)``, batch 64 with 4 distinct adapters (16 requests each),
+  batch 64 of base-model requests on the same engine, batch 1 with one adapter and batch 1 without;
+* swap-in: one adapter copied from the CPU cache into a device slot (median of ``--swap-reps``), and
+  reading + checking an adapter directory from disk.
+
+TPOT is the median over requests and iterations; the ratios are lora / base. Targets (recorded, not
+asserted): batch 64 with 4 adapters <= 1.3x, batch 1 with one adapter <= 1.15x. Writes
+``bench_lora_<model>[_<tag>].json`` with GPU name, versions and the command. Needs CUDA for meaningful
+numbers (runs anywhere).
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kiln.bench import common  # noqa: E402
+from kiln.bench.lora_adapters import write_random_adapter  # noqa: E402
+from kiln.bench.shapes import resolve_model  # noqa: E402
+
+TARGETS = {"batch64_4_adapters": 1.3, "batch1_1_adapter": 1.15}
+
+
+def tpot(llm, prompts, output_len, loras, iters):
+    from kiln import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True, detokenize=False)
+    reqs = [{"prompt_token_ids": p} for p in prompts]
+    llm.generate(reqs, params, lora_request=loras, use_tqdm=False)  # warm-up
+    values = []
+    for _ in range(iters):
+        llm.reset_prefix_cache()
+        common.sync()
+        outs = llm.generate(reqs, params, lora_request=loras, use_tqdm=False)
+        values += common.request_latencies(outs)["tpot"]
+    return statistics.median(values)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-8b", help="a named shape (llama-8b, llama-1b, ...)")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--num-iters", type=int, default=3)
+    p.add_argument("--swap-reps", type=int, default=20)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--output-dir", default="benchmarks/results")
+    p.add_argument("--tag", default=None)
+    args = p.parse_args(argv)
+
+    import torch
+
+    from kiln import LLM, LoRARequest
+
+    source = resolve_model(args.model)
+    tmp = tempfile.mkdtemp(prefix="kiln-lora-bench-")
+    adapters = [
+        LoRARequest(
+            f"random-{i}",
+            i + 1,
+            write_random_adapter(os.path.join(tmp, f"a{i}"), source.config, args.rank, seed=i),
+        )
+        for i in range(5)
+    ]
+    gen = torch.Generator().manual_seed(0)
+    vocab = source.vocab_size
+    prompts = [
+        torch.randint(min(1000, vocab // 4), vocab, (args.input_len,), generator=gen).tolist()
+        for _ in range(64)
+    ]
+    kw = dict(
+        model=source.path,
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        dtype=args.dtype,
+        max_num_seqs=64,
+        max_model_len=args.input_len + args.output_len + 16,
+    )
+    results, startup = {}, {}
+    t0 = time.perf_counter()
+    llm = LLM(**kw)
+    startup["base_s"] = time.perf_counter() - t0
+    results["base_batch64_tpot_s"] = tpot(llm, prompts, args.output_len, None, args.num_iters)
+    results["base_batch1_tpot_s"] = tpot(llm, prompts[:1], args.output_len, None, args.num_iters)
+    common.free_llm(llm)
+
+    t0 = time.perf_counter()
+    llm = LLM(**kw, enable_lora=True, max_loras=4, max_lora_rank=args.rank, max_cpu_loras=5)
+    startup["lora_s"] = time.perf_counter() - t0
+    mixed = [adapters[i // 16] for i in range(64)]
+    results["lora_batch64_4_adapters_tpot_s"] = tpot(llm, prompts, args.output_len, mixed, args.num_iters)
+    results["lora_batch64_base_requests_tpot_s"] = tpot(llm, prompts, args.output_len, None, args.num_iters)
+    results["lora_batch1_1_adapter_tpot_s"] = tpot(
+        llm, prompts[:1], args.output_len, adapters[0], args.num_iters
+    )
+    results["lora_batch1_base_request_tpot_s"] = tpot(llm, prompts[:1], args.output_len, None, args.num_iters)
+
+    manager = llm.llm_engine.lora
+    t0 = time.perf_counter()
+    fresh = manager.load(adapters[4])  # not loaded before: read from disk, checked, laid out (pinned)
+    results["adapter_load_from_disk_s"] = time.perf_counter() - t0
+    swaps = []
+    for _ in range(args.swap_reps):
+        common.sync()
+        t0 = time.perf_counter()
+        manager.swap_in(0, fresh)
+        common.sync()
+        swaps.append(time.perf_counter() - t0)
+    results["swap_in_s"] = statistics.median(swaps)
+    results["adapter_bytes"] = sum(
+        a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in fresh.weights.values()
+    )
+    results["recompilations"] = llm.compile_report().recompilations
+    common.free_llm(llm)
+
+    results["ratio_batch64_4_adapters"] = (
+        results["lora_batch64_4_adapters_tpot_s"] / results["base_batch64_tpot_s"]
+    )
+    results["ratio_batch1_1_adapter"] = (
+        results["lora_batch1_1_adapter_tpot_s"] / results["base_batch1_tpot_s"]
+    )
+    results["targets"] = {k: {"max_ratio": v, "met": results[f"ratio_{k}"] <= v} for k, v in TARGETS.items()}
+    results["startup"] = startup
+    config = {k: getattr(args, k) for k in vars(args)} | {"model": source.describe()}
+    path = common.write_result(args, f"lora_{args.model}", config, results, argv)
+    for key, value in results.items():
+        print(f"{key}: {value}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Streaming overhead: ``AsyncLLM`` at N concurrent streams vs ``LLM.generate`` on the same workload and
+the same engine, and time to first token at batch 1 through both.
+
+    python benchmarks/streaming.py --model llama-1b --streams 64 --out benchmarks/results/streaming_h200.json
+
+Both paths drive one engine (random weights of a named shape, ``load_format="dummy"``): ``generate``
+runs on the engine thread through ``AsyncLLM._call``, the streams through ``AsyncLLM.generate`` with
+``output_kind=DELTA``. Targets: streamed output tokens/s >= 95% of ``generate``'s; median TTFT at batch 1
+within 5% of ``generate``'s (a one-token ``generate``).
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kiln import AsyncLLM, RequestOutputKind, SamplingParams  # noqa: E402
+from kiln.bench import env  # noqa: E402
+from kiln.bench.shapes import write_shape_dir  # noqa: E402
+
+
+def prompts(n: int, length: int) -> list[dict]:
+    return [{"prompt_token_ids": [(7 * i + 13 * j) % 30000 + 100 for j in range(length)]} for i in range(n)]
+
+
+async def stream_all(engine, workload, params, tag) -> tuple[float, int]:
+    async def one(i, prompt):
+        tokens = 0
+        async for out in engine.generate(prompt, params, f"{tag}-{i}"):
+            tokens += len(out.outputs[0].token_ids)
+        return tokens
+
+    start = time.perf_counter()
+    counts = await asyncio.gather(*(one(i, p) for i, p in enumerate(workload)))
+    return time.perf_counter() - start, sum(counts)
+
+
+async def generate_all(engine, workload, params) -> tuple[float, int]:
+    def run(llm):
+        start = time.perf_counter()
+        outs = llm.generate(workload, params, use_tqdm=False)
+        return time.perf_counter() - start, sum(len(o.outputs[0].token_ids) for o in outs)
+
+    return await engine._call(run)
+
+
+async def ttft(engine, prompt, reps: int) -> tuple[float, float]:
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, detokenize=False)
+    streamed, direct = [], []
+    for r in range(reps):
+        start = time.perf_counter()
+        async for _ in engine.generate(prompt, one.clone(), f"ttft-{r}"):
+            streamed.append(time.perf_counter() - start)
+            break
+        direct.append((await generate_all(engine, [prompt], one))[0])
+    return statistics.median(streamed), statistics.median(direct)
+
+
+async def bench(args) -> dict:
+    engine = AsyncLLM(
+        model=write_shape_dir(args.model),
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        max_model_len=args.input_len + args.output_len + 16,
+        gpu_memory_utilization=0.9,
+    )
+    try:
+        workload = prompts(args.streams, args.input_len)
+        base = dict(temperature=0, max_tokens=args.output_len, ignore_eos=True, detokenize=False)
+        delta = SamplingParams(**base, output_kind=RequestOutputKind.DELTA)
+        plain = SamplingParams(**base)
+        await stream_all(engine, workload, delta, "warm")
+        await generate_all(engine, workload, plain)
+        runs = []
+        for r in range(args.repeats):  # interleaved, so drift hits both alike
+            s_time, s_tokens = await stream_all(engine, workload, delta, f"run{r}")
+            g_time, g_tokens = await generate_all(engine, workload, plain)
+            runs.append({"stream_tok_s": s_tokens / s_time, "generate_tok_s": g_tokens / g_time})
+        stream_ttft, generate_ttft = await ttft(engine, workload[0], args.ttft_reps)
+    finally:
+        engine.shutdown()
+    stream_tps = statistics.median(r["stream_tok_s"] for r in runs)
+    generate_tps = statistics.median(r["generate_tok_s"] for r in runs)
+    return {
+        "runs": runs,
+        "stream_output_tok_s": round(stream_tps, 1),
+        "generate_output_tok_s": round(generate_tps, 1),
+        "stream_over_generate": round(stream_tps / generate_tps, 4),
+        "ttft_stream_ms": round(stream_ttft * 1e3, 3),
+        "ttft_generate_ms": round(generate_ttft * 1e3, 3),
+        "ttft_ratio": round(stream_ttft / generate_ttft, 4),
+        "targets": {"stream_over_generate": ">= 0.95", "ttft_ratio": "<= 1.05"},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama-1b")
+    parser.add_argument("--streams", type=int, default=64)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ttft-reps", type=int, default=20)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    doc = env.collect(config=vars(args))
+    doc["benchmark"] = "streaming"
+    try:
+        import torch
+
+        doc["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    except Exception:  # the environment record is best effort
+        doc["gpu"] = None
+    doc["results"] = asyncio.run(bench(args))
+    text = json.dumps(doc, indent=1)
+    print(text)
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""The thread that owns an ``LLM`` for ``AsyncLLM``: it builds it, runs every call into it, and steps it.
+
+Other threads never touch the engine: they hand over commands (``submit``: a function run on this
+thread with the ``LLM``) through a thread-safe queue. Between steps the thread takes every waiting
+command (adds, aborts, control calls), so requests that arrive together join the same continuous
+batch; with nothing to run it blocks on the queue. After each step it routes the step's deltas and
+finished outputs to the requests' streams.
+
+Pausing stops admitting requests (they are held until resumed); requests already in the engine are
+aborted or, with ``wait_for_inflight_requests``, run to completion first.
+"""
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from kiln.runtime.outputs import RequestOutput
+from kiln.runtime.request_stream import RequestStream
+
+logger = logging.getLogger("kiln")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped (shut down, or a step failed): no request can be served."""
+
+
+class EngineThread:
+    def __init__(self, build: Callable[[], Any]):
+        """``build()`` makes the ``LLM`` (on the thread); its error, if any, is raised here."""
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self.streams: dict[str, RequestStream] = {}  # requests in the engine (this thread only)
+        self.held: list[tuple[RequestStream, Any, Any]] = []  # added while paused
+        self.paused = False
+        self.dead_error: BaseException | None = None
+        self.failed = False  # the loop stopped on an error (not a shutdown)
+        self._drain_waiters: list[Callable[[], None]] = []  # run once nothing is in flight
+        self._stop = False
+        self._lock = threading.Lock()  # a command is either queued before the loop dies or refused
+        self.llm = None
+        ready = threading.Event()
+        self._thread = threading.Thread(
+            target=self._main, args=(build, ready), name="kiln-engine", daemon=True
+        )
+        self._thread.start()
+        ready.wait()
+        if self.llm is None:
+            self._thread.join()
+            raise self.dead_error
+
+    # ------------------------------------------------------------------ any thread
+
+    def submit(self, fn: Callable[[], None], on_dead: Callable[[BaseException], None] | None = None) -> None:
+        """Run ``fn()`` on the engine thread; ``on_dead(error)`` instead if the loop has stopped."""
+        with self._lock:
+            if self.dead_error is None:
+                self._commands.put((fn, on_dead))
+                return
+        if on_dead is not None:
+            on_dead(self.dead_error)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and self.dead_error is None
+
+    def stop(self) -> None:
+        """Abort everything, shut the ``LLM`` down and end the thread (waits for it)."""
+        if threading.current_thread() is self._thread:
+            self._stop = True
+        elif self._thread.is_alive():
+            self._commands.put((self._request_stop, None))
+            self._thread.join()
+
+    # ------------------------------------------------------------------ the engine thread
+
+    def _request_stop(self) -> None:
+        self._stop = True
+
+    def _main(self, build, ready: threading.Event) -> None:
+        try:
+            self.llm = build()
+        except BaseException as e:  # raised by the constructor
+            self.dead_error = e
+            ready.set()
+            return
+        ready.set()
+        error: BaseException = EngineDeadError("the engine was shut down")
+        try:
+            self._loop()
+        except BaseException as e:  # a failed step: every request gets it
+            logger.exception("the engine loop failed")
+            self.failed = True
+            error = EngineDeadError(f"the engine loop failed: {e!r}")
+            error.__cause__ = e
+        finally:
+            with self._lock:
+                self.dead_error = error
+            self._fail_everything(error)
+            try:
+                self.llm.shutdown()
+            finally:
+                self._fail_commands(error)
+
+    def _loop(self) -> None:
+        engine = self.llm.llm_engine
+        while not self._stop:
+            if self._drain_waiters and not engine.has_unfinished_requests():
+                waiters, self._drain_waiters = self._drain_waiters, []
+                for done in waiters:
+                    done()
+            self._run_commands(block=not engine.has_unfinished_requests() and not self._drain_waiters)
+            if self._stop:
+                return
+            if engine.has_unfinished_requests():
+                self._step()
+
+    def _run_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(block=block)
+        except queue.Empty:
+            return
+        while True:
+            fn, _ = command
+            fn()
+            if self._stop:
+                return
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _step(self) -> None:
+        engine = self.llm.llm_engine
+        finished = {out.request_id: out for out in engine.step()}
+        deltas = {d.request_id: d for d in engine.step_deltas()}
+        batches: dict[Any, list] = {}
+        for request_id in deltas.keys() | finished.keys():
+            stream = self.streams.get(request_id)
+            if stream is None:
+                continue
+            final = finished.get(request_id)
+            if final is not None:
+                del self.streams[request_id]
+            item = stream.on_step(deltas.get(request_id), final)
+            if item is not None:
+                batches.setdefault(stream.loop, []).append((stream, item))
+        for loop, items in batches.items():
+            deliver(loop, items)
+
+    def abort(self, request_id: str, stream: RequestStream | None, notify: bool) -> bool:
+        """Drop a request (held or in the engine); ``stream``: only if it is that one. ``notify``: hand
+        the stream its aborted output. Whether anything was aborted."""
+        for i, (held, _, _) in enumerate(self.held):
+            if held.request_id == request_id and stream in (None, held):
+                del self.held[i]
+                if notify:  # it never reached the engine: an output with nothing in it
+                    deliver(held.loop, [(held, RequestOutput(request_id, None, None, None, [], True))])
+                return True
+        current = self.streams.get(request_id)
+        if current is None or stream not in (None, current):
+            return False
+        del self.streams[request_id]
+        output = self.llm.llm_engine.abort_request(request_id)
+        if notify and output is not None:
+            deliver(current.loop, [(current, current.on_abort(output))])
+        return True
+
+    def abort_all(self) -> None:
+        for request_id in list(self.streams):
+            self.abort(request_id, None, notify=True)
+
+    def _fail_everything(self, error: BaseException) -> None:
+        streams = list(self.streams.values()) + [s for s, _, _ in self.held]
+        self.streams, self.held = {}, []
+        for stream in streams:
+            deliver(stream.loop, [(stream, error)])
+
+    def _fail_commands(self, error: BaseException) -> None:
+        while True:
+            try:
+                _, on_dead = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if on_dead is not None:
+                on_dead(error)
+
+
+def _put_all(items) -> None:
+    for stream, item in items:
+        stream.queue.put_nowait(item)
+
+
+def deliver(loop, items) -> None:
+    """Put ``(stream, item)`` pairs on their queues from another thread (nothing if the loop is gone)."""
+    try:
+        loop.call_soon_threadsafe(_put_all, items)
+    except RuntimeError:  # the consumer's event loop is closed: nobody is listening
+        pass

@@ -1,0 +1,49 @@
+"""``GrammarState``: one sequence's grammar matcher, created once its compiled grammar is ready and
+advanced by each token the engine reads back.
+
+kiln preempts by recomputation and keeps a preempted sequence's tokens, so its matcher (which has seen
+exactly those tokens) stays valid across preemption: nothing to roll back. Tokens launched but not read
+back never reach the matcher; a sequence's surplus token after a stop is dropped unseen.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+from kiln.structured.backend import GrammarBackend, Matcher
+
+
+class GrammarState:
+    __slots__ = ("backend", "future", "matcher", "num_accepted")
+
+    def __init__(self, backend: GrammarBackend, future: Future):
+        self.backend, self.future = backend, future
+        self.matcher: Matcher | None = None
+        self.num_accepted = 0
+
+    @property
+    def ready(self) -> bool:
+        """The grammar is compiled (the matcher is made on first ask); compile errors raise here."""
+        if self.matcher is None and self.future.done():
+            self.matcher = self.backend.matcher(self.future.result())
+        return self.matcher is not None
+
+    @property
+    def terminated(self) -> bool:
+        """The grammar accepted a stop token: the structure is complete and the sequence ends."""
+        return self.matcher is not None and self.matcher.is_terminated()
+
+    @property
+    def active(self) -> bool:
+        """Constrains the next token: compiled and not terminated (by an accepted stop token)."""
+        return self.ready and not self.matcher.is_terminated()
+
+    def accept(self, token: int) -> None:
+        if not self.active:  # past the end of the grammar (ignore_eos): the rest is unconstrained
+            return
+        if not self.matcher.accept(token):
+            raise RuntimeError(
+                f"token {token} rejected by the {self.backend.name} grammar after {self.num_accepted} "
+                "accepted tokens, although it was sampled under the grammar's mask"
+            )
+        self.num_accepted += 1

@@ -1,0 +1,85 @@
+"""The grammar's verdict for one step: an int32 bitmask (one row per constrained logits row, bit
+``t % 32`` of word ``t // 32`` = token ``t`` allowed), filled on the host, copied without blocking and
+applied on the device. Rows without a constraint are not in it and are left untouched."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kiln.runtime.transfer import to_device
+
+_NEG_INF = float("-inf")
+
+
+def bitmask_words(vocab_size: int) -> int:
+    return -(-vocab_size // 32)
+
+
+_BITS: dict[torch.device, torch.Tensor] = {}
+
+
+def _bits(device: torch.device) -> torch.Tensor:
+    """int32 [32]: word value of each bit (bit 31 is the sign bit)."""
+    if device not in _BITS:
+        values = [1 << b for b in range(31)] + [-(1 << 31)]
+        _BITS[device] = torch.tensor(values, dtype=torch.int32).to(device)
+    return _BITS[device]
+
+
+def banned_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``[rows, words]`` int32 -> ``[rows, vocab_size]`` bool, True where the token is not allowed."""
+    return (bitmask.unsqueeze(-1) & _bits(bitmask.device)).eq_(0).flatten(1)[:, :vocab_size].bool()
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``[rows, words]`` int32 -> ``[rows, vocab_size]`` bool, True where the token is allowed."""
+    return ~banned_tokens(bitmask, vocab_size)
+
+
+def apply_token_bitmask(
+    logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None
+) -> torch.Tensor:
+    """``logits`` with disallowed tokens at -inf in ``rows`` (all rows, in order, when None)."""
+    banned = banned_tokens(bitmask, logits.shape[1])
+    if rows is None:
+        return logits.masked_fill(banned, _NEG_INF)
+    masked = logits.index_select(0, rows).masked_fill_(banned, _NEG_INF)
+    return logits.index_copy(0, rows, masked)
+
+
+def ban_unless_nothing_left(row: torch.Tensor, token_ids, vocab_size: int) -> None:
+    """Clear ``token_ids`` in one host bitmask row, unless that leaves no token allowed (min_tokens
+    yields to the grammar once only a stop token can end the structure)."""
+    words = row.numpy().view(np.uint32)
+    kept = words.copy()
+    for t in token_ids:
+        if 0 <= t < vocab_size:
+            words[t >> 5] &= np.uint32(0xFFFFFFFF ^ (1 << (t & 31)))
+    if not words.any():
+        words[:] = kept
+
+
+@dataclass
+class GrammarBitmask:
+    """What the engine hands the worker for a deferred sampling: plain host data."""
+
+    rows: list[int]  # sampling rows of the step that are constrained
+    bitmask: torch.Tensor  # int32 [len(rows), words] on the host (pinned on CUDA machines)
+    num_rows: int  # sampling rows of the step
+
+    def to_device(self, device: torch.device) -> TokenMask:
+        """Non-blocking copies (from pinned memory) queued behind the device's work."""
+        rows = None if len(self.rows) == self.num_rows else to_device(self.rows, device, torch.long)
+        return TokenMask(self.bitmask.to(device, non_blocking=True), rows)
+
+
+@dataclass
+class TokenMask:
+    bitmask: torch.Tensor  # int32 [len(rows), words] on the logits' device
+    rows: torch.Tensor | None  # int64 row indices into the step's logits; None = every row
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return apply_token_bitmask(logits, self.bitmask, self.rows)

@@ -1,0 +1,380 @@
+"""``AsyncLLM``: streaming by output kind, one continuous batch for many coroutines, aborts (explicit,
+break, cancel), errors reaching only their coroutine, the lifecycle API and a clean shutdown."""
+
+import asyncio
+import threading
+
+import pytest
+
+from kiln import AsyncEngineArgs, AsyncLLM, AsyncLLMEngine, RequestOutputKind, SamplingParams
+from kiln.runtime.async_llm import EngineDeadError
+
+KINDS = (RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA, RequestOutputKind.FINAL_ONLY)
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint):
+    engine = AsyncLLMEngine.from_engine_args(
+        AsyncEngineArgs(
+            model=tiny_checkpoint("llama"),
+            enforce_eager=True,
+            dtype="float32",
+            max_model_len=128,
+            kv_cache_memory_bytes=2**22,
+        )
+    )
+    yield engine
+    engine.shutdown()
+
+
+def engine_threads() -> set:
+    return {t for t in threading.enumerate() if t.name == "kiln-engine"}
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def collect(engine, prompt, params, request_id):
+    return [out async for out in engine.generate(prompt, params, request_id)]
+
+
+async def idle(engine) -> bool:
+    """Nothing in the engine and every KV block free (polls: an abandoned stream aborts shortly after)."""
+    for _ in range(200):
+        state = await engine._call(
+            lambda llm: (llm.llm_engine.has_unfinished_requests(), llm.llm_engine.kv.num_free_blocks)
+        )
+        if not state[0] and state[1] == await engine._call(lambda llm: llm.llm_engine.num_blocks):
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
+def merged(delta_outputs):
+    """DELTA outputs joined into one output per sample index: (text, token ids, logprobs, ...)."""
+    samples: dict[int, dict] = {}
+    for out in delta_outputs:
+        for c in out.outputs:
+            s = samples.setdefault(c.index, {"text": "", "token_ids": [], "logprobs": []})
+            s["text"] += c.text
+            s["token_ids"] += c.token_ids
+            s["logprobs"] += c.logprobs or []
+            s["cumulative_logprob"], s["finish_reason"], s["stop_reason"] = (
+                c.cumulative_logprob,
+                c.finish_reason,
+                c.stop_reason,
+            )
+    return samples
+
+
+def as_dict(output):
+    return {
+        c.index: {
+            "text": c.text,
+            "token_ids": list(c.token_ids),
+            "logprobs": list(c.logprobs or []),
+            "cumulative_logprob": c.cumulative_logprob,
+            "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason,
+        }
+        for c in output.outputs
+    }
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(temperature=0, max_tokens=20, ignore_eos=True, logprobs=2),
+        dict(temperature=1.0, seed=7, n=2, max_tokens=24, stop=["lygot", "Wal ord"], prompt_logprobs=1),
+        dict(
+            temperature=0.8, seed=3, max_tokens=30, stop=["unateoo", "zzzz"], include_stop_str_in_output=True
+        ),
+    ],
+    ids=["greedy-logprobs", "seeded-n2-stops", "stop-included"],
+)
+def test_output_kinds_agree_with_each_other_and_generate(engine, params):
+    async def main():
+        want = await engine._call(
+            lambda llm: llm.generate(PROMPT, SamplingParams(**params), use_tqdm=False)[0]
+        )
+        streams = {}
+        for kind in KINDS:
+            streams[kind] = await collect(
+                engine, PROMPT, SamplingParams(**params, output_kind=kind), kind.name
+            )
+        return want, streams
+
+    want, streams = run(main())
+    cumulative, delta, final = (streams[k] for k in KINDS)
+    assert len(final) == 1 and final[0].finished
+    assert len(cumulative) > 1 and len(delta) == len(cumulative)
+    for outs in streams.values():
+        assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+        assert all(o.prompt == PROMPT and o.prompt_token_ids == want.prompt_token_ids for o in outs)
+    expected = as_dict(want)
+    if params.get("stop"):  # the stop strings span tokens and end every sample
+        assert all(c.finish_reason == "stop" and c.stop_reason in params["stop"] for c in want.outputs)
+    assert as_dict(final[0]) == expected
+    assert as_dict(cumulative[-1]) == expected
+    assert merged(delta) == expected
+    # cumulative outputs only grow, and each is a prefix of the next
+    for a, b in zip(cumulative, cumulative[1:]):
+        for ca, cb in zip(a.outputs, b.outputs):
+            assert cb.token_ids[: len(ca.token_ids)] == ca.token_ids and cb.text.startswith(ca.text)
+    if params.get("prompt_logprobs"):
+        assert delta[0].prompt_logprobs == want.prompt_logprobs == final[0].prompt_logprobs
+    assert final[0].metrics is not None and delta[-1].metrics is not None
+    assert run(idle(engine))
+
+
+def test_many_coroutines_share_one_batch(engine):
+    async def main():
+        batch_sizes = []
+
+        def spy(llm):
+            inner = llm.llm_engine.step
+
+            def step():
+                batch_sizes.append(len(llm.llm_engine.scheduler.running))
+                return inner()
+
+            llm.llm_engine.step = step
+
+        await engine._call(spy)
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        try:
+            outs = await asyncio.gather(
+                *(collect(engine, f"prompt number {i}", params, f"b{i}") for i in range(8))
+            )
+        finally:
+            await engine._call(lambda llm: vars(llm.llm_engine).pop("step"))
+        want = await engine._call(
+            lambda llm: llm.generate([f"prompt number {i}" for i in range(8)], params, use_tqdm=False)
+        )
+        return batch_sizes, outs, want
+
+    batch_sizes, outs, want = run(main())
+    assert max(batch_sizes) == 8
+    assert [o[-1].outputs[0].token_ids for o in outs] == [w.outputs[0].token_ids for w in want]
+
+
+def test_abort_ends_the_stream_and_frees_blocks(engine):
+    async def main():
+        params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+        outs = []
+        async for out in engine.generate(PROMPT, params, "to-abort"):
+            outs.append(out)
+            if len(outs) == 3:
+                await engine.abort("to-abort")
+        return outs, await idle(engine)
+
+    outs, was_idle = run(main())
+    assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
+    assert len(outs[-1].outputs[0].token_ids) < 100 and was_idle
+
+
+def test_break_and_cancel_abort_the_request(engine):
+    async def main():
+        params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+        async for _ in engine.generate(PROMPT, params, "breaks"):
+            break
+        first = await idle(engine)
+
+        started = asyncio.Event()
+
+        async def consume():
+            async for _ in engine.generate(PROMPT, params, "cancelled"):
+                started.set()
+
+        task = asyncio.create_task(consume())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        second = await idle(engine)
+        # the ids are free again
+        again = await collect(engine, PROMPT, SamplingParams(temperature=0, max_tokens=2), "breaks")
+        return first, second, again
+
+    first, second, again = run(main())
+    assert first and second and again[-1].finished
+
+
+def test_duplicate_ids_and_bad_requests_fail_only_their_coroutine(engine):
+    async def main():
+        params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+        good = asyncio.create_task(collect(engine, PROMPT, params, "dup"))
+        await asyncio.sleep(0.05)
+        results = await asyncio.gather(
+            collect(engine, PROMPT, params, "dup"),
+            collect(engine, list(range(5, 300)), params, "too-long"),
+            collect(engine, "", params, "empty"),
+            collect(engine, PROMPT, SamplingParams(max_tokens=2, flat_logprobs=True), "unimplemented"),
+            collect(engine, PROMPT, SamplingParams(temperature=0, max_tokens=3), "fine"),
+            return_exceptions=True,
+        )
+        return await good, results, await idle(engine)
+
+    good, results, was_idle = run(main())
+    dup, too_long, empty, unimplemented, fine = results
+    assert isinstance(dup, ValueError) and "'dup' is already in use" in str(dup)
+    assert isinstance(too_long, ValueError) and "maximum model length" in str(too_long)
+    assert isinstance(empty, ValueError) and "empty" in str(empty)
+    assert isinstance(unimplemented, NotImplementedError)
+    assert fine[-1].finished and len(fine[-1].outputs[0].token_ids) == 3
+    assert good[-1].finished and len(good[-1].outputs[0].token_ids) == 40
+    assert was_idle and engine.is_running and not engine.errored
+
+
+def test_pause_wait_and_abort_then_resume(engine):
+    async def main():
+        params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+        inflight = asyncio.create_task(collect(engine, PROMPT, params, "inflight"))
+        await asyncio.sleep(0.05)
+        await engine.pause_generation(wait_for_inflight_requests=True)
+        drained = inflight.done()
+        paused = await engine.is_paused()
+        held = asyncio.create_task(collect(engine, PROMPT, params, "held"))
+        await asyncio.sleep(0.1)
+        held_waiting = not held.done() and await engine._call(
+            lambda llm: not llm.llm_engine.has_unfinished_requests()
+        )
+        await engine.resume_generation()
+        held_out = await held
+        long = asyncio.create_task(
+            collect(engine, PROMPT, SamplingParams(temperature=0, max_tokens=100), "cut")
+        )
+        await asyncio.sleep(0.05)
+        await engine.pause_generation()  # aborts what is in flight
+        cut = await long
+        await engine.resume_generation()
+        return drained, paused, held_waiting, await inflight, held_out, cut, await engine.is_paused()
+
+    drained, paused, held_waiting, inflight, held, cut, paused_after = run(main())
+    assert drained and paused and held_waiting and not paused_after
+    assert len(inflight[-1].outputs[0].token_ids) == 30 and len(held[-1].outputs[0].token_ids) == 30
+    assert cut[-1].outputs[0].finish_reason == "abort"
+    assert run(idle(engine))
+
+
+def test_control_calls(engine):
+    async def main():
+        tokenizer = await engine.get_tokenizer()
+        params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        before = (await collect(engine, PROMPT, params, "c1"))[-1].outputs[0].token_ids
+        reset = await engine.reset_prefix_cache()
+        await engine.sleep(1)
+        asleep = await engine.is_sleeping()
+        with pytest.raises(RuntimeError, match="asleep"):
+            await collect(engine, PROMPT, params, "c2")
+        await engine.wake_up()
+        after = (await collect(engine, PROMPT, params, "c3"))[-1].outputs[0].token_ids
+        await engine.check_health()
+        return tokenizer, before, reset, asleep, after, await engine.is_sleeping()
+
+    tokenizer, before, reset, asleep, after, still_asleep = run(main())
+    assert tokenizer is not None and tokenizer.decode(before)
+    assert reset and asleep and not still_asleep and after == before
+
+
+def test_seed_001_streaming_example(tiny_checkpoint, capsys):
+    """vLLM's streaming example, only the import lines and the model changed."""
+    from kiln import AsyncEngineArgs, AsyncLLM, RequestOutputKind, SamplingParams  # noqa: F811
+
+    model = tiny_checkpoint("llama")
+
+    async def main():
+        # Create AsyncLLM engine
+        engine_args = AsyncEngineArgs(model=model, enforce_eager=True, dtype="float32", max_model_len=128)
+        engine = AsyncLLM.from_engine_args(engine_args)
+
+        try:
+            # Configure sampling parameters for streaming
+            sampling_params = SamplingParams(
+                max_tokens=100, temperature=0.8, top_p=0.95, output_kind=RequestOutputKind.DELTA
+            )
+
+            # Stream response
+            async for output in engine.generate(
+                request_id="request-1",
+                prompt="The future of artificial intelligence is",
+                sampling_params=sampling_params,
+            ):
+                for completion in output.outputs:
+                    if completion.text:
+                        print(completion.text, end="", flush=True)
+
+                if output.finished:
+                    print("\nGeneration complete!")
+                    break
+
+        finally:
+            engine.shutdown()
+
+    before = engine_threads()
+    asyncio.run(main())
+    assert capsys.readouterr().out.endswith("\nGeneration complete!\n")
+    assert engine_threads() == before  # the example's engine thread is gone
+
+
+def test_shutdown_ends_streams_and_the_thread(tiny_checkpoint):
+    llm = AsyncLLM(model=tiny_checkpoint("llama"), enforce_eager=True, dtype="float32", max_model_len=128)
+    thread = llm._engine._thread
+
+    async def main():
+        started = asyncio.Event()
+
+        async def consume():
+            async for _ in llm.generate(PROMPT, SamplingParams(max_tokens=100, ignore_eos=True), "r"):
+                started.set()
+
+        task = asyncio.create_task(consume())
+        await started.wait()
+        llm.shutdown()
+        with pytest.raises(EngineDeadError):
+            await task
+        with pytest.raises(EngineDeadError):
+            await collect(llm, PROMPT, None, "after")
+        with pytest.raises(EngineDeadError):
+            await llm.reset_prefix_cache()
+
+    run(main())
+    assert not thread.is_alive() and not llm.is_running and llm.is_stopped and not llm.errored
+    llm.shutdown()  # twice is fine
+
+
+def test_constructor_errors_leave_no_thread(tiny_checkpoint):
+    before = threading.active_count()
+    with pytest.raises(ValueError, match="quantization"):
+        AsyncLLM(model=tiny_checkpoint("llama"), quantization="awq")
+    assert threading.active_count() == before
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_engine_on_the_thread_streams_what_generate_gives(tiny_checkpoint):
+    """On CUDA the engine thread compiles, captures CUDA graphs and serves: streams match generate."""
+    engine = AsyncLLM(
+        model=tiny_checkpoint("llama"), dtype="float32", max_model_len=256, kv_cache_memory_bytes=2**26
+    )
+    try:
+
+        async def main():
+            params = SamplingParams(
+                temperature=0, max_tokens=32, ignore_eos=True, output_kind=RequestOutputKind.DELTA
+            )
+            prompts = [f"{PROMPT} {i}" for i in range(16)]
+            streams = await asyncio.gather(
+                *(collect(engine, p, params, f"g{i}") for i, p in enumerate(prompts))
+            )
+            want = await engine._call(lambda llm: llm.generate(prompts, params, use_tqdm=False))
+            report = await engine._call(lambda llm: llm.compile_report())
+            return streams, want, report
+
+        streams, want, report = run(main())
+        for outs, w in zip(streams, want):
+            assert merged(outs) == as_dict(w)
+        assert report.mode != "none"
+    finally:
+        engine.shutdown()
