@@ -1,12 +1,14 @@
 """What sending each step's ``SchedulerOutput`` to the other tensor-parallel ranks costs.
 
     python benchmarks/tp_step_broadcast.py [--seqs 256] [--prompt 512] [--output 128] [--steps 200]
+        [--backend mp|ray|both]
 
-Rank 0 pickles the step and writes it down one pipe per other rank (``kiln/distributed/executor.py``);
-this measures that path (pickle, send, and the receiver's unpickle, acknowledged back) for a decode step
-of ``--seqs`` sequences (without and with a penalty, which makes every sequence carry its prompt and
-output token lists) and for a prefill step of 8192 tokens, and prints the pickled size and the median
-time per step.
+Rank 0 pickles the step and writes it down one pipe per other rank (``kiln/distributed/mp_rank.py``), or
+passes it to one actor call per other rank (``ray_rank.py``, ``--backend ray``: a local Ray instance of
+one CPU); this measures that path (pickle, send, and the receiver's unpickle, acknowledged back) for a
+decode step of ``--seqs`` sequences (without and with a penalty, which makes every sequence carry its
+prompt and output token lists) and for a prefill step of 8192 tokens, and prints the pickled size and
+the median time per step.
 """
 
 import argparse
@@ -76,13 +78,39 @@ def measure(message: tuple, steps: int) -> tuple[int, float]:
     return len(pickle.dumps(message)), statistics.median(times)
 
 
+class _RayReceiver:
+    def recv(self, data: bytes) -> int:
+        pickle.loads(data)
+        return 1
+
+
+def measure_ray(message: tuple, steps: int) -> tuple[int, float]:
+    import ray
+
+    actor = ray.remote(_RayReceiver).options(num_cpus=0).remote()
+    ray.get(actor.recv.remote(pickle.dumps(None)))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        ray.get(actor.recv.remote(pickle.dumps(message)))
+        times.append(time.perf_counter() - start)
+    ray.kill(actor)
+    return len(pickle.dumps(message)), statistics.median(times)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqs", type=int, default=256)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--output", type=int, default=128)
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--backend", choices=("mp", "ray", "both"), default="mp")
     args = ap.parse_args()
+    backends = ("mp", "ray") if args.backend == "both" else (args.backend,)
+    if "ray" in backends:
+        import ray
+
+        ray.init(num_cpus=1, include_dashboard=False, object_store_memory=100 * 2**20)
     decode = f"decode {args.seqs} seqs x ({args.prompt}+{args.output}) tokens"
     for name, step in (
         (decode, decode_step(args.seqs, args.prompt, args.output)),
@@ -92,9 +120,16 @@ def main() -> None:
         ),
         ("prefill 8192 tokens (8 x 1024)", prefill_step()),
     ):
-        size, median = measure(step_message(step), args.steps)
-        ms = median * 1e3
-        print(f"{name}: {size / 1024:.1f} KiB pickled, {ms:.3f} ms per step (pickle + pipe + unpickle)")
+        for backend in backends:
+            run = measure if backend == "mp" else measure_ray
+            size, median = run(step_message(step), args.steps)
+            path = "pipe" if backend == "mp" else "Ray actor call"
+            print(
+                f"[{backend}] {name}: {size / 1024:.1f} KiB pickled, {median * 1e3:.3f} ms per step "
+                f"(pickle + {path} + unpickle)"
+            )
+    if "ray" in backends:
+        ray.shutdown()
 
 
 if __name__ == "__main__":

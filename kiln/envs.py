@@ -62,5 +62,6 @@ def log_stats_interval() -> float:
 
 def distributed_timeout() -> float:
     """``KILN_DISTRIBUTED_TIMEOUT``: seconds rank 0 waits for another tensor-parallel rank (start-up,
-    a call's reply, a collective) before it raises. Unset: 300."""
+    a call's reply, a collective), and the first data-parallel replica for another (start-up, a control
+    call's reply), before it raises. Unset: 300."""
     return float(os.environ.get("KILN_DISTRIBUTED_TIMEOUT") or 300)

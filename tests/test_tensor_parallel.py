@@ -1,5 +1,8 @@
 """Tensor parallelism on the CPU (gloo, two ranks): the same greedy tokens and logprobs as one rank,
-sharded weights, control calls across ranks, a rank that dies, bad input. Eager forward (fast on CPU)."""
+sharded weights, control calls across ranks, a rank that dies, bad input. Eager forward (fast on CPU).
+
+A process holds one tensor-parallel LLM at a time: the tests that build their own come before the first
+that uses the module's ``tp2``."""
 
 import os
 import signal
@@ -22,6 +25,14 @@ BASE = dict(enforce_eager=True, max_model_len=128)
 two_ranks = pytest.mark.skipif(
     torch.cuda.is_available() and torch.cuda.device_count() < 2, reason="two ranks need two CUDA devices"
 )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def bounded_waits():
+    """Every wait on another rank or replica ends within a minute (children inherit it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KILN_DISTRIBUTED_TIMEOUT", "60")
+        yield
 
 
 def sampled(outputs):
@@ -98,7 +109,7 @@ def test_two_ranks_match_one(arch, tiny_checkpoint, kv1_checkpoint):
 def test_a_killed_rank_gives_an_error_not_a_hang(tiny_checkpoint):
     llm = LLM(tiny_checkpoint("llama"), tensor_parallel_size=2, kv_cache_memory_bytes=2**22, **BASE)
     try:
-        proc = llm.llm_engine.worker.procs[0]
+        proc = llm.llm_engine.worker.ranks[0].proc
         os.kill(proc.pid, signal.SIGKILL)
         proc.join(10)
         start = time.monotonic()
@@ -111,6 +122,19 @@ def test_a_killed_rank_gives_an_error_not_a_hang(tiny_checkpoint):
     assert no_rank_processes() and not torch.distributed.is_initialized()
 
 
+@two_ranks
+def test_chunked_prefill_under_two_ranks(tiny_checkpoint):
+    """Prompts longer than a step's token budget are prefilled in chunks on both ranks."""
+    path = tiny_checkpoint("llama")
+    long_prompts = [{"prompt_token_ids": list(range(500 + 3 * i, 560 + 5 * i))} for i in range(3)]
+    kw = dict(kv_cache_memory_bytes=2**22, enable_chunked_prefill=True, max_num_batched_tokens=24)
+    reference = run(path, 1, prompts=long_prompts, **kw)
+    with LLM(path, tensor_parallel_size=2, **BASE, **kw) as llm:
+        assert llm.config.max_num_batched_tokens == 24  # every prompt (60+ tokens) takes several steps
+        assert_same(reference, sampled(llm.generate(long_prompts, GREEDY, use_tqdm=False)))
+    assert no_rank_processes()
+
+
 def test_bad_input_names_the_numbers(tiny_checkpoint):
     cfg = ModelConfig.from_dict(read_config(tiny_checkpoint("llama")))  # 4 heads, 2 KV heads
     cpu = torch.device("cpu")
@@ -121,15 +145,28 @@ def test_bad_input_names_the_numbers(tiny_checkpoint):
     with pytest.raises(ValueError, match="tensor_parallel_size must be a positive integer, got 0"):
         check_tensor_parallel(cfg, 0, None, cpu)
     with pytest.raises(
-        ValueError, match="distributed_executor_backend must be None, 'uni' or 'mp', got 'mpi'"
+        ValueError, match="distributed_executor_backend must be None, 'uni', 'mp' or 'ray', got 'mpi'"
     ):
         LLM(tiny_checkpoint("llama"), tensor_parallel_size=2, distributed_executor_backend="mpi")
-    with pytest.raises(NotImplementedError, match="ray"):
-        check_tensor_parallel(cfg, 2, "ray", cpu)
+    with pytest.raises(
+        ValueError, match="'uni' runs one process: tensor_parallel_size=2 needs 'mp' or 'ray'"
+    ):
+        LLM(tiny_checkpoint("llama"), tensor_parallel_size=2, distributed_executor_backend="uni")
+    with pytest.raises(ValueError, match="data_parallel_size=2 with distributed_executor_backend='ray'"):
+        LLM(tiny_checkpoint("llama"), data_parallel_size=2, distributed_executor_backend="ray")
+    with pytest.raises(ValueError, match="data_parallel_size=2 with runner='pooling'"):
+        LLM(tiny_checkpoint("llama"), data_parallel_size=2, runner="pooling")
+    with pytest.raises(ValueError, match="data_parallel_size must be a positive integer, got 0"):
+        LLM(tiny_checkpoint("llama"), data_parallel_size=0)
+    check_tensor_parallel(cfg, 2, "ray", cpu)  # accepted
     devices = torch.cuda.device_count()
     if devices < 2:  # the device check, on a machine of fewer devices
         with pytest.raises(ValueError, match=f"tensor_parallel_size=2 exceeds the {devices} CUDA devices"):
             check_tensor_parallel(cfg, 2, "mp", torch.device("cuda"))
+        with pytest.raises(
+            ValueError, match=f"tensor_parallel_size=1 x data_parallel_size=2 exceeds the {devices} CUDA"
+        ):
+            check_tensor_parallel(cfg, 1, "mp", torch.device("cuda"), dp=2)
     assert no_rank_processes() and not torch.distributed.is_initialized()
 
 
@@ -280,3 +317,16 @@ def test_structured_outputs_under_two_ranks(tp2, tiny_checkpoint):
         run(tiny_checkpoint("llama"), 1, kv_cache_memory_bytes=2**22),
         sampled(tp2.generate(PROMPTS, GREEDY, use_tqdm=False)),
     )
+
+
+def weight_bytes(model):
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@two_ranks
+def test_apply_model_reaches_every_rank(tp2, tiny_checkpoint):
+    sizes = tp2.apply_model(weight_bytes)
+    assert len(sizes) == 2 and sizes == tp2.collective_rpc(rank_weight_bytes)
+    with pytest.raises(ValueError, match="module-level function"):
+        tp2.apply_model(lambda model: 1)
+    assert tp2.apply_model(weight_bytes) == sizes  # still usable

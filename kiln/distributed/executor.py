@@ -1,34 +1,31 @@
-"""Tensor-parallel ranks as processes: rank 0's ``Worker`` runs in the engine's process, every other
-rank's in a process of its own (``torch.multiprocessing`` spawn), all in one process group on
-127.0.0.1 (NCCL on CUDA, gloo on CPU).
+"""Tensor-parallel ranks: rank 0's ``Worker`` runs in the engine's process, every other rank's in a
+process of its own (``mp_rank``: ``torch.multiprocessing`` spawn, the default) or a Ray actor
+(``ray_rank``: ``distributed_executor_backend="ray"``), all in one process group on 127.0.0.1 (NCCL on
+CUDA, gloo on CPU). What a rank does with a message is ``rank_server``'s.
 
 ``TensorParallelWorkers`` has the ``Worker``'s interface, so the engine drives it the same way: each
 start-up step and control call goes to every rank and waits for their replies, and each step's
-``SchedulerOutput`` is pickled down a pipe to every other rank before rank 0 runs it. Every rank runs
-the same forward and the same sampling on the same gathered logits (so each holds the sampled tokens
-a next step's pending inputs come from); only rank 0's ``RunnerOutput`` is used. A step travels without
-the prompt and output token lists of sequences that need neither penalties nor prompt logprobs
+``SchedulerOutput`` is pickled to every other rank before rank 0 runs it. Every rank runs the same
+forward and the same sampling on the same gathered logits (so each holds the sampled tokens a next
+step's pending inputs come from); only rank 0's ``RunnerOutput`` is used. A step travels without the
+prompt and output token lists of sequences that need neither penalties nor prompt logprobs
 (``benchmarks/tp_step_broadcast.py`` measures the cost per step).
 
-A rank that dies is noticed before the next step or call (its exit code), while rank 0 waits for a
-reply (polling its liveness) and when a collective fails; ``KILN_DISTRIBUTED_TIMEOUT`` bounds every
-wait. ``shutdown`` stops the processes, killing any that do not exit in time.
+A rank that dies is noticed before the next step or call, while rank 0 waits for a reply (polling its
+liveness) and when a collective fails; ``KILN_DISTRIBUTED_TIMEOUT`` bounds every wait. ``shutdown``
+stops the ranks, killing any that do not exit in time.
 """
 
 import copy
 import logging
-import os
 import pickle
 import time
-import traceback
 import weakref
 from dataclasses import replace
 
-import torch
-import torch.multiprocessing as mp
-
 from kiln import envs
-from kiln.distributed import parallel_state
+from kiln.distributed import parallel_state, rank_server
+from kiln.distributed.mp_rank import ProcessRank
 from kiln.runtime.config import EngineConfig
 from kiln.runtime.step_data import SchedulerOutput
 from kiln.runtime.worker import Worker
@@ -67,59 +64,11 @@ def step_message(scheduler_output: SchedulerOutput) -> tuple:
     return ("execute", replace(scheduler_output, scheduled=scheduled))
 
 
-def _backend(config: EngineConfig) -> str:
-    return "nccl" if config.device.type == "cuda" else "gloo"
-
-
-def _call(worker: Worker, method, args, kwargs):
-    fn = getattr(worker, method) if isinstance(method, str) else (lambda *a, **k: method(worker, *a, **k))
-    return fn(*args, **kwargs)
-
-
-def _rank_main(rank: int, size: int, port: int, config: EngineConfig, model_config, conn) -> None:
-    """A rank beyond 0: join the group, then serve rank 0's messages until "stop" or its pipe closes."""
-    try:
-        if config.device.type == "cuda":
-            torch.cuda.set_device(rank)
-        else:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
-        parallel_state.init(rank, size, port, _backend(config), envs.distributed_timeout())
-        worker = Worker(config, model_config)
-        while True:
-            kind, *payload = conn.recv()
-            if kind == "stop":
-                break
-            if kind == "execute":
-                worker.execute_model(payload[0])
-                continue
-            if kind == "deferred":
-                worker.sample_deferred(payload[0])
-                continue
-            try:
-                conn.send(("ok", _call(worker, *payload)))
-            except Exception as e:  # reported to rank 0, which raises it
-                conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-        worker.shutdown()
-        parallel_state.destroy()
-    except EOFError:  # rank 0 is gone
-        pass
-
-
-def _stop(procs: list, conns: list, timeout: float = 10.0) -> None:
+def _stop(ranks: list, timeout: float = 10.0) -> None:
     """Ask every rank to exit, then kill the ones still running after ``timeout``."""
-    for conn in conns:
-        try:
-            conn.send(("stop",))
-        except (OSError, ValueError):
-            pass
     deadline = time.monotonic() + timeout
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
-    for conn in conns:
-        conn.close()
+    for rank in ranks:
+        rank.stop(deadline)
     parallel_state.destroy()
 
 
@@ -130,23 +79,20 @@ class TensorParallelWorkers:
         self.world_size = size
         self.timeout = envs.distributed_timeout()
         port = parallel_state.free_port()
-        ctx = mp.get_context("spawn")
-        self.procs, self.conns = [], []
-        for rank in range(1, size):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(
-                target=_rank_main,
-                args=(rank, size, port, config, model_config, child),
-                name=f"kiln-tp-rank{rank}",
-                daemon=True,
-            )
-            proc.start()
-            child.close()
-            self.procs.append(proc)
-            self.conns.append(parent)
-        self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns)
+        self.ranks = []
+        self._finalizer = weakref.finalize(self, _stop, self.ranks)
         try:
-            parallel_state.init(0, size, port, _backend(config), self.timeout)
+            for rank in range(1, size):
+                if config.distributed_executor_backend == "ray":
+                    from kiln.distributed.ray_rank import RayRank
+
+                    self.ranks.append(RayRank(rank, size, port, config, model_config, self.timeout))
+                else:
+                    self.ranks.append(ProcessRank(rank, size, port, config, model_config))
+            parallel_state.init(0, size, port, rank_server.backend_for(config), self.timeout)
+            for rank in self.ranks:
+                if hasattr(rank, "wait_started"):
+                    rank.wait_started(self.timeout)
             self.local = Worker(config, model_config)
         except BaseException:
             self.shutdown()
@@ -160,10 +106,11 @@ class TensorParallelWorkers:
     # ------------------------------------------------------------------ messages
 
     def check_alive(self) -> None:
-        for rank, proc in enumerate(self.procs, start=1):
-            if proc.exitcode is not None:
+        for rank in self.ranks:
+            reason = rank.exit_reason()
+            if reason is not None:
                 raise RankError(
-                    f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}; "
+                    f"tensor-parallel rank {rank.rank} (pid {rank.pid}) {reason}; "
                     "shut this LLM down and create a new one"
                 )
 
@@ -176,22 +123,26 @@ class TensorParallelWorkers:
                 f"collective_rpc: {message[1]!r} cannot be sent to the other ranks ({e}); "
                 "pass a method name or a module-level function"
             ) from e
-        for conn in self.conns:
+        for rank in self.ranks:
             try:
-                conn.send_bytes(data)
+                rank.send(data, reply=message[0] == "call")
             except OSError as e:
                 self.check_alive()
                 raise RankError(f"tensor parallelism: cannot reach a rank ({e})") from e
 
     def _reply(self, rank: int, timeout: float):
-        conn, proc = self.conns[rank - 1], self.procs[rank - 1]
+        handle = self.ranks[rank - 1]
         deadline = time.monotonic() + timeout
-        while not conn.poll(0.05):
-            if proc.exitcode is not None:
+        while not handle.poll(0.05):
+            if handle.exit_reason() is not None:
                 self.check_alive()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"tensor-parallel rank {rank} did not reply within {timeout} s")
-        status, value = conn.recv()
+        try:
+            status, value = handle.recv()
+        except EOFError:
+            self.check_alive()
+            raise
         if status == "error":
             raise RankError(f"tensor-parallel rank {rank} failed: {value}")
         return value
@@ -199,16 +150,22 @@ class TensorParallelWorkers:
     def _run_local(self, fn, *args):
         try:
             return fn(*args)
-        except Exception as e:
-            self.check_alive()  # a collective that failed because a rank died says so
-            raise e
+        except Exception:
+            # a collective that failed because a rank died says so; the peer's socket closes a
+            # moment before its process shows as exited
+            end = time.monotonic() + 2.0
+            while True:
+                self.check_alive()
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.05)
 
     def call_all(self, method, args: tuple = (), kwargs: dict | None = None, timeout: float | None = None):
         """``method`` (a Worker method name, or a callable taking the worker first) on every rank,
         rank 0 last to start; the list of results in rank order."""
         kwargs = kwargs or {}
         self._send(("call", method, args, kwargs))
-        local = self._run_local(_call, self.local, method, args, kwargs)
+        local = self._run_local(rank_server.call, self.local, method, args, kwargs)
         timeout = self.timeout if timeout is None else timeout
         return [local, *(self._reply(rank, timeout) for rank in range(1, self.world_size))]
 

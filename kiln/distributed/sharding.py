@@ -13,19 +13,37 @@ import torch
 
 from kiln.models.config import ModelConfig
 
-BACKENDS = ("mp",)  # distributed_executor_backend values kiln runs (None means "mp")
+BACKENDS = ("mp", "ray")  # how ranks beyond 0 run (None and "uni" mean "mp"; "uni" only for one rank)
 
 
-def check_tensor_parallel(cfg: ModelConfig, size: int, backend, device: torch.device) -> None:
-    """ValueError naming the numbers when ``size`` ranks cannot split this model on this machine."""
+def check_executor_backend(backend, tp: int, dp: int) -> None:
+    """ValueError for a ``distributed_executor_backend`` kiln does not run with these sizes."""
+    if backend not in (None, "uni", "external_launcher", *BACKENDS):
+        raise ValueError(f"distributed_executor_backend must be None, 'uni', 'mp' or 'ray', got {backend!r}")
+    if backend == "uni" and isinstance(tp, int) and tp > 1:
+        raise ValueError(
+            f"distributed_executor_backend='uni' runs one process: tensor_parallel_size={tp} needs "
+            "'mp' or 'ray'"
+        )
+    if backend == "ray" and isinstance(dp, int) and dp > 1:
+        raise ValueError(
+            f"data_parallel_size={dp} with distributed_executor_backend='ray': kiln's replicas are "
+            "processes ('mp'); with Ray, scale out with Ray Data (examples/ray_data_offline.py)"
+        )
+
+
+def check_tensor_parallel(cfg: ModelConfig, size: int, backend, device: torch.device, dp: int = 1) -> None:
+    """ValueError naming the numbers when ``size`` ranks (times ``dp`` replicas) cannot split this
+    model on this machine."""
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise ValueError(f"tensor_parallel_size must be a positive integer, got {size!r}")
-    if backend not in (None, *BACKENDS):
-        if backend == "ray":
-            raise NotImplementedError(
-                "distributed_executor_backend='ray': kiln runs ranks as processes ('mp')"
-            )
-        raise ValueError(f"distributed_executor_backend must be None or 'mp', got {backend!r}")
+    check_executor_backend(backend, size, dp)
+    if device.type == "cuda" and size * dp > torch.cuda.device_count():
+        times = f" x data_parallel_size={dp}" if dp > 1 else ""
+        raise ValueError(
+            f"tensor_parallel_size={size}{times} exceeds the {torch.cuda.device_count()} CUDA devices "
+            "of this machine"
+        )
     if size == 1:
         return
     if cfg.num_heads % size:
@@ -42,10 +60,14 @@ def check_tensor_parallel(cfg: ModelConfig, size: int, backend, device: torch.de
             f"tensor_parallel_size={size} does not divide the model's intermediate size "
             f"{cfg.intermediate_size}"
         )
-    if device.type == "cuda" and size > torch.cuda.device_count():
+
+
+def check_data_parallel_features(size: int, pooling) -> None:
+    """Data parallelism shards ``generate`` and ``chat``; a pooling model's methods are not sharded."""
+    if size > 1 and pooling is not None:
         raise ValueError(
-            f"tensor_parallel_size={size} exceeds the {torch.cuda.device_count()} CUDA devices "
-            "of this machine"
+            f"data_parallel_size={size} with runner='pooling': kiln shards generate and chat only "
+            "(use data_parallel_size=1)"
         )
 
 

@@ -31,6 +31,12 @@ from kiln.structured.manager import StructuredOutputManager
 from kiln.structured.params import StructuredOutputsConfig
 
 logger = logging.getLogger("kiln")
+
+
+def _apply_to_model(func, worker):
+    return func(worker.model)
+
+
 _POOLING_PARAMS = SamplingParams(max_tokens=1)  # what a prompt-only sequence's sampling fields read
 
 
@@ -361,7 +367,7 @@ class LLMEngine:
         return [result["value"]]
 
     def apply_model(self, func):
-        return self.collective_rpc(lambda worker: func(worker.model))
+        return self.collective_rpc(functools.partial(_apply_to_model, func))  # picklable for other ranks
 
     def sleep(self, level: int = 1, mode: str = "abort") -> None:
         """``mode``: what happens to unfinished requests: ``"abort"`` drops them, ``"wait"`` runs them
