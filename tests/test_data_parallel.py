@@ -2,9 +2,13 @@
 tensor parallelism inside each; prompts sharded by count and length; control calls reach every
 replica; a replica that dies is an error, not a hang, and no process is left behind."""
 
+import importlib.util
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -64,15 +68,21 @@ def test_shards_balance_count_and_length():
 def test_two_replicas_give_the_outputs_of_one_in_input_order(tiny_checkpoint):
     path = tiny_checkpoint("llama")
     params = [GREEDY, SEEDED, GREEDY, SEEDED, GREEDY]
+    choice = SamplingParams(temperature=0, max_tokens=12, structured_outputs={"choice": ["yes", "no"]})
     with LLM(path, **BASE) as one:
         reference = one.generate(PROMPTS, params, use_tqdm=False)
+        constrained = [o.outputs[0].token_ids for o in one.generate(PROMPTS[:3], choice, use_tqdm=False)]
     with LLM(path, data_parallel_size=2, **BASE) as two:
         got = two.generate(PROMPTS, params, use_tqdm=False)
+        if importlib.util.find_spec("xgrammar") is not None:  # grammars compiled in each replica
+            assert [o.outputs[0].token_ids for o in two.generate(PROMPTS[:3], choice, use_tqdm=False)] == (
+                constrained
+            )
         assert [o.prompt_token_ids for o in got] == [p["prompt_token_ids"] for p in PROMPTS]
         assert [o.request_id for o in got] == [str(i) for i in range(5)]
         assert_same(tokens_and_logprobs(reference), tokens_and_logprobs(got))
-        again = two.generate(PROMPTS[:3], GREEDY, use_tqdm=False)  # ids go on from the first call
-        assert [o.request_id for o in again] == ["5", "6", "7"]
+        again = two.generate(PROMPTS[:3], GREEDY, use_tqdm=False)  # ids go on from the earlier calls
+        assert [o.request_id for o in again] == ["8", "9", "10"]
         assert two.get_world_size() == 2 and two.get_world_size(include_dp=False) == 1
         pids = two.collective_rpc(worker_pid)
         assert len(pids) == 2 and pids[0] == os.getpid() and pids[1] != pids[0]
@@ -138,3 +148,56 @@ def test_a_killed_replica_gives_an_error_not_a_hang(tiny_checkpoint):
     finally:
         llm.shutdown()
     assert kiln_children() == []
+
+
+def descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                kids = [int(c) for c in f.read().split()]
+        except OSError:
+            kids = []
+        found += kids
+        todo += kids
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+@two_ranks
+def test_killing_the_first_replica_leaves_no_process_behind(tiny_checkpoint):
+    """The LLM's process killed outright: its replica and every rank process exit by themselves."""
+    script = textwrap.dedent(
+        f"""
+        from kiln import LLM
+        if __name__ == "__main__":
+            llm = LLM({tiny_checkpoint("llama")!r}, data_parallel_size=2, tensor_parallel_size=2,
+                      enforce_eager=True, max_model_len=128, kv_cache_memory_bytes=2**22)
+            print("ready", flush=True)
+            import time
+            time.sleep(600)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        children = descendants(proc.pid)
+        assert len([c for c in children if alive(c)]) >= 3  # its rank, the replica, the replica's rank
+    finally:
+        proc.kill()
+        proc.wait(10)
+    end = time.monotonic() + 30
+    while any(alive(c) for c in children) and time.monotonic() < end:
+        time.sleep(0.2)
+    left = [c for c in children if alive(c)]
+    for c in left:
+        os.kill(c, signal.SIGKILL)
+    assert left == []
