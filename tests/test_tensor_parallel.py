@@ -85,8 +85,8 @@ def tp2(tiny_checkpoint):
     assert no_rank_processes()
 
 
-# piecewise compilation without Inductor (fast on CPU): Dynamo traces the collectives into one graph
-COMPILED = {"mode": "piecewise", "backend": "eager", "use_cache": False}
+# compilation_config=3 (Dynamo and Inductor, without the compile cache): the collectives inside one graph
+COMPILED = {"mode": 3, "use_cache": False}
 
 
 @two_ranks
