@@ -16,7 +16,7 @@ import torch
 
 from kiln import LLM, SamplingParams
 from kiln.distributed import parallel_state
-from kiln.distributed.data_parallel import shard
+from kiln.distributed.data_parallel import _visible_devices, shard
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)
 SEEDED = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=10, ignore_eos=True)
@@ -62,6 +62,11 @@ def test_shards_balance_count_and_length():
     assert all(not {0, 5} <= set(s) for s in shards)
     assert shard([3, 1], 3) == [[0], [1], []]  # fewer prompts than replicas
     assert [len(s) for s in shard([1] * 7, 3)] == [3, 2, 2]
+
+
+def test_replica_devices_are_the_ones_this_process_sees(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4, 5,6,7")
+    assert _visible_devices()[2:4] == ["6", "7"]  # replica 1 of two ranks each
 
 
 @two_ranks

@@ -1,17 +1,19 @@
 """Data parallelism on one host: ``LLM(data_parallel_size=N)`` is N engine replicas. Replica 0 is the
 ``LLM`` itself; replicas 1..N-1 each run an ``LLM`` (with ``data_parallel_size=1``, and the same
 ``tensor_parallel_size``, whose ranks they start themselves) in a process of their own (spawned; on CUDA
-replica r sees the devices ``r*TP .. r*TP+TP-1``), serving the first one's messages from a pipe.
+replica r sees the devices ``r*TP .. r*TP+TP-1`` of those this process sees), serving the first one's
+messages from a pipe.
 
 ``generate`` and ``chat`` validate and tokenize every prompt in the ``LLM``'s process, split them into
 N shards of about the same number of prompts and of prompt tokens (longest first, each to the shard with
 the fewest tokens among those not yet full), run the shards at once and return the outputs in input
 order, with request ids numbered by the first replica. ``collective_rpc`` / ``apply_model`` return every
 replica's workers' results (replica-major), ``sleep`` / ``wake_up`` reach every replica; the other
-methods (``embed``, ``beam_search``, ``enqueue``, ...) run on the first replica.
+methods (``beam_search``, ``enqueue``, ...) run on the first replica (pooling models are refused).
 
-A replica that dies is reported (its pid and exit code) at the next call or while one waits for it,
-and every wait is bounded by ``KILN_DISTRIBUTED_TIMEOUT``. ``shutdown`` (or the interpreter exiting)
+A replica that dies is reported (its pid and exit code) at the next call or while one waits for it;
+a generation's shard is waited for as long as its replica lives, any other wait at most
+``KILN_DISTRIBUTED_TIMEOUT``. ``shutdown`` (or the interpreter exiting)
 stops the replicas, killing any that do not exit in time; a replica whose parent is gone exits.
 """
 
@@ -55,6 +57,16 @@ def add_with_ids(llm, ids: list[str], prepared: list[tuple]) -> None:
         engine.add_request(
             request_id, processed.text, processed.token_ids, params, processed.cache_salt, prio, lora
         )
+
+
+def _visible_devices() -> list[str]:
+    """The CUDA devices this process sees, as ``CUDA_VISIBLE_DEVICES`` names them."""
+    import torch
+
+    names = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if names is not None:
+        return [n.strip() for n in names.split(",") if n.strip()]
+    return [str(d) for d in range(torch.cuda.device_count())]
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -137,10 +149,10 @@ class DataParallelReplicas:
         tp = args.tensor_parallel_size
         import torch
 
-        cuda = torch.cuda.is_available()
+        visible = _visible_devices() if torch.cuda.is_available() else None
         for r in range(1, self.size):
             parent, child = ctx.Pipe()
-            devices = ",".join(str(d) for d in range(r * tp, (r + 1) * tp)) if cuda else None
+            devices = ",".join(visible[r * tp : (r + 1) * tp]) if visible is not None else None
             proc = ctx.Process(
                 target=_replica_main,
                 args=(r, args, chat_template, devices, os.getpid(), child),
