@@ -9,7 +9,7 @@ import torch
 import transformers
 from conftest import make_tiny_checkpoint
 
-from kiln import LLM, BeamSearchOutput, BeamSearchParams
+from kiln import LLM, BeamSearchOutput, BeamSearchParams, SamplingParams
 from kiln.runtime.beam_search import beam_search_score
 
 PROMPTS = ["The capital of France is", "Once upon a time there", "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17"]
@@ -277,3 +277,17 @@ def test_on_cuda_with_compiled_forward_and_graphs_matches_hf(tiny_checkpoint, ll
         assert [s.tokens for s in out.sequences] == ref.sequences.tolist()
         for seq, cum in zip(out.sequences, (ref.sequences_scores * max_tokens).tolist()):
             assert seq.cum_logprob == pytest.approx(cum, abs=1e-3)
+
+
+def test_queued_requests_run_alongside_and_keep_their_outputs(llm):
+    greedy = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)  # done within the search
+    want = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy, use_tqdm=False)]
+    params = BeamSearchParams(beam_width=2, max_tokens=4, ignore_eos=True)
+    beams = llm.beam_search(PROMPTS, params)
+    ids = llm.enqueue(PROMPTS, greedy)
+    assert [[s.tokens for s in o.sequences] for o in llm.beam_search(PROMPTS, params)] == [
+        [s.tokens for s in o.sequences] for o in beams
+    ]
+    outs = llm.wait_for_completion(use_tqdm=False)
+    assert [o.request_id for o in outs] == ids and [o.outputs[0].token_ids for o in outs] == want
+    assert_nothing_left(llm.llm_engine)

@@ -222,6 +222,7 @@ class LLMEngine:
         (read back, not computed yet), sharing its KV blocks (the scheduler's ``fork``)."""
         if parent.params.detokenize or parent.grammar is not None:
             raise ValueError("only sequences without detokenization or grammar can be forked")
+        parent.check_last_token_uncomputed()
         child = parent.fork(self._next_seq_id)
         self._next_seq_id += 1
         child.choose_last_token(token)

@@ -114,15 +114,19 @@ class Sequence:
         child.lora, child.lora_request, child.beam = self.lora, self.lora_request, self.beam
         return child
 
-    def choose_last_token(self, token: int) -> None:
-        """Replace the last output token, read back but not computed yet, by ``token`` from the same
-        distribution (a beam search's choice); the cumulative logprob follows."""
+    def check_last_token_uncomputed(self) -> None:
+        """Its last token is an output token, read back and not in the KV cache yet: it may change."""
         if (
             self.num_pending_tokens
             or self.num_computed_tokens >= self.num_known_tokens
             or not self.output_token_ids
         ):
             raise RuntimeError(f"sequence {self.seq_id}: its last token is not an uncomputed output token")
+
+    def choose_last_token(self, token: int) -> None:
+        """Replace the last output token, read back but not computed yet, by ``token`` from the same
+        distribution (a beam search's choice); the cumulative logprob follows."""
+        self.check_last_token_uncomputed()
         old, self.output_token_ids[-1] = self.output_token_ids[-1], token
         if self.logprobs:
             dist = self.logprobs[-1]
