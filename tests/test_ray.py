@@ -166,4 +166,5 @@ def test_ray_data_example_with_two_actors(tiny_checkpoint, tmp_path):
     with LLM(path, enforce_eager=True, max_model_len=128) as one:  # the oracle: one LLM here
         want = one.generate(prompts, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
     assert {o.prompt: o.outputs[0].text for o in want} == got
+    # a pool of two actors (Ray Data may hand every batch of so small a job to the first one ready)
     assert 1 <= len({r["actor_pid"] for r in rows}) <= 2
