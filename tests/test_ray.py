@@ -4,6 +4,7 @@ is gone afterwards."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,6 +78,7 @@ def cluster():
     yield tmp
     ray.shutdown()
     assert wait_gone(tmp) == []
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def sampled(outputs):
@@ -154,6 +156,7 @@ def test_ray_data_example_with_two_actors(tiny_checkpoint, tmp_path):
         leftover = wait_gone(ray_tmp)
         for pid in leftover:
             os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "8 prompts on" in done.stdout
     assert leftover == []
