@@ -6,7 +6,8 @@
 kiln runs a named shape with random weights (``load_format="dummy"``); HF runs a model of the same shape
 (its own random weights, bfloat16, eager, dynamic cache) over the same prompts in batches of
 ``--hf-batch`` prompts. Both ignore EOS, so every beam runs ``--new-tokens`` steps. Tokens/s counts
-``prompts * width * new_tokens`` generated beam tokens. Target: kiln >= 5x HF.
+``prompts * width * new_tokens`` generated beam tokens. Target: kiln >= 5x HF. kiln's entry also counts
+the tokens its steps computed: the prompts once, then one per beam per search step.
 """
 
 import argparse
@@ -48,6 +49,8 @@ def run_kiln(args, workload) -> dict:
     llm.beam_search(
         batch[:4], BeamSearchParams(beam_width=args.width, max_tokens=4, ignore_eos=True)
     )  # warm-up
+    llm.reset_prefix_cache()  # every prompt computed in the measured run
+    computed = count_computed_tokens(llm.llm_engine)
     sync()
     start = time.perf_counter()
     outs = llm.beam_search(batch, params)
@@ -55,7 +58,30 @@ def run_kiln(args, workload) -> dict:
     elapsed = time.perf_counter() - start
     tokens = sum(len(s.tokens) - len(p) for o, p in zip(outs, workload) for s in o.sequences)
     llm.shutdown()
-    return {"seconds": round(elapsed, 3), "beam_tokens": tokens, "tok_s": round(tokens / elapsed, 1)}
+    return {
+        "seconds": round(elapsed, 3),
+        "beam_tokens": tokens,
+        "tok_s": round(tokens / elapsed, 1),
+        "engine_steps": computed["steps"],
+        "computed_tokens": computed["tokens"],
+        # the prompts once, then one token per beam per later step (nothing computed twice)
+        "expected_computed_tokens": args.prompts * (args.prompt_len + args.width * (args.new_tokens - 1)),
+    }
+
+
+def count_computed_tokens(engine) -> dict:
+    """Count the engine steps and the tokens they compute from now on (a wrapper of the worker's
+    ``execute_model``)."""
+    counts = {"steps": 0, "tokens": 0}
+    inner = engine.worker.execute_model
+
+    def counted(out):
+        counts["steps"] += 1
+        counts["tokens"] += out.total_tokens
+        return inner(out)
+
+    engine.worker.execute_model = counted
+    return counts
 
 
 @torch.inference_mode()

@@ -9,7 +9,7 @@ import torch
 import transformers
 from conftest import make_tiny_checkpoint
 
-from kiln import LLM, BeamSearchOutput, BeamSearchParams
+from kiln import LLM, BeamSearchOutput, BeamSearchParams, SamplingParams
 from kiln.runtime.beam_search import beam_search_score
 
 PROMPTS = ["The capital of France is", "Once upon a time there", "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17"]
@@ -119,34 +119,113 @@ def test_matches_vllm_semantics_with_a_frequent_eos(tmp_path, tokenizer_dir, llm
         assert not engine.has_unfinished_requests() and engine.kv.num_free_blocks == engine.num_blocks
 
 
-def test_beams_share_prefix_blocks_and_run_in_one_batch(llm):
-    engine = llm.llm_engine
+def spy_steps(engine):
+    """Replace the worker's ``execute_model`` by one that records each step's scheduled
+    (seq id, start, tokens computed) and block copies; returns the record."""
     steps = []
     inner = engine.worker.execute_model
 
     def spy(out):
-        steps.append([(s.start, s.num_tokens) for s in out.scheduled])
+        steps.append(([(s.seq_id, s.start, s.num_tokens) for s in out.scheduled], list(out.copy_blocks)))
         return inner(out)
 
     engine.worker.execute_model = spy
+    return steps
+
+
+def assert_nothing_left(engine):
+    assert not engine.has_unfinished_requests() and not engine.scheduler.held
+    assert not engine.seqs and not engine.processor.requests
+    assert engine.kv.num_free_blocks == engine.num_blocks
+
+
+def test_each_search_step_computes_one_token_per_live_beam(llm):
+    engine = llm.llm_engine
     llm.reset_prefix_cache()
+    steps = spy_steps(engine)
     try:
         width, max_tokens = 4, 5
-        llm.beam_search(PROMPTS, BeamSearchParams(beam_width=width, max_tokens=max_tokens, ignore_eos=True))
+        outs = llm.beam_search(
+            PROMPTS, BeamSearchParams(beam_width=width, max_tokens=max_tokens, ignore_eos=True)
+        )
     finally:
         del engine.worker.execute_model
-    block = llm.config.block_size
-    longest = max(len(llm.tokenizer(p).input_ids) for p in PROMPTS)
-    assert longest > block  # one prompt has a full block to share
-    later = steps[1:]
+    lens = [len(llm.tokenizer(p).input_ids) for p in PROMPTS]
+    assert max(lens) > llm.config.block_size  # a prompt with full blocks to share
+    (prefill, _), later = steps[0], steps[1:]
+    assert sorted((start, n) for _, start, n in prefill) == sorted((0, n) for n in lens)  # prompts, once
     assert len(later) == max_tokens - 1  # one engine step per search step: every beam in one batch
-    assert all(len(step) == width * len(PROMPTS) for step in later)
-    for step in later:
-        for start, num_tokens in step:
-            assert num_tokens <= block and start % block == 0  # only the tail past the full blocks
-    # the full blocks of every beam's prefix came from the cache
-    assert sum(start for step in later for start, _ in step) >= len(later) * width * block
-    assert engine.kv.num_free_blocks == engine.num_blocks
+    for k, (scheduled, _) in enumerate(later):
+        # each live beam computes its one chosen token, at the next position; nothing is computed again
+        assert sorted((start, n) for _, start, n in scheduled) == sorted(
+            (length + k, 1) for length in lens for _ in range(width)
+        )
+    total = sum(n for scheduled, _ in steps for _, _, n in scheduled)
+    assert total == sum(lens) + (max_tokens - 1) * width * len(PROMPTS)
+    copies = [pair for _, step_copies in later for pair in step_copies]
+    assert copies  # forks copied their parents' partial blocks on the device
+    assert all(len(o.sequences) == width for o in outs)
+    assert_nothing_left(engine)
+
+
+def test_a_search_that_raises_leaves_nothing_behind(llm):
+    engine = llm.llm_engine
+    params = BeamSearchParams(beam_width=3, max_tokens=4, ignore_eos=True)
+    want = llm.beam_search(PROMPTS, params)
+    calls = 0
+    inner = engine.worker.execute_model
+
+    def failing(out):
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # beams forked and held by now
+            raise RuntimeError("device lost")
+        return inner(out)
+
+    engine.worker.execute_model = failing
+    try:
+        with pytest.raises(RuntimeError, match="device lost"):
+            llm.beam_search(PROMPTS, params)
+    finally:
+        del engine.worker.execute_model
+    assert calls == 3
+    assert_nothing_left(engine)
+    again = llm.beam_search(PROMPTS, params)
+    assert [[s.tokens for s in o.sequences] for o in again] == [[s.tokens for s in o.sequences] for o in want]
+    assert_nothing_left(engine)
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_kv_pressure_a_capped_batch_and_the_context_limit_change_no_result(
+    llm, tiny_checkpoint, prefix_caching
+):
+    """10 blocks cannot hold every beam (held beams give blocks back and are recomputed), a step
+    runs at most 5 sequences, and the long prompt reaches max_model_len after 3 tokens: its beams
+    stay candidates while the others go on."""
+    width = 4
+    lens = [len(llm.tokenizer(p).input_ids) for p in PROMPTS]
+    short = llm.beam_search(PROMPTS[:2], BeamSearchParams(beam_width=width, max_tokens=6, ignore_eos=True))
+    long = llm.beam_search(PROMPTS[2:], BeamSearchParams(beam_width=width, max_tokens=3, ignore_eos=True))
+    block_bytes = llm.llm_engine.worker.kv_bytes_per_block()
+    with LLM(
+        tiny_checkpoint("llama"),
+        enforce_eager=True,
+        dtype="float32",
+        max_model_len=lens[2] + 3,
+        kv_cache_memory_bytes=10 * block_bytes,
+        max_num_seqs=5,
+        enable_prefix_caching=prefix_caching,
+    ) as small:
+        outs = small.beam_search(PROMPTS, BeamSearchParams(beam_width=width, max_tokens=6, ignore_eos=True))
+        engine = small.llm_engine
+        assert engine.num_blocks == 10 and engine.scheduler.num_preemptions > 0
+        assert_nothing_left(engine)
+    for out, ref in zip(outs, short + long):
+        assert [s.tokens for s in out.sequences] == [s.tokens for s in ref.sequences]
+        for seq, want in zip(out.sequences, ref.sequences):
+            assert seq.cum_logprob == pytest.approx(want.cum_logprob, abs=1e-4)
+            assert seq.finish_reason == "length"
+    assert all(len(s.tokens) == lens[2] + 3 for s in outs[2].sequences)
 
 
 def test_bad_input(llm):
@@ -161,3 +240,54 @@ def test_bad_input(llm):
     engine = llm.llm_engine
     assert not engine.has_unfinished_requests() and engine.kv.num_free_blocks == engine.num_blocks
     assert not math.isnan(beam_search_score([1, 2], -1.0, 2, 1.0))
+
+
+@pytest.mark.gpu
+def test_on_cuda_with_compiled_forward_and_graphs_matches_hf(tiny_checkpoint, llm):
+    """On the device (Triton attention, compiled forward, CUDA graphs), block copies on the device:
+    HF's beams, one token per live beam per step."""
+    path = tiny_checkpoint("llama")
+    width, max_tokens = 4, 6
+    params = BeamSearchParams(beam_width=width, max_tokens=max_tokens, ignore_eos=True)
+    with LLM(path, dtype="float32", max_model_len=128, kv_cache_memory_bytes=2**24) as gpu_llm:
+        engine = gpu_llm.llm_engine
+        assert engine.config.device.type == "cuda"
+        steps = spy_steps(engine)
+        outs = gpu_llm.beam_search(PROMPTS, params)
+        del engine.worker.execute_model
+        assert_nothing_left(engine)
+    later = steps[1:]
+    assert len(later) == max_tokens - 1 and any(copies for _, copies in later)
+    assert all(len(s) == width * len(PROMPTS) and all(n == 1 for _, _, n in s) for s, _ in later)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    config = transformers.GenerationConfig(
+        num_beams=width,
+        num_return_sequences=width,
+        max_new_tokens=max_tokens,
+        do_sample=False,
+        early_stopping=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    for prompt, out in zip(PROMPTS, outs):
+        with torch.no_grad():
+            ref = hf.generate(llm.tokenizer(prompt, return_tensors="pt").input_ids, generation_config=config)
+        assert [s.tokens for s in out.sequences] == ref.sequences.tolist()
+        for seq, cum in zip(out.sequences, (ref.sequences_scores * max_tokens).tolist()):
+            assert seq.cum_logprob == pytest.approx(cum, abs=1e-3)
+
+
+def test_queued_requests_run_alongside_and_keep_their_outputs(llm):
+    greedy = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)  # done within the search
+    want = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy, use_tqdm=False)]
+    params = BeamSearchParams(beam_width=2, max_tokens=4, ignore_eos=True)
+    beams = llm.beam_search(PROMPTS, params)
+    ids = llm.enqueue(PROMPTS, greedy)
+    assert [[s.tokens for s in o.sequences] for o in llm.beam_search(PROMPTS, params)] == [
+        [s.tokens for s in o.sequences] for o in beams
+    ]
+    outs = llm.wait_for_completion(use_tqdm=False)
+    assert [o.request_id for o in outs] == ids and [o.outputs[0].token_ids for o in outs] == want
+    assert_nothing_left(llm.llm_engine)

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from kiln import LLM, SamplingParams
+from kiln import LLM, BeamSearchParams, SamplingParams
 from kiln.distributed import parallel_state
 from kiln.distributed.sharding import check_tensor_parallel
 from kiln.models.config import ModelConfig
@@ -292,6 +292,24 @@ def test_features_not_sharded_yet_are_refused_naming_both_settings(kwargs, setti
     with pytest.raises(ValueError, match=rf"tensor_parallel_size=2 with {setting}: kiln does not shard it"):
         LLM(tiny_checkpoint("llama"), tensor_parallel_size=2, **BASE, **kwargs)
     assert rank_processes() == before  # refused before any rank started
+
+
+@two_ranks
+def test_beam_search_under_two_ranks(tp2, tiny_checkpoint):
+    """Forks copy their parents' partial blocks on every rank; in 8 blocks held beams also give theirs
+    back and are recomputed."""
+    params = BeamSearchParams(beam_width=2, max_tokens=5, ignore_eos=True)
+    with LLM(tiny_checkpoint("llama"), kv_cache_memory_bytes=2**22, **BASE) as one:
+        want = one.beam_search(PROMPTS, params)
+    before = tp2.llm_engine.scheduler.num_preemptions
+    got = tp2.beam_search(PROMPTS, params)
+    assert tp2.llm_engine.scheduler.num_preemptions > before
+    for out, ref in zip(got, want, strict=True):
+        assert [s.tokens for s in out.sequences] == [s.tokens for s in ref.sequences]
+        for seq, r in zip(out.sequences, ref.sequences):
+            assert seq.cum_logprob == pytest.approx(r.cum_logprob, abs=1e-4)
+    engine = tp2.llm_engine
+    assert not engine.has_unfinished_requests() and engine.kv.num_free_blocks == engine.num_blocks
 
 
 @two_ranks

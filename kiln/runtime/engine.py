@@ -181,7 +181,8 @@ class LLMEngine:
         cache_salt: str | None = None,
         priority: int = 0,
         lora_request: LoRARequest | None = None,
-    ) -> None:
+    ) -> list[Sequence]:
+        """Add a request of ``params.n`` sequences; returns them."""
         self._check_awake()
         if request_id in self.processor.requests:
             raise ValueError(f"request_id {request_id!r} is already running")
@@ -212,6 +213,34 @@ class LLMEngine:
         for seq in seqs:
             self.seqs[seq.seq_id] = seq
             self.scheduler.add(seq)
+        return seqs
+
+    # beams (kiln/runtime/beam_search.py): sequences held after each sample, forked in place
+
+    def fork_sequence(self, parent: Sequence, token: int) -> Sequence:
+        """A new sequence of ``parent``'s request: its tokens with ``token`` instead of the last
+        (read back, not computed yet), sharing its KV blocks (the scheduler's ``fork``)."""
+        if parent.params.detokenize or parent.grammar is not None:
+            raise ValueError("only sequences without detokenization or grammar can be forked")
+        parent.check_last_token_uncomputed()
+        child = parent.fork(self._next_seq_id)
+        self._next_seq_id += 1
+        child.choose_last_token(token)
+        self.processor.add_sequence(child)
+        self.seqs[child.seq_id] = child
+        self.scheduler.fork(parent, child)
+        return child
+
+    def continue_sequence(self, seq: Sequence, token: int) -> None:
+        """A held beam goes on with ``token`` as its last token (read back, not computed yet)."""
+        seq.choose_last_token(token)
+        self.scheduler.release(seq)
+
+    def drop_sequence(self, seq: Sequence) -> None:
+        """End one unfinished sequence without an output (a beam not chosen); its blocks are freed."""
+        self.processor.drop_sequence(seq)
+        self.scheduler.finish(seq)
+        self.seqs.pop(seq.seq_id, None)
 
     def add_pooling_request(
         self, request_id: str, prompt: str | None, prompt_token_ids: list[int], state: PoolingState

@@ -142,6 +142,26 @@ class KVCacheManager:
             self.pool.register(seq.block_ids[i], hashes[i])
         seq.num_published_blocks = len(hashes)
 
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
+        """Give ``child`` (a fork of ``parent``, the same tokens so far) the parent's computed KV: its
+        full blocks shared (one more holder each) and its last, partial block copied into a new
+        block. Returns that copy's ``(src, dst)`` block ids, which the worker applies before the next
+        forward. With no free block the child gets the full blocks only and computes the partial
+        block's tokens again."""
+        bs, computed = self.block_size, parent.num_computed_tokens
+        full = computed // bs
+        child.block_ids = parent.block_ids[:full]
+        for b in child.block_ids:
+            self.pool.take(b)
+        child.num_published_blocks = min(parent.num_published_blocks, full)
+        child.num_computed_tokens = full * bs
+        if computed == full * bs or self.pool.num_free == 0:
+            return None
+        dst = self.pool.allocate()
+        child.block_ids.append(dst)
+        child.num_computed_tokens = computed
+        return parent.block_ids[full], dst
+
     def free(self, seq: Sequence) -> None:
         # release tail first so that, among a sequence's blocks, the later ones are evicted first
         for b in reversed(seq.block_ids):

@@ -106,6 +106,22 @@ class OutputProcessor:
         request.output.finished = True
         return request
 
+    def add_sequence(self, seq: Sequence) -> None:
+        """A sequence joins its running request (a forked beam; it does not detokenize)."""
+        self.requests[seq.request_id].seqs.append(seq)
+
+    def drop_sequence(self, seq: Sequence) -> None:
+        """Forget one unfinished sequence of a running request (a beam not chosen); a request left
+        with none is forgotten too, without an output."""
+        request = self.requests.get(seq.request_id)
+        self.detokenizers.pop(seq.seq_id, None)
+        self._text_sent.pop(seq.seq_id, None)
+        self._touched.pop(seq, None)
+        if request is not None:
+            request.seqs.remove(seq)
+            if not request.seqs:
+                del self.requests[seq.request_id]
+
     # ------------------------------------------------------------------ one step
 
     def begin_step(self) -> None:

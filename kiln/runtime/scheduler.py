@@ -11,6 +11,16 @@ A sequence whose launched tokens already reach its length limit is not scheduled
 waits for the engine to read its last token back. A waiting sequence whose grammar is still compiling
 is passed over (it keeps its place) without holding up the ones behind it.
 
+Beams (``Sequence.beam``, ``LLM.beam_search``) fork in place. A beam that samples is *held*
+(``Status.HELD``, in ``held``): it keeps its blocks but is not scheduled until the search has chosen
+its next token (``release``) or dropped it (``finish``). ``fork`` adds a copy of a held beam that
+shares its full blocks and gets a copy of its last, partial block: the ``(src, dst)`` pair goes to the
+worker in the next step's ``SchedulerOutput.copy_blocks``. A step schedules at most ``max_num_seqs``
+sequences; held ones count neither there nor for admission. When blocks run out, held beams give
+theirs back first (they are recomputed once released, from the prefix cache where it still has
+their blocks), then running sequences are preempted as usual; a waiting sequence that cannot be
+admitted into an otherwise empty step also takes held beams' blocks.
+
 ``schedule_step()`` is what the engine calls: it schedules, then turns the batch into the worker's
 plain-data ``SchedulerOutput`` and advances each sequence past the launched tokens (computed tokens,
 one pending output token for each sequence that samples).
@@ -62,6 +72,8 @@ class Scheduler:
         self.num_needing_host_tokens = 0  # unfinished sequences whose sampling reads host tokens
         self._new: list[NewSequence] = []  # added since the last step
         self._finished: list[int] = []  # seq ids finished since the last step
+        self.held: dict[int, Sequence] = {}  # beams waiting for their next token, by id (oldest first)
+        self._copies: dict[int, int] = {}  # dst block -> src block, copied before the next forward
 
     def _order(self, seq: Sequence) -> tuple[int, int]:
         return (seq.priority, seq.seq_id) if self.policy == "priority" else (0, seq.seq_id)
@@ -83,10 +95,17 @@ class Scheduler:
             self.num_needing_host_tokens += 1
 
     def has_unfinished(self) -> bool:
+        """Sequences a step would run; held beams wait for their search, not for a step."""
         return bool(self.waiting or self.running)
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _free(self, seq: Sequence) -> None:
+        if self._copies:  # a copy into a block given back is void
+            for b in seq.block_ids:
+                self._copies.pop(b, None)
         self.kv.free(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._free(seq)
         seq.status, seq.num_computed_tokens = Status.WAITING, 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -105,13 +124,15 @@ class Scheduler:
         batch = ScheduledBatch([], [])
         preempted = False
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(batch.seqs) < self.max_num_seqs:
             seq = self.running[i]
             if seq.awaiting_finish:  # its last launched token already ends it; only the read-back is due
                 i += 1
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.kv.allocate(seq, n):
+                if self._preempt_held():
+                    continue
                 victim = self._victim(i)
                 self._preempt(victim)
                 preempted = True
@@ -133,8 +154,12 @@ class Scheduler:
             cached = self.kv.lookup_prefix(seq)
             remaining = seq.num_tokens - len(cached) * self.kv.block_size
             n = min(remaining, budget)
-            if (n < remaining and not self.chunked_prefill) or not self.kv.allocate(seq, n, cached):
+            if n < remaining and not self.chunked_prefill:
                 break
+            if not self.kv.allocate(seq, n, cached):
+                if batch or not self._preempt_held():  # with nothing to run, held beams make room
+                    break
+                continue
             self.waiting.popleft()
             seq.num_computed_tokens = len(cached) * self.kv.block_size
             if seq.num_cached_tokens is None:
@@ -152,6 +177,47 @@ class Scheduler:
         """Move every running sequence back to waiting, its blocks freed (recomputed when rescheduled)."""
         while self.running:
             self._preempt(self.running.pop())
+        while self._preempt_held():
+            pass
+
+    def _preempt_held(self) -> bool:
+        """Free the blocks of the newest held beam that has any (recomputed once released); False if none."""
+        for seq in reversed(self.held.values()):
+            if seq.block_ids:
+                self._free(seq)
+                seq.num_computed_tokens = 0
+                seq.num_preemptions += 1
+                self.num_preemptions += 1
+                return True
+        return False
+
+    def release(self, seq: Sequence) -> None:
+        """A held beam goes on (its next token chosen): running from its computed tokens, or, if its
+        blocks were taken, waiting to be recomputed."""
+        del self.held[seq.seq_id]
+        if seq.num_computed_tokens:
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+        else:
+            seq.status = Status.WAITING
+            self._enqueue(seq, front=True)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Add ``child``, a copy of the tokens of ``parent`` (a beam whose last token is not computed):
+        it shares the parent's computed KV (``KVCacheManager.fork``; a partial block's copy is queued
+        for the next step) and runs from there, or waits to be recomputed if the parent has no blocks."""
+        copy = self.kv.fork(parent, child)
+        if copy is not None:
+            self._copies[copy[1]] = copy[0]
+        if child.num_computed_tokens:
+            child.status = Status.RUNNING
+            self.running.append(child)
+        else:
+            self._enqueue(child, front=True)
+        p = child.params
+        self._new.append(NewSequence(child.seq_id, None if p.seed is None else p.seed + child.index))
+        if needs_host_tokens(child):
+            self.num_needing_host_tokens += 1
 
     def schedule_step(self) -> SchedulerOutput:
         """Schedule one step and hand it over as plain data; the scheduled tokens count as computed
@@ -161,6 +227,10 @@ class Scheduler:
             return SchedulerOutput()  # nothing launches: new and finished sequences wait for the next step
         out = SchedulerOutput(new_sequences=self._new, finished_seq_ids=self._finished)
         self._new, self._finished = [], []
+        if self._copies:
+            out.copy_blocks = [(src, dst) for dst, src in self._copies.items()]
+            self._copies = {}
+        held = False
         now = time.time()
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             lo, known = seq.num_computed_tokens, seq.num_known_tokens
@@ -194,6 +264,10 @@ class Scheduler:
                 limit = self.max_model_len
                 if seq.num_output_tokens >= seq.max_tokens or (limit is not None and seq.num_tokens >= limit):
                     seq.awaiting_finish = True
+                if seq.beam:
+                    seq.status, self.held[seq.seq_id], held = Status.HELD, seq, True
+        if held:
+            self.running = [s for s in self.running if s.status is Status.RUNNING]
         return out
 
     def _lora_admits(self, seq: Sequence) -> bool:
@@ -215,19 +289,21 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is Status.WAITING:  # preempted while its last token was still being read back
             self.waiting.remove(seq)
+        elif seq.status is Status.HELD:
+            del self.held[seq.seq_id]
         else:
             return
         seq.status = Status.FINISHED
-        # publish its last full blocks first: a request with the same prefix (a beam's child) reuses them
+        # publish its last full blocks first: a request with the same prefix reuses them
         self.kv.cache_computed_blocks(seq, min(seq.num_computed_tokens, seq.num_known_tokens))
-        self.kv.free(seq)
+        self._free(seq)
         self._finished.append(seq.seq_id)
         if needs_host_tokens(seq):
             self.num_needing_host_tokens -= 1
 
     def abort_all(self) -> list[Sequence]:
         """Finish every sequence (freeing its blocks); returns them."""
-        seqs = list(self.running) + list(self.waiting)
+        seqs = list(self.running) + list(self.waiting) + list(self.held.values())
         for seq in seqs:
             self.finish(seq)
         return seqs

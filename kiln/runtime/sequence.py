@@ -16,6 +16,7 @@ from kiln.runtime.sampling_params import SamplingParams
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    HELD = "held"  # a beam that sampled: keeps its blocks, not scheduled until its next token is chosen
     FINISHED = "finished"
 
 
@@ -51,6 +52,7 @@ class Sequence:
     lora_request: Any = None  # the kiln.lora.request.LoRARequest it was added with, for its outputs
     pooling: Any = None  # kiln.pooling.state.PoolingState of a prompt-only pooling request
     grammar: object = None  # kiln.structured.grammar_state.GrammarState of a constrained sequence
+    beam: bool = False  # a beam search's beam: held after each sampled token (Status.HELD)
 
     def __post_init__(self):
         if self.params.logprobs is not None:
@@ -88,6 +90,47 @@ class Sequence:
         if lo >= n:
             return self.output_token_ids[lo - n : hi - n]
         return self.prompt_token_ids[lo:] + self.output_token_ids[: hi - n]
+
+    def fork(self, seq_id: int) -> "Sequence":
+        """A copy of this sequence's tokens and output state under a new id (index: the id, unique in
+        its request). The copy holds no KV blocks: ``KVCacheManager.fork`` shares them."""
+        child = Sequence(
+            seq_id,
+            self.request_id,
+            seq_id,
+            self.prompt_token_ids,  # never changed: shared
+            self.params,
+            self.max_tokens,
+            cache_salt=self.cache_salt,
+            priority=self.priority,
+        )
+        child.output_token_ids = list(self.output_token_ids)
+        child.block_hashes = list(self.block_hashes)  # the same tokens: the same chain
+        child.num_cached_tokens = self.num_cached_tokens
+        child.logprobs = None if self.logprobs is None else list(self.logprobs)
+        child.cumulative_logprob = self.cumulative_logprob
+        child.first_scheduled_time, child.first_token_time = self.first_scheduled_time, self.first_token_time
+        child.prompt_logprobs = self.prompt_logprobs
+        child.lora, child.lora_request, child.beam = self.lora, self.lora_request, self.beam
+        return child
+
+    def check_last_token_uncomputed(self) -> None:
+        """Its last token is an output token, read back and not in the KV cache yet: it may change."""
+        if (
+            self.num_pending_tokens
+            or self.num_computed_tokens >= self.num_known_tokens
+            or not self.output_token_ids
+        ):
+            raise RuntimeError(f"sequence {self.seq_id}: its last token is not an uncomputed output token")
+
+    def choose_last_token(self, token: int) -> None:
+        """Replace the last output token, read back but not computed yet, by ``token`` from the same
+        distribution (a beam search's choice); the cumulative logprob follows."""
+        self.check_last_token_uncomputed()
+        old, self.output_token_ids[-1] = self.output_token_ids[-1], token
+        if self.logprobs:
+            dist = self.logprobs[-1]
+            self.cumulative_logprob += dist[token].logprob - dist[old].logprob
 
     @property
     def lora_id(self) -> int:

@@ -1,7 +1,8 @@
 """What the engine and the worker exchange each step: plain data, no ``Sequence`` objects.
 
 ``SchedulerOutput`` goes in (built by the scheduler): the sequences new to the worker, those that
-finished since the last step, and per scheduled sequence the tokens to compute, where they start, its
+finished since the last step, the KV blocks to copy before the forward (a forked beam's last,
+partial block), and per scheduled sequence the tokens to compute, where they start, its
 block table and how to sample it. ``RunnerOutput`` comes out: one sampled token per sampling row,
 held on the device until ``read_back()`` (``token_ids`` is ``None`` until then), plus the logprobs
 asked for.
@@ -51,6 +52,8 @@ class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     new_sequences: list[NewSequence] = field(default_factory=list)
     finished_seq_ids: list[int] = field(default_factory=list)  # finished or aborted since the last step
+    # (src, dst) block ids: every layer's KV of block src copied to block dst before the forward
+    copy_blocks: list[tuple[int, int]] = field(default_factory=list)
     # constrained rows: the worker launches forward and logits only; Worker.sample_deferred samples
     # once the engine has read the previous step back and filled the grammar's mask
     defer_sampling: bool = False

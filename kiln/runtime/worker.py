@@ -11,7 +11,8 @@ with its buffers and the sampler's device state (generators), and brings them up
    key, else measured by a trial capture now), subtracted from what ``gpu_memory_utilization`` allows;
 4. ``initialize_kv_cache``: the KV cache from what is left;
 5. ``capture_graphs``: full and piecewise CUDA graphs over the real cache;
-6. ``execute_model``: serve steps (``SchedulerOutput`` in, ``RunnerOutput`` out).
+6. ``execute_model``: serve steps (``SchedulerOutput`` in, ``RunnerOutput`` out), each after the KV
+   block copies it asks for (``copy_blocks``).
 
 ``sleep``/``wake_up`` release and restore the weights and the KV cache; ``LLM.collective_rpc`` calls
 methods of this object.
@@ -37,6 +38,7 @@ from kiln.ops.attention_backend import attention_backend_class
 from kiln.ops.forward_context import forward_context
 from kiln.ops.sample_argmax import sample_argmax
 from kiln.quant.kv_cache import configure_kv_cache
+from kiln.runtime.block_copy import copy_blocks
 from kiln.runtime.config import CPU_DEFAULT_KV_CACHE_BYTES, EngineConfig
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.step_data import RunnerOutput, SchedulerOutput
@@ -316,6 +318,7 @@ class Worker:
     def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         if self.asleep:
             raise RuntimeError(f"the worker is asleep ({sorted(self.asleep)} released): call wake_up() first")
+        copy_blocks(self.kv_caches, scheduler_output.copy_blocks)  # forked beams' partial blocks
         return self.runner.execute(scheduler_output)
 
     def sample_deferred(self, grammar_bitmask) -> None:
