@@ -327,8 +327,10 @@ def test_many_compiled_models_in_one_process(tiny_checkpoint):
     cfg = CompilationConfig(mode="dynamo", use_cache=False)
     for _ in range(10):
         model = build_model(path, mc, torch.float32, torch.device("cpu"))
-        forward = CompiledForward(model, mc, cfg, cfg.mode, torch.float32, torch.device("cpu"))
-        assert forward.warmup(8).graphs_captured == 1
+        forward = CompiledForward(
+            model, mc, cfg, cfg.mode, torch.float32, torch.device("cpu"), trace_tokens=8
+        )
+        assert forward.warmup().graphs_captured == 1
         forward._dummy_run(3)
         assert forward.report.recompilations == 0
 

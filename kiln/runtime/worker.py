@@ -37,6 +37,7 @@ from kiln.ops.sample_argmax import sample_argmax
 from kiln.quant.kv_cache import configure_kv_cache
 from kiln.runtime.config import CPU_DEFAULT_KV_CACHE_BYTES, EngineConfig
 from kiln.runtime.model_runner import ModelRunner
+from kiln.runtime.startup_timeline import StartupTimeline
 from kiln.runtime.step_data import RunnerOutput, SchedulerOutput
 
 logger = logging.getLogger("kiln")
@@ -59,6 +60,7 @@ class Worker:
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.phases: list[str] = []  # start-up steps, in the order they ran
+        self.timeline = StartupTimeline()  # seconds per start-up phase
         self.graph_memory_bytes = 0  # memory graph capture takes (what the KV budget left for it)
         self.graph_memory_source = "none"  # "recorded" (earlier start), "trial capture", "none"
         self.graph_capture_seconds = 0.0
@@ -70,8 +72,12 @@ class Worker:
     # ------------------------------------------------------------------ start-up
 
     def load_model(self) -> None:
-        cfg = self.config
         self.phases.append("load_model")
+        with self.timeline.phase("weight_load"):
+            self._load_model()
+
+    def _load_model(self) -> None:
+        cfg = self.config
         self.model = build_model(
             cfg.model_path,
             self.model_config,
@@ -88,6 +94,11 @@ class Worker:
         cfg, mc = self.config, self.model_config
         self.phases.append("compile")
         self.compiled = compile_forward(self.model, mc, cfg, self.attention, self.graphs)
+        if self.compiled is not None:
+            report = self.compiled.report
+            for phase in ("dynamo", "passes", "inductor", "cache_load"):
+                self.timeline.add(phase, getattr(report, f"{phase}_s"))
+            self.timeline.add("triton_warmup", report.warmup_run_s)  # first launches of the dummy batches
         forward = self.compiled or self.model.forward
         self.runner = ModelRunner(
             self.model,
@@ -103,7 +114,8 @@ class Worker:
         if self.graphs.full_sizes:
             self.attention.allocate_graph_buffers(self.graphs.full_sizes[-1], cfg.max_blocks_per_seq)
         self.phases.append("warm_up")
-        self._warm_up()
+        with self.timeline.phase("triton_warmup"):
+            self._warm_up()
         logger.info(
             "kiln: attention backend %s (CUDA graphs supported: %s); CUDA graphs %s",
             self.attention.name,
@@ -156,7 +168,8 @@ class Worker:
         free, total = torch.cuda.mem_get_info()
         other = total - free - torch.cuda.memory_reserved()  # other processes and the CUDA context
         in_use = torch.cuda.memory_allocated()  # weights, buffers and anything else this process holds
-        activations = self._forward_peak() - in_use
+        with self.timeline.phase("kv_profile"):
+            activations = self._forward_peak() - in_use
         # the trial capture's warm-up runs reuse the blocks the peak run left cached: only graph memory
         # shows in its measurement
         graphs = self.graph_memory_bytes = self._graph_memory() if self.graphs.enabled else 0
@@ -216,7 +229,8 @@ class Worker:
         if recorded is not None:
             self.graph_memory_source = "recorded"
             return int(recorded)
-        used = self._measured_capture(self._scratch_kv(), None)
+        with self.timeline.phase("graph_capture"):
+            used = self._measured_capture(self._scratch_kv(), None)
         self.graphs.reset()
         torch.cuda.synchronize()
         self.graph_memory_source = "trial capture"
@@ -233,9 +247,10 @@ class Worker:
         self.num_blocks = num_blocks
         mc, cfg = self.model_config, self.config
         shape = (2, num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim)
-        self.kv_caches = [
-            torch.zeros(shape, dtype=self.kv_cache_dtype, device=cfg.device) for _ in range(mc.num_layers)
-        ]
+        with self.timeline.phase("kv_allocate"):
+            self.kv_caches = [
+                torch.zeros(shape, dtype=self.kv_cache_dtype, device=cfg.device) for _ in range(mc.num_layers)
+            ]
         self.runner.kv_caches = self.kv_caches
 
     def capture_graphs(self) -> None:
@@ -246,6 +261,7 @@ class Worker:
         used = self._measured_capture(self.kv_caches, "Capturing CUDA graphs")
         self.graphs.ready = True
         self.graph_capture_seconds = time.perf_counter() - start
+        self.timeline.add("graph_capture", self.graph_capture_seconds)
         if used > self.graph_memory_bytes and self.graph_memory_source != "none":
             logger.warning(
                 "CUDA graphs took %.1f MiB, %.1f MiB more than the KV budget left for them (%s)",
@@ -291,7 +307,13 @@ class Worker:
     def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         if self.asleep:
             raise RuntimeError(f"the worker is asleep ({sorted(self.asleep)} released): call wake_up() first")
-        return self.runner.execute(scheduler_output)
+        if "first_token" in self.timeline.seconds:
+            return self.runner.execute(scheduler_output)
+        with self.timeline.phase("first_token"):  # the first step, to its tokens on the device
+            out = self.runner.execute(scheduler_output)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        return out
 
     def sample_deferred(self, grammar_bitmask) -> None:
         """Sample the step just launched with ``defer_sampling`` (a ``GrammarBitmask`` or None)."""
@@ -304,6 +326,7 @@ class Worker:
         report.graph_capture_s = self.graph_capture_seconds
         report.graph_memory_bytes = self.graph_memory_bytes
         report.graph_memory_source = self.graph_memory_source
+        report.timeline = self.timeline.to_dict()
         return report
 
     def shutdown(self) -> None:
