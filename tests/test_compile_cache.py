@@ -190,6 +190,7 @@ result = {
     "report": llm.compile_report().to_dict(),
     "tokens": [o.outputs[0].token_ids for o in out],
     "counters": {k: dict(v) for k, v in counters.items()},
+    "num_blocks": llm.llm_engine.num_blocks,
 }
 print("RESULT" + json.dumps(result))
 """
@@ -321,10 +322,15 @@ def test_engine_keys_on_engine_cache_details(filled, tiny_checkpoint):
 
 
 @pytest.mark.gpu
-def test_warm_start_on_gpu_compiles_nothing(tiny_checkpoint, tmp_path):
+def test_warm_start_on_gpu_compiles_nothing_and_reuses_the_kv_profile(tiny_checkpoint, tmp_path):
     cfg = {"mode": "piecewise", "cache_dir": str(tmp_path)}
-    engine = dict(ENGINE, dtype="float32")
+    engine = dict(dtype="float32", max_num_seqs=8, max_model_len=256, gpu_memory_utilization=0.3)
     cold = _result(_start(tiny_checkpoint("llama"), cfg, engine))
     warm = _result(_start(tiny_checkpoint("llama"), cfg, dict(engine, seed=3), forbid=True))
     assert cold["report"]["cache_status"] == "miss" and warm["report"]["cache_status"] == "hit"
     assert warm["tokens"] == cold["tokens"]
+    assert cold["report"]["kv_profile_source"] == "measured"
+    assert warm["report"]["kv_profile_source"] == "recorded"
+    assert warm["report"]["graph_memory_source"] == "recorded"
+    # the same figures give the same KV cache, up to what other processes took meanwhile
+    assert abs(warm["num_blocks"] - cold["num_blocks"]) <= 0.02 * cold["num_blocks"]

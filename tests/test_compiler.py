@@ -179,7 +179,6 @@ def test_warm_start_in_fresh_process_hits_cache(compiled, tiny_checkpoint, eager
     assert warm["cache_key"] == cold.cache_key
     assert warm["cache_status"] == "hit" and warm["cache_misses"] == 0 and warm["cache_hits"] == 3
     assert warm["inductor_s"] == 0 and warm["cache_load_s"] > 0
-    assert warm["total_s"] < cold.total_s
     assert result["tokens"] == [o.outputs[0].token_ids for o in eager_outputs["llama"][2]]
 
 

@@ -33,6 +33,7 @@ class CompileReport:
     graph_capture_s: float = 0.0
     graph_memory_bytes: int = 0  # what the KV budget left for the graphs
     graph_memory_source: str = "none"  # "recorded" (an earlier start), "trial capture" or "none"
+    kv_profile_source: str = "none"  # activation peak: "recorded" (an earlier start), "measured" or "none"
     # start-up phase by phase (kiln/runtime/startup_timeline.py): phases_s, llm_s, ready_s
     timeline: dict = field(default_factory=dict)
 
@@ -44,7 +45,7 @@ class CompileReport:
         if self.graph_capture_s:
             graphs += (
                 f" captured in {self.graph_capture_s:.1f}s, {self.graph_memory_bytes / 2**20:.0f} MiB "
-                f"budgeted ({self.graph_memory_source})"
+                f"budgeted ({self.graph_memory_source}), activation peak {self.kv_profile_source}"
             )
         startup = ""
         if self.timeline.get("phases_s"):

@@ -6,9 +6,10 @@ with its buffers and the sampler's device state (generators), and brings them up
 1. ``load_model``: weights onto the device;
 2. ``compile_and_warm_up``: trace and compile the forward, then run the real (compiled) forward over
    dummy steps that launch every attention-kernel variant, and the sampler's kernels;
-3. ``determine_kv_budget``: the peak memory of the compiled forward at the largest batch, and the
-   memory of graph capture (recorded with the compile artifacts by an earlier start with the same
-   key, else measured by a trial capture now), subtracted from what ``gpu_memory_utilization`` allows;
+3. ``determine_kv_budget``: the peak memory of the compiled forward at the largest batch and the
+   memory of graph capture (both recorded with the compile artifacts by an earlier start with the same
+   key and shapes, ``kv_profile.py``, else measured now: a forward at the largest batch, a trial
+   capture), subtracted from what ``gpu_memory_utilization`` allows;
 4. ``initialize_kv_cache``: the KV cache from what is left;
 5. ``capture_graphs``: full and piecewise CUDA graphs over the real cache;
 6. ``execute_model``: serve steps (``SchedulerOutput`` in, ``RunnerOutput`` out).
@@ -17,8 +18,7 @@ with its buffers and the sampler's device state (generators), and brings them up
 methods of this object.
 """
 
-import hashlib
-import json
+import contextlib
 import logging
 import time
 
@@ -36,6 +36,7 @@ from kiln.ops.forward_context import forward_context
 from kiln.ops.sample_argmax import sample_argmax
 from kiln.quant.kv_cache import configure_kv_cache
 from kiln.runtime.config import CPU_DEFAULT_KV_CACHE_BYTES, EngineConfig
+from kiln.runtime.kv_profile import measurement_name, recorded_or_measured
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.startup_timeline import StartupTimeline
 from kiln.runtime.step_data import RunnerOutput, SchedulerOutput
@@ -63,6 +64,7 @@ class Worker:
         self.timeline = StartupTimeline()  # seconds per start-up phase
         self.graph_memory_bytes = 0  # memory graph capture takes (what the KV budget left for it)
         self.graph_memory_source = "none"  # "recorded" (earlier start), "trial capture", "none"
+        self.kv_profile_source = "none"  # activation peak: "recorded" (earlier start), "measured", "none"
         self.graph_capture_seconds = 0.0
         self.sleep_level = 0
         self.asleep: set[str] = set()  # released parts: "weights", "kv_cache"
@@ -114,7 +116,7 @@ class Worker:
         if self.graphs.full_sizes:
             self.attention.allocate_graph_buffers(self.graphs.full_sizes[-1], cfg.max_blocks_per_seq)
         self.phases.append("warm_up")
-        with self.timeline.phase("triton_warmup"):
+        with self.timeline.phase("triton_warmup"), self._kernel_cache():
             self._warm_up()
         logger.info(
             "kiln: attention backend %s (CUDA graphs supported: %s); CUDA graphs %s",
@@ -169,7 +171,9 @@ class Worker:
         other = total - free - torch.cuda.memory_reserved()  # other processes and the CUDA context
         in_use = torch.cuda.memory_allocated()  # weights, buffers and anything else this process holds
         with self.timeline.phase("kv_profile"):
-            activations = self._forward_peak() - in_use
+            activations, self.kv_profile_source = recorded_or_measured(
+                self._cache(), self._activation_name(), lambda: self._forward_peak() - in_use
+            )
         # the trial capture's warm-up runs reuse the blocks the peak run left cached: only graph memory
         # shows in its measurement
         graphs = self.graph_memory_bytes = self._graph_memory() if self.graphs.enabled else 0
@@ -209,6 +213,26 @@ class Worker:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
 
+    def _cache(self):
+        return self.compiled.cache if self.compiled is not None else None
+
+    def _kernel_cache(self):
+        """Triton's cache pointed into the compile cache entry while kernels are first launched (warm-up,
+        capture), so an entry filled by ``kiln compile`` holds the attention and sampler kernels too."""
+        cache = self._cache()
+        return cache.activate() if cache is not None else contextlib.nullcontext()
+
+    def _activation_name(self) -> str:
+        cfg = self.config
+        spec = {
+            "tokens": min(cfg.max_num_batched_tokens, cfg.max_model_len),
+            "logit_rows": cfg.max_num_seqs,
+            "attention": self.attention.name,
+            "block_size": cfg.block_size,
+            "kv_cache_dtype": str(self.kv_cache_dtype),
+        }
+        return measurement_name("activation_peak_bytes", spec)
+
     def _graph_memory_key(self) -> str:
         cfg = self.config
         spec = {
@@ -218,8 +242,7 @@ class Worker:
             "block_size": cfg.block_size,
             "attention": self.attention.name,
         }
-        digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-        return f"cuda_graph_bytes_{digest}"
+        return measurement_name("cuda_graph_bytes", spec)
 
     def _graph_memory(self) -> int:
         """Device memory the graphs take: recorded by an earlier start with this compile key, or
@@ -229,7 +252,7 @@ class Worker:
         if recorded is not None:
             self.graph_memory_source = "recorded"
             return int(recorded)
-        with self.timeline.phase("graph_capture"):
+        with self.timeline.phase("graph_capture"), self._kernel_cache():
             used = self._measured_capture(self._scratch_kv(), None)
         self.graphs.reset()
         torch.cuda.synchronize()
@@ -258,7 +281,8 @@ class Worker:
             return
         self.phases.append("capture_graphs")
         start = time.perf_counter()
-        used = self._measured_capture(self.kv_caches, "Capturing CUDA graphs")
+        with self._kernel_cache():
+            used = self._measured_capture(self.kv_caches, "Capturing CUDA graphs")
         self.graphs.ready = True
         self.graph_capture_seconds = time.perf_counter() - start
         self.timeline.add("graph_capture", self.graph_capture_seconds)
@@ -326,6 +350,7 @@ class Worker:
         report.graph_capture_s = self.graph_capture_seconds
         report.graph_memory_bytes = self.graph_memory_bytes
         report.graph_memory_source = self.graph_memory_source
+        report.kv_profile_source = self.kv_profile_source
         report.timeline = self.timeline.to_dict()
         return report
 
