@@ -129,25 +129,37 @@ GPU_BATCHES = [[(4096, 1)] * 8, [(1000, 1), (4000, 1), (513, 1)], [(512, 512), (
 @pytest.mark.gpu
 @pytest.mark.parametrize("seqs", GPU_BATCHES)
 def test_gpu_fp8_kv_attention_vs_bf16(seqs):
-    """Attention over the fp8 copy of a bf16 cache vs over the bf16 cache: within 3% (max abs error
-    relative to the output's max) — the rounding of K/V to 3 mantissa bits."""
+    """Attention over the fp8 copy of a bf16 cache vs over the bf16 cache: within 6.25% (max abs error
+    relative to the output's max), half of e4m3's relative step 2**-3 — the rounding of K/V to 3
+    mantissa bits (values below 2**-6 lose more as subnormals); a wrong scale or layout is far off."""
     q, cache, md = make_batch(seqs, 32, 8, 128, dtype=torch.bfloat16, device="cuda")
     cache8 = cache.float().clamp(-448, 448).to(E4M3)
     out16 = paged_attention_triton(q, cache, md, 128**-0.5)
     out8 = paged_attention_triton(q, cache8, md, 128**-0.5)
     ref8 = paged_attention_ref(q, cache8, md, 128**-0.5)
     torch.testing.assert_close(out8.float(), ref8.float(), atol=2e-2, rtol=2e-2)
-    assert (out8.float() - out16.float()).abs().max() <= 0.03 * out16.float().abs().max()
+    assert (out8.float() - out16.float()).abs().max() <= 0.0625 * out16.float().abs().max()
 
 
 @pytest.mark.gpu
 def test_gpu_fp8_kv_generate(tiny_checkpoint):
     path = tiny_checkpoint("llama")
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=1)
+    """Greedy decoding over an fp8 KV cache follows the bf16 one: the same tokens with logprobs within
+    0.1 until the two part, and they part only where the bf16 run's top two were within 0.1 (a tiny
+    random model's logits are nearly flat, so rounding K/V may flip a near-tie)."""
+    path = tiny_checkpoint("llama")
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=5)
     prompts = [{"prompt_token_ids": IDS}]
     with LLM(path, dtype="bfloat16") as llm:
         base = llm.generate(prompts, params, use_tqdm=False)[0].outputs[0]
     with LLM(path, dtype="bfloat16", kv_cache_dtype="fp8") as llm:
         fp8 = llm.generate(prompts, params, use_tqdm=False)[0].outputs[0]
-    assert fp8.token_ids[:4] == base.token_ids[:4]
-    assert abs(fp8.cumulative_logprob - base.cumulative_logprob) < 0.05 * abs(base.cumulative_logprob) + 0.5
+    same = next((i for i, (a, b) in enumerate(zip(base.token_ids, fp8.token_ids)) if a != b), 16)
+    assert same >= 1
+    for i in range(same):
+        tok = base.token_ids[i]
+        assert abs(fp8.logprobs[i][tok].logprob - base.logprobs[i][tok].logprob) < 0.1
+    if same < 16:
+        top = base.logprobs[same]
+        assert fp8.token_ids[same] in top
+        assert top[base.token_ids[same]].logprob - top[fp8.token_ids[same]].logprob < 0.1

@@ -310,7 +310,7 @@ class Worker:
         memory); returns the device memory it took (the pool and the driver's graph objects)."""
         graphs, runner = self.graphs, self.runner
         torch.cuda.synchronize()
-        free_before = torch.cuda.mem_get_info()[0]
+        free_before, reserved_before = torch.cuda.mem_get_info()[0], torch.cuda.memory_reserved()
         total = len(graphs.full_sizes) + len(graphs.piecewise_sizes)
         with tqdm(total=total, desc=desc, dynamic_ncols=True, disable=desc is None) as bar:
             for size in reversed(graphs.piecewise_sizes):
@@ -324,7 +324,14 @@ class Worker:
                     runner.forward(runner.input_ids[:size], runner.positions[:size])
                 bar.update(1)
         torch.cuda.synchronize()
-        return max(0, free_before - torch.cuda.mem_get_info()[0])
+        driver = free_before - torch.cuda.mem_get_info()[0]  # the pool's segments and the graph objects
+        pool = torch.cuda.memory_reserved() - reserved_before  # the pool's segments alone
+        logger.info(
+            "kiln: graph capture took %.1f MiB of device memory, %.1f MiB of it in the pool",
+            driver / 2**20,
+            pool / 2**20,
+        )
+        return max(0, driver, pool)
 
     # ------------------------------------------------------------------ serving
 
