@@ -76,6 +76,9 @@ OTHER_CODE = {
     "backend": {"compilation_config": {"backend": "eager"}},
     "splitting_ops": {"compilation_config": {"splitting_ops": ["kiln::attention", "aten::mm"]}},
     "tune_static_compiles": {"compilation_config": {"tune_static_compiles": False}},
+    "reuse_dynamo_graph (the entry holds the saved graph)": {
+        "compilation_config": {"reuse_dynamo_graph": True}
+    },
     "pass_config.eliminate_noops": {"compilation_config": {"pass_config": {"eliminate_noops": False}}},
     "pass_config.fuse_add_rms_norm": {"compilation_config": {"pass_config": {"fuse_add_rms_norm": True}}},
     "pass_config.fuse_gemv": {"compilation_config": {"pass_config": {"fuse_gemv": True}}},
@@ -180,6 +183,15 @@ if forbid == "1":  # a warm start must not generate or build any code
     graph.GraphLowering.compile_to_module = refuse
     graph.GraphLowering.codegen = refuse
     cpp_builder.CppBuilder.build = build_unless_compiling
+if "no-trace" in sys.argv[6:]:  # nor trace the forward with Dynamo
+    import torch._dynamo.convert_frame as convert_frame
+    import torch._dynamo.symbolic_convert as symbolic_convert
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("Dynamo traced during a warm start")
+
+    convert_frame.fullgraph_capture = no_trace
+    symbolic_convert.InstructionTranslator.run = no_trace
 
 from kiln import LLM, SamplingParams
 
@@ -196,8 +208,8 @@ print("RESULT" + json.dumps(result))
 """
 
 
-def _start(path, cfg, engine=ENGINE, forbid=False) -> subprocess.Popen:
-    args = [path, json.dumps(cfg), json.dumps(engine), json.dumps(PROMPTS), "1" if forbid else "0"]
+def _start(path, cfg, engine=ENGINE, forbid=False, *extra) -> subprocess.Popen:
+    args = [path, json.dumps(cfg), json.dumps(engine), json.dumps(PROMPTS), "1" if forbid else "0", *extra]
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(_START), *args],
         stdout=subprocess.PIPE,
@@ -321,6 +333,62 @@ def test_engine_keys_on_engine_cache_details(filled, tiny_checkpoint):
         assert llm.compile_report().cache_key == cache_key(details)
 
 
+@pytest.fixture(scope="module")
+def saved_graph(tiny_checkpoint, tmp_path_factory):
+    """A cache filled by a cold start that keeps Dynamo's graph (reuse_dynamo_graph)."""
+    cfg = {
+        "mode": "piecewise",
+        "cache_dir": str(tmp_path_factory.mktemp("graph_cache")),
+        "reuse_dynamo_graph": True,
+    }
+    return cfg, _result(_start(tiny_checkpoint("llama"), cfg))
+
+
+def test_saved_dynamo_graph_warm_start_neither_traces_nor_compiles(
+    saved_graph, tiny_checkpoint, eager_tokens
+):
+    cfg, cold = saved_graph
+    assert cold["report"]["dynamo_graph"] == "traced and saved" and cold["tokens"] == eager_tokens
+    assert os.path.isfile(os.path.join(cold["report"]["cache_dir"], "dynamo_forward.bin"))
+    warm = _result(_start(tiny_checkpoint("llama"), cfg, dict(ENGINE, seed=5), True, "no-trace"))
+    report = warm["report"]
+    assert report["dynamo_graph"] == "loaded" and report["cache_status"] == "hit"
+    assert warm["counters"].get("stats", {}).get("unique_graphs", 0) == 0
+    assert report["dynamo_s"] == 0 and report["graphs_captured"] == 1 and report["cache_hits"] == 3
+    assert warm["tokens"] == eager_tokens
+
+
+def test_saved_dynamo_graph_that_does_not_load_is_traced_again(saved_graph, tiny_checkpoint, eager_tokens):
+    cfg, cold = saved_graph
+    path = os.path.join(cold["report"]["cache_dir"], "dynamo_forward.bin")
+    with open(path, "rb") as f:
+        good = f.read()
+    try:
+        with open(path, "wb") as f:
+            f.write(good[: len(good) // 2])  # damaged
+        with LLM(tiny_checkpoint("llama"), compilation_config=cfg, **ENGINE) as llm:
+            report = llm.compile_report()
+            assert report.dynamo_graph.startswith("traced (loading the saved graph failed")
+            assert report.cache_status == "hit"  # the pieces still load from Inductor's cache
+            params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+            out = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+            assert [o.outputs[0].token_ids for o in out] == eager_tokens
+    finally:
+        with open(path, "wb") as f:
+            f.write(good)
+
+
+def test_reuse_dynamo_graph_without_torch_support_traces(saved_graph, tiny_checkpoint, monkeypatch):
+    import kiln.compiler.dynamo_graph as dynamo_graph
+
+    cfg, _ = saved_graph
+    monkeypatch.setattr(dynamo_graph, "supported", lambda: False)
+    with LLM(tiny_checkpoint("llama"), compilation_config=cfg, **ENGINE) as llm:
+        assert llm.compile_report().dynamo_graph == "traced (this torch cannot save Dynamo graphs)"
+    with pytest.raises(InvalidCompilationConfig, match="reuse_dynamo_graph"):
+        CompilationConfig.parse({"reuse_dynamo_graph": True, "use_cache": False})
+
+
 @pytest.mark.gpu
 def test_warm_start_on_gpu_compiles_nothing_and_reuses_the_kv_profile(tiny_checkpoint, tmp_path):
     cfg = {"mode": "piecewise", "cache_dir": str(tmp_path)}
@@ -334,3 +402,14 @@ def test_warm_start_on_gpu_compiles_nothing_and_reuses_the_kv_profile(tiny_check
     assert warm["report"]["graph_memory_source"] == "recorded"
     # the same figures give the same KV cache, up to what other processes took meanwhile
     assert abs(warm["num_blocks"] - cold["num_blocks"]) <= 0.02 * cold["num_blocks"]
+
+
+@pytest.mark.gpu
+def test_saved_dynamo_graph_on_gpu(tiny_checkpoint, tmp_path):
+    cfg = {"mode": "piecewise", "cache_dir": str(tmp_path), "reuse_dynamo_graph": True}
+    engine = dict(dtype="float32", max_num_seqs=8, max_model_len=256, gpu_memory_utilization=0.3)
+    cold = _result(_start(tiny_checkpoint("llama"), cfg, engine))
+    warm = _result(_start(tiny_checkpoint("llama"), cfg, engine, True, "no-trace"))
+    assert cold["report"]["dynamo_graph"] == "traced and saved"
+    assert warm["report"]["dynamo_graph"] == "loaded" and warm["report"]["cache_status"] == "hit"
+    assert warm["tokens"] == cold["tokens"]

@@ -13,6 +13,7 @@ from contextlib import nullcontext
 
 import torch
 
+from kiln.compiler import dynamo_graph
 from kiln.compiler.cache import CompileCache, CompileCacheMissError, cache_key_details
 from kiln.compiler.config import CompilationConfig, CompilationMode
 from kiln.compiler.cudagraph import CudaGraphs
@@ -86,14 +87,19 @@ class CompiledForward:
         from kiln.compiler.backend import KilnBackend  # imports Inductor: only when compiling
 
         self.backend = KilnBackend(config, mode, self.cache, self.report, self.dumper, graphs)
+        self._forward = _private_forward(model)
         self._compiled = torch.compile(
-            _private_forward(model),
+            self._forward,
             backend=self.backend,
             fullgraph=True,
             dynamic=False,
             options={"guard_filter_fn": _guard_filter},
         )
         self._traced = False
+        self.aot = config.reuse_dynamo_graph and config.use_cache and dynamo_graph.supported()
+        if config.reuse_dynamo_graph and not self.aot:
+            self.report.dynamo_graph = "traced (this torch cannot save Dynamo graphs)"
+        self._aot_fn = None  # the saved (or just saved) forward, called with the model first
 
     @property
     def split_module(self):
@@ -101,6 +107,10 @@ class CompiledForward:
         return self.backend.split_gm
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.aot:
+            if self._aot_fn is None:
+                self._aot_fn = self._load_or_capture(input_ids, positions)
+            return self._aot_fn(self.model, input_ids, positions)
         if not self._traced:
             torch._dynamo.mark_dynamic(input_ids, 0)
             torch._dynamo.mark_dynamic(positions, 0)
@@ -108,6 +118,44 @@ class CompiledForward:
         out = self._compiled(input_ids, positions)
         self._traced = True
         return out
+
+    def _load_or_capture(self, input_ids: torch.Tensor, positions: torch.Tensor):
+        """The forward saved in the cache entry, its guards checked once; else traced now and saved."""
+        report = self.report
+        fn = None
+        try:
+            fn = dynamo_graph.load(self.cache.dir, self.backend, self._forward.__func__.__globals__)
+            if fn is not None and not fn.guard_check(self.model, input_ids, positions):
+                report.dynamo_graph = "traced (the saved graph's guards failed)"
+                fn = None
+        except Exception as e:  # a damaged or foreign file: trace instead
+            logger.warning("kiln: the saved Dynamo graph did not load (%s: %s); tracing", type(e).__name__, e)
+            report.dynamo_graph = f"traced (loading the saved graph failed: {type(e).__name__})"
+            fn = None
+        if fn is not None:
+            report.dynamo_graph = "loaded"
+        else:
+            torch._dynamo.mark_dynamic(input_ids, 0)
+            torch._dynamo.mark_dynamic(positions, 0)
+            aot = torch.compile(
+                self._forward,
+                backend=self._aot_backend,
+                fullgraph=True,
+                dynamic=False,
+                options={"guard_filter_fn": dynamo_graph.serializable_guard_filter(_guard_filter)},
+            )
+            self.backend.trace_started = time.perf_counter()
+            fn = aot.aot_compile(((input_ids, positions), {}))
+            dynamo_graph.save(self.cache.dir, fn)
+            report.dynamo_graph = report.dynamo_graph or "traced and saved"
+        fn.disable_guard_check()  # checked once: the inputs are always 1-D int64 tensors on the device
+        return fn
+
+    def _aot_backend(self, gm, example_inputs):
+        graph = dynamo_graph.graph_bytes(gm)  # before the passes change it
+        inference = [isinstance(t, torch.Tensor) and t.is_inference() for t in example_inputs]
+        with dynamo_graph.plain_caches():
+            return dynamo_graph.ForwardArtifact(graph, self.backend(gm, example_inputs), inference)
 
     # ------------------------------------------------------------------ start-up
 

@@ -87,6 +87,9 @@ class CompilationConfig(BaseModel):
     # "auto": a miss compiles and fills the cache; "require": a miss is a CompileCacheMissError (fleets
     # that ship a cache filled by `kiln compile`)
     cache: Literal["auto", "require"] = "auto"
+    # keep Dynamo's traced graph in the cache entry: warm starts load it instead of tracing
+    # (kiln/compiler/dynamo_graph.py; traced as before where torch lacks the AOT entry points)
+    reuse_dynamo_graph: bool = False
     debug_dump_path: str | None = None
     cudagraph_mode: Literal["none", "piecewise", "full", "full_and_piecewise"] = "full_and_piecewise"
     cudagraph_capture_sizes: list[int] | None = None
@@ -152,6 +155,8 @@ class CompilationConfig(BaseModel):
     def _check_cache(self) -> "CompilationConfig":
         if self.cache == "require" and not self.use_cache:
             raise ValueError("cache='require' needs use_cache=True (got use_cache=False)")
+        if self.reuse_dynamo_graph and not self.use_cache:
+            raise ValueError("reuse_dynamo_graph=True needs use_cache=True (got use_cache=False)")
         return self
 
     # ------------------------------------------------------------------ helpers

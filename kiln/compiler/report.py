@@ -25,6 +25,7 @@ class CompileReport:
     cache_dir: str | None = None
     cache_key: str | None = None
     cache_status: str = "disabled"  # hit / partial / miss / disabled
+    dynamo_graph: str = ""  # reuse_dynamo_graph: "loaded" (no trace), "traced and saved", "traced (...)"
     cache_reason: str = ""  # one line: "hit: entry <key>", "miss: compile_sizes changed [1] -> []", ...
     cache_hits: int = 0  # compiles served from the cache (AOT-autograd or FX-graph cache)
     cache_misses: int = 0
@@ -63,7 +64,8 @@ class CompileReport:
             f"{self.unique_compiles} unique compiles + {self.static_compiles} static {self.compile_sizes}; "
             f"dynamo {self.dynamo_s:.2f}s, passes {self.passes_s:.2f}s, inductor {self.inductor_s:.2f}s, "
             f"cache load {self.cache_load_s:.2f}s, warm-up runs {self.warmup_run_s:.2f}s; "
-            f"cache {self.cache_status} ({self.cache_hits} hit, {self.cache_misses} miss; "
+            + (f"dynamo graph {self.dynamo_graph}; " if self.dynamo_graph else "")
+            + f"cache {self.cache_status} ({self.cache_hits} hit, {self.cache_misses} miss; "
             f"{self.cache_reason}); "
             f"noops removed {self.noops_removed}; fusions: {matches}; recompilations {self.recompilations}"
         )
