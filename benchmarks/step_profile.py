@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--output-dir", default="bench_out")
     ap.add_argument("--tag", default="run")
+    ap.add_argument("--bench-workload", action="store_true", help="kiln bench's workload objects")
     ap.add_argument("--llm-kwargs", default="{}", help="JSON dict passed to LLM()")
     args = ap.parse_args()
 
@@ -75,16 +76,22 @@ def main() -> None:
     if not src.has_tokenizer:
         kwargs["skip_tokenizer_init"] = True
     llm = LLM(**kwargs)
-    rng = random.Random(0)
-    vocab = src.vocab_size
-    prompts = [
-        {"prompt_token_ids": [rng.randrange(10, vocab - 10) for _ in range(args.input_len)]}
-        for _ in range(args.num_prompts)
-    ]
-    sp = SamplingParams(  # as `kiln bench throughput`: plain sampling, no detokenization
-        max_tokens=args.output_len, ignore_eos=True, temperature=1.0, top_p=1.0, detokenize=False
-    )
-    llm.generate(prompts[:16], sp, use_tqdm=False)  # warm
+    if args.bench_workload:  # exactly `kiln bench throughput`'s prompts and per-request params
+        from kiln.bench import workload
+
+        wl = workload.synthetic(args.num_prompts, args.input_len, args.output_len, src.vocab_size)
+        prompts, sp = wl.prompts(), wl.sampling_params()
+    else:
+        rng = random.Random(0)
+        vocab = src.vocab_size
+        prompts = [
+            {"prompt_token_ids": [rng.randrange(10, vocab - 10) for _ in range(args.input_len)]}
+            for _ in range(args.num_prompts)
+        ]
+        sp = SamplingParams(  # as `kiln bench throughput`: plain sampling, no detokenization
+            max_tokens=args.output_len, ignore_eos=True, temperature=1.0, top_p=1.0, detokenize=False
+        )
+    llm.generate(prompts[:16], sp[:16] if isinstance(sp, list) else sp, use_tqdm=False)  # warm
     llm.reset_prefix_cache()
 
     sync()

@@ -64,3 +64,10 @@ def log_stats_interval() -> float:
     if not value >= 0:
         raise ValueError(f"KILN_LOG_STATS_INTERVAL must be a number of seconds >= 0, got {raw!r}")
     return value
+
+
+def distributed_timeout() -> float:
+    """``KILN_DISTRIBUTED_TIMEOUT``: seconds rank 0 waits for another tensor-parallel rank (start-up,
+    a call's reply, a collective), and the first data-parallel replica for another (start-up, a control
+    call's reply), before it raises. Unset: 300."""
+    return float(os.environ.get("KILN_DISTRIBUTED_TIMEOUT") or 300)

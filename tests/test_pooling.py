@@ -352,7 +352,7 @@ def test_piecewise_cuda_graphs_serve_pooling(tiny_checkpoint, classifier, ids):
             expected = getattr(eager, method)(prompts, use_tqdm=False)
         with LLM(path, compilation_config=cc, **opts, **kwargs) as graphed:
             got = getattr(graphed, method)(prompts, use_tqdm=False)
-            assert graphed.llm_engine.runner.piecewise_graphs.replays > 0
+            assert graphed.llm_engine.worker.graphs.replays("piecewise") > 0
             _assert_idle(graphed)
         for e, g in zip(expected, got):
             a = torch.tensor(getattr(e.outputs, "embedding", None) or e.outputs.probs)

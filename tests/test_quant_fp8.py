@@ -9,7 +9,7 @@ qwen3 12.8%); the real SmolLM2 check is in tests/test_quant_smollm2.py.
 import pytest
 import torch
 from fp8_oracle import hf_fp8_model, hf_logits, kiln_logits, rel_error
-from oracle import hf_greedy
+from oracle import assert_greedy_agrees, hf_greedy
 
 from kiln import LLM, SamplingParams
 from kiln.models.config import ModelConfig
@@ -191,14 +191,14 @@ def test_gpu_scaled_mm_vs_reference(dtype):
 def test_gpu_bf16_vs_fp8_generate(tiny_checkpoint):
     """bf16 model vs the same with fp8 projections: logprobs of the bf16 greedy tokens stay close."""
     path = tiny_checkpoint("llama")
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=1)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=5)
     prompts = [{"prompt_token_ids": IDS}]
     with LLM(path, dtype="bfloat16") as llm:
         base = llm.generate(prompts, params, use_tqdm=False)[0].outputs[0]
     with LLM(path, dtype="bfloat16", quantization="fp8") as llm:
         fp8 = llm.generate(prompts, params, use_tqdm=False)[0].outputs[0]
-    assert fp8.token_ids[:4] == base.token_ids[:4]
-    assert abs(fp8.cumulative_logprob - base.cumulative_logprob) < 0.1 * abs(base.cumulative_logprob) + 1.0
+    # the tiny model's logits are nearly flat: fp8 rounding may flip a near-tie (oracle.assert_greedy_agrees)
+    assert_greedy_agrees(base, fp8, tol=0.3)
 
 
 @cpu_reference
@@ -239,19 +239,18 @@ def test_gpu_quant_fusions_match(tiny_checkpoint, tmp_path):
     """bf16 fp8 model compiled on CUDA with the quantization fusions: every norm / SiLU-mul quantization
     folded (the residual adds included), tokens as without the fusions."""
     path = tiny_checkpoint("llama")
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=5)
     fusions = ["fuse_add_rms_norm_quant", "fuse_rms_norm_quant", "fuse_silu_mul_quant", "fuse_add_rms_norm"]
-    tokens = []
+    outs = []
     for on in (False, True):
         cc = {"cache_dir": str(tmp_path / str(on)), "pass_config": dict.fromkeys(fusions, on)}
         with LLM(path, dtype="bfloat16", quantization="fp8", compilation_config=cc) as llm:
-            tokens.append(
-                llm.generate([{"prompt_token_ids": IDS}], params, use_tqdm=False)[0].outputs[0].token_ids
-            )
+            outs.append(llm.generate([{"prompt_token_ids": IDS}], params, use_tqdm=False)[0].outputs[0])
             matches = llm.compile_report().pattern_matches
     assert matches["fuse_rms_norm_quant"] == 1 and matches["fuse_add_rms_norm_quant"] == 3
     assert matches["fuse_silu_mul_quant"] == 2
-    assert tokens[0][:4] == tokens[1][:4]
+    # a fused norm quantizes its fp32 result, the unfused one its bf16 rounding: near-ties may flip
+    assert_greedy_agrees(outs[0], outs[1], tol=0.3)
 
 
 def test_fp8_sweep_configs_are_valid():

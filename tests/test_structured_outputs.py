@@ -420,7 +420,7 @@ def test_token_mask_on_cuda_never_waits_for_the_device(tokenizer_dir):
     rows = [SamplingRow(s.params) for s in seqs]
     try:
         mask = manager.token_mask(seqs).to_device(torch.device("cuda"))
-        tokens = sample(logits, rows, gen, mask).tokens
+        tokens = sample(logits, rows, gen, token_mask=mask).tokens
     finally:
         torch.cuda.set_sync_debug_mode("default")
     tokens = tokens.tolist()

@@ -26,7 +26,7 @@ MANIFEST = "manifest.json"
 MEASUREMENTS = "measurements.json"  # figures measured at start-up, reused by warm starts
 LOCK = ".lock"  # held while a process compiles into the entry
 MEASUREMENTS_LOCK = ".measurements.lock"
-_SOURCE_DIRS = ("models", "ops", "compiler", "lora")
+_SOURCE_DIRS = ("models", "ops", "compiler", "lora", "distributed")  # distributed: the TP layers traced
 # model config fields no compiled code reads (token ids for stopping, the checkpoint's stored dtype)
 _NOT_CODE_MODEL_FIELDS = ("raw", "eos_token_id", "bos_token_id", "torch_dtype")
 

@@ -248,9 +248,11 @@ def trace_tokens_for(engine_config) -> int:
 def engine_cache_details(engine_config, model_config, model) -> dict:
     """The compile-cache key details of an engine's forward (what ``compile_forward`` keys on)."""
     cfg = engine_config
-    return cache_key_details(
+    details = cache_key_details(
         model_config, cfg.dtype, cfg.device, cfg.compilation_config, cfg.lora, model, trace_tokens_for(cfg)
     )
+    details["tensor_parallel_size"] = getattr(cfg, "tensor_parallel_size", 1)  # the graph's collectives
+    return details
 
 
 def compile_forward(model, model_config, engine_config, attention, graphs: CudaGraphs | None = None):

@@ -10,6 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kiln.distributed import parallel_state
+from kiln.distributed.layers import ParallelLMHead, VocabParallelEmbedding, gather_logits
+from kiln.distributed.parallel_state import TensorParallel
 from kiln.models.config import ModelConfig
 from kiln.models.rotary import RotaryEmbedding
 from kiln.models.weight_copy import copy_into
@@ -30,8 +33,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp: TensorParallel):
         super().__init__()
+        self.tp = tp
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -57,25 +61,26 @@ class Attention(nn.Module):
         q, k = rotary(positions, qk).split([heads, kv_heads], dim=1)
         out = torch.empty_like(q)
         attention(q, k, v, out, self.layer_idx, self.scale, self.sliding_window, self.k_scale, self.v_scale)
-        return self.o_proj(out.view(-1, self.q_size))
+        return parallel_state.all_reduce(self.o_proj(out.view(-1, self.q_size)), self.tp)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
         super().__init__()
+        self.tp = tp
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return parallel_state.all_reduce(self.down_proj(F.silu(gate) * up), self.tp)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp: TensorParallel):
         super().__init__()
-        self.self_attn = Attention(cfg, layer_idx)
-        self.mlp = MLP(cfg)
+        self.self_attn = Attention(cfg, layer_idx, tp)
+        self.mlp = MLP(cfg, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -85,10 +90,10 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
@@ -112,14 +117,18 @@ _FUSED = {
 
 
 class LlamaForCausalLM(nn.Module):
-    """Also serves Mistral, Qwen2 (qkv bias) and Qwen3 (q/k norm): they differ only in config flags."""
+    """Also serves Mistral, Qwen2 (qkv bias) and Qwen3 (q/k norm): they differ only in config flags.
 
-    def __init__(self, cfg: ModelConfig):
+    Under tensor parallelism (``tp``: this rank of its group) ``cfg`` holds one rank's head counts and
+    intermediate size (``kiln/distributed/sharding.py``); o and down all-reduce over ``tp``, the
+    vocabulary layers shard themselves."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = parallel_state.ONE_RANK):
         super().__init__()
-        self.config = cfg
-        self.model = DecoderModel(cfg)
+        self.config, self.tp = cfg, tp
+        self.model = DecoderModel(cfg, tp)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, tp)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
@@ -128,7 +137,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.logits_weight())
+        return gather_logits(F.linear(hidden, self.logits_weight()), self.config.vocab_size, self.tp)
 
     def _shard_range(self, param_name: str, shard: int) -> tuple[int, int]:
         cfg = self.config

@@ -3,10 +3,12 @@
 import glob
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
+from kiln.distributed.parallel_state import ONE_RANK, TensorParallel
+from kiln.distributed.sharding import Slice, narrow, pad_rows
 from kiln.models.config import ModelConfig
 from kiln.models.gguf import gguf_config, iter_gguf_tensors
 from kiln.models.llama import LlamaForCausalLM
@@ -14,6 +16,9 @@ from kiln.models.safetensors_mmap import open_safetensors
 from kiln.models.weight_copy import parallel_copies
 from kiln.quant.apply import checkpoint_tensors, finish_model, prepare_model, quantize_model
 from kiln.quant.config import QuantConfig
+
+# checkpoint tensor name -> the slice this rank holds (None: all); tensor parallelism, sharding.py
+ShardFn = Callable[[str], Slice | None]
 
 MODEL_CLASSES = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -33,9 +38,10 @@ def read_config(path: str) -> dict:
         return json.load(f)
 
 
-def iter_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor, str]]:
+def iter_safetensors(path: str, shard: ShardFn | None = None) -> Iterator[tuple[str, torch.Tensor, str]]:
     """Yield ``(name, tensor, file)`` one tensor at a time (single file or sharded with an index); each
-    tensor is a view of the memory-mapped file (``safetensors_mmap.py``)."""
+    tensor is a view of the memory-mapped file (``safetensors_mmap.py``), so with ``shard`` only each
+    tensor's slice is read from the file."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
@@ -50,6 +56,9 @@ def iter_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor, str]]:
         raise ValueError(f"model: no *.safetensors weights in {path!r}")
     for file in files:
         for name, tensor in open_safetensors(file):
+            piece = shard(name) if shard is not None else None
+            if piece is not None:  # a view of the rank's part (padded rows are a copy)
+                tensor = pad_rows(tensor.narrow(piece.dim, piece.start, piece.length), piece)
             yield name, tensor, file
 
 
@@ -61,6 +70,8 @@ def build_model(
     load_format: str = "auto",
     pooling=None,
     quant: QuantConfig | None = None,
+    shard: ShardFn | None = None,
+    tp: TensorParallel = ONE_RANK,
 ) -> LlamaForCausalLM:
     """Allocate the model directly on ``device`` (no host copy) and load weights tensor by tensor.
 
@@ -68,7 +79,8 @@ def build_model(
     With a ``pooling`` spec (``kiln.pooling.spec.PoolingModelSpec``) the model is the decoder plus
     its pooling head instead of a causal LM. With ``quant`` the projections run in fp8 (``kiln.quant``):
     a pre-quantized checkpoint loads into fp8 modules; otherwise (and with dummy weights) the loaded
-    weights are quantized.
+    weights are quantized. ``shard``: this rank's slice of each checkpoint tensor and ``tp`` the rank
+    (tensor parallelism, which runs neither pooling nor ``quant``; ``cfg`` is the rank's).
     """
     serialized = quant is not None and quant.serialized and load_format != "dummy"
     with torch.device("meta"):
@@ -77,7 +89,7 @@ def build_model(
 
             model = LlamaForPooling(cfg, pooling).to(dtype)
         else:
-            model = MODEL_CLASSES[cfg.architecture](cfg).to(dtype)
+            model = MODEL_CLASSES[cfg.architecture](cfg, tp).to(dtype)
     if serialized:
         prepare_model(model, quant, dtype)
     model = model.to_empty(device=device)
@@ -87,7 +99,7 @@ def build_model(
             model.load_weights(weights)
         finish_model(model)
     else:
-        load_weights(model, path, cfg, load_format)
+        load_weights(model, path, cfg, load_format, shard=shard)
         if quant is not None:
             with torch.no_grad():
                 quantize_model(model, quant)
@@ -96,10 +108,16 @@ def build_model(
 
 
 def load_weights(
-    model: LlamaForCausalLM, path: str, cfg: ModelConfig, load_format: str = "auto", quant=None
+    model: LlamaForCausalLM,
+    path: str,
+    cfg: ModelConfig,
+    load_format: str = "auto",
+    quant=None,
+    shard: ShardFn | None = None,
 ) -> None:
     """Fill the model's existing parameter tensors from the checkpoint (or the dummy values). A quantized
-    model (``quant``) is rebuilt the way ``build_model`` built it and its tensors copied in."""
+    model (``quant``) is rebuilt the way ``build_model`` built it and its tensors copied in; ``shard``:
+    this rank's slice of each checkpoint tensor (tensor parallelism)."""
     if quant is not None:
         first = next(model.parameters())
         fresh = build_model(path, cfg, model.model.norm.weight.dtype, first.device, load_format, quant=quant)
@@ -118,8 +136,15 @@ def load_weights(
                     p.normal_(0.0, 0.02, generator=gen)
         return
     with torch.no_grad(), parallel_copies(next(model.parameters()).device):
-        model.load_weights(_checkpoint(path, cfg))
+        model.load_weights(_checkpoint(path, cfg, shard))
 
 
-def _checkpoint(path: str, cfg: ModelConfig):
-    return iter_gguf_tensors(path, cfg.raw) if path.endswith(".gguf") else iter_safetensors(path)
+def _checkpoint(path: str, cfg: ModelConfig, shard: ShardFn | None = None):
+    """The checkpoint's tensors (with ``shard``: this rank's slices; a GGUF's are dequantized whole,
+    then narrowed)."""
+    if not path.endswith(".gguf"):
+        return iter_safetensors(path, shard)
+    weights = iter_gguf_tensors(path, cfg.raw)
+    if shard is None:
+        return weights
+    return ((name, narrow(t, shard(name)), src) for name, t, src in weights)

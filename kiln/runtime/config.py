@@ -55,6 +55,9 @@ class EngineConfig:
     attention_backend: str = "torch"
     load_format: str = "auto"
     compilation_config: CompilationConfig | None = None
+    tensor_parallel_size: int = 1  # ranks; the worker processes are kiln/distributed/executor.py's
+    distributed_executor_backend: str = "mp"  # how ranks beyond 0 run: "mp" processes or "ray" actors
+    data_parallel_size: int = 1  # engine replicas (kiln/distributed/data_parallel.py)
     pooling: object = None  # kiln.pooling.spec.PoolingModelSpec with runner="pooling"
     quantization: object = None  # kiln.quant.QuantConfig or None
     kv_cache_dtype: str = "auto"  # "auto" (model dtype) | "fp8" | "fp8_e4m3"

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import torch
 
+from kiln.distributed.executor import make_worker
 from kiln.lora.request import LoRARequest
 from kiln.models.config import ModelConfig
 from kiln.pooling.finish import PooledOutputs
@@ -26,21 +27,27 @@ from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler
 from kiln.runtime.sequence import Sequence
 from kiln.runtime.step_data import RunnerOutput
-from kiln.runtime.worker import Worker
 from kiln.structured.manager import StructuredOutputManager
 from kiln.structured.params import StructuredOutputsConfig
 
 logger = logging.getLogger("kiln")
+
+
+def _apply_to_model(func, worker):
+    return func(worker.model)
+
+
 _POOLING_PARAMS = SamplingParams(max_tokens=1)  # what a prompt-only sequence's sampling fields read
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, tokenizer, worker=None):
         """``worker``: anything with the worker's serving interface (tests pass a fake one); by default
-        a ``Worker``, brought up here."""
+        a ``Worker`` (one per rank under tensor parallelism, ``kiln/distributed/executor.py``), brought
+        up here."""
         self.model_config, self.tokenizer = model_config, tokenizer
         if worker is None:
-            worker = Worker(config, model_config)
+            worker = make_worker(config, model_config)
             worker.load_model()
             worker.compile_and_warm_up()
             num_blocks = self._num_kv_blocks(worker.determine_kv_budget(), worker.kv_bytes_per_block())
@@ -151,13 +158,10 @@ class LLMEngine:
         return self.lora.load(lora_request)
 
     def validate_params(self, params: SamplingParams) -> None:
-        """Checks that need the model or the tokenizer, run before any request of a call is added:
-        token ids inside the vocabulary, bad_words encoded, structured outputs parsed (compiling starts)."""
+        """Checks that need the tokenizer or the grammar backend, run before any request of a call is
+        added (after ``InputProcessor.check_params``): bad_words encoded and inside the vocabulary,
+        structured outputs parsed (compiling starts)."""
         vocab = self.model_config.vocab_size
-        for name, ids in (("logit_bias", params.logit_bias), ("allowed_token_ids", params.allowed_token_ids)):
-            bad = [t for t in ids or () if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"{name}: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         if params.bad_words:
             if self.tokenizer is None:
                 raise ValueError("bad_words need a tokenizer (skip_tokenizer_init=True)")
@@ -322,11 +326,12 @@ class LLMEngine:
         self, method, timeout: float | None = None, args: tuple = (), kwargs: dict | None = None
     ):
         """Run ``method`` (a worker method name, or a callable taking the worker first) on every
-        worker (kiln has one); the list of results. ``timeout``: seconds to wait, TimeoutError after."""
+        worker (one per tensor-parallel rank); the list of results. ``timeout``: seconds to wait,
+        TimeoutError after."""
         if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         if isinstance(method, str):
-            fn = getattr(self.worker, method, None)
+            fn = getattr(getattr(self.worker, "local", self.worker), method, None)
             if fn is None or not callable(fn) or method.startswith("_"):
                 raise ValueError(f"method: the worker has no public method {method!r}")
         elif callable(method):
@@ -337,6 +342,8 @@ class LLMEngine:
                 f"method must be a worker method name or a callable, got {type(method).__name__}"
             )
         kwargs = kwargs or {}
+        if getattr(self.worker, "world_size", 1) > 1:
+            return self.worker.call_all(method, args, kwargs, timeout)
         if timeout is None:
             return [fn(*args, **kwargs)]
         result: dict = {}
@@ -357,7 +364,7 @@ class LLMEngine:
         return [result["value"]]
 
     def apply_model(self, func):
-        return self.collective_rpc(lambda worker: func(worker.model))
+        return self.collective_rpc(functools.partial(_apply_to_model, func))  # picklable for other ranks
 
     def sleep(self, level: int = 1, mode: str = "abort") -> None:
         """``mode``: what happens to unfinished requests: ``"abort"`` drops them, ``"wait"`` runs them

@@ -26,6 +26,12 @@ import torch
 
 from kiln import envs
 from kiln.compiler.config import CompilationConfig
+from kiln.distributed.sharding import (
+    check_data_parallel_features,
+    check_executor_backend,
+    check_tensor_parallel,
+    check_tensor_parallel_features,
+)
 from kiln.lora.config import LoRAConfig
 from kiln.models.config import ModelConfig
 from kiln.models.hub import resolve_model_path
@@ -183,6 +189,9 @@ class EngineArgs:
 
     def check(self) -> None:
         """Refuse what kiln cannot honour (``NotImplementedError``) and bad values (``ValueError``)."""
+        check_executor_backend(
+            self.distributed_executor_backend, self.tensor_parallel_size, self.data_parallel_size
+        )
         for name, value in self.non_default().items():
             if name in HONOURED or name in HARMLESS:
                 continue
@@ -201,7 +210,9 @@ class EngineArgs:
         _check_positive("kv_cache_memory_bytes", self.kv_cache_memory_bytes)
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             _check_positive(name, getattr(self, name), allow_none=False)
-            if getattr(self, name) != 1:
+            if (
+                name == "pipeline_parallel_size" and self.pipeline_parallel_size != 1
+            ):  # TP, DP: kiln/distributed/
                 raise NotImplementedError(f"{name}={getattr(self, name)}: kiln runs on one device")
         if not _is_int(self.seed):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
@@ -289,8 +300,21 @@ class EngineArgs:
                 "enable_chunked_prefill=False: longer prompts could never run"
             )
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        check_tensor_parallel(
+            model_config,
+            self.tensor_parallel_size,
+            self.distributed_executor_backend,
+            device,
+            self.data_parallel_size,
+        )
         kv_cache_dtype = check_kv_cache_dtype(self.kv_cache_dtype, device)
         quant = resolve_quantization(self.quantization, self.quantization_config, hf_config, device)
+        pooling = resolve_runner(
+            model_config.architecture, model_config.raw, self.runner, self.convert, self.pooler_config
+        )
+        lora = LoRAConfig.from_args(self.enable_lora, self.max_loras, self.max_lora_rank, self.max_cpu_loras)
+        check_tensor_parallel_features(self.tensor_parallel_size, quant, pooling, lora)
+        check_data_parallel_features(self.data_parallel_size, pooling)
         compilation_config = CompilationConfig.parse(self.compilation_config)
         engine_config = EngineConfig(
             quantization=quant,
@@ -316,13 +340,12 @@ class EngineArgs:
             logprobs_mode=self.logprobs_mode,
             scheduling_policy=self.scheduling_policy,
             enable_chunked_prefill=chunked,
+            tensor_parallel_size=self.tensor_parallel_size,
+            distributed_executor_backend="ray" if self.distributed_executor_backend == "ray" else "mp",
+            data_parallel_size=self.data_parallel_size,
             structured_outputs_config=StructuredOutputsConfig.parse(self.structured_outputs_config),
-            pooling=resolve_runner(
-                model_config.architecture, model_config.raw, self.runner, self.convert, self.pooler_config
-            ),
-            lora=LoRAConfig.from_args(
-                self.enable_lora, self.max_loras, self.max_lora_rank, self.max_cpu_loras
-            ),
+            pooling=pooling,
+            lora=lora,
         )
         generation_config = read_generation_config(
             path, self.generation_config, self.override_generation_config
@@ -414,7 +437,7 @@ HARMLESS = frozenset(
 
 # values other than the default that mean the same thing in kiln
 _EQUIVALENT: dict[str, tuple] = {
-    "distributed_executor_backend": ("uni", "mp"),
+    "distributed_executor_backend": ("uni", "mp", "ray"),
     "offload_params": (set(), frozenset()),
     "limit_mm_per_prompt": ({},),
     "model_loader_extra_config": ({},),
@@ -433,7 +456,7 @@ _REASONS = {
     "limit_mm_per_prompt": "kiln has no multimodal models",
     "allowed_local_media_path": "kiln has no multimodal models",
     "allowed_media_domains": "kiln has no multimodal models",
-    "distributed_executor_backend": "kiln runs in one process on one device (None, 'uni' or 'mp')",
+    "distributed_executor_backend": "kiln runs ranks as processes or Ray actors (None, 'uni', 'mp', 'ray')",
     "cpu_offload_gb": "kiln keeps every weight on the device",
     "offload_group_size": "kiln keeps every weight on the device",
     "offload_num_in_group": "kiln keeps every weight on the device",

@@ -113,6 +113,10 @@ class KVCacheManager:
 
         Returns False, changing nothing, when the pool cannot supply the blocks.
         """
+        if not cached_blocks:  # the common case, every running sequence every step
+            needed = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size) - len(seq.block_ids)
+            if needed <= 0:
+                return True
         # cached blocks sitting in the free queue count as free until taken
         reclaimable = sum(1 for b in cached_blocks if self.pool.ref_counts[b] == 0)
         total = seq.num_computed_tokens + len(cached_blocks) * self.block_size + num_new_tokens
@@ -130,7 +134,10 @@ class KVCacheManager:
         ``num_tokens``, by default all computed tokens)."""
         if not self.enable_prefix_caching:
             return
-        hashes = self._full_block_hashes(seq, seq.num_computed_tokens if num_tokens is None else num_tokens)
+        num_tokens = seq.num_computed_tokens if num_tokens is None else num_tokens
+        if num_tokens // self.block_size == seq.num_published_blocks:  # no block filled since
+            return
+        hashes = self._full_block_hashes(seq, num_tokens)
         for i in range(seq.num_published_blocks, len(hashes)):
             self.pool.register(seq.block_ids[i], hashes[i])
         seq.num_published_blocks = len(hashes)

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kiln.compiler.report import CompileReport
+from kiln.distributed.data_parallel import DataParallelReplicas
 from kiln.lora.request import per_prompt
 from kiln.models.hub import resolve_model_path
 from kiln.pooling.api import PoolingMethods
@@ -101,7 +102,15 @@ class LLM(PoolingMethods):
         )
         torch.manual_seed(args.seed)
         config_s = time.perf_counter() - started
-        self.llm_engine = LLMEngine(self.config, self.model_config, self.tokenizer)
+        self._replicas = DataParallelReplicas.start(args, chat_template)  # None: one replica
+        try:
+            self.llm_engine = LLMEngine(self.config, self.model_config, self.tokenizer)
+            if self._replicas is not None:
+                self._replicas.wait_ready()
+        except BaseException:
+            if self._replicas is not None:
+                self._replicas.shutdown()
+            raise
         self.config = self.llm_engine.config  # final: the KV cache may have lowered max_model_len
         self._inputs = InputProcessor(self.tokenizer, resolved.model_config.vocab_size, self.config)
         self._queue = RequestQueue()  # enqueue / wait_for_completion
@@ -251,6 +260,8 @@ class LLM(PoolingMethods):
         self, prompts, sampling_params, use_tqdm, tokenization_kwargs, priority=None, lora_request=None
     ) -> list[RequestOutput]:
         prepared = self._prepare(prompts, sampling_params, tokenization_kwargs, priority, lora_request)
+        if self._replicas is not None:  # data parallelism: kiln/distributed/data_parallel.py
+            return self._replicas.generate(self, prepared, use_tqdm)
         return self._run_engine(self._add_requests(prepared), use_tqdm)
 
     def _prepare(
@@ -516,33 +527,47 @@ class LLM(PoolingMethods):
     ) -> list[Any]:
         """Run a worker method (by name) or ``method(worker, *args, **kwargs)`` on every worker; the
         list of their results. ``timeout``: seconds to wait before ``TimeoutError`` (None: no limit)."""
-        return self.llm_engine.collective_rpc(method, timeout, args, kwargs)
+        return self._every_replica(
+            "collective_rpc", (method, timeout, args, kwargs), self.llm_engine.collective_rpc
+        )
 
     def apply_model(self, func: Callable[[torch.nn.Module], Any]) -> list[Any]:
         """``func(model)`` on every worker's model; the list of results."""
-        return self.llm_engine.apply_model(func)
+        return self._every_replica("apply_model", (func,), self.llm_engine.apply_model)
+
+    def _every_replica(self, method: str, args: tuple, local: Callable, join: bool = True) -> Any:
+        """``local(*args)`` here, and ``LLM.<method>(*args)`` on every other data-parallel replica;
+        with ``join`` the lists of results joined in replica order."""
+        if self._replicas is None:
+            return local(*args)
+        parts = self._replicas.call(method, args, lambda: local(*args))
+        return [x for part in parts for x in part] if join else None
 
     def get_world_size(self, include_dp: bool = True) -> int:
-        """Workers serving this LLM (tensor x pipeline parallel, times data parallel with
-        ``include_dp``): kiln runs one."""
-        return 1
+        """Workers serving this LLM: one per tensor-parallel rank, times the data-parallel replicas
+        with ``include_dp``."""
+        dp = self.config.data_parallel_size if include_dp else 1
+        return self.config.tensor_parallel_size * dp
 
     def sleep(self, level: int = 1, mode: str = "abort") -> None:
         """Release device memory between uses. Level 1: weights to pinned host memory, the KV cache
         discarded; level 2: weights discarded too (``wake_up`` reloads them from the checkpoint).
         ``mode``: unfinished requests are aborted (``"abort"``) or finished first (``"wait"``).
         Generating raises until ``wake_up``."""
-        self.llm_engine.sleep(level, mode)
+        self._every_replica("sleep", (level, mode), self.llm_engine.sleep, join=False)
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Restore what ``sleep`` released: ``tags`` among ``"weights"``, ``"kv_cache"`` (None: both).
         Once both are back the CUDA graphs are captured again."""
-        self.llm_engine.wake_up(tags)
+        self._every_replica("wake_up", (tags,), self.llm_engine.wake_up, join=False)
 
     # ------------------------------------------------------------------ lifecycle
 
     def shutdown(self) -> None:
         """Free the engine (KV cache, model). Every other method raises RuntimeError afterwards."""
+        replicas = self.__dict__.get("_replicas")
+        if replicas is not None:
+            replicas.shutdown()
         engine = self.__dict__.get("llm_engine")
         if engine is not None:
             self._profiler.shutdown()

@@ -77,24 +77,34 @@ class ModelRunner:
         bs = self.block_size
         ids, positions, slots, starts, seq_lens = [], [], [], [0], []
         fix_dst, fix_src, sample_rows, samples = [], [], [], []
-        for s in out.scheduled:
+        scheduled = out.scheduled
+        width = max(len(s.block_ids) for s in scheduled)
+        table, zeros = [], [0] * width
+        max_query_len = 0
+        for s in scheduled:  # runs for every sequence of every step: kept lean
             lo, n = s.start, s.num_tokens
             ids.extend(s.token_ids)
             if s.last_token_pending:
                 fix_dst.append(len(ids))
                 fix_src.append(self._previous_rows[s.seq_id])
                 ids.append(0)
-            positions.extend(range(lo, lo + n))
             blocks = s.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(lo, lo + n))
+            if n == 1:
+                positions.append(lo)
+                slots.append(blocks[lo // bs] * bs + lo % bs)
+            else:
+                positions.extend(range(lo, lo + n))
+                slots.extend(blocks[p // bs] * bs + p % bs for p in range(lo, lo + n))
+                max_query_len = max(max_query_len, n)
+            table.extend(blocks)
+            if len(blocks) < width:
+                table.extend(zeros[: width - len(blocks)])
             starts.append(starts[-1] + n)
             seq_lens.append(lo + n)
             if s.sample:
                 sample_rows.append(starts[-1] - 1)
                 samples.append(s)
-        width = max(len(s.block_ids) for s in out.scheduled)
-        table = [b for s in out.scheduled for b in s.block_ids + [0] * (width - len(s.block_ids))]
-        max_query_len = max(s.num_tokens for s in out.scheduled)
+        max_query_len = max_query_len or 1
         md, (input_ids, positions_t, rows, dst, src) = self.attention.build(
             slots, starts, seq_lens, table, max_query_len, [ids, positions, sample_rows, fix_dst, fix_src]
         )

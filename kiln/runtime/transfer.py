@@ -5,15 +5,35 @@ already queued has run, which would undo the engine's overlap of host and device
 pinned memory with ``non_blocking=True`` queues the copy behind them instead.
 """
 
+from array import array
+
 import torch
 
 ALIGN_BYTES = 16  # Triton specialises kernels on 16-byte pointer alignment
+_TYPECODES = {torch.long: "q", torch.int32: "i"}
+
+
+def host_tensor(values: list, dtype: torch.dtype | None = None, pin: bool = False) -> torch.Tensor:
+    """``torch.tensor(values, dtype=dtype)``; a flat list of ints goes through ``array`` (about 4x
+    faster than ``torch.tensor`` on a list: the step's metadata is built this way every step)."""
+    code = _TYPECODES.get(dtype)
+    if code is not None and values:
+        try:
+            flat = torch.frombuffer(array(code, values), dtype=dtype)
+        except (TypeError, OverflowError):  # nested lists, values past the type: torch's rules
+            pass
+        else:
+            if not pin:
+                return flat
+            pinned = torch.empty(flat.shape, dtype=dtype, pin_memory=True)
+            return pinned.copy_(flat)
+    return torch.tensor(values, dtype=dtype, pin_memory=pin)
 
 
 def to_device(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+        return host_tensor(values, dtype).to(device)
+    return host_tensor(values, dtype, pin=True).to(device, non_blocking=True)
 
 
 def sections_to_device(sections: list[list], device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:

@@ -28,6 +28,8 @@ from tqdm.auto import tqdm
 from kiln.compiler.compiled_forward import compile_forward
 from kiln.compiler.cudagraph import CudaGraphs
 from kiln.compiler.report import CompileReport
+from kiln.distributed import parallel_state
+from kiln.distributed.sharding import checkpoint_slice, rank_model_config
 from kiln.lora.manager import lora_manager_for
 from kiln.models.config import ModelConfig
 from kiln.models.loader import build_model, load_weights
@@ -48,8 +50,12 @@ SLEEP_TAGS = ("weights", "kv_cache")
 
 class Worker:
     def __init__(self, config: EngineConfig, model_config: ModelConfig):
+        """``model_config``: the model's (or a view of it); under tensor parallelism ``self.model_config``
+        holds this rank's shapes (its heads, KV heads and intermediate size)."""
+        self.tp = parallel_state.get() if config.tensor_parallel_size > 1 else parallel_state.ONE_RANK
         self.config = config
-        self.model_config = getattr(model_config, "arch", model_config)  # the architecture config itself
+        self.full_model_config = getattr(model_config, "arch", model_config)  # the architecture config
+        self.model_config = rank_model_config(self.full_model_config, self.tp.size)
         self.device = config.device
         self.plan = config.plan
         self.attention = attention_backend_class(config.attention_backend)(config.block_size, config.device)
@@ -88,9 +94,18 @@ class Worker:
             cfg.load_format,
             pooling=cfg.pooling,
             quant=cfg.quantization,
+            shard=self._shard(),
+            tp=self.tp,
         )
         self.kv_cache_dtype = configure_kv_cache(self.model, cfg.kv_cache_dtype, cfg.dtype)
         self.lora = lora_manager_for(cfg, self.model_config, self.model)  # wraps the (fp8) projections
+
+    def _shard(self):
+        """This rank's slice of each checkpoint tensor (None with one rank)."""
+        if self.tp.size == 1:
+            return None
+        mc, rank, size = self.full_model_config, self.tp.rank, self.tp.size
+        return lambda name: checkpoint_slice(name, mc, rank, size)
 
     def compile_and_warm_up(self) -> None:
         cfg, mc = self.config, self.model_config
@@ -109,7 +124,7 @@ class Worker:
             self.graphs,
             cfg.device,
             seed=cfg.seed,
-            one_row_logits=self.plan.one_row_logits,
+            one_row_logits=self.plan.one_row_logits and self.tp.size == 1,
             logprobs_mode=cfg.logprobs_mode,
             lora=self.lora,
         )
@@ -252,6 +267,9 @@ class Worker:
         if recorded is not None:
             self.graph_memory_source = "recorded"
             return int(recorded)
+        # capture into fresh memory: with the forward peak's blocks still cached the measurement can
+        # miss the pool; the capture's own warm-up runs are counted too (small next to the peak)
+        torch.cuda.empty_cache()
         with self.timeline.phase("graph_capture"), self._kernel_cache():
             used = self._measured_capture(self._scratch_kv(), None)
         self.graphs.reset()
@@ -422,7 +440,12 @@ class Worker:
                 else:
                     cfg = self.config
                     load_weights(
-                        self.model, cfg.model_path, self.model_config, cfg.load_format, cfg.quantization
+                        self.model,
+                        cfg.model_path,
+                        self.model_config,
+                        cfg.load_format,
+                        cfg.quantization,
+                        shard=self._shard(),
                     )
                 self.asleep.discard("weights")
             if "kv_cache" in tags and "kv_cache" in self.asleep:

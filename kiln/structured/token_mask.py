@@ -23,9 +23,9 @@ _BITS: dict[torch.device, torch.Tensor] = {}
 
 def _bits(device: torch.device) -> torch.Tensor:
     """int32 [32]: word value of each bit (bit 31 is the sign bit)."""
-    if device not in _BITS:
-        values = [1 << b for b in range(31)] + [-(1 << 31)]
-        _BITS[device] = torch.tensor(values, dtype=torch.int32).to(device)
+    if device not in _BITS:  # built on the device: a host copy would wait for the device's queue
+        shifts = torch.arange(32, dtype=torch.int32, device=device)
+        _BITS[device] = torch.ones(32, dtype=torch.int32, device=device).bitwise_left_shift_(shifts)
     return _BITS[device]
 
 

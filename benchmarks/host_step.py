@@ -1,0 +1,97 @@
+"""Host cost of the engine's step loop without a model: scheduler, KV-block bookkeeping, output
+processing and the engine loop, against a worker that returns a fixed token at once.
+
+    python benchmarks/host_step.py [--num-prompts 1000 --input-len 256 --output-len 256 --max-num-seqs 256]
+
+What it prints is the CPU time of this process per engine step and per generated token
+(``time.process_time``, so other processes on the machine change it less than wall time). The model
+runner's input preparation and the sampler are not in it (they need a real worker): see
+``step_profile.py`` for a whole run on a GPU.
+"""
+
+import argparse
+import json
+import time
+import types
+
+import torch
+
+from kiln.runtime.config import EngineConfig
+from kiln.runtime.engine import LLMEngine
+from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.step_data import RunnerOutput, SchedulerOutput
+
+
+class ConstantWorker:
+    """Samples token 7 for every row that samples; holds nothing."""
+
+    asleep: set = set()
+    sleep_level = 0
+
+    def __init__(self, num_blocks: int, block_size: int):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.steps = 0
+
+    def execute_model(self, out: SchedulerOutput) -> RunnerOutput:
+        self.steps += 1
+        ids = [s.seq_id for s in out.scheduled if s.sample]
+        return RunnerOutput(ids, torch.full((len(ids),), 7, dtype=torch.long), [None] * len(ids), {})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--num-prompts", type=int, default=1000)
+    ap.add_argument("--input-len", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--output", default=None, help="write the figures as JSON here")
+    args = ap.parse_args()
+
+    max_len = args.input_len + args.output_len
+    blocks = args.max_num_seqs * -(-max_len // args.block_size) * 2
+    config = EngineConfig(
+        model_path="",
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        max_model_len=max_len,
+        max_model_len_explicit=True,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+    )
+    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, detokenize=False)
+    per_step = []
+    for r in range(args.repeats):
+        worker = ConstantWorker(blocks, args.block_size)
+        engine = LLMEngine(config, types.SimpleNamespace(eos_token_id=[3]), None, worker=worker)
+        for i in range(args.num_prompts):
+            prompt = [(i * 7919 + j * 104729) % 30000 + 10 for j in range(args.input_len)]
+            engine.add_request(f"{r}-{i}", None, prompt, params)
+        t0 = time.process_time()
+        tokens = 0
+        while engine.has_unfinished_requests():
+            tokens += sum(len(o.outputs[0].token_ids) for o in engine.step() if o.finished)
+        cpu = time.process_time() - t0
+        assert tokens == args.num_prompts * args.output_len, tokens
+        per_step.append(cpu / worker.steps)
+    best = min(per_step)
+    result = {
+        "command": "python benchmarks/host_step.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None
+        ),
+        "steps": worker.steps,
+        "cpu_ms_per_step": [round(1e3 * s, 3) for s in per_step],
+        "best_cpu_ms_per_step": round(1e3 * best, 3),
+        "best_cpu_us_per_token": round(1e6 * best * worker.steps / tokens, 3),
+    }
+    print(json.dumps(result, indent=1))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
