@@ -10,6 +10,7 @@ as after a trace. Where torch lacks these entry points, or loading fails, the fo
 """
 
 import contextvars
+import functools
 import logging
 import os
 import pickle
@@ -95,13 +96,26 @@ def graph_bytes(gm: torch.fx.GraphModule) -> bytes:
             node.meta["example_value"] = value
 
 
-def _base():
+def __getattr__(name: str):
+    # the artifact class subclasses torch's SerializableCallable, whose module imports Dynamo (and
+    # Triton): made on first use, so importing kiln stays light; pickle finds it here by name
+    if name == "ForwardArtifact":
+        return _artifact_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def _artifact_class():
     from torch._dynamo.aot_compile_types import SerializableCallable
 
-    return SerializableCallable
+    class ForwardArtifact(_ForwardArtifact, SerializableCallable):
+        pass
+
+    ForwardArtifact.__module__, ForwardArtifact.__qualname__ = __name__, "ForwardArtifact"
+    return ForwardArtifact
 
 
-class ForwardArtifact(_base() if supported() else object):
+class _ForwardArtifact:
     """What kiln's backend returns in AOT mode: the compiled forward, and the traced graph it came from."""
 
     def __init__(self, graph: bytes, fn, inference: list[bool]):
@@ -109,11 +123,11 @@ class ForwardArtifact(_base() if supported() else object):
         self.inference = inference  # which inputs were inference tensors (Inductor's cache keys on it)
 
     @classmethod
-    def serialize_compile_artifacts(cls, fn: "ForwardArtifact") -> bytes:
+    def serialize_compile_artifacts(cls, fn: "_ForwardArtifact") -> bytes:
         return pickle.dumps({"graph": fn.graph, "inference": fn.inference})
 
     @classmethod
-    def deserialize_compile_artifacts(cls, data: bytes) -> "ForwardArtifact":
+    def deserialize_compile_artifacts(cls, data: bytes) -> "_ForwardArtifact":
         from torch._subclasses import FakeTensorMode
         from torch.fx._graph_pickler import GraphPickler
         from torch.fx.experimental.symbolic_shapes import ShapeEnv
