@@ -79,9 +79,8 @@ def main() -> None:
         per_step.append(cpu / worker.steps)
     best = min(per_step)
     result = {
-        "command": "python benchmarks/host_step.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None
-        ),
+        "command": "python benchmarks/host_step.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
         "steps": worker.steps,
         "cpu_ms_per_step": [round(1e3 * s, 3) for s in per_step],
         "best_cpu_ms_per_step": round(1e3 * best, 3),

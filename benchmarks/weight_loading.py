@@ -1,6 +1,6 @@
 """Weight loading from the page cache: kiln's loader against a plain ``safetensors`` load.
 
-    python benchmarks/weight_loading.py make DIR --layers 6          # ~1 GB random llama-1b-shaped checkpoint
+    python benchmarks/weight_loading.py make DIR [--shape llama-8b] [--layers N]   # random bf16 checkpoint
     python benchmarks/weight_loading.py load DIR [--device cuda] [--threads N] [--repeat 3] [--out OUT.json]
 
 ``load`` reads the files once (so they sit in the page cache), then times, in this process: kiln's
@@ -26,7 +26,7 @@ def make(args) -> None:
     from kiln.bench.shapes import shape_config
 
     config = shape_config(args.shape)
-    config.update(num_hidden_layers=args.layers, torch_dtype="bfloat16", tie_word_embeddings=False)
+    config.update(num_hidden_layers=args.layers or config["num_hidden_layers"], torch_dtype="bfloat16")
     os.makedirs(args.dir, exist_ok=True)
     with open(os.path.join(args.dir, "config.json"), "w") as f:
         json.dump(config, f)
@@ -41,12 +41,10 @@ def make(args) -> None:
     def rand(*shape):
         return (torch.randn(*shape, generator=gen) * 0.02).to(torch.bfloat16)
 
-    tensors = {
-        "model.embed_tokens.weight": rand(v, h),
-        "model.norm.weight": rand(h),
-        "lm_head.weight": rand(v, h),
-    }
-    for i in range(args.layers):
+    tensors = {"model.embed_tokens.weight": rand(v, h), "model.norm.weight": rand(h)}
+    if not config.get("tie_word_embeddings"):
+        tensors["lm_head.weight"] = rand(v, h)
+    for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         tensors.update(
             {
@@ -125,7 +123,7 @@ def main() -> None:
     m = sub.add_parser("make")
     m.add_argument("dir")
     m.add_argument("--shape", default="llama-1b")
-    m.add_argument("--layers", type=int, default=6)
+    m.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
     q = sub.add_parser("load")
     q.add_argument("dir")
     q.add_argument("--device", default="cpu")
