@@ -105,6 +105,29 @@ def test_two_replicas_give_the_outputs_of_one_in_input_order(tiny_checkpoint):
     assert kiln_children() == []
 
 
+@two_ranks
+def test_two_replicas_serve_lora_adapters_like_one(tiny_checkpoint, tmp_path):
+    """Each replica reads the adapters of its shard itself (the path travels, not the weights)."""
+    pytest.importorskip("peft")
+    from lora_oracle import make_adapter
+
+    from kiln import LoRARequest
+
+    path = tiny_checkpoint("llama")
+    adapter = LoRARequest("attn-qv", 1, make_adapter(path, str(tmp_path / "a"), "attn-qv", seed=3))
+    loras = [adapter, None, adapter, None]
+    kw = dict(BASE, enable_lora=True, max_lora_rank=8)
+    with LLM(path, **kw) as one:
+        reference = tokens_and_logprobs(one.generate(PROMPTS[:4], GREEDY, lora_request=loras, use_tqdm=False))
+        base = tokens_and_logprobs(one.generate(PROMPTS[:1], GREEDY, use_tqdm=False))
+    assert reference[0][0] != base[0][0]  # the adapter changes the output
+    with LLM(path, data_parallel_size=2, **kw) as two:
+        got = two.generate(PROMPTS[:4], GREEDY, lora_request=loras, use_tqdm=False)
+        assert_same(reference, tokens_and_logprobs(got))
+        assert [o.lora_request for o in got] == loras
+    assert kiln_children() == []
+
+
 def one_count(path):
     with LLM(path, **BASE) as one:
         return one.apply_model(parameter_count)

@@ -38,14 +38,17 @@ def check_tensor_parallel(cfg: ModelConfig, size: int, backend, device: torch.de
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise ValueError(f"tensor_parallel_size must be a positive integer, got {size!r}")
     check_executor_backend(backend, size, dp)
+    if size > 1:
+        _check_divides(cfg, size)
     if device.type == "cuda" and size * dp > torch.cuda.device_count():
         times = f" x data_parallel_size={dp}" if dp > 1 else ""
         raise ValueError(
             f"tensor_parallel_size={size}{times} exceeds the {torch.cuda.device_count()} CUDA devices "
             "of this machine"
         )
-    if size == 1:
-        return
+
+
+def _check_divides(cfg: ModelConfig, size: int) -> None:
     if cfg.num_heads % size:
         raise ValueError(
             f"tensor_parallel_size={size} does not divide the model's {cfg.num_heads} attention heads"

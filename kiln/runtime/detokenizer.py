@@ -15,10 +15,14 @@ class IncrementalDetokenizer:
         self.ids = list(prompt_token_ids[-_CONTEXT:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
-        # a prompt ending inside a UTF-8 character: its last bytes join the first output character
-        lowest = max(0, self.read_offset - 3)  # a character spans at most 4 bytes
-        while self.read_offset > lowest and self._decode(self.ids[: self.read_offset]).endswith("\ufffd"):
-            self.read_offset -= 1
+        # a prompt ending inside a UTF-8 character: its last bytes (at most 3: a character spans at most
+        # 4) join the first output character. Bytes that no cut within 3 tokens resolves are not the
+        # start of a character but stray bytes of the prompt: they stay out of the output.
+        end = self.read_offset
+        for back in range(4):
+            if end - back >= 0 and not self._decode(self.ids[: end - back]).endswith("\ufffd"):
+                self.read_offset = end - back
+                break
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)

@@ -300,13 +300,6 @@ class EngineArgs:
                 "enable_chunked_prefill=False: longer prompts could never run"
             )
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        check_tensor_parallel(
-            model_config,
-            self.tensor_parallel_size,
-            self.distributed_executor_backend,
-            device,
-            self.data_parallel_size,
-        )
         kv_cache_dtype = check_kv_cache_dtype(self.kv_cache_dtype, device)
         quant = resolve_quantization(self.quantization, self.quantization_config, hf_config, device)
         pooling = resolve_runner(
@@ -315,6 +308,13 @@ class EngineArgs:
         lora = LoRAConfig.from_args(self.enable_lora, self.max_loras, self.max_lora_rank, self.max_cpu_loras)
         check_tensor_parallel_features(self.tensor_parallel_size, quant, pooling, lora)
         check_data_parallel_features(self.data_parallel_size, pooling)
+        check_tensor_parallel(  # the model's numbers, then the devices
+            model_config,
+            self.tensor_parallel_size,
+            self.distributed_executor_backend,
+            device,
+            self.data_parallel_size,
+        )
         compilation_config = CompilationConfig.parse(self.compilation_config)
         engine_config = EngineConfig(
             quantization=quant,
