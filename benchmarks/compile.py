@@ -222,8 +222,10 @@ def passes(args) -> dict:
         if args.only and name not in args.only.split(","):
             continue
         cfg = CompilationConfig(mode=3, use_cache=False, pass_config=toggles)
-        forward = CompiledForward(model, mc, cfg, cfg.mode, dtype, device, backend)
-        report = forward.warmup(min(256, max(tokens)))
+        forward = CompiledForward(
+            model, mc, cfg, cfg.mode, dtype, device, backend, trace_tokens=min(256, max(tokens))
+        )
+        report = forward.warmup()
         forwards[name] = forward
         results[name] = {
             "compile_s": report.total_s,

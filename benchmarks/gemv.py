@@ -22,7 +22,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from kiln.bench.shapes import SHAPES  # noqa: E402
-from kiln.ops.gemv import _gemv_kernel, gemv, gemv_config, gemv_ref  # noqa: E402
+from kiln.ops.gemv import gemv, gemv_ref  # noqa: E402
+from kiln.ops.triton_gemv import _gemv_kernel, gemv_config  # noqa: E402
 
 GRID = {"block_n": (1, 2, 4, 8), "block_k": (256, 512, 1024, 2048), "warps": (4, 8, 16)}
 

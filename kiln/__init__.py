@@ -22,9 +22,11 @@ from kiln.runtime.llm import LLM
 from kiln.runtime.outputs import CompletionOutput, Logprob, RequestOutput
 from kiln.runtime.profiler import ProfilerConfig
 from kiln.runtime.sampling_params import RequestOutputKind, SamplingParams
+from kiln.runtime.startup_timeline import mark_imported
 from kiln.structured.params import StructuredOutputsConfig, StructuredOutputsParams
 
 __version__ = "0.1.0"
+mark_imported()  # the start-up timeline's "import" ends here
 __all__ = [
     "LLM",
     "EngineArgs",

@@ -5,6 +5,7 @@
     kiln bench compile     --model llama-1b                       (cold vs warm start-up)
     kiln bench sweep       --model llama-1b --configs benchmarks/sweep_configs.json
     kiln bench report      --results-dir benchmarks/results       (markdown tables of saved results)
+    kiln compile <model> [--config JSON] [--engine-args JSON] [--check]   (fill the compile cache)
 
 Every run writes ``bench_<name>[_<tag>].json`` (machine, versions, command, configuration, results)
 into ``--output-dir``; latency, compile and sweep also write PNG plots, sweep a markdown table.
@@ -27,9 +28,18 @@ _BENCHES = {
 def build_parser() -> argparse.ArgumentParser:
     from kiln.bench import compile as compile_bench
     from kiln.bench import latency, report, sweep, throughput
+    from kiln.compiler import precompile
 
     parser = argparse.ArgumentParser(prog="kiln", description="kiln: offline LLM inference tools")
     sub = parser.add_subparsers(dest="command", required=True)
+    fill = sub.add_parser(
+        "compile",
+        help="fill the compile cache ahead of time (one engine start with these settings)",
+        description=precompile.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    precompile.add_args(fill)
+    fill.set_defaults(func=precompile.run)
     bench = sub.add_parser(
         "bench",
         help="benchmarks and compilation-config tuning",
@@ -58,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(args_list)
-    args.func(args, argv=["kiln", *args_list])
-    return 0
+    status = args.func(args, argv=["kiln", *args_list])
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

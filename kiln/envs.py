@@ -37,6 +37,12 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def cuda_alloc_conf() -> str:
+    """``PYTORCH_CUDA_ALLOC_CONF`` (torch's own, read here too): the caching allocator's settings, which
+    change the memory peaks a warm start reuses, so they key the recorded KV profile."""
+    return os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+
+
 def hub_endpoint() -> str | None:
     """``HF_ENDPOINT`` (huggingface_hub's own, read here too): where hub ids are downloaded from."""
     return os.environ.get("HF_ENDPOINT") or None

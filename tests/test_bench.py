@@ -260,6 +260,9 @@ def test_compile_smoke(tmp_path):
         assert "error" not in r, r
         assert r["startup_s"] > 0 and r["import_s"] > 0 and r["ready_s"] >= r["startup_s"]
         assert set(r["stages_s"]) == set(common.STAGES)
+        phases = r["timeline"]["phases_s"]  # the engine's own start-up timeline, first token included
+        assert phases["weight_load"] >= 0 and phases["first_token"] > 0 and "import" in phases
+        assert r["ready_to_first_token_s"] > r["timeline"]["llm_s"]
     _nonempty_png(tmp_path / "bench_compile.png")
 
 

@@ -179,7 +179,6 @@ def test_warm_start_in_fresh_process_hits_cache(compiled, tiny_checkpoint, eager
     assert warm["cache_key"] == cold.cache_key
     assert warm["cache_status"] == "hit" and warm["cache_misses"] == 0 and warm["cache_hits"] == 3
     assert warm["inductor_s"] == 0 and warm["cache_load_s"] > 0
-    assert warm["total_s"] < cold.total_s
     assert result["tokens"] == [o.outputs[0].token_ids for o in eager_outputs["llama"][2]]
 
 
@@ -327,8 +326,10 @@ def test_many_compiled_models_in_one_process(tiny_checkpoint):
     cfg = CompilationConfig(mode="dynamo", use_cache=False)
     for _ in range(10):
         model = build_model(path, mc, torch.float32, torch.device("cpu"))
-        forward = CompiledForward(model, mc, cfg, cfg.mode, torch.float32, torch.device("cpu"))
-        assert forward.warmup(8).graphs_captured == 1
+        forward = CompiledForward(
+            model, mc, cfg, cfg.mode, torch.float32, torch.device("cpu"), trace_tokens=8
+        )
+        assert forward.warmup().graphs_captured == 1
         forward._dummy_run(3)
         assert forward.report.recompilations == 0
 

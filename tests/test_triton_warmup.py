@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-import kiln.ops.sample_argmax as sample_argmax
 import kiln.ops.triton_decode as triton_decode
 import kiln.ops.triton_prefill as triton_prefill
+import kiln.ops.triton_sample_argmax as triton_sample_argmax
 from kiln import LLM, SamplingParams
 from kiln.runtime.transfer import sections_to_device
 
@@ -69,7 +69,10 @@ def test_requests_launch_only_variants_compiled_at_startup(arch, tiny_checkpoint
         (triton_decode, "_decode_merge_kernel"),
     ]
     if torch.cuda.is_available():  # the sampler's kernels run on CUDA only
-        kernels += [(sample_argmax, "_chunk_best_kernel"), (sample_argmax, "_best_chunk_kernel")]
+        kernels += [
+            (triton_sample_argmax, "_chunk_best_kernel"),
+            (triton_sample_argmax, "_best_chunk_kernel"),
+        ]
     for module, name in kernels:
         recorders[name] = Recorder(getattr(module, name))
         monkeypatch.setattr(module, name, recorders[name])

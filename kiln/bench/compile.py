@@ -1,5 +1,10 @@
 """``kiln bench compile``: start-up cost, cold (empty compile caches) and warm (caches filled by the cold
-run), each in a fresh process; time per stage from ``LLM.compile_report()`` where the engine offers it."""
+run), each in a fresh process; time per stage from ``LLM.compile_report()`` where the engine offers it.
+
+Each phase's result holds the engine's start-up timeline (``timeline``: import, config, weight load,
+Dynamo, passes, Inductor or cache load, Triton warm-up, KV profile, graph capture, first token, from
+``compile_report().timeline``) and ``ready_to_first_token_s``: process start to the first token of the first
+generate (the engine ready, plus its first step); the plot stacks the timeline's phases, cold beside warm."""
 
 from __future__ import annotations
 
@@ -47,7 +52,14 @@ def child(spec: dict) -> dict:
         times.append(time.perf_counter() - t)
         llm.reset_prefix_cache()
     report = common.compile_report(llm)
+    timeline = (report or {}).get("timeline") or {}
+    first_step = (timeline.get("phases_s") or {}).get("first_token")
+    to_first_token = None
+    if timeline.get("ready_s") is not None and first_step is not None:
+        to_first_token = timeline["ready_s"] + first_step
     return {
+        "timeline": timeline,
+        "ready_to_first_token_s": to_first_token,
         "import_s": import_s,
         "startup_s": startup,
         "first_generate_s": times[0],
@@ -101,8 +113,14 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
 
 
 def breakdown(r: dict) -> dict[str, float]:
-    """Start-up split into import, each compile stage, the rest of ``LLM()``, and first-request extra
-    (always the same keys in the same order, so stacked bars line up)."""
+    """Start-up split into phases, always the same keys in the same order, so stacked bars line up: the
+    engine's timeline where it has one, else import, each compile stage, the rest of ``LLM()`` and
+    first-request extra."""
+    phases = (r.get("timeline") or {}).get("phases_s")
+    if phases:
+        from kiln.runtime.startup_timeline import PHASES
+
+        return {p: phases.get(p, 0.0) for p in PHASES}
     stages = {k: v or 0.0 for k, v in (r.get("stages_s") or {}).items()}
     out = {"import": r["import_s"], **{s: stages.get(s, 0.0) for s in common.STAGES}}
     out["other LLM()"] = max(0.0, r["startup_s"] - sum(stages.values()))
@@ -123,6 +141,9 @@ def print_summary(phases: dict) -> None:
             f"  {phase}: import {r['import_s']:.2f}, LLM() {r['startup_s']:.2f}, first request extra "
             f"{r['first_request_overhead_s']:.2f}, ready {r['ready_s']:.2f}  [{stages}]"
         )
+        phases = (r.get("timeline") or {}).get("phases_s")
+        if phases:
+            print("    timeline: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import time
 import torch
 from torch._guards import detect_fake_mode
 
-from kiln.compiler.cache import CompileCache
+from kiln.compiler.cache import CompileCache, CompileCacheMissError
 from kiln.compiler.config import CompilationConfig, CompilationMode
 from kiln.compiler.cudagraph import CudaGraphs
 from kiln.compiler.debug import GraphDumper
@@ -138,6 +138,11 @@ class KilnBackend:
             else:
                 report.inductor_s += result.seconds
                 report.cache_misses += 1
+                if self.config.cache == "require" and self.cache.enabled:
+                    raise CompileCacheMissError(
+                        f"compilation_config.cache='require': compile cache entry {self.cache.dir} is "
+                        f"incomplete (Inductor had to compile {name}); fill it again with `kiln compile`"
+                    )
         if static_size is None:
             report.unique_compiles += 1
         else:

@@ -4,11 +4,14 @@ The key hashes the model config, dtype and device, kiln's version and sources, t
 Triton's) version and every compilation setting that can change generated code. Inside a key's
 directory Inductor keeps its own caches (the AOT-autograd and FX-graph caches, with the compiled
 kernels), so a warm start skips AOT tracing, lowering and the C++/Triton builds; ``manifest.json``
-records what the cold start compiled.
+records what the cold start compiled, with the key's details: a later start whose key differs names
+the settings that changed (``cache_diff.py``). The process that compiles into an entry holds its lock
+(``cache_lock.py``), so a second process with the same key waits and then loads what the first wrote.
 """
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import os
 import sys
@@ -16,9 +19,16 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+from kiln.compiler.cache_diff import miss_reason
+from kiln.compiler.cache_lock import file_lock
+
 MANIFEST = "manifest.json"
 MEASUREMENTS = "measurements.json"  # figures measured at start-up, reused by warm starts
-_SOURCE_DIRS = ("models", "ops", "compiler", "lora")
+LOCK = ".lock"  # held while a process compiles into the entry
+MEASUREMENTS_LOCK = ".measurements.lock"
+_SOURCE_DIRS = ("models", "ops", "compiler", "lora", "distributed")  # distributed: the TP layers traced
+# model config fields no compiled code reads (token ids for stopping, the checkpoint's stored dtype)
+_NOT_CODE_MODEL_FIELDS = ("raw", "eos_token_id", "bos_token_id", "torch_dtype")
 
 
 def source_hash() -> str:
@@ -56,19 +66,33 @@ def model_fingerprint(model) -> str:
     return digest.hexdigest()[:16]
 
 
+class CompileCacheMissError(RuntimeError):
+    """``compilation_config.cache="require"`` and the compile cache has no complete entry for this start."""
+
+
 def cache_key_details(
-    model_config, dtype: torch.dtype, device: torch.device, compilation_config, lora=None, model=None
+    model_config,
+    dtype: torch.dtype,
+    device: torch.device,
+    compilation_config,
+    lora=None,
+    model=None,
+    trace_tokens: int | None = None,
 ) -> dict:
+    """Everything that can change the code compiled for this model. Left out on purpose, as they change
+    no generated code: the KV-cache size and memory settings, seeds, batch limits (except through
+    ``trace_tokens``, the size hint of the one trace), CUDA-graph sizes (graphs are captured anew at each
+    start), the attention backend and KV-cache dtype (attention is an opaque op the graph calls), and
+    where things are written."""
     from kiln import __version__
 
     tensors = None if model is None else model_fingerprint(model)
+    model_class = None if model is None else f"{type(model).__module__}.{type(model).__qualname__}"
     arch = getattr(model_config, "arch", model_config)  # a runtime ModelConfigView wraps it
-    model = {k: v for k, v in dataclasses.asdict(arch).items() if k != "raw"}
+    model = {k: v for k, v in dataclasses.asdict(arch).items() if k not in _NOT_CODE_MODEL_FIELDS}
     try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
         triton_version = None
     return {
         "model_config": model,
@@ -82,6 +106,8 @@ def cache_key_details(
         "compilation_config": compilation_config.cache_fields(),
         "lora": None if lora is None else dataclasses.asdict(lora),  # the LoRA wrappers change the graph
         "model_tensors": tensors,
+        "model_class": model_class,
+        "trace_tokens": trace_tokens,
     }
 
 
@@ -96,6 +122,23 @@ class CompileCache:
         self.root, self.details, self.enabled = root, details, enabled
         self.key = cache_key(details)
         self.dir = os.path.join(root, self.key)
+
+    def lookup(self) -> tuple[bool, str]:
+        """(complete entry present, one line saying so or why not)."""
+        if not self.enabled:
+            return False, "disabled (use_cache=False)"
+        if self.manifest() is not None:
+            return True, f"hit: entry {self.key}"
+        return False, miss_reason(self.root, self.details)
+
+    @contextmanager
+    def entry_lock(self):
+        """Held while this process compiles into the entry (no-op when the cache is off)."""
+        if not self.enabled:
+            yield
+            return
+        with file_lock(os.path.join(self.dir, LOCK), f"to finish compiling into {self.dir}"):
+            yield
 
     def manifest(self) -> dict | None:
         path = os.path.join(self.dir, MANIFEST)
@@ -130,20 +173,20 @@ class CompileCache:
     def record_measurement(self, name: str, value) -> None:
         if not self.enabled:
             return
-        os.makedirs(self.dir, exist_ok=True)
         path = os.path.join(self.dir, MEASUREMENTS)
-        data = {}
-        if os.path.isfile(path):
-            try:
-                with open(path) as f:
-                    data = json.load(f)
-            except (OSError, ValueError):
-                data = {}
-        data[name] = value
-        tmp = f"{path}.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
+        with file_lock(os.path.join(self.dir, MEASUREMENTS_LOCK)):  # read-modify-write: one process at a time
+            data = {}
+            if os.path.isfile(path):
+                try:
+                    with open(path) as f:
+                        data = json.load(f)
+                except (OSError, ValueError):
+                    data = {}
+            data[name] = value
+            tmp = f"{path}.{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(data, f, indent=1)
+            os.replace(tmp, path)
 
     @contextmanager
     def activate(self):

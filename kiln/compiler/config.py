@@ -22,12 +22,16 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from kiln import envs
 
 DEFAULT_SPLITTING_OPS = ("kiln::attention",)
 CUDAGRAPH_MODES = ("none", "piecewise", "full", "full_and_piecewise")
+# fields that change no compiled code: not part of the compile-cache key
+NOT_CODE_FIELDS = frozenset(
+    {"cache_dir", "use_cache", "cache", "debug_dump_path", "cudagraph_mode", "cudagraph_capture_sizes"}
+)
 
 
 class CompilationMode(IntEnum):
@@ -80,6 +84,12 @@ class CompilationConfig(BaseModel):
     inductor_compile_config: dict[str, Any] = {}
     cache_dir: str | None = None
     use_cache: bool = True
+    # "auto": a miss compiles and fills the cache; "require": a miss is a CompileCacheMissError (fleets
+    # that ship a cache filled by `kiln compile`)
+    cache: Literal["auto", "require"] = "auto"
+    # keep Dynamo's traced graph in the cache entry: warm starts load it instead of tracing
+    # (kiln/compiler/dynamo_graph.py; traced as before where torch lacks the AOT entry points)
+    reuse_dynamo_graph: bool = False
     debug_dump_path: str | None = None
     cudagraph_mode: Literal["none", "piecewise", "full", "full_and_piecewise"] = "full_and_piecewise"
     cudagraph_capture_sizes: list[int] | None = None
@@ -140,6 +150,14 @@ class CompilationConfig(BaseModel):
         except TypeError as e:
             raise ValueError(f"Inductor options must be JSON values (they key the compile cache): {e}") from e
         return options
+
+    @model_validator(mode="after")
+    def _check_cache(self) -> "CompilationConfig":
+        if self.cache == "require" and not self.use_cache:
+            raise ValueError("cache='require' needs use_cache=True (got use_cache=False)")
+        if self.reuse_dynamo_graph and not self.use_cache:
+            raise ValueError("reuse_dynamo_graph=True needs use_cache=True (got use_cache=False)")
+        return self
 
     # ------------------------------------------------------------------ helpers
 
@@ -240,9 +258,9 @@ class CompilationConfig(BaseModel):
         return os.path.abspath(os.path.expanduser(path))
 
     def cache_fields(self) -> dict[str, Any]:
-        """Every field that can change compiled code (where things are written is left out)."""
-        data = self.model_dump(mode="json", exclude={"cache_dir", "use_cache", "debug_dump_path"})
-        return data
+        """Every field that can change compiled code. Left out: where things are written, how the cache
+        is used, and the CUDA-graph settings (graphs are captured at every start from the same code)."""
+        return self.model_dump(mode="json", exclude=NOT_CODE_FIELDS)
 
 
 @dataclass(frozen=True)

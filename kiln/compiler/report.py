@@ -25,6 +25,8 @@ class CompileReport:
     cache_dir: str | None = None
     cache_key: str | None = None
     cache_status: str = "disabled"  # hit / partial / miss / disabled
+    dynamo_graph: str = ""  # reuse_dynamo_graph: "loaded" (no trace), "traced and saved", "traced (...)"
+    cache_reason: str = ""  # one line: "hit: entry <key>", "miss: compile_sizes changed [1] -> []", ...
     cache_hits: int = 0  # compiles served from the cache (AOT-autograd or FX-graph cache)
     cache_misses: int = 0
     attention_backend: str = ""  # torch / triton
@@ -32,6 +34,9 @@ class CompileReport:
     graph_capture_s: float = 0.0
     graph_memory_bytes: int = 0  # what the KV budget left for the graphs
     graph_memory_source: str = "none"  # "recorded" (an earlier start), "trial capture" or "none"
+    kv_profile_source: str = "none"  # activation peak: "recorded" (an earlier start), "measured" or "none"
+    # start-up phase by phase (kiln/runtime/startup_timeline.py): phases_s, llm_s, ready_s
+    timeline: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,9 +46,13 @@ class CompileReport:
         if self.graph_capture_s:
             graphs += (
                 f" captured in {self.graph_capture_s:.1f}s, {self.graph_memory_bytes / 2**20:.0f} MiB "
-                f"budgeted ({self.graph_memory_source})"
+                f"budgeted ({self.graph_memory_source}), activation peak {self.kv_profile_source}"
             )
-        return self._compile_summary() + graphs
+        startup = ""
+        if self.timeline.get("phases_s"):
+            phases = ", ".join(f"{k} {v:.2f}" for k, v in self.timeline["phases_s"].items())
+            startup = f"; start-up (s): {phases}"
+        return self._compile_summary() + graphs + startup
 
     def _compile_summary(self) -> str:
         if self.mode == "none":
@@ -55,7 +64,9 @@ class CompileReport:
             f"{self.unique_compiles} unique compiles + {self.static_compiles} static {self.compile_sizes}; "
             f"dynamo {self.dynamo_s:.2f}s, passes {self.passes_s:.2f}s, inductor {self.inductor_s:.2f}s, "
             f"cache load {self.cache_load_s:.2f}s, warm-up runs {self.warmup_run_s:.2f}s; "
-            f"cache {self.cache_status} ({self.cache_hits} hit, {self.cache_misses} miss); "
+            + (f"dynamo graph {self.dynamo_graph}; " if self.dynamo_graph else "")
+            + f"cache {self.cache_status} ({self.cache_hits} hit, {self.cache_misses} miss; "
+            f"{self.cache_reason}); "
             f"noops removed {self.noops_removed}; fusions: {matches}; recompilations {self.recompilations}"
         )
 

@@ -15,6 +15,7 @@ from kiln.distributed.layers import ParallelLMHead, VocabParallelEmbedding, gath
 from kiln.distributed.parallel_state import TensorParallel
 from kiln.models.config import ModelConfig
 from kiln.models.rotary import RotaryEmbedding
+from kiln.models.weight_copy import copy_into
 from kiln.ops.attention_op import attention
 
 
@@ -189,7 +190,7 @@ class LlamaForCausalLM(nn.Module):
                     f"{source}: tensor {ckpt_name!r} has shape {tuple(tensor.shape)}, "
                     f"expected {tuple(dest.shape)}"
                 )
-            dest.copy_(tensor)
+            copy_into(dest, tensor)  # on the loader's copy threads when it runs them
             loaded.add((target, shard))
         missing = sorted({name for name, _ in expected - loaded})
         if missing:

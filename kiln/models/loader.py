@@ -12,6 +12,8 @@ from kiln.distributed.sharding import Slice, narrow, pad_rows
 from kiln.models.config import ModelConfig
 from kiln.models.gguf import gguf_config, iter_gguf_tensors
 from kiln.models.llama import LlamaForCausalLM
+from kiln.models.safetensors_mmap import open_safetensors
+from kiln.models.weight_copy import parallel_copies
 from kiln.quant.apply import checkpoint_tensors, finish_model, prepare_model, quantize_model
 from kiln.quant.config import QuantConfig
 
@@ -37,10 +39,9 @@ def read_config(path: str) -> dict:
 
 
 def iter_safetensors(path: str, shard: ShardFn | None = None) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """Yield ``(name, tensor, file)`` one tensor at a time (single file or sharded with an index);
-    with ``shard``, only each tensor's slice is read from the file."""
-    from safetensors import safe_open
-
+    """Yield ``(name, tensor, file)`` one tensor at a time (single file or sharded with an index); each
+    tensor is a view of the memory-mapped file (``safetensors_mmap.py``), so with ``shard`` only each
+    tensor's slice is read from the file."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
@@ -54,25 +55,11 @@ def iter_safetensors(path: str, shard: ShardFn | None = None) -> Iterator[tuple[
     if not files:
         raise ValueError(f"model: no *.safetensors weights in {path!r}")
     for file in files:
-        try:
-            handle = safe_open(file, framework="pt", device="cpu")
-        except Exception as e:
-            raise ValueError(f"model: weights file {file!r} is damaged or incomplete ({e})") from e
-        with handle as f:
-            for name in f.keys():
-                piece = shard(name) if shard is not None else None
-                try:
-                    if piece is None:
-                        tensor = f.get_tensor(name)
-                    else:
-                        index = [slice(None)] * len(f.get_slice(name).get_shape())
-                        index[piece.dim] = slice(piece.start, piece.start + piece.length)
-                        tensor = pad_rows(f.get_slice(name)[tuple(index)], piece)
-                except Exception as e:
-                    raise ValueError(
-                        f"model: weights file {file!r} is damaged or incomplete (tensor {name!r}: {e})"
-                    ) from e
-                yield name, tensor, file
+        for name, tensor in open_safetensors(file):
+            piece = shard(name) if shard is not None else None
+            if piece is not None:  # a view of the rank's part (padded rows are a copy)
+                tensor = pad_rows(tensor.narrow(piece.dim, piece.start, piece.length), piece)
+            yield name, tensor, file
 
 
 def build_model(
@@ -108,7 +95,7 @@ def build_model(
     model = model.to_empty(device=device)
     if serialized:
         weights = checkpoint_tensors(_checkpoint(path, cfg), model, quant)
-        with torch.no_grad():
+        with torch.no_grad(), parallel_copies(device):
             model.load_weights(weights)
         finish_model(model)
     else:
@@ -148,7 +135,7 @@ def load_weights(
                 else:
                     p.normal_(0.0, 0.02, generator=gen)
         return
-    with torch.no_grad():
+    with torch.no_grad(), parallel_copies(next(model.parameters()).device):
         model.load_weights(_checkpoint(path, cfg, shard))
 
 

@@ -79,6 +79,7 @@ class LLM(PoolingMethods):
         return llm
 
     def _start(self, args: EngineArgs, chat_template) -> None:
+        started = time.perf_counter()  # the start-up timeline's "config": everything before the engine
         resolved = args.resolve()  # every argument checked before anything is loaded
         chat_template = load_chat_template(chat_template)
         path = resolved.model_path
@@ -100,6 +101,7 @@ class LLM(PoolingMethods):
             revision=args.revision,
         )
         torch.manual_seed(args.seed)
+        config_s = time.perf_counter() - started
         self._replicas = DataParallelReplicas.start(args, chat_template)  # None: one replica
         try:
             self.llm_engine = LLMEngine(self.config, self.model_config, self.tokenizer)
@@ -119,6 +121,7 @@ class LLM(PoolingMethods):
         if not args.disable_log_stats:
             self.llm_engine.stats = MetricsCollector(args.model, self.config.max_model_len)
         self._request_counter = 0
+        self.llm_engine.worker.timeline.finish(started, config_s)  # logs the start-up line
 
     def __getattribute__(self, name: str):
         if (

@@ -6,9 +6,10 @@ with its buffers and the sampler's device state (generators), and brings them up
 1. ``load_model``: weights onto the device;
 2. ``compile_and_warm_up``: trace and compile the forward, then run the real (compiled) forward over
    dummy steps that launch every attention-kernel variant, and the sampler's kernels;
-3. ``determine_kv_budget``: the peak memory of the compiled forward at the largest batch, and the
-   memory of graph capture (recorded with the compile artifacts by an earlier start with the same
-   key, else measured by a trial capture now), subtracted from what ``gpu_memory_utilization`` allows;
+3. ``determine_kv_budget``: the peak memory of the compiled forward at the largest batch and the
+   memory of graph capture (both recorded with the compile artifacts by an earlier start with the same
+   key and shapes, ``kv_profile.py``, else measured now: a forward at the largest batch, a trial
+   capture), subtracted from what ``gpu_memory_utilization`` allows;
 4. ``initialize_kv_cache``: the KV cache from what is left;
 5. ``capture_graphs``: full and piecewise CUDA graphs over the real cache;
 6. ``execute_model``: serve steps (``SchedulerOutput`` in, ``RunnerOutput`` out), each after the KV
@@ -18,8 +19,7 @@ with its buffers and the sampler's device state (generators), and brings them up
 methods of this object.
 """
 
-import hashlib
-import json
+import contextlib
 import logging
 import time
 
@@ -40,7 +40,9 @@ from kiln.ops.sample_argmax import sample_argmax
 from kiln.quant.kv_cache import configure_kv_cache
 from kiln.runtime.block_copy import copy_blocks
 from kiln.runtime.config import CPU_DEFAULT_KV_CACHE_BYTES, EngineConfig
+from kiln.runtime.kv_profile import measurement_name, recorded_or_measured
 from kiln.runtime.model_runner import ModelRunner
+from kiln.runtime.startup_timeline import StartupTimeline
 from kiln.runtime.step_data import RunnerOutput, SchedulerOutput
 
 logger = logging.getLogger("kiln")
@@ -67,8 +69,10 @@ class Worker:
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.phases: list[str] = []  # start-up steps, in the order they ran
+        self.timeline = StartupTimeline()  # seconds per start-up phase
         self.graph_memory_bytes = 0  # memory graph capture takes (what the KV budget left for it)
         self.graph_memory_source = "none"  # "recorded" (earlier start), "trial capture", "none"
+        self.kv_profile_source = "none"  # activation peak: "recorded" (earlier start), "measured", "none"
         self.graph_capture_seconds = 0.0
         self.sleep_level = 0
         self.asleep: set[str] = set()  # released parts: "weights", "kv_cache"
@@ -78,8 +82,12 @@ class Worker:
     # ------------------------------------------------------------------ start-up
 
     def load_model(self) -> None:
-        cfg = self.config
         self.phases.append("load_model")
+        with self.timeline.phase("weight_load"):
+            self._load_model()
+
+    def _load_model(self) -> None:
+        cfg = self.config
         self.model = build_model(
             cfg.model_path,
             self.model_config,
@@ -105,6 +113,11 @@ class Worker:
         cfg, mc = self.config, self.model_config
         self.phases.append("compile")
         self.compiled = compile_forward(self.model, mc, cfg, self.attention, self.graphs)
+        if self.compiled is not None:
+            report = self.compiled.report
+            for phase in ("dynamo", "passes", "inductor", "cache_load"):
+                self.timeline.add(phase, getattr(report, f"{phase}_s"))
+            self.timeline.add("triton_warmup", report.warmup_run_s)  # first launches of the dummy batches
         forward = self.compiled or self.model.forward
         self.runner = ModelRunner(
             self.model,
@@ -120,7 +133,8 @@ class Worker:
         if self.graphs.full_sizes:
             self.attention.allocate_graph_buffers(self.graphs.full_sizes[-1], cfg.max_blocks_per_seq)
         self.phases.append("warm_up")
-        self._warm_up()
+        with self.timeline.phase("triton_warmup"), self._kernel_cache():
+            self._warm_up()
         logger.info(
             "kiln: attention backend %s (CUDA graphs supported: %s); CUDA graphs %s",
             self.attention.name,
@@ -173,7 +187,10 @@ class Worker:
         free, total = torch.cuda.mem_get_info()
         other = total - free - torch.cuda.memory_reserved()  # other processes and the CUDA context
         in_use = torch.cuda.memory_allocated()  # weights, buffers and anything else this process holds
-        activations = self._forward_peak() - in_use
+        with self.timeline.phase("kv_profile"):
+            activations, self.kv_profile_source = recorded_or_measured(
+                self._cache(), self._activation_name(), lambda: self._forward_peak() - in_use
+            )
         # the trial capture's warm-up runs reuse the blocks the peak run left cached: only graph memory
         # shows in its measurement
         graphs = self.graph_memory_bytes = self._graph_memory() if self.graphs.enabled else 0
@@ -213,6 +230,26 @@ class Worker:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
 
+    def _cache(self):
+        return self.compiled.cache if self.compiled is not None else None
+
+    def _kernel_cache(self):
+        """Triton's cache pointed into the compile cache entry while kernels are first launched (warm-up,
+        capture), so an entry filled by ``kiln compile`` holds the attention and sampler kernels too."""
+        cache = self._cache()
+        return cache.activate() if cache is not None else contextlib.nullcontext()
+
+    def _activation_name(self) -> str:
+        cfg = self.config
+        spec = {
+            "tokens": min(cfg.max_num_batched_tokens, cfg.max_model_len),
+            "logit_rows": cfg.max_num_seqs,
+            "attention": self.attention.name,
+            "block_size": cfg.block_size,
+            "kv_cache_dtype": str(self.kv_cache_dtype),
+        }
+        return measurement_name("activation_peak_bytes", spec)
+
     def _graph_memory_key(self) -> str:
         cfg = self.config
         spec = {
@@ -222,8 +259,7 @@ class Worker:
             "block_size": cfg.block_size,
             "attention": self.attention.name,
         }
-        digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-        return f"cuda_graph_bytes_{digest}"
+        return measurement_name("cuda_graph_bytes", spec)
 
     def _graph_memory(self) -> int:
         """Device memory the graphs take: recorded by an earlier start with this compile key, or
@@ -236,7 +272,8 @@ class Worker:
         # capture into fresh memory: with the forward peak's blocks still cached the measurement can
         # miss the pool; the capture's own warm-up runs are counted too (small next to the peak)
         torch.cuda.empty_cache()
-        used = self._measured_capture(self._scratch_kv(), None)
+        with self.timeline.phase("graph_capture"), self._kernel_cache():
+            used = self._measured_capture(self._scratch_kv(), None)
         self.graphs.reset()
         torch.cuda.synchronize()
         self.graph_memory_source = "trial capture"
@@ -253,9 +290,10 @@ class Worker:
         self.num_blocks = num_blocks
         mc, cfg = self.model_config, self.config
         shape = (2, num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim)
-        self.kv_caches = [
-            torch.zeros(shape, dtype=self.kv_cache_dtype, device=cfg.device) for _ in range(mc.num_layers)
-        ]
+        with self.timeline.phase("kv_allocate"):
+            self.kv_caches = [
+                torch.zeros(shape, dtype=self.kv_cache_dtype, device=cfg.device) for _ in range(mc.num_layers)
+            ]
         self.runner.kv_caches = self.kv_caches
 
     def capture_graphs(self) -> None:
@@ -263,9 +301,11 @@ class Worker:
             return
         self.phases.append("capture_graphs")
         start = time.perf_counter()
-        used = self._measured_capture(self.kv_caches, "Capturing CUDA graphs")
+        with self._kernel_cache():
+            used = self._measured_capture(self.kv_caches, "Capturing CUDA graphs")
         self.graphs.ready = True
         self.graph_capture_seconds = time.perf_counter() - start
+        self.timeline.add("graph_capture", self.graph_capture_seconds)
         if used > self.graph_memory_bytes and self.graph_memory_source != "none":
             logger.warning(
                 "CUDA graphs took %.1f MiB, %.1f MiB more than the KV budget left for them (%s)",
@@ -319,7 +359,13 @@ class Worker:
         if self.asleep:
             raise RuntimeError(f"the worker is asleep ({sorted(self.asleep)} released): call wake_up() first")
         copy_blocks(self.kv_caches, scheduler_output.copy_blocks)  # forked beams' partial blocks
-        return self.runner.execute(scheduler_output)
+        if "first_token" in self.timeline.seconds:
+            return self.runner.execute(scheduler_output)
+        with self.timeline.phase("first_token"):  # the first step, to its tokens on the device
+            out = self.runner.execute(scheduler_output)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        return out
 
     def sample_deferred(self, grammar_bitmask) -> None:
         """Sample the step just launched with ``defer_sampling`` (a ``GrammarBitmask`` or None)."""
@@ -332,6 +378,8 @@ class Worker:
         report.graph_capture_s = self.graph_capture_seconds
         report.graph_memory_bytes = self.graph_memory_bytes
         report.graph_memory_source = self.graph_memory_source
+        report.kv_profile_source = self.kv_profile_source
+        report.timeline = self.timeline.to_dict()
         return report
 
     def shutdown(self) -> None:
