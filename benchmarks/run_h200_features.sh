@@ -14,6 +14,9 @@
 #   fp8         bf16 vs fp8 vs fp8 + fp8 KV (llama-1b, both parts)
 #   sleep       sleep(1) / wake_up memory and time (llama-8b)
 #   warm        llama-1b throughput with 256 warm-up prompts on this tree and on BASE (a before/after tree)
+#   tests-c     pytest: beam search, compile cache, weight loading, start-up timeline, KV profile, import
+#   startup     random llama-1b / llama-8b checkpoints written to /tmp, then `kiln bench compile` cold and
+#               warm from disk, with and without reuse_dynamo_graph, and the weight-loading rate
 #
 # Results go to $OUT (default ./bench_out); each part's log is $OUT/<part>.log. TOKENIZER: a tokenizer
 # folder (default ./.tok). Python packages the machine lacks (pydantic, xgrammar, ...) are installed from
@@ -61,6 +64,17 @@ part() {
             (cd "$tree" && PYTHONPATH="$tree:/tmp/kiln-site" "$PY" -m kiln.cli bench throughput --model llama-1b \
                 --num-prompts 1000 --input-len 256 --output-len 256 --num-warmup-prompts 256 --no-progress \
                 --tag "warm256_${which}_$i" --output-dir "$OUT" 2>&1 | grep "tok/s")
+        done ;;
+    tests-c) "$PY" -m pytest -q -p no:cacheprovider tests/test_beam_search.py tests/test_beam_fork.py \
+        tests/test_compile_cache.py tests/test_weight_loading.py tests/test_startup_timeline.py \
+        tests/test_kv_profile.py tests/test_import.py tests/test_compiler.py ;;
+    startup)
+        for m in llama-1b llama-8b; do
+            [ -f "/tmp/ckpt-$m/config.json" ] || "$PY" benchmarks/weight_loading.py make "/tmp/ckpt-$m" --shape "$m"
+            "$PY" benchmarks/weight_loading.py load "/tmp/ckpt-$m" --device cuda --out "$OUT/weight_loading_h200_$m.json"
+            "$PY" -m kiln.cli bench compile --model "/tmp/ckpt-$m" --output-dir "$OUT" --tag "${m}_disk"
+            "$PY" -m kiln.cli bench compile --model "/tmp/ckpt-$m" -cc '{"reuse_dynamo_graph": true}' \
+                --output-dir "$OUT" --tag "${m}_disk_reuse"
         done ;;
     *) echo "unknown part $1"; return 2 ;;
     esac
