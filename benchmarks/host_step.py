@@ -5,8 +5,9 @@ processing and the engine loop, against a worker that returns a fixed token at o
 
 What it prints is the CPU time of this process per engine step and per generated token
 (``time.process_time``, so other processes on the machine change it less than wall time). The model
-runner's input preparation and the sampler are not in it (they need a real worker): see
-``step_profile.py`` for a whole run on a GPU.
+runner's input preparation and the sampler are not in it (they need a real worker): ``--runner-prepare``
+times ``ModelRunner._prepare`` alone on one decode step of ``--max-num-seqs`` rows (block tables of
+24-31 blocks, the CPU attention backend's metadata); see ``step_profile.py`` for a whole run on a GPU.
 """
 
 import argparse
@@ -38,6 +39,31 @@ class ConstantWorker:
         return RunnerOutput(ids, torch.full((len(ids),), 7, dtype=torch.long), [None] * len(ids), {})
 
 
+def time_runner_prepare(rows: int, repeats: int = 300) -> float:
+    """CPU seconds of one ``ModelRunner._prepare`` over a decode step of ``rows`` sequences."""
+    from kiln.ops.attention_backend import AttentionBackend
+    from kiln.runtime.model_runner import ModelRunner
+    from kiln.runtime.step_data import ScheduledSequence
+
+    p = SamplingParams()
+    out = SchedulerOutput(
+        [
+            ScheduledSequence(i, [5], 300 + i % 40, 1, False, list(range(i * 32, i * 32 + 24 + i % 8)), True,
+                              p, 10, [], [])
+            for i in range(rows)
+        ]
+    )  # fmt: skip
+    attention = types.SimpleNamespace(block_size=16, device=torch.device("cpu"))
+    attention.build = types.MethodType(AttentionBackend.build, attention)
+    runner = object.__new__(ModelRunner)
+    runner.__dict__.update(attention=attention, _previous_rows={}, lora=None, previous=None)
+    runner._prepare(out)
+    t0 = time.process_time()
+    for _ in range(repeats):
+        runner._prepare(out)
+    return (time.process_time() - t0) / repeats
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--num-prompts", type=int, default=1000)
@@ -47,8 +73,13 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--runner-prepare", action="store_true", help="time ModelRunner._prepare only")
     ap.add_argument("--output", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
+    if args.runner_prepare:
+        best = min(time_runner_prepare(args.max_num_seqs) for _ in range(args.repeats))
+        print(json.dumps({"runner_prepare_cpu_us": round(1e6 * best, 1), "rows": args.max_num_seqs}))
+        return
 
     max_len = args.input_len + args.output_len
     blocks = args.max_num_seqs * -(-max_len // args.block_size) * 2
