@@ -15,6 +15,7 @@ import io
 import os
 import pstats
 import random
+import sys
 import time
 
 
@@ -57,7 +58,8 @@ def main() -> None:
 
     import torch
 
-    from kiln import LLM, SamplingParams
+    from kiln import LLM
+    from kiln.bench import workload
     from kiln.bench.shapes import resolve_model
 
     def sync():
@@ -77,8 +79,6 @@ def main() -> None:
         kwargs["skip_tokenizer_init"] = True
     llm = LLM(**kwargs)
     if args.bench_workload:  # exactly `kiln bench throughput`'s prompts and per-request params
-        from kiln.bench import workload
-
         wl = workload.synthetic(args.num_prompts, args.input_len, args.output_len, src.vocab_size)
         prompts, sp = wl.prompts(), wl.sampling_params()
     else:
@@ -88,9 +88,7 @@ def main() -> None:
             {"prompt_token_ids": [rng.randrange(10, vocab - 10) for _ in range(args.input_len)]}
             for _ in range(args.num_prompts)
         ]
-        sp = SamplingParams(  # as `kiln bench throughput`: plain sampling, no detokenization
-            max_tokens=args.output_len, ignore_eos=True, temperature=1.0, top_p=1.0, detokenize=False
-        )
+        sp = workload.sampling_params(args.output_len)  # one for all, as `kiln bench throughput` builds it
     llm.generate(prompts[:16], sp[:16] if isinstance(sp, list) else sp, use_tqdm=False)  # warm
     llm.reset_prefix_cache()
 
@@ -121,7 +119,7 @@ def main() -> None:
     out = io.StringIO()
     tokens = args.num_prompts * (args.input_len + args.output_len)
     print(f"tree: {os.path.dirname(os.path.dirname(__import__('kiln').__file__))}", file=out)
-    print(f"command: {' '.join(os.sys.argv)}", file=out)
+    print(f"command: {' '.join(sys.argv)}", file=out)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"device: {device}  torch {torch.__version__}", file=out)
     print(f"wall (plain): {plain_s:.3f} s = {tokens / plain_s:,.0f} total tok/s", file=out)

@@ -113,14 +113,12 @@ class KVCacheManager:
 
         Returns False, changing nothing, when the pool cannot supply the blocks.
         """
-        if not cached_blocks:  # the common case, every running sequence every step
-            needed = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size) - len(seq.block_ids)
-            if needed <= 0:
-                return True
-        # cached blocks sitting in the free queue count as free until taken
-        reclaimable = sum(1 for b in cached_blocks if self.pool.ref_counts[b] == 0)
         total = seq.num_computed_tokens + len(cached_blocks) * self.block_size + num_new_tokens
         needed = self.blocks_needed(total) - len(seq.block_ids) - len(cached_blocks)
+        if needed <= 0 and not cached_blocks:  # the common case: a running sequence within its blocks
+            return True
+        # cached blocks sitting in the free queue count as free until taken
+        reclaimable = sum(1 for b in cached_blocks if self.pool.ref_counts[b] == 0)
         if needed > self.pool.num_free - reclaimable:
             return False
         for b in cached_blocks:
