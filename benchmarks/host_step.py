@@ -78,7 +78,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.runner_prepare:
         best = min(time_runner_prepare(args.max_num_seqs) for _ in range(args.repeats))
-        print(json.dumps({"runner_prepare_cpu_us": round(1e6 * best, 1), "rows": args.max_num_seqs}))
+        result = {"command": "python benchmarks/host_step.py --runner-prepare", "rows": args.max_num_seqs}
+        result["runner_prepare_cpu_us"] = round(1e6 * best, 1)
+        print(json.dumps(result))
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump(result, f, indent=1)
         return
 
     max_len = args.input_len + args.output_len
