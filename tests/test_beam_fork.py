@@ -75,7 +75,7 @@ def test_scheduler_holds_releases_and_forks_beams():
     assert [(s.start, s.num_tokens, s.sample) for s in out.scheduled] == [(0, 6, True)]
     assert parent.status is Status.HELD and sched.held == {0: parent} and not sched.running
     read_back(out, seqs, token=7)
-    sched.cache_computed_blocks(out, seqs)
+    sched.cache_computed_blocks()
     assert not sched.schedule()  # held: not scheduled until its next token is chosen
     child = parent.fork(1)
     child.choose_last_token(9)
@@ -125,7 +125,7 @@ def test_held_beams_give_their_blocks_back_when_blocks_run_out():
     sched.add(held)
     out = sched.schedule_step()
     read_back(out, seqs)
-    sched.cache_computed_blocks(out, seqs)  # as the engine does after each step
+    sched.cache_computed_blocks()  # as the engine does after each step
     assert held.status is Status.HELD and len(held.block_ids) == 2
     other = make_beam(1, range(100, 111))  # needs three blocks: only two are free
     seqs[1] = other

@@ -247,6 +247,7 @@ def test_requests_needing_host_tokens_never_run_over_an_unread_step():
 @pytest.mark.parametrize("overlap", [True, False])
 def test_step_deltas_add_up_to_the_final_outputs(overlap):
     engine, _ = make_engine(overlap=overlap, tokenizer=CharTokenizer())
+    engine.enable_step_deltas()
     params = [SamplingParams(n=2 if i == 1 else 1, max_tokens=4 + i, ignore_eos=True) for i in range(4)]
     for i, (prompt, p) in enumerate(zip(PROMPTS, params)):
         engine.add_request(str(i), None, prompt, p)
@@ -272,6 +273,19 @@ def test_step_deltas_add_up_to_the_final_outputs(overlap):
         want = sorted((c.index, c.token_ids, c.text, c.finish_reason) for c in out.outputs)
         assert got == want
     assert [c.index for c in final["1"].outputs] == [0, 1]
+
+
+def test_step_deltas_are_recorded_only_when_enabled():
+    engine, _ = make_engine(tokenizer=CharTokenizer())
+    engine.add_request("0", None, PROMPTS[0], SamplingParams(max_tokens=3, ignore_eos=True))
+    engine.step()
+    assert not engine.processor._touched
+    with pytest.raises(RuntimeError, match="step_deltas: deltas are not recorded"):
+        engine.step_deltas()
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    assert outs[0].outputs[0].token_ids == expected_tokens(PROMPTS[0], 3)
 
 
 def test_abort_all_frees_everything_and_tells_the_worker():
@@ -321,6 +335,7 @@ def test_step_deltas_hold_back_text_a_stop_string_may_cut(overlap):
     stop = text[6:9]  # three letters spread over three tokens
     for include in (False, True):
         engine, _ = make_engine(overlap=overlap, tokenizer=tokenizer)
+        engine.enable_step_deltas()
         params = SamplingParams(max_tokens=30, stop=[stop], include_stop_str_in_output=include)
         engine.add_request("0", None, prompt, params)
         want = text[: text.find(stop) + (len(stop) if include else 0)]

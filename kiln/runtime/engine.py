@@ -321,7 +321,9 @@ class LLMEngine:
                     return finished
                 raise RuntimeError("scheduler produced an empty step while requests are pending")
             return finished
-        out.defer_sampling = any(s.sample and s.params.structured_outputs is not None for s in out.scheduled)
+        out.defer_sampling = self.scheduler.num_constrained > 0 and any(
+            s.sample and s.params.structured_outputs is not None for s in out.scheduled
+        )
         launched = self.worker.execute_model(out)
         finished += self.pooled.finish(self, launched.pooled)  # earlier steps' pooled outputs too
         previous, self.pending = self.pending, launched
@@ -335,11 +337,17 @@ class LLMEngine:
             finished += self._process(launched)
             self.pending = None
         # every token below a sequence's computed count is known on the host by now
-        self.scheduler.cache_computed_blocks(out, self.seqs)
+        self.scheduler.cache_computed_blocks()
         return finished
 
+    def enable_step_deltas(self) -> None:
+        """Record from now on what each step adds, for ``step_deltas`` (off by default: a caller that
+        reads only finished outputs pays nothing for it). Enable it before adding the requests."""
+        self.processor.track_deltas = True
+
     def step_deltas(self) -> list[RequestOutput]:
-        """What the last ``step()`` added to each request (see ``OutputProcessor.step_deltas``)."""
+        """What the last ``step()`` added to each request (see ``OutputProcessor.step_deltas``); needs
+        ``enable_step_deltas()``."""
         return self.processor.step_deltas()
 
     def _process(self, step: RunnerOutput) -> list[RequestOutput]:

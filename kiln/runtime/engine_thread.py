@@ -80,6 +80,7 @@ class EngineThread:
     def _main(self, build, ready: threading.Event) -> None:
         try:
             self.llm = build()
+            self.llm.llm_engine.enable_step_deltas()  # each step's new tokens go to the streams
         except BaseException as e:  # raised by the constructor
             self.dead_error = e
             ready.set()

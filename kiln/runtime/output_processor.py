@@ -73,7 +73,10 @@ class OutputProcessor:
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}  # seq id -> its detokenizer
         self.logprobs = LogprobsBuilder(tokenizer)  # Logprob dicts with repaired byte-fallback text
-        self._touched: dict[Sequence, tuple[int, int, int]] = {}  # this step: (tokens, text, logprobs) before
+        # with track_deltas (``step_deltas`` is read after each step): the sequences this step changed,
+        # each with its (tokens, text, logprobs) counts before the step; off, nothing is recorded
+        self.track_deltas = False
+        self._touched: dict[Sequence, tuple[int, int, int]] = {}
         self._text_sent: dict[int, int] = {}  # seq id -> characters of its text handed out in deltas
         self.stats = None  # kiln.runtime.metrics.MetricsCollector: told of every accepted token
 
@@ -140,17 +143,19 @@ class OutputProcessor:
                     seq.prompt_logprobs.append(self.logprobs.make(t, e, preceding, seq.params.detokenize))
         now = time.time()
         finished_seqs, finished = [], []
-        for seq_id, token, entry in zip(out.seq_ids, out.read_back(), out.logprobs):
-            seq = seqs.get(seq_id)
+        touched = self._touched if self.track_deltas else None
+        accept, get = self._accept, seqs.get
+        for seq_id, token, entry in zip(out.seq_ids, out.read_back(), out.logprobs):  # every sampled row
+            seq = get(seq_id)
             if seq is None:  # aborted
                 continue
             seq.num_pending_tokens -= 1
             if seq.finish_reason is not None:  # it stopped one step earlier; this token is surplus
                 continue
-            if seq not in self._touched:
+            if touched is not None and seq not in touched:
                 lp = len(seq.logprobs) if seq.logprobs is not None else 0
-                self._touched[seq] = (len(seq.output_token_ids), len(seq.text), lp)
-            self._accept(seq, token, entry, now)
+                touched[seq] = (len(seq.output_token_ids), len(seq.text), lp)
+            accept(seq, token, entry, now)
             if self.stats is not None:
                 self.stats.on_token(
                     self.requests[seq.request_id].arrival_time, seq, len(seq.output_token_ids) - 1, now
@@ -170,25 +175,27 @@ class OutputProcessor:
         return finished_seqs, finished
 
     def _accept(self, seq: Sequence, token: int, entry, now: float) -> None:
-        params = seq.params
-        seq.output_token_ids.append(token)
-        if seq.grammar is not None:
-            seq.grammar.accept(token)
-        seq.first_token_time = seq.first_token_time or now
+        params, output = seq.params, seq.output_token_ids
+        output.append(token)
+        grammar = seq.grammar
+        if grammar is not None:
+            grammar.accept(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
         if entry is not None:
             pos = seq.num_known_tokens - 1  # the accepted token's position
             preceding = seq.token_slice(max(0, pos - 3), pos)
             seq.logprobs.append(self.logprobs.make(token, entry, preceding, params.detokenize))
             seq.cumulative_logprob += entry[2]
-        num_out = len(seq.output_token_ids)
+        num_out = len(output)
         stopped_by_token = False
         # a grammar that accepted its stop token ends the sequence, min_tokens or not
-        if num_out >= params.min_tokens or (seq.grammar is not None and seq.grammar.terminated):
+        if num_out >= params.min_tokens or (grammar is not None and grammar.terminated):
             if not params.ignore_eos and token in self.eos_token_ids:
                 seq.finish_reason, stopped_by_token = "stop", True
             elif token in params.stop_token_ids:
                 seq.finish_reason, seq.stop_reason, stopped_by_token = "stop", token, True
-        detok = self.detokenizers.get(seq.seq_id)
+        detok = self.detokenizers.get(seq.seq_id) if params.detokenize else None
         if detok is not None and not (stopped_by_token and not params.include_stop_str_in_output):
             new_text = detok.add(token)
             seq.text += new_text
@@ -200,7 +207,7 @@ class OutputProcessor:
                     seq.text = seq.text[:keep]
                     seq.finish_reason, seq.stop_reason = "stop", stop
         if seq.finish_reason is None and (
-            num_out >= seq.max_tokens or seq.num_prompt_tokens + num_out >= self.max_model_len
+            num_out >= seq.max_tokens or len(seq.prompt_token_ids) + num_out >= self.max_model_len
         ):
             seq.finish_reason = "length"
 
@@ -252,10 +259,13 @@ class OutputProcessor:
         """What the last engine step added, one ``RequestOutput`` per request that got tokens: new text,
         token ids and logprobs of each sample that changed (the prompt logprobs with the first).
 
-        Call it after every step: the text of an unfinished sample holds back
+        Only with ``track_deltas`` set before the requests run (RuntimeError otherwise). Call it after
+        every step: the text of an unfinished sample holds back
         ``params.output_text_buffer_length`` characters (a stop string may still cut them), so the
         deltas joined give exactly the final text.
         """
+        if not self.track_deltas:
+            raise RuntimeError("step_deltas: deltas are not recorded; set track_deltas first")
         by_request: dict[str, list[CompletionOutput]] = {}
         carries_prompt_logprobs: dict[str, list | None] = {}
         for seq, (tokens, _, logprobs) in self._touched.items():

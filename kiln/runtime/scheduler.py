@@ -70,10 +70,12 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_needing_host_tokens = 0  # unfinished sequences whose sampling reads host tokens
+        self.num_constrained = 0  # unfinished sequences with structured outputs (a grammar's mask)
         self._new: list[NewSequence] = []  # added since the last step
         self._finished: list[int] = []  # seq ids finished since the last step
         self.held: dict[int, Sequence] = {}  # beams waiting for their next token, by id (oldest first)
         self._copies: dict[int, int] = {}  # dst block -> src block, copied before the next forward
+        self._filled: list[Sequence] = []  # the last step's sequences with a block newly full
 
     def _order(self, seq: Sequence) -> tuple[int, int]:
         return (seq.priority, seq.seq_id) if self.policy == "priority" else (0, seq.seq_id)
@@ -91,8 +93,14 @@ class Scheduler:
         self._enqueue(seq, front=False)
         p = seq.params
         self._new.append(NewSequence(seq.seq_id, None if p.seed is None else p.seed + seq.index))
+        self._count(seq, 1)
+
+    def _count(self, seq: Sequence, delta: int) -> None:
+        """Keep the counts of unfinished sequences needing host tokens or a grammar's mask."""
         if needs_host_tokens(seq):
-            self.num_needing_host_tokens += 1
+            self.num_needing_host_tokens += delta
+        if seq.params.structured_outputs is not None:
+            self.num_constrained += delta
 
     def has_unfinished(self) -> bool:
         """Sequences a step would run; held beams wait for their search, not for a step."""
@@ -122,14 +130,24 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
         batch = ScheduledBatch([], [])
+        seqs, counts = batch.seqs, batch.num_new_tokens
+        running, max_num_seqs, bs = self.running, self.max_num_seqs, self.kv.block_size
         preempted = False
         i = 0
-        while i < len(self.running) and budget > 0 and len(batch.seqs) < self.max_num_seqs:
-            seq = self.running[i]
+        while i < len(running) and budget > 0 and len(seqs) < max_num_seqs:  # runs for every running seq
+            seq = running[i]
             if seq.awaiting_finish:  # its last launched token already ends it; only the read-back is due
                 i += 1
                 continue
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            computed = seq.num_computed_tokens
+            left = len(seq.prompt_token_ids) + len(seq.output_token_ids) + seq.num_pending_tokens - computed
+            n = left if left < budget else budget
+            if computed + n <= len(seq.block_ids) * bs:  # within its blocks: nothing to allocate
+                seqs.append(seq)
+                counts.append(n)
+                budget -= n
+                i += 1
+                continue
             while not self.kv.allocate(seq, n):
                 if self._preempt_held():
                     continue
@@ -139,8 +157,8 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                batch.seqs.append(seq)
-                batch.num_new_tokens.append(n)
+                seqs.append(seq)
+                counts.append(n)
                 budget -= n
                 i += 1
         compiling = []  # waiting sequences whose grammar is not compiled yet keep their place
@@ -216,8 +234,7 @@ class Scheduler:
             self._enqueue(child, front=True)
         p = child.params
         self._new.append(NewSequence(child.seq_id, None if p.seed is None else p.seed + child.index))
-        if needs_host_tokens(child):
-            self.num_needing_host_tokens += 1
+        self._count(child, 1)
 
     def schedule_step(self) -> SchedulerOutput:
         """Schedule one step and hand it over as plain data; the scheduled tokens count as computed
@@ -232,37 +249,57 @@ class Scheduler:
             self._copies = {}
         held = False
         now = time.time()
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            lo, known = seq.num_computed_tokens, seq.num_known_tokens
+        limit = self.max_model_len
+        scheduled = out.scheduled
+        publish = self.kv.enable_prefix_caching
+        bs = self.kv.block_size
+        self._filled = filled = []  # sequences a block of which fills this step: published after it
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):  # runs for every sequence of every step
+            prompt, output = seq.prompt_token_ids, seq.output_token_ids
+            lo = seq.num_computed_tokens
+            num_prompt = len(prompt)
+            known = num_prompt + len(output)
+            pending = seq.num_pending_tokens
             hi = lo + n
-            sample = hi == seq.num_tokens and seq.pooling is None
-            owed = seq.params.prompt_logprobs if seq.wants_prompt_logprobs else None
-            out.scheduled.append(  # positional: this runs for every sequence of every step
-                ScheduledSequence(
-                    seq.seq_id,
-                    seq.token_slice(lo, min(hi, known)),  # token_ids
-                    lo,  # start
-                    n,  # num_tokens
-                    hi > known,  # last_token_pending
-                    seq.block_ids,
-                    sample,
-                    seq.params,
-                    seq.num_output_tokens,
-                    seq.prompt_token_ids,
-                    seq.output_token_ids,
-                    owed,  # prompt_logprobs
-                    len(seq.prompt_logprobs) if owed is not None else 0,  # prompt_logprobs_done
-                    pooling=seq.pooling.pooling if seq.pooling is not None else None,
-                )
+            sample = hi == known + pending and seq.pooling is None
+            end = hi if hi < known else known
+            if lo >= num_prompt:  # decoding: the tokens are output tokens
+                token_ids = output[lo - num_prompt : end - num_prompt]
+            else:
+                token_ids = seq.token_slice(lo, end)
+            p = seq.params
+            num_output = known - num_prompt + pending
+            owed = (
+                p.prompt_logprobs if seq.prompt_logprobs is not None and seq.wants_prompt_logprobs else None
             )
+            s = ScheduledSequence(  # positional: this runs for every sequence of every step
+                seq.seq_id,
+                token_ids,
+                lo,  # start
+                n,  # num_tokens
+                hi > known,  # last_token_pending
+                seq.block_ids,
+                sample,
+                p,
+                num_output,
+                prompt,
+                output,
+                owed,  # prompt_logprobs
+                len(seq.prompt_logprobs) if owed is not None else 0,  # prompt_logprobs_done
+            )
+            if seq.pooling is not None:
+                s.pooling = seq.pooling.pooling
             if seq.lora is not None:
-                out.scheduled[-1].lora_slot = self.lora.slot_for(seq.lora)
-            seq.first_scheduled_time = seq.first_scheduled_time or now
+                s.lora_slot = self.lora.slot_for(seq.lora)
+            scheduled.append(s)
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
             seq.num_computed_tokens = hi
+            if publish and hi // bs != seq.num_published_blocks:
+                filled.append(seq)
             if sample:
-                seq.num_pending_tokens += 1
-                limit = self.max_model_len
-                if seq.num_output_tokens >= seq.max_tokens or (limit is not None and seq.num_tokens >= limit):
+                seq.num_pending_tokens = pending + 1
+                if num_output + 1 >= seq.max_tokens or (limit is not None and known + pending + 1 >= limit):
                     seq.awaiting_finish = True
                 if seq.beam:
                     seq.status, self.held[seq.seq_id], held = Status.HELD, seq, True
@@ -277,11 +314,12 @@ class Scheduler:
             return True
         return self.lora.admit(seq.lora, {s.lora_id for s in self.running if s.lora is not None})
 
-    def cache_computed_blocks(self, out: SchedulerOutput, seqs: dict[int, Sequence]) -> None:
-        """Publish the full blocks of the step's unfinished sequences (their tokens are known by now)."""
-        for s in out.scheduled:
-            seq = seqs.get(s.seq_id)
-            if seq is not None and not seq.is_finished:
+    def cache_computed_blocks(self) -> None:
+        """Publish the blocks the last step filled, of its unfinished sequences (their tokens are known
+        by now); a step's other sequences have no block to publish."""
+        filled, self._filled = self._filled, []
+        for seq in filled:
+            if not seq.is_finished:
                 self.kv.cache_computed_blocks(seq)
 
     def finish(self, seq: Sequence) -> None:
@@ -298,8 +336,7 @@ class Scheduler:
         self.kv.cache_computed_blocks(seq, min(seq.num_computed_tokens, seq.num_known_tokens))
         self._free(seq)
         self._finished.append(seq.seq_id)
-        if needs_host_tokens(seq):
-            self.num_needing_host_tokens -= 1
+        self._count(seq, -1)
 
     def abort_all(self) -> list[Sequence]:
         """Finish every sequence (freeing its blocks); returns them."""
