@@ -8,10 +8,14 @@ What it prints is the CPU time of this process per engine step and per generated
 runner's input preparation and the sampler are not in it (they need a real worker): ``--runner-prepare``
 times ``ModelRunner._prepare`` alone on one decode step of ``--max-num-seqs`` rows (block tables of
 24-31 blocks, the CPU attention backend's metadata); see ``step_profile.py`` for a whole run on a GPU.
+``--decode-steps N`` times N decode steps once ``--max-num-seqs`` sequences all decode (``--profile``:
+their cProfile, by own time and by cumulative time).
 """
 
 import argparse
+import cProfile
 import json
+import pstats
 import time
 import types
 
@@ -64,6 +68,35 @@ def time_runner_prepare(rows: int, repeats: int = 300) -> float:
     return (time.process_time() - t0) / repeats
 
 
+def time_decode_steps(config: EngineConfig, blocks: int, args) -> float:
+    """CPU seconds of one engine step while ``max_num_seqs`` sequences decode (prefills done)."""
+    worker = ConstantWorker(blocks, args.block_size)
+    engine = LLMEngine(config, types.SimpleNamespace(eos_token_id=[3]), None, worker=worker)
+    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, detokenize=False)
+    for i in range(args.max_num_seqs):
+        prompt = [(i * 7919 + j * 104729) % 30000 + 10 for j in range(args.input_len)]
+        engine.add_request(str(i), None, prompt, params)
+    running = engine.scheduler.running
+    while len(running) < args.max_num_seqs or any(s.num_computed_tokens < args.input_len for s in running):
+        engine.step()
+    for _ in range(5):
+        engine.step()
+    assert args.decode_steps + 5 < args.output_len, "--decode-steps: the sequences would finish"
+    profile = cProfile.Profile() if args.profile else None
+    if profile is not None:
+        profile.enable()
+    t0 = time.process_time()
+    for _ in range(args.decode_steps):
+        engine.step()
+    cpu = time.process_time() - t0
+    if profile is not None:
+        profile.disable()
+        stats = pstats.Stats(profile)
+        stats.sort_stats("tottime").print_stats(20)
+        stats.sort_stats("cumulative").print_stats(20)
+    return cpu / args.decode_steps
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--num-prompts", type=int, default=1000)
@@ -74,6 +107,8 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--runner-prepare", action="store_true", help="time ModelRunner._prepare only")
+    ap.add_argument("--decode-steps", type=int, default=None, help="time this many decode steps only")
+    ap.add_argument("--profile", action="store_true", help="with --decode-steps: print their cProfile")
     ap.add_argument("--output", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
     if args.runner_prepare:
@@ -98,6 +133,21 @@ def main() -> None:
         max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size,
     )
+    if args.decode_steps is not None:
+        per_step = [time_decode_steps(config, blocks, args) for _ in range(args.repeats)]
+        result = {
+            "command": "python benchmarks/host_step.py "
+            + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+            "decode_steps": args.decode_steps,
+            "running": args.max_num_seqs,
+            "cpu_us_per_decode_step": [round(1e6 * s, 1) for s in per_step],
+            "best_cpu_us_per_decode_step": round(1e6 * min(per_step), 1),
+        }
+        print(json.dumps(result, indent=1))
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, detokenize=False)
     per_step = []
     for r in range(args.repeats):
