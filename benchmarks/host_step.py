@@ -8,8 +8,10 @@ What it prints is the CPU time of this process per engine step and per generated
 runner's input preparation and the sampler are not in it (they need a real worker): ``--runner-prepare``
 times ``ModelRunner._prepare`` alone on one decode step of ``--max-num-seqs`` rows (block tables of
 24-31 blocks, the CPU attention backend's metadata); see ``step_profile.py`` for a whole run on a GPU.
-``--decode-steps N`` times N decode steps once ``--max-num-seqs`` sequences all decode (``--profile``:
-their cProfile, by own time and by cumulative time).
+``--sampler`` times ``sample()`` on ``--max-num-seqs`` rows with the throughput bench's parameters (one
+``SamplingParams`` per request, temperature 1) and a vocabulary of 8, so its per-row Python is what it
+measures. ``--decode-steps N`` times N decode steps once ``--max-num-seqs`` sequences all decode
+(``--profile``: their cProfile, by own time and by cumulative time).
 """
 
 import argparse
@@ -97,6 +99,21 @@ def time_decode_steps(config: EngineConfig, blocks: int, args) -> float:
     return cpu / args.decode_steps
 
 
+def time_sampler(rows: int, repeats: int = 300) -> float:
+    """CPU seconds of one ``sample()`` over ``rows`` rows of the bench's sampling parameters."""
+    from kiln.bench.workload import sampling_params
+    from kiln.runtime.sampler import SamplingRow, sample
+
+    seqs = [SamplingRow(sampling_params(256), None, 10, [1, 2], [3]) for _ in range(rows)]
+    logits = torch.randn(rows, 8, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    sample(logits, seqs, generator)
+    t0 = time.process_time()
+    for _ in range(repeats):
+        sample(logits, seqs, generator)
+    return (time.process_time() - t0) / repeats
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--num-prompts", type=int, default=1000)
@@ -107,10 +124,20 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--runner-prepare", action="store_true", help="time ModelRunner._prepare only")
+    ap.add_argument("--sampler", action="store_true", help="time the sampler's sample() only")
     ap.add_argument("--decode-steps", type=int, default=None, help="time this many decode steps only")
     ap.add_argument("--profile", action="store_true", help="with --decode-steps: print their cProfile")
     ap.add_argument("--output", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
+    if args.sampler:
+        best = min(time_sampler(args.max_num_seqs) for _ in range(args.repeats))
+        result = {"command": "python benchmarks/host_step.py --sampler", "rows": args.max_num_seqs}
+        result["sample_cpu_us"] = round(1e6 * best, 1)
+        print(json.dumps(result))
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     if args.runner_prepare:
         best = min(time_runner_prepare(args.max_num_seqs) for _ in range(args.repeats))
         result = {"command": "python benchmarks/host_step.py --runner-prepare", "rows": args.max_num_seqs}

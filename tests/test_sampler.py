@@ -70,6 +70,35 @@ def test_seed_reproducible_whatever_the_batch():
     assert mixed.token_ids[-1] == alone.token_ids[0]
 
 
+def test_mixed_batch_rows_sample_as_each_row_alone():
+    """Each row's parameters apply to that row only, in a batch mixing every kind: greedy rows (plain,
+    penalised, biased, banning stop ids under min_tokens) and seeded random rows (plain, top-k, top-p,
+    min-p, logprobs) give the tokens and logprobs they give sampled alone."""
+    kinds = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0, repetition_penalty=1.5),
+        SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=0.2),
+        SamplingParams(temperature=0, logit_bias={5: 3.0}),
+        SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[int(i) for i in range(0, VOCAB, 2)]),
+        SamplingParams(temperature=0.7, seed=11),
+        SamplingParams(temperature=1.3, top_k=4, seed=12),
+        SamplingParams(temperature=1.0, top_p=0.5, seed=13),
+        SamplingParams(temperature=0.9, min_p=0.1, seed=14, logprobs=2),
+    ]
+    logits = torch.randn(len(kinds), VOCAB, generator=torch.Generator().manual_seed(5))
+
+    def row(i, p):
+        gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
+        return SamplingRow(p, gen, 1, [1, 2, 3, 2 * i], [4, 4, i])
+
+    batch = sample(logits.clone(), [row(i, p) for i, p in enumerate(kinds)], torch.Generator().manual_seed(0))
+    for i, p in enumerate(kinds):
+        alone = sample(logits[i : i + 1].clone(), [row(i, p)], torch.Generator().manual_seed(1))
+        assert batch.token_ids[i] == alone.token_ids[0], p
+        assert batch.logprobs[i] == alone.logprobs[0], p
+    assert batch.logprobs[-1] is not None and batch.logprobs[0] is None
+
+
 def test_unseeded_rows_differ_across_draws():
     tokens = draws(SamplingParams(temperature=1.0), torch.zeros(1, VOCAB), n=200)
     assert len(tokens.unique()) > 20

@@ -32,6 +32,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []  # set by the worker once the cache is allocated
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.generators: dict[int, torch.Generator | None] = {}  # per sequence: its seeded generator
+        self.num_seeded = 0  # generators above that are not None
         self.one_row_logits = one_row_logits  # fuse_gemv on CUDA: a one-row batch's logits by kiln::gemv
         self.logprobs_mode = logprobs_mode
         self.lora = lora  # kiln.lora.manager.LoRAManager: its per-token slot buffers are filled each step
@@ -68,9 +69,10 @@ class ModelRunner:
             gen = None
             if new.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(new.seed)
+            self.num_seeded += (gen is not None) - (self.generators.get(new.seq_id) is not None)
             self.generators[new.seq_id] = gen
         for seq_id in out.finished_seq_ids:
-            self.generators.pop(seq_id, None)
+            self.num_seeded -= self.generators.pop(seq_id, None) is not None
             self.pooled_rows.forget(seq_id)
 
     def _prepare(self, out: SchedulerOutput):
@@ -142,17 +144,20 @@ class ModelRunner:
         input_ids, positions, md, starts, rows, samples = self._prepare(out)
         hidden = self.run_forward(input_ids, positions, md)
         result = RunnerOutput([s.seq_id for s in samples], None, [], {})
-        if any(s.pooling is not None for s in out.scheduled):
-            result.pooled = self.pooled_rows.collect(hidden, out.scheduled, starts)
+        scheduled = out.scheduled  # the per-row checks below read one field of every row into a list
+        if [s.pooling for s in scheduled].count(None) != len(scheduled):
+            result.pooled = self.pooled_rows.collect(hidden, scheduled, starts)
         if samples:
-            for s in samples:
-                s.generator = self.generators.get(s.seq_id)
+            if self.num_seeded:  # rows of seeded sequences draw from their own generator
+                for s in samples:
+                    s.generator = self.generators.get(s.seq_id)
             logits = self.logits(hidden if rows is None else hidden[rows])
             if out.defer_sampling:
                 self.deferred = (result, logits, samples)
             else:
                 self._sample(result, logits, samples)
-        for i, s in enumerate(out.scheduled):  # prompt positions of sequences owing prompt logprobs
+        owing = [s.prompt_logprobs for s in scheduled].count(None) != len(scheduled)
+        for i, s in enumerate(scheduled if owing else ()):  # prompt positions owing prompt logprobs
             if s.prompt_logprobs is None:
                 continue
             lo = max(s.start, s.prompt_logprobs_done - 1)
@@ -165,5 +170,5 @@ class ModelRunner:
             entries = top_logprobs(logprobs, targets, [s.prompt_logprobs] * len(targets))
             result.prompt_logprobs[s.seq_id] = list(zip(targets, entries))
         self.previous = result
-        self._previous_rows = {seq_id: row for row, seq_id in enumerate(result.seq_ids)}
+        self._previous_rows = dict(zip(result.seq_ids, range(len(result.seq_ids))))
         return result

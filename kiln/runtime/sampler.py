@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kiln.ops.sample_argmax import sample_argmax
-from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.sampling_params import SAMPLING_EPS, SamplingParams
 from kiln.runtime.transfer import to_device
 from kiln.structured.token_mask import TokenMask
 
@@ -54,15 +54,27 @@ def _token_counts(rows: list[list[int]], vocab: int, device) -> torch.Tensor:
     return counts[:, :vocab]  # padding (-1) landed in the extra last column
 
 
-def apply_penalties(logits: torch.Tensor, seqs: list[SamplingRow]) -> torch.Tensor:
+# The checks below run for every row of every step: each reads one field of every row into a list and
+# asks the list (``count``, ``any``, ``max``), which costs far less per row than a generator.
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[SamplingRow], params=None) -> torch.Tensor:
+    """``params``: the rows' ``SamplingParams`` when the caller has them listed."""
+    params = [s.params for s in seqs] if params is None else params
+    n = len(params)
+    repetition = [p.repetition_penalty for p in params].count(1.0) != n
+    additive = [p.presence_penalty for p in params].count(0.0) != n or [
+        p.frequency_penalty for p in params
+    ].count(0.0) != n
+    if not repetition and not additive:
+        return logits
     vocab, device = logits.shape[1], logits.device
-    params = [s.params for s in seqs]
-    if any(p.repetition_penalty != 1.0 for p in params):
+    if repetition:
         seen = _token_counts([s.prompt_token_ids + s.output_token_ids for s in seqs], vocab, device) > 0
         rep = to_device([p.repetition_penalty for p in params], device)[:, None]
         penalised = torch.where(logits > 0, logits / rep, logits * rep)
         logits = torch.where(seen, penalised, logits)
-    if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params):
+    if additive:
         counts = _token_counts([s.output_token_ids for s in seqs], vocab, device)
         freq = to_device([p.frequency_penalty for p in params], device)[:, None]
         pres = to_device([p.presence_penalty for p in params], device)[:, None]
@@ -89,9 +101,17 @@ def banned_words(s: SamplingRow) -> list[int]:
     return banned
 
 
-def apply_constraints(logits: torch.Tensor, seqs: list[SamplingRow]) -> torch.Tensor:
+def apply_constraints(logits: torch.Tensor, seqs: list[SamplingRow], params=None) -> torch.Tensor:
     """min_tokens (stop ids banned until reached), logit_bias, allowed_token_ids, bad_words. Works on an
-    fp32 copy."""
+    fp32 copy. ``params``: the rows' ``SamplingParams`` when the caller has them listed."""
+    params = [s.params for s in seqs] if params is None else params
+    if not (  # a ban of stop ids needs min_tokens > 0
+        any([p.min_tokens for p in params])
+        or any([p.logit_bias for p in params])
+        or any([p.allowed_token_ids for p in params])
+        or any([p.bad_words_token_ids for p in params])
+    ):
+        return logits
     if not any(
         _bans_stops(s) or s.params.logit_bias or s.params.allowed_token_ids or s.params.bad_words_token_ids
         for s in seqs
@@ -154,36 +174,43 @@ def sample(
     (after penalties, logit_bias / allowed ids / min_tokens, temperature and the top-k / top-p / min-p
     masks), as log-probabilities or as logits."""
     device = logits.device
-    wants_logprobs = any(s.params.logprobs is not None for s in seqs)
+    params = [s.params for s in seqs]
+    n = len(params)
+    wants_logprobs = [p.logprobs for p in params].count(None) != n
     reported = logits.float() if wants_logprobs and logprobs_mode.startswith("raw") else None
-    logits = apply_constraints(apply_penalties(logits, seqs), seqs)
+    logits = apply_constraints(apply_penalties(logits, seqs, params), seqs, params)
     if token_mask is not None:
         logits = token_mask.apply(logits)
-    params = [s.params for s in seqs]
-    temps = [1.0 if p.is_greedy else p.temperature for p in params]
-    if all(p.is_greedy for p in params):
+    temperatures = [p.temperature for p in params]  # below SAMPLING_EPS: greedy (SamplingParams.is_greedy)
+    temps = [1.0 if t < SAMPLING_EPS else t for t in temperatures]
+    if max(temperatures) < SAMPLING_EPS:  # every row greedy
         processed = logits
         tokens = sample_argmax(logits)
     else:
 
-        def per_row(name, off):
-            values = [getattr(p, name) for p in params]
-            return None if all(v == off for v in values) else to_device(values, device)
+        def per_row(values, off):
+            return None if values.count(off) == n else to_device(values, device)
 
-        filters = per_row("top_k", 0), per_row("top_p", 1.0), per_row("min_p", 0.0)
+        filters = (
+            per_row([p.top_k for p in params], 0),
+            per_row([p.top_p for p in params], 1.0),
+            per_row([p.min_p for p in params], 0.0),
+        )
         if any(f is not None for f in filters):
             logits = top_k_top_p_min_p(
                 logits / to_device(temps, device)[:, None], *filters
             )  # keeps row maxima
             processed = logits
-            inv_temps = [0.0 if p.is_greedy else 1.0 for p in params]
+            inv_temps = [0.0 if t < SAMPLING_EPS else 1.0 for t in temperatures]
         else:
             processed = None  # temperature applied inside sample_argmax
-            inv_temps = [0.0 if p.is_greedy else 1.0 / p.temperature for p in params]
+            inv_temps = [0.0 if t < SAMPLING_EPS else 1.0 / t for t in temperatures]
         q = torch.empty(logits.shape, dtype=torch.float32, device=device).exponential_(generator=generator)
-        for i, s in enumerate(seqs):
-            if s.generator is not None and not params[i].is_greedy:
-                q[i].exponential_(generator=s.generator)
+        generators = [s.generator for s in seqs]
+        if generators.count(None) != n:
+            for i, gen in enumerate(generators):
+                if gen is not None and temperatures[i] >= SAMPLING_EPS:
+                    q[i].exponential_(generator=gen)
         tokens = sample_argmax(logits, to_device(inv_temps, device), q)
     if not wants_logprobs:
         return SamplerOutput(tokens, [None] * len(seqs))
