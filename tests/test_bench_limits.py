@@ -41,3 +41,24 @@ def test_forward_flops_equal_the_counted_flops_of_the_hf_forward(lm_head):
 def test_gemm_rate_is_positive_and_finite_on_the_cpu():
     rate = gemm_tflops(torch.device("cpu"), torch.float32, n=128, iters=2)
     assert 0 < rate < 1e3
+
+
+def test_throughput_limits_count_each_request_and_compare_with_the_gemm(monkeypatch):
+    import kiln.bench.limits as limits
+    from kiln.bench import workload
+    from kiln.bench.throughput import compute_limits
+
+    monkeypatch.setattr(limits, "gemm_tflops", lambda device, dtype: 100.0)
+    wl = workload.synthetic(6, 20, 7, CONFIG["vocab_size"], seed=0, range_ratio=0.5)
+    got = compute_limits(CONFIG, wl, 2.0, torch.device("cuda"), torch.bfloat16)
+    flops = sum(
+        forward_flops(CONFIG, len(r.prompt_token_ids) + r.output_len - 1, 1, r.output_len)
+        for r in wl.requests
+    )
+    assert got == {
+        "model_flops": flops,
+        "model_tflops": flops / 2.0 / 1e12,
+        "gemm_tflops": 100.0,
+        "fraction_of_gemm": flops / 2.0 / 1e12 / 100.0,
+    }
+    assert compute_limits(CONFIG, wl, 2.0, torch.device("cpu"), torch.float32) is None
