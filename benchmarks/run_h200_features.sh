@@ -13,7 +13,8 @@
 #   lora        LoRA batch-1/throughput and adapter swaps (llama-8b)
 #   fp8         bf16 vs fp8 vs fp8 + fp8 KV (llama-1b, both parts)
 #   sleep       sleep(1) / wake_up memory and time (llama-8b)
-#   warm        llama-1b throughput with 256 warm-up prompts on this tree and on BASE (a before/after tree)
+#   warm        llama-1b throughput with 256 warm-up prompts on this tree and on BASE (a before/after tree;
+#               BASE_SHA names its commit in the results)
 #   tests-c     pytest -m gpu: beam search, compile cache, weight loading, start-up timeline, KV profile,
 #               import, compiler
 #   smoke       pytest tests/test_bench_scripts.py: every benchmark script on a tiny model with the flags
@@ -64,7 +65,9 @@ part() {
             i=$((i + 1))
             local tree="$PWD"
             [ "$which" = base ] && tree="$base"
-            (cd "$tree" && PYTHONPATH="$tree:/tmp/kiln-site" "$PY" -m kiln.cli bench throughput --model llama-1b \
+            local sha=""
+            [ "$which" = base ] && sha="${BASE_SHA:-unknown}"
+            (cd "$tree" && KILN_GIT_SHA="$sha" PYTHONPATH="$tree:/tmp/kiln-site" "$PY" -m kiln.cli bench throughput --model llama-1b \
                 --num-prompts 1000 --input-len 256 --output-len 256 --num-warmup-prompts 256 --no-progress \
                 --tag "warm256_${which}_$i" --output-dir "$OUT" 2>&1 | grep "tok/s")
         done ;;

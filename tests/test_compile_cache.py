@@ -17,6 +17,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from kiln import LLM, CompilationConfig, SamplingParams
 from kiln.compiler.cache import CompileCache, CompileCacheMissError, cache_key
@@ -99,13 +100,22 @@ def base_key(tiny_checkpoint):
     return cache_key(_details(tiny_checkpoint("llama")))
 
 
+def _skip_without_the_devices(settings: dict) -> None:
+    """On a CUDA machine the engine checks ranks x replicas against its devices before keying."""
+    ranks = settings.get("tensor_parallel_size", 1) * settings.get("data_parallel_size", 1)
+    if torch.cuda.is_available() and ranks > torch.cuda.device_count():
+        pytest.skip(f"{ranks} engine processes need {ranks} CUDA devices here")
+
+
 @pytest.mark.parametrize("name", list(SAME_CODE))
 def test_settings_that_change_no_code_keep_the_key(name, tiny_checkpoint, base_key):
+    _skip_without_the_devices(SAME_CODE[name])
     assert cache_key(_details(tiny_checkpoint("llama"), **SAME_CODE[name])) == base_key
 
 
 @pytest.mark.parametrize("name", list(OTHER_CODE))
 def test_settings_that_change_code_change_the_key(name, tiny_checkpoint, base_key):
+    _skip_without_the_devices(OTHER_CODE[name])
     assert cache_key(_details(tiny_checkpoint("llama"), **OTHER_CODE[name])) != base_key
 
 
@@ -389,6 +399,26 @@ def test_reuse_dynamo_graph_without_torch_support_traces(saved_graph, tiny_check
         assert llm.compile_report().dynamo_graph == "traced (this torch cannot save Dynamo graphs)"
     with pytest.raises(InvalidCompilationConfig, match="reuse_dynamo_graph"):
         CompilationConfig.parse({"reuse_dynamo_graph": True, "use_cache": False})
+
+
+def test_reuse_dynamo_graph_where_torch_has_aot_compile_off_by_default(
+    tiny_checkpoint, eager_tokens, tmp_path, monkeypatch
+):
+    """torch 2.11 ships ``enable_aot_compile=False``; kiln switches it on for its own capture and load."""
+    import torch._dynamo.config as dynamo_config
+
+    if "enable_aot_compile" not in dynamo_config._config:
+        pytest.skip("this torch has no enable_aot_compile setting")
+    monkeypatch.setattr(dynamo_config, "enable_aot_compile", False)
+    cfg = {"mode": "piecewise", "cache_dir": str(tmp_path), "reuse_dynamo_graph": True}
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    for expected in ("traced and saved", "loaded"):
+        torch._dynamo.reset()
+        with LLM(tiny_checkpoint("llama"), compilation_config=cfg, **ENGINE) as llm:
+            assert llm.compile_report().dynamo_graph == expected
+            out = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+            assert [o.outputs[0].token_ids for o in out] == eager_tokens
+    assert dynamo_config.enable_aot_compile is False  # left as it was
 
 
 @pytest.mark.gpu

@@ -137,15 +137,16 @@ class CompiledForward:
         else:
             torch._dynamo.mark_dynamic(input_ids, 0)
             torch._dynamo.mark_dynamic(positions, 0)
-            aot = torch.compile(
-                self._forward,
-                backend=self._aot_backend,
-                fullgraph=True,
-                dynamic=False,
-                options={"guard_filter_fn": dynamo_graph.serializable_guard_filter(_guard_filter)},
-            )
-            self.backend.trace_started = time.perf_counter()
-            fn = aot.aot_compile(((input_ids, positions), {}))
+            with dynamo_graph.aot_enabled():
+                aot = torch.compile(
+                    self._forward,
+                    backend=self._aot_backend,
+                    fullgraph=True,
+                    dynamic=False,
+                    options={"guard_filter_fn": dynamo_graph.serializable_guard_filter(_guard_filter)},
+                )
+                self.backend.trace_started = time.perf_counter()
+                fn = aot.aot_compile(((input_ids, positions), {}))
             dynamo_graph.save(self.cache.dir, fn)
             report.dynamo_graph = report.dynamo_graph or "traced and saved"
         fn.disable_guard_check()  # checked once: the inputs are always 1-D int64 tensors on the device

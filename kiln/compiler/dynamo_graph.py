@@ -32,9 +32,28 @@ def supported() -> bool:
         from torch.fx._graph_pickler import GraphPickler  # noqa: F401
     except ImportError:
         return False
-    return hasattr(torch.compiler, "load_compiled_function") and hasattr(
+    if not hasattr(torch.compiler, "load_compiled_function") or not hasattr(
         CheckFunctionManager, "UNSUPPORTED_SERIALIZATION_GUARD_TYPES"
-    )
+    ):
+        return False
+    with aot_enabled():  # torch.compile's result has ``aot_compile`` only while the setting is on
+        return hasattr(torch.compile(_identity, backend="eager"), "aot_compile")
+
+
+def _identity(x):
+    return x
+
+
+@contextmanager
+def aot_enabled():
+    """torch's AOT entry points switched on (torch 2.11 has them off by default, 2.13 on)."""
+    import torch._dynamo.config as dynamo_config
+
+    if "enable_aot_compile" not in dynamo_config._config:
+        yield
+        return
+    with dynamo_config.patch(enable_aot_compile=True):
+        yield
 
 
 def serializable_guard_filter(base):
@@ -169,7 +188,7 @@ def load(directory: str, backend, f_globals: dict):
         return None
     token = _loading_backend.set(backend)
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb") as f, aot_enabled():
             return torch.compiler.load_compiled_function(f, f_globals=f_globals)
     finally:
         _loading_backend.reset(token)
@@ -177,4 +196,5 @@ def load(directory: str, backend, f_globals: dict):
 
 def save(directory: str, artifact) -> None:
     os.makedirs(directory, exist_ok=True)
-    artifact.save_compiled_function(os.path.join(directory, ARTIFACT))  # written to a temp file, renamed
+    with aot_enabled():
+        artifact.save_compiled_function(os.path.join(directory, ARTIFACT))  # written to a temp file, renamed
