@@ -142,6 +142,22 @@ def test_gpu_test_parts_select_gpu_tests_of_existing_files():
 # ----------------------------------------------------------------------------- the GPU runs' scripts
 
 
+def test_patterned_prompts_keep_the_large_shapes_ids():
+    """streaming, beam_search and sleep_mode fit their prompts to the model's vocabulary; on the shapes
+    the GPU runs use the ids are those of the fixed formula they always used."""
+    from kiln.bench.shapes import SHAPES
+    from kiln.bench.workload import patterned_ids
+
+    for name in ("llama-1b", "llama-8b", "qwen3-0.6b"):
+        vocab = SHAPES[name]["vocab_size"]
+        for i in (0, 5, 63):
+            assert patterned_ids(i, 152, vocab) == [(7 * i + 13 * j) % 30000 + 100 for j in range(152)]
+    ids = [t for i in range(64) for t in patterned_ids(i, 256, SHAPES["tiny"]["vocab_size"])]
+    assert min(ids) == 100 and max(ids) == SHAPES["tiny"]["vocab_size"] - 1
+    with pytest.raises(ValueError, match="vocab_size"):
+        patterned_ids(0, 4, 100)
+
+
 def test_streaming(tmp_path):
     (call,) = CALLS["streaming"]
     run(call, tmp_path)
