@@ -16,6 +16,9 @@ import pytest
 import torch
 from conftest import make_tiny_checkpoint
 
+from kiln.bench.limits import forward_flops
+from kiln.bench.shapes import SHAPES
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FEATURES_SH = os.path.join(ROOT, "benchmarks", "run_h200_features.sh")
 TIMEOUT_S = 300  # per script; a CPU run takes seconds, a GPU run compiles first
@@ -145,7 +148,6 @@ def test_gpu_test_parts_select_gpu_tests_of_existing_files():
 def test_patterned_prompts_keep_the_large_shapes_ids():
     """streaming, beam_search and sleep_mode fit their prompts to the model's vocabulary; on the shapes
     the GPU runs use the ids are those of the fixed formula they always used."""
-    from kiln.bench.shapes import SHAPES
     from kiln.bench.workload import patterned_ids
 
     for name in ("llama-1b", "llama-8b", "qwen3-0.6b"):
@@ -216,6 +218,9 @@ def test_pooling(tmp_path):
     row = doc["results"]["tiny"]
     assert row["kiln"]["prompt_tokens"] == row["hf"]["prompt_tokens"] == 12 * 16
     assert row["kiln"]["embedding_dim"] == 64 and row["kiln_over_hf"] > 0
+    assert row["forward_flops"] == forward_flops(SHAPES["tiny"], 16, 12)
+    assert row["kiln"]["tflops"] > 0 and row["hf"]["tflops"] > 0
+    assert doc["gemm_tflops"] > 0 and row["kiln_over_hf_bound"] > 0
 
 
 def test_lora(tmp_path):
@@ -284,6 +289,10 @@ def test_bench_throughput_with_warmup_prompts(tmp_path):
     k = doc["results"]["kiln"]
     assert k["num_requests"] == 6 and k["num_output_tokens"] == 6 * 4 and k["num_input_tokens"] == 6 * 16
     assert k["total_tokens_per_s"] > 0
+    if DEVICE == "cuda":  # the model FLOP rate against a GEMM timed in the run
+        assert 0 < k["limits"]["fraction_of_gemm"] and k["limits"]["model_flops"] > 0
+    else:
+        assert k["limits"] is None
 
 
 def test_startup_weight_loading_and_bench_compile(tmp_path):
@@ -345,6 +354,12 @@ def test_host_step(tmp_path):
     )
     r = load(tmp_path / "p.json")
     assert r["rows"] == 8 and r["runner_prepare_cpu_us"] > 0
+
+
+def test_sampler_host(tmp_path):
+    out = run("benchmarks/sampler_host.py 8 4", tmp_path)
+    rows = re.findall(r"^(random|greedy): 8 rows, ([0-9.]+) us per call \(median of 5 x 200\)$", out, re.M)
+    assert [r[0] for r in rows] == ["random", "greedy"] and all(float(r[1]) > 0 for r in rows)
 
 
 def test_tp_step_broadcast(tmp_path):
