@@ -78,6 +78,8 @@ def run(call: str, tmp_path, **fill) -> str:
     argv = shlex.split(call.format(out=tmp_path, **fill))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     env["PYTHONUNBUFFERED"] = "1"
+    if DEVICE == "cpu":  # tiny ops on a busy small machine run many times slower on several threads
+        env.setdefault("OMP_NUM_THREADS", "1")
     try:
         proc = subprocess.run(
             [sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
