@@ -5,7 +5,9 @@
 #
 # PARTs:
 #   tests-a     pytest -m gpu: attention, worker, sampler, fp8 KV, prompt validation, cudagraph, gemv
+#               (253 s on the H200)
 #   tests-b     pytest -m gpu: profiler, metrics, pooling, structured outputs, fp8, fusion passes, async, lora
+#               (async, lora, structured and fp8 alone ran past 250 s: give it a call of its own)
 #   streaming   AsyncLLM at 64 streams vs LLM.generate, TTFT at batch 1 (llama-1b)
 #   beam        beam search, 64 prompts x width 4 x 128 new tokens vs HF generate(num_beams=4) (llama-1b)
 #   structured  JSON-schema constrained vs unconstrained tokens/s, batch-1 TPOT (llama-1b; needs TOKENIZER)
