@@ -25,6 +25,7 @@ from kiln import LLM, BeamSearchParams  # noqa: E402
 from kiln.bench import env  # noqa: E402
 from kiln.bench.hf_compare import build_model  # noqa: E402
 from kiln.bench.shapes import shape_config, write_shape_dir  # noqa: E402
+from kiln.bench.workload import patterned_ids  # noqa: E402
 
 
 def sync() -> None:
@@ -32,8 +33,8 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def prompts(n: int, length: int) -> list[list[int]]:
-    return [[(7 * i + 13 * j) % 30000 + 100 for j in range(length)] for i in range(n)]
+def prompts(n: int, length: int, vocab_size: int) -> list[list[int]]:
+    return [patterned_ids(i, length, vocab_size) for i in range(n)]
 
 
 def run_kiln(args, workload) -> dict:
@@ -116,7 +117,7 @@ def run_hf(args, workload) -> dict:
     return {"seconds": round(elapsed, 3), "beam_tokens": tokens, "tok_s": round(tokens / elapsed, 1)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-1b")
     parser.add_argument("--prompts", type=int, default=64)
@@ -125,11 +126,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--hf-batch", type=int, default=16)
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     doc = env.collect(config=vars(args))
     doc["benchmark"] = "beam_search"
     doc["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    workload = prompts(args.prompts, args.prompt_len)
+    workload = prompts(args.prompts, args.prompt_len, shape_config(args.model)["vocab_size"])
     kiln = run_kiln(args, workload)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

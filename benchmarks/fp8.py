@@ -16,12 +16,16 @@ roofline of the variant), total tokens/s, and each fp8 variant's ratio to bf16 (
 - ``fp8-kv8``: ``quantization="fp8"`` and ``kv_cache_dtype="fp8"``;
 - ``kv8``: the bf16 model with ``kv_cache_dtype="fp8"``.
 
-Any further argument goes to every ``kiln bench`` call (e.g. ``-cc '{"compile_sizes": [1]}'``).
+Any further argument goes to every ``kiln bench`` call (e.g. ``-cc '{"compile_sizes": [1]}'``);
+``--latency-args`` / ``--throughput-args`` (one quoted string) go to that part's calls only, after its
+workload above, so they can shrink it (e.g. ``--throughput-args "--num-prompts 4 --output-len 4"`` for
+a CPU smoke run on the ``tiny`` shape).
 """
 
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -38,11 +42,11 @@ PARTS = {
 }
 
 
-def run_part(part, model, variant, output_dir, extra) -> dict | None:
+def run_part(part, model, variant, output_dir, extra, part_extra=()) -> dict | None:
     tag = f"fp8_{os.path.basename(model.rstrip('/'))}_{variant}"
     cmd = [sys.executable, "-m", "kiln.cli", "bench", part, "--model", model, "--dtype", "bfloat16"]
-    cmd += [*PARTS[part], *VARIANTS[variant], "--tag", tag, "--output-dir", output_dir, "--no-progress"]
-    cmd += extra
+    cmd += [*PARTS[part], *part_extra, *VARIANTS[variant], "--tag", tag, "--output-dir", output_dir]
+    cmd += ["--no-progress", *extra]
     print("+", " ".join(cmd), flush=True)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if subprocess.run(cmd, env=env).returncode != 0:
@@ -68,6 +72,8 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default="bf16,fp8,fp8-kv8")
     parser.add_argument("--parts", default="latency,throughput")
     parser.add_argument("--output-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    for part in PARTS:
+        parser.add_argument(f"--{part}-args", default="", help=f"extra arguments of the {part} calls only")
     args, extra = parser.parse_known_args(argv)
     variants, parts = args.variants.split(","), args.parts.split(",")
     unknown = [v for v in variants if v not in VARIANTS] + [p for p in parts if p not in PARTS]
@@ -85,7 +91,8 @@ def main(argv=None) -> int:
         for variant in variants:
             row = summary["variants"].setdefault(variant, {})
             for part in parts:
-                results = run_part(part, model, variant, args.output_dir, extra)
+                part_extra = shlex.split(getattr(args, f"{part}_args"))
+                results = run_part(part, model, variant, args.output_dir, extra, part_extra)
                 row.update(summarize(part, results) if results else {f"{part}_error": "run failed"})
                 status |= results is None
         base = summary["variants"].get("bf16", {})

@@ -49,7 +49,9 @@ def tpot(llm, prompts, output_len, loras, iters):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama-8b", help="a named shape (llama-8b, llama-1b, ...)")
+    p.add_argument(
+        "--model", default="llama-8b", help="a named shape (llama-8b, llama-1b, ...) or a model dir"
+    )
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
@@ -134,7 +136,8 @@ def main(argv=None):
     results["targets"] = {k: {"max_ratio": v, "met": results[f"ratio_{k}"] <= v} for k, v in TARGETS.items()}
     results["startup"] = startup
     config = {k: getattr(args, k) for k in vars(args)} | {"model": source.describe()}
-    path = common.write_result(args, f"lora_{args.model}", config, results, argv)
+    name = os.path.basename(args.model.rstrip("/"))  # a named shape, or a model dir's name
+    path = common.write_result(args, f"lora_{name}", config, results, argv)
     for key, value in results.items():
         print(f"{key}: {value}")
     print(f"wrote {path}")

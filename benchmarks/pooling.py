@@ -6,8 +6,11 @@ For each model shape (random weights; kiln loads them with ``load_format="dummy"
 GPU), HF with ``AutoModel`` forwards over batches of ``--hf-batch-size`` prompts, the last hidden
 state pooled and normalised the same way, each batch's embeddings brought to the host as Python
 lists, as ``embed`` returns them.
-Both are timed after a warm-up; tokens/s counts prompt tokens. Results JSON: machine (GPU name,
-driver), versions, command, configuration and per model kiln/HF tokens/s and their ratio.
+Both are timed after a warm-up; tokens/s counts prompt tokens. Each side's model TFLOP/s (the forward's
+matrix products, ``kiln.bench.limits.forward_flops``) is set against a large bf16 GEMM timed in the same
+run: ``kiln_over_hf_bound`` is the ratio an engine at that GEMM rate would reach over HF. Results JSON:
+machine (GPU name, driver), versions, command, configuration and per model kiln/HF tokens/s, TFLOP/s and
+their ratio.
 
     python benchmarks/pooling.py --models llama-1b,llama-8b --output benchmarks/results/pooling_h200.json
     python benchmarks/pooling.py --models tiny --num-prompts 16 --input-len 16   # CPU smoke run
@@ -28,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kiln.bench import env  # noqa: E402
 from kiln.bench.common import free_llm, jsonable, sync  # noqa: E402
+from kiln.bench.limits import forward_flops, gemm_tflops  # noqa: E402
 from kiln.bench.shapes import shape_config, write_shape_dir  # noqa: E402
 
 
@@ -138,20 +142,35 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
+    gemm = gemm_tflops(device, dtype, n=8192 if device.type == "cuda" else 256)
+    print(f"dense {args.dtype if device.type == 'cuda' else 'float32'} GEMM: {gemm:,.1f} TFLOP/s", flush=True)
     results = {}
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         config = shape_config(name)
         prompts = random_prompts(args.num_prompts, args.input_len, config["vocab_size"], args.seed)
-        row = {"kiln": run_kiln(write_shape_dir(name), prompts, args)}
+        flops = forward_flops(config, args.input_len, args.num_prompts)
+        row = {"kiln": run_kiln(write_shape_dir(name), prompts, args), "forward_flops": flops}
+        row["kiln"]["tflops"] = flops / row["kiln"]["elapsed_s"] / 1e12
         if not args.no_hf:
             row["hf"] = run_hf(config, prompts, args, device, dtype)
+            row["hf"]["tflops"] = flops / row["hf"]["elapsed_s"] / 1e12
             row["kiln_over_hf"] = row["kiln"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
+            row["kiln_over_hf_bound"] = gemm / row["hf"]["tflops"]
         results[name] = row
-        hf = f", HF batch {args.hf_batch_size} {row['hf']['tokens_per_s']:,.0f} tok/s" if "hf" in row else ""
-        ratio = f", kiln/HF {row['kiln_over_hf']:.2f}x" if "hf" in row else ""
-        print(f"{name}: kiln {row['kiln']['tokens_per_s']:,.0f} tok/s{hf}{ratio}", flush=True)
+        hf = ""
+        if "hf" in row:
+            hf = (
+                f", HF batch {args.hf_batch_size} {row['hf']['tokens_per_s']:,.0f} tok/s"
+                f" ({row['hf']['tflops']:,.1f} TFLOP/s), kiln/HF {row['kiln_over_hf']:.2f}x"
+                f" (at most {row['kiln_over_hf_bound']:.2f}x at the GEMM rate)"
+            )
+        kiln = row["kiln"]
+        print(
+            f"{name}: kiln {kiln['tokens_per_s']:,.0f} tok/s ({kiln['tflops']:,.1f} TFLOP/s){hf}", flush=True
+        )
     doc = env.collect([sys.argv[0], *(argv if argv is not None else sys.argv[1:])], jsonable(vars(args)))
     doc["benchmark"] = "pooling"
+    doc["gemm_tflops"] = gemm
     doc["results"] = results
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

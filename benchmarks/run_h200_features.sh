@@ -5,7 +5,9 @@
 #
 # PARTs:
 #   tests-a     pytest -m gpu: attention, worker, sampler, fp8 KV, prompt validation, cudagraph, gemv
+#               (253 s on the H200)
 #   tests-b     pytest -m gpu: profiler, metrics, pooling, structured outputs, fp8, fusion passes, async, lora
+#               (async, lora, structured and fp8 alone ran past 250 s: give it a call of its own)
 #   streaming   AsyncLLM at 64 streams vs LLM.generate, TTFT at batch 1 (llama-1b)
 #   beam        beam search, 64 prompts x width 4 x 128 new tokens vs HF generate(num_beams=4) (llama-1b)
 #   structured  JSON-schema constrained vs unconstrained tokens/s, batch-1 TPOT (llama-1b; needs TOKENIZER)
@@ -15,7 +17,10 @@
 #   sleep       sleep(1) / wake_up memory and time (llama-8b)
 #   warm        llama-1b throughput with 256 warm-up prompts on this tree and on BASE (a before/after tree;
 #               BASE_SHA names its commit in the results)
-#   tests-c     pytest: beam search, compile cache, weight loading, start-up timeline, KV profile, import
+#   tests-c     pytest -m gpu: beam search, compile cache, weight loading, start-up timeline, KV profile,
+#               import, compiler
+#   smoke       pytest tests/test_bench_scripts.py: every benchmark script on a tiny model with the flags
+#               used here, on this machine's GPU (a script that would crash on a part above fails here first)
 #   startup     random llama-1b / llama-8b checkpoints written to /tmp, then `kiln bench compile` cold and
 #               warm from disk, with and without reuse_dynamo_graph, and the weight-loading rate
 #
@@ -68,9 +73,10 @@ part() {
                 --num-prompts 1000 --input-len 256 --output-len 256 --num-warmup-prompts 256 --no-progress \
                 --tag "warm256_${which}_$i" --output-dir "$OUT" 2>&1 | grep "tok/s")
         done ;;
-    tests-c) "$PY" -m pytest -q -p no:cacheprovider tests/test_beam_search.py tests/test_beam_fork.py \
+    tests-c) "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_beam_search.py tests/test_beam_fork.py \
         tests/test_compile_cache.py tests/test_weight_loading.py tests/test_startup_timeline.py \
         tests/test_kv_profile.py tests/test_import.py tests/test_compiler.py ;;
+    smoke) "$PY" -m pytest -q -p no:cacheprovider tests/test_bench_scripts.py ;;
     startup)
         for m in llama-1b llama-8b; do
             [ -f "/tmp/ckpt-$m/config.json" ] || "$PY" benchmarks/weight_loading.py make "/tmp/ckpt-$m" --shape "$m"

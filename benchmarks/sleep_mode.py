@@ -1,4 +1,4 @@
-"""GPU memory around LLM.sleep / wake_up, and greedy identity across them. Needs CUDA.
+"""GPU memory around LLM.sleep / wake_up, and greedy identity across them. The memory needs CUDA.
 
     python benchmarks/sleep_mode.py --model llama-8b [--level 1] [--out results/sleep_h200.json]
 
@@ -6,7 +6,8 @@ Starts an LLM on a named shape (random weights, ``load_format="dummy"``), runs a
 the chosen level: device memory in use (``cudaMemGetInfo``: everything this process holds, CUDA
 context included) awake, after ``sleep`` and after ``wake_up``; the seconds each took (wake-up includes
 re-capturing the CUDA graphs); whether the same greedy batch gives the same tokens after waking; and
-the fraction of the awake footprint still held while asleep (target: under 10%).
+the fraction of the awake footprint still held while asleep (target: under 10%). Without CUDA (a CPU
+smoke run on the ``tiny`` shape) the memory fields are ``null``; times and greedy identity are measured.
 """
 
 import argparse
@@ -20,22 +21,30 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from kiln import LLM, SamplingParams  # noqa: E402
-from kiln.bench.shapes import write_shape_dir  # noqa: E402
+from kiln.bench.shapes import shape_config, write_shape_dir  # noqa: E402
+from kiln.bench.workload import patterned_ids  # noqa: E402
 
 
-def used_bytes() -> int:
+def used_bytes() -> int | None:
+    """Device memory in use by this process (``None`` without CUDA)."""
+    if not torch.cuda.is_available():
+        return None
     torch.cuda.synchronize()
     free, total = torch.cuda.mem_get_info()
     return total - free
 
 
-def main() -> None:
+def gib(n: int | None) -> float | None:
+    return None if n is None else round(n / 2**30, 3)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-8b")
     parser.add_argument("--level", type=int, default=1, choices=(1, 2))
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     baseline = used_bytes()  # the CUDA context alone
     start = time.perf_counter()
     llm = LLM(
@@ -47,9 +56,8 @@ def main() -> None:
     )
     startup = time.perf_counter() - start
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True, detokenize=False)
-    prompts = [
-        {"prompt_token_ids": [(7 * i + 13 * j) % 30000 + 100 for j in range(32 + 8 * i)]} for i in range(16)
-    ]
+    vocab = shape_config(args.model)["vocab_size"]
+    prompts = [{"prompt_token_ids": patterned_ids(i, 32 + 8 * i, vocab)} for i in range(16)]
     before = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     awake = used_bytes()
     t = time.perf_counter()
@@ -61,17 +69,16 @@ def main() -> None:
     wake_s = time.perf_counter() - t
     woken = used_bytes()
     after = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    gib = 2**30
     result = {
         "model": args.model,
         "level": args.level,
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "startup_s": round(startup, 2),
-        "context_only_gib": round(baseline / gib, 3),
-        "awake_gib": round(awake / gib, 3),
-        "asleep_gib": round(asleep / gib, 3),
-        "after_wake_gib": round(woken / gib, 3),
-        "asleep_fraction_of_awake": round(asleep / awake, 4),
+        "context_only_gib": gib(baseline),
+        "awake_gib": gib(awake),
+        "asleep_gib": gib(asleep),
+        "after_wake_gib": gib(woken),
+        "asleep_fraction_of_awake": None if awake is None else round(asleep / awake, 4),
         "sleep_s": round(sleep_s, 2),
         "wake_up_s": round(wake_s, 2),
         "graph_capture_s": round(llm.compile_report().graph_capture_s, 2),
@@ -79,6 +86,7 @@ def main() -> None:
     }
     print(json.dumps(result, indent=1))
     if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
 

@@ -21,11 +21,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kiln import AsyncLLM, RequestOutputKind, SamplingParams  # noqa: E402
 from kiln.bench import env  # noqa: E402
-from kiln.bench.shapes import write_shape_dir  # noqa: E402
+from kiln.bench.shapes import shape_config, write_shape_dir  # noqa: E402
+from kiln.bench.workload import patterned_ids  # noqa: E402
 
 
-def prompts(n: int, length: int) -> list[dict]:
-    return [{"prompt_token_ids": [(7 * i + 13 * j) % 30000 + 100 for j in range(length)]} for i in range(n)]
+def prompts(n: int, length: int, vocab_size: int) -> list[dict]:
+    return [{"prompt_token_ids": patterned_ids(i, length, vocab_size)} for i in range(n)]
 
 
 async def stream_all(engine, workload, params, tag) -> tuple[float, int]:
@@ -70,7 +71,7 @@ async def bench(args) -> dict:
         gpu_memory_utilization=0.9,
     )
     try:
-        workload = prompts(args.streams, args.input_len)
+        workload = prompts(args.streams, args.input_len, shape_config(args.model)["vocab_size"])
         base = dict(temperature=0, max_tokens=args.output_len, ignore_eos=True, detokenize=False)
         delta = SamplingParams(**base, output_kind=RequestOutputKind.DELTA)
         plain = SamplingParams(**base)
@@ -80,7 +81,14 @@ async def bench(args) -> dict:
         for r in range(args.repeats):  # interleaved, so drift hits both alike
             s_time, s_tokens = await stream_all(engine, workload, delta, f"run{r}")
             g_time, g_tokens = await generate_all(engine, workload, plain)
-            runs.append({"stream_tok_s": s_tokens / s_time, "generate_tok_s": g_tokens / g_time})
+            runs.append(
+                {
+                    "stream_tok_s": s_tokens / s_time,
+                    "generate_tok_s": g_tokens / g_time,
+                    "stream_tokens": s_tokens,
+                    "generate_tokens": g_tokens,
+                }
+            )
         stream_ttft, generate_ttft = await ttft(engine, workload[0], args.ttft_reps)
     finally:
         engine.shutdown()
@@ -98,7 +106,7 @@ async def bench(args) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-1b")
     parser.add_argument("--streams", type=int, default=64)
@@ -107,7 +115,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ttft-reps", type=int, default=20)
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     doc = env.collect(config=vars(args))
     doc["benchmark"] = "streaming"
     try:

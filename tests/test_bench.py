@@ -1,7 +1,6 @@
 """Smoke tests of ``kiln bench`` on CPU with the tiny random shape: each subcommand writes its JSON,
 plots and table; plus unit tests of the shared pieces."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -344,19 +343,3 @@ def test_console_script_help():
     ).stdout
     for sub in ("throughput", "latency", "compile", "sweep"):
         assert sub in out
-
-
-def test_latency_script_runs_the_named_workload(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "latency_script", os.path.join(REPO, "benchmarks", "latency.py")
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    extra = ["--batch-sizes", "2", "--input-len", "8", "--output-len", "3", "--num-iters", "1"]
-    status = script.main(
-        ["--models", "tiny", "--output-dir", str(tmp_path), *TINY[2:], *extra, "--hf-variants", "eager"]
-    )
-    assert status == 0
-    doc = _load(tmp_path / "bench_latency_tiny.json")
-    assert [r["batch_size"] for r in doc["results"]["kiln"]["batches"]] == [2]
-    assert "--compare hf" in doc["command"] and set(doc["results"]["ratio_kiln_over_hf"]["eager"]) == {"2"}

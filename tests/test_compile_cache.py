@@ -402,23 +402,24 @@ def test_reuse_dynamo_graph_without_torch_support_traces(saved_graph, tiny_check
 
 
 def test_reuse_dynamo_graph_where_torch_has_aot_compile_off_by_default(
-    tiny_checkpoint, eager_tokens, tmp_path, monkeypatch
+    tiny_checkpoint, eager_tokens, tmp_path
 ):
     """torch 2.11 ships ``enable_aot_compile=False``; kiln switches it on for its own capture and load."""
     import torch._dynamo.config as dynamo_config
 
     if "enable_aot_compile" not in dynamo_config._config:
         pytest.skip("this torch has no enable_aot_compile setting")
-    monkeypatch.setattr(dynamo_config, "enable_aot_compile", False)
     cfg = {"mode": "piecewise", "cache_dir": str(tmp_path), "reuse_dynamo_graph": True}
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    for expected in ("traced and saved", "loaded"):
-        torch._dynamo.reset()
-        with LLM(tiny_checkpoint("llama"), compilation_config=cfg, **ENGINE) as llm:
-            assert llm.compile_report().dynamo_graph == expected
-            out = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
-            assert [o.outputs[0].token_ids for o in out] == eager_tokens
-    assert dynamo_config.enable_aot_compile is False  # left as it was
+    # torch's own patch (monkeypatch's undo would hide the setting from later tests)
+    with dynamo_config.patch(enable_aot_compile=False):
+        for expected in ("traced and saved", "loaded"):
+            torch._dynamo.reset()
+            with LLM(tiny_checkpoint("llama"), compilation_config=cfg, **ENGINE) as llm:
+                assert llm.compile_report().dynamo_graph == expected
+                out = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+                assert [o.outputs[0].token_ids for o in out] == eager_tokens
+        assert dynamo_config.enable_aot_compile is False  # left as it was
 
 
 @pytest.mark.gpu

@@ -99,6 +99,46 @@ def test_mixed_batch_rows_sample_as_each_row_alone():
     assert batch.logprobs[-1] is not None and batch.logprobs[0] is None
 
 
+MIXED = [  # one row each: every stage on in some row and off in others
+    SamplingParams(temperature=0),
+    SamplingParams(temperature=0.7, seed=1),
+    SamplingParams(temperature=5.0, top_k=1, seed=2),  # the filters leave one token: misplaced, a
+    SamplingParams(temperature=5.0, top_p=0.01, seed=3),  # hot row would draw another
+    SamplingParams(temperature=5.0, min_p=0.99, seed=4),
+    SamplingParams(temperature=1.0, repetition_penalty=1.8, seed=5),
+    SamplingParams(temperature=1.0, presence_penalty=1.5, frequency_penalty=0.5, seed=6),
+    SamplingParams(temperature=1.0, logit_bias={7: 5.0}, seed=7),
+    SamplingParams(temperature=1.0, allowed_token_ids=[3, 9, 11], seed=8),
+    SamplingParams(temperature=0, logprobs=3),
+    SamplingParams(temperature=2.0, seed=9, logprobs=2),
+]
+
+
+@pytest.mark.parametrize("logprobs_mode", ["raw_logprobs", "processed_logprobs"])
+def test_each_row_of_a_mixed_batch_samples_as_it_would_alone(logprobs_mode):
+    """Per-row settings reach their own row: a batch of seeded rows with different settings gives
+    each row the token (and logprobs) it gets in a batch of its own."""
+    logits = torch.randn(len(MIXED), VOCAB, generator=torch.Generator().manual_seed(3))
+
+    def rows():
+        return [
+            SamplingRow(p, torch.Generator().manual_seed(p.seed) if p.seed else None, 2, [1, 2, 3], [4, 4])
+            for p in MIXED
+        ]
+
+    batch = sample(logits.clone(), rows(), torch.Generator().manual_seed(0), logprobs_mode)
+    for i, row in enumerate(rows()):
+        alone = sample(logits[i : i + 1].clone(), [row], torch.Generator().manual_seed(0), logprobs_mode)
+        assert batch.token_ids[i] == alone.token_ids[0], MIXED[i]
+        if alone.logprobs[0] is None:
+            assert batch.logprobs[i] is None
+        else:
+            ids, lps, chosen, rank = batch.logprobs[i]
+            assert ids == alone.logprobs[0][0] and rank == alone.logprobs[0][3]
+            assert lps == pytest.approx(alone.logprobs[0][1], abs=1e-5)
+            assert chosen == pytest.approx(alone.logprobs[0][2], abs=1e-5)
+
+
 def test_unseeded_rows_differ_across_draws():
     tokens = draws(SamplingParams(temperature=1.0), torch.zeros(1, VOCAB), n=200)
     assert len(tokens.unique()) > 20

@@ -110,6 +110,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     res["compile_report"] = common.compile_report(llm)
     common.free_llm(llm)
     del llm
+    res["limits"] = compute_limits(source.config, wl, res["elapsed_s"], device, dtype)
     results = {"kiln": res}
     if args.compare == "hf":
         hf = run_hf(args, source, wl, dtype, device, max_num_seqs)
@@ -131,6 +132,30 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     return results
 
 
+def compute_limits(config: dict, wl: workload.Workload, elapsed: float, device, dtype) -> dict | None:
+    """The workload's model FLOPs (each request's forward over prompt + output - 1 tokens and one logits
+    row per output token) as a rate, against a dense GEMM timed now on the GPU (None elsewhere)."""
+    from kiln.bench.limits import forward_flops, gemm_tflops
+
+    if device.type != "cuda":
+        return None
+    try:
+        flops = sum(
+            forward_flops(config, len(r.prompt_token_ids) + r.output_len - 1, 1, r.output_len)
+            for r in wl.requests
+        )
+    except KeyError:  # a config without the fields of a Llama-family model
+        return None
+    gemm = gemm_tflops(device, dtype)
+    model = flops / elapsed / 1e12
+    return {
+        "model_flops": flops,
+        "model_tflops": model,
+        "gemm_tflops": gemm,
+        "fraction_of_gemm": model / gemm,
+    }
+
+
 def print_summary(results: dict, source, wl) -> None:
     k = results["kiln"]
     print(
@@ -143,6 +168,12 @@ def print_summary(results: dict, source, wl) -> None:
         f"({k['elapsed_s']:.2f} s; start-up {k['startup_s']:.2f} s; "
         f"peak memory {common.fmt_bytes(k['memory']['peak_bytes'])})"
     )
+    lim = k.get("limits")
+    if lim:
+        print(
+            f"  model compute {lim['model_tflops']:.1f} TFLOP/s = {100 * lim['fraction_of_gemm']:.1f}% of a "
+            f"dense GEMM timed in this run ({lim['gemm_tflops']:.1f} TFLOP/s)"
+        )
     for r in results.get("hf", []):
         if "error" in r:
             print(f"  HF {r['variant']}: failed: {r['error']}")

@@ -45,6 +45,16 @@ class Workload:
         return [sampling_params(r.output_len) for r in self.requests]
 
 
+def patterned_ids(index: int, length: int, vocab_size: int) -> list[int]:
+    """``length`` deterministic token ids of prompt ``index`` (no RNG, the same on every tree): ids from
+    100 up, below ``min(30100, vocab_size)``, so the same ids on every large-vocabulary shape and valid
+    ids on a small test vocabulary."""
+    span = min(30000, vocab_size - 100)
+    if span < 1:
+        raise ValueError(f"vocab_size must be over 100 for patterned prompts, got {vocab_size}")
+    return [(7 * index + 13 * j) % span + 100 for j in range(length)]
+
+
 def sampling_params(output_len: int, temperature: float = 1.0):
     """Exactly ``output_len`` tokens (EOS ignored), plain sampling, no detokenization."""
     from kiln import SamplingParams

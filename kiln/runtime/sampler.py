@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kiln.ops.sample_argmax import sample_argmax
-from kiln.runtime.sampling_params import SAMPLING_EPS, SamplingParams
+from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.transfer import to_device
 from kiln.structured.token_mask import TokenMask
 
@@ -42,6 +42,59 @@ class SamplerOutput:
         return self.tokens.tolist()
 
 
+@dataclass
+class _Scan:
+    """The rows' settings read in one pass (the sampler's host work per step is a loop over rows):
+    per-row temperature (1 for greedy rows) and filters, and which optional stages any row needs."""
+
+    temps: list[float]
+    inv_temps: list[float]  # 0 for greedy rows
+    top_k: list[int]
+    top_p: list[float]
+    min_p: list[float]
+    all_greedy: bool
+    repetition: bool
+    presence_frequency: bool
+    constraints: bool
+    logprobs: bool
+    seeded: bool
+
+
+def _scan(seqs: list[SamplingRow]) -> _Scan:
+    temps, inv_temps, top_k, top_p, min_p = [], [], [], [], []
+    greedy, rep, pres_freq, constraints, logprobs, seeded = True, False, False, False, False, False
+    for s in seqs:
+        p = s.params
+        if p.is_greedy:
+            temps.append(1.0)
+            inv_temps.append(0.0)
+        else:
+            greedy = False
+            temps.append(p.temperature)
+            inv_temps.append(1.0 / p.temperature)
+        top_k.append(p.top_k)
+        top_p.append(p.top_p)
+        min_p.append(p.min_p)
+        if p.repetition_penalty != 1.0:
+            rep = True
+        if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
+            pres_freq = True
+        if p.logprobs is not None:
+            logprobs = True
+        if s.generator is not None and not p.is_greedy:
+            seeded = True
+        if not constraints and (
+            p.logit_bias or p.allowed_token_ids or p.bad_words_token_ids or _bans_stops(s)
+        ):
+            constraints = True
+    return _Scan(temps, inv_temps, top_k, top_p, min_p, greedy, rep, pres_freq, constraints, logprobs, seeded)
+
+
+def _per_row(values: list, off, device) -> torch.Tensor | None:
+    """``values`` on the device, or None when every row has the filter off."""
+    return None if values.count(off) == len(values) else to_device(values, device)
+
+
 def _padded(rows: list[list[int]], device) -> torch.Tensor:
     width = max(1, max(len(r) for r in rows))
     return to_device([list(r) + [-1] * (width - len(r)) for r in rows], device, torch.long)
@@ -54,27 +107,17 @@ def _token_counts(rows: list[list[int]], vocab: int, device) -> torch.Tensor:
     return counts[:, :vocab]  # padding (-1) landed in the extra last column
 
 
-# The checks below run for every row of every step: each reads one field of every row into a list and
-# asks the list (``count``, ``any``, ``max``), which costs far less per row than a generator.
-
-
-def apply_penalties(logits: torch.Tensor, seqs: list[SamplingRow], params=None) -> torch.Tensor:
-    """``params``: the rows' ``SamplingParams`` when the caller has them listed."""
-    params = [s.params for s in seqs] if params is None else params
-    n = len(params)
-    repetition = [p.repetition_penalty for p in params].count(1.0) != n
-    additive = [p.presence_penalty for p in params].count(0.0) != n or [
-        p.frequency_penalty for p in params
-    ].count(0.0) != n
-    if not repetition and not additive:
+def apply_penalties(logits: torch.Tensor, seqs: list[SamplingRow], scan: _Scan) -> torch.Tensor:
+    if not (scan.repetition or scan.presence_frequency):
         return logits
     vocab, device = logits.shape[1], logits.device
-    if repetition:
+    params = [s.params for s in seqs]
+    if scan.repetition:
         seen = _token_counts([s.prompt_token_ids + s.output_token_ids for s in seqs], vocab, device) > 0
         rep = to_device([p.repetition_penalty for p in params], device)[:, None]
         penalised = torch.where(logits > 0, logits / rep, logits * rep)
         logits = torch.where(seen, penalised, logits)
-    if additive:
+    if scan.presence_frequency:
         counts = _token_counts([s.output_token_ids for s in seqs], vocab, device)
         freq = to_device([p.frequency_penalty for p in params], device)[:, None]
         pres = to_device([p.presence_penalty for p in params], device)[:, None]
@@ -101,21 +144,10 @@ def banned_words(s: SamplingRow) -> list[int]:
     return banned
 
 
-def apply_constraints(logits: torch.Tensor, seqs: list[SamplingRow], params=None) -> torch.Tensor:
+def apply_constraints(logits: torch.Tensor, seqs: list[SamplingRow], scan: _Scan) -> torch.Tensor:
     """min_tokens (stop ids banned until reached), logit_bias, allowed_token_ids, bad_words. Works on an
-    fp32 copy. ``params``: the rows' ``SamplingParams`` when the caller has them listed."""
-    params = [s.params for s in seqs] if params is None else params
-    if not (  # a ban of stop ids needs min_tokens > 0
-        any([p.min_tokens for p in params])
-        or any([p.logit_bias for p in params])
-        or any([p.allowed_token_ids for p in params])
-        or any([p.bad_words_token_ids for p in params])
-    ):
-        return logits
-    if not any(
-        _bans_stops(s) or s.params.logit_bias or s.params.allowed_token_ids or s.params.bad_words_token_ids
-        for s in seqs
-    ):
+    fp32 copy."""
+    if not scan.constraints:
         return logits
     logits = logits.to(torch.float32, copy=True)
     for i, s in enumerate(seqs):
@@ -174,44 +206,37 @@ def sample(
     (after penalties, logit_bias / allowed ids / min_tokens, temperature and the top-k / top-p / min-p
     masks), as log-probabilities or as logits."""
     device = logits.device
-    params = [s.params for s in seqs]
-    n = len(params)
-    wants_logprobs = [p.logprobs for p in params].count(None) != n
+    scan = _scan(seqs)
+    wants_logprobs = scan.logprobs
     reported = logits.float() if wants_logprobs and logprobs_mode.startswith("raw") else None
-    logits = apply_constraints(apply_penalties(logits, seqs, params), seqs, params)
+    logits = apply_constraints(apply_penalties(logits, seqs, scan), seqs, scan)
     if token_mask is not None:
         logits = token_mask.apply(logits)
-    temperatures = [p.temperature for p in params]  # below SAMPLING_EPS: greedy (SamplingParams.is_greedy)
-    temps = [1.0 if t < SAMPLING_EPS else t for t in temperatures]
-    if max(temperatures) < SAMPLING_EPS:  # every row greedy
+    temps = scan.temps
+    if scan.all_greedy:
         processed = logits
         tokens = sample_argmax(logits)
     else:
-
-        def per_row(values, off):
-            return None if values.count(off) == n else to_device(values, device)
-
         filters = (
-            per_row([p.top_k for p in params], 0),
-            per_row([p.top_p for p in params], 1.0),
-            per_row([p.min_p for p in params], 0.0),
+            _per_row(scan.top_k, 0, device),
+            _per_row(scan.top_p, 1.0, device),
+            _per_row(scan.min_p, 0.0, device),
         )
+        inv_temps = to_device(scan.inv_temps, device)
         if any(f is not None for f in filters):
             logits = top_k_top_p_min_p(
                 logits / to_device(temps, device)[:, None], *filters
             )  # keeps row maxima
             processed = logits
-            inv_temps = [0.0 if t < SAMPLING_EPS else 1.0 for t in temperatures]
+            inv_temps = (inv_temps > 0).float()  # temperature applied above; greedy rows stay 0
         else:
             processed = None  # temperature applied inside sample_argmax
-            inv_temps = [0.0 if t < SAMPLING_EPS else 1.0 / t for t in temperatures]
         q = torch.empty(logits.shape, dtype=torch.float32, device=device).exponential_(generator=generator)
-        generators = [s.generator for s in seqs]
-        if generators.count(None) != n:
-            for i, gen in enumerate(generators):
-                if gen is not None and temperatures[i] >= SAMPLING_EPS:
-                    q[i].exponential_(generator=gen)
-        tokens = sample_argmax(logits, to_device(inv_temps, device), q)
+        if scan.seeded:
+            for i, s in enumerate(seqs):
+                if s.generator is not None and not s.params.is_greedy:
+                    q[i].exponential_(generator=s.generator)
+        tokens = sample_argmax(logits, inv_temps, q)
     if not wants_logprobs:
         return SamplerOutput(tokens, [None] * len(seqs))
     if reported is None:  # processed modes
