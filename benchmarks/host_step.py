@@ -129,24 +129,20 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="with --decode-steps: print their cProfile")
     ap.add_argument("--output", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
-    if args.sampler:
-        best = min(time_sampler(args.max_num_seqs) for _ in range(args.repeats))
-        result = {"command": "python benchmarks/host_step.py --sampler", "rows": args.max_num_seqs}
-        result["sample_cpu_us"] = round(1e6 * best, 1)
-        print(json.dumps(result))
-        if args.output:
-            with open(args.output, "w") as f:
-                json.dump(result, f, indent=1)
-        return
-    if args.runner_prepare:
-        best = min(time_runner_prepare(args.max_num_seqs) for _ in range(args.repeats))
-        result = {"command": "python benchmarks/host_step.py --runner-prepare", "rows": args.max_num_seqs}
-        result["runner_prepare_cpu_us"] = round(1e6 * best, 1)
-        print(json.dumps(result))
-        if args.output:
-            with open(args.output, "w") as f:
-                json.dump(result, f, indent=1)
-        return
+    single = (
+        ("sampler", "--sampler", "sample_cpu_us", time_sampler),
+        ("runner_prepare", "--runner-prepare", "runner_prepare_cpu_us", time_runner_prepare),
+    )
+    for name, flag, key, timer in single:
+        if getattr(args, name):
+            best = min(timer(args.max_num_seqs) for _ in range(args.repeats))
+            result = {"command": f"python benchmarks/host_step.py {flag}", "rows": args.max_num_seqs}
+            result[key] = round(1e6 * best, 1)
+            print(json.dumps(result))
+            if args.output:
+                with open(args.output, "w") as f:
+                    json.dump(result, f, indent=1)
+            return
 
     max_len = args.input_len + args.output_len
     blocks = args.max_num_seqs * -(-max_len // args.block_size) * 2
