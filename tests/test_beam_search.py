@@ -27,15 +27,9 @@ def llm(tiny_checkpoint):
         yield llm
 
 
-@pytest.mark.parametrize("width,length_penalty", [(4, 1.0), (3, 0.5)])
-def test_matches_hf_beam_search_without_eos(llm, tiny_checkpoint, width, length_penalty):
-    max_tokens = 6
-    params = BeamSearchParams(
-        beam_width=width, max_tokens=max_tokens, ignore_eos=True, length_penalty=length_penalty
-    )
-    outs = llm.beam_search(PROMPTS, params)
-    assert len(outs) == len(PROMPTS) and all(isinstance(o, BeamSearchOutput) for o in outs)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama"), dtype=torch.float32)
+def hf_beams(path, tokenizer, width, max_tokens, length_penalty=1.0):
+    """HF ``generate(num_beams=width)`` without EOS on each of PROMPTS: its outputs, in order."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     config = transformers.GenerationConfig(
         num_beams=width,
         num_return_sequences=width,
@@ -48,10 +42,23 @@ def test_matches_hf_beam_search_without_eos(llm, tiny_checkpoint, width, length_
         output_scores=True,
         return_dict_in_generate=True,
     )
-    for prompt, out in zip(PROMPTS, outs):
-        ids = llm.tokenizer(prompt, return_tensors="pt").input_ids
-        with torch.no_grad():
-            ref = hf.generate(ids, generation_config=config)
+    with torch.no_grad():
+        return [
+            hf.generate(tokenizer(p, return_tensors="pt").input_ids, generation_config=config)
+            for p in PROMPTS
+        ]
+
+
+@pytest.mark.parametrize("width,length_penalty", [(4, 1.0), (3, 0.5)])
+def test_matches_hf_beam_search_without_eos(llm, tiny_checkpoint, width, length_penalty):
+    max_tokens = 6
+    params = BeamSearchParams(
+        beam_width=width, max_tokens=max_tokens, ignore_eos=True, length_penalty=length_penalty
+    )
+    outs = llm.beam_search(PROMPTS, params)
+    assert len(outs) == len(PROMPTS) and all(isinstance(o, BeamSearchOutput) for o in outs)
+    refs = hf_beams(tiny_checkpoint("llama"), llm.tokenizer, width, max_tokens, length_penalty)
+    for out, ref in zip(outs, refs):
         want = ref.sequences.tolist()
         got = [seq.tokens for seq in out.sequences]
         assert got == want
@@ -259,21 +266,7 @@ def test_on_cuda_with_compiled_forward_and_graphs_matches_hf(tiny_checkpoint, ll
     later = steps[1:]
     assert len(later) == max_tokens - 1 and any(copies for _, copies in later)
     assert all(len(s) == width * len(PROMPTS) and all(n == 1 for _, _, n in s) for s, _ in later)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    config = transformers.GenerationConfig(
-        num_beams=width,
-        num_return_sequences=width,
-        max_new_tokens=max_tokens,
-        do_sample=False,
-        early_stopping=False,
-        eos_token_id=None,
-        pad_token_id=0,
-        output_scores=True,
-        return_dict_in_generate=True,
-    )
-    for prompt, out in zip(PROMPTS, outs):
-        with torch.no_grad():
-            ref = hf.generate(llm.tokenizer(prompt, return_tensors="pt").input_ids, generation_config=config)
+    for out, ref in zip(outs, hf_beams(path, llm.tokenizer, width, max_tokens)):
         assert [s.tokens for s in out.sequences] == ref.sequences.tolist()
         for seq, cum in zip(out.sequences, (ref.sequences_scores * max_tokens).tolist()):
             assert seq.cum_logprob == pytest.approx(cum, abs=1e-3)
