@@ -280,7 +280,9 @@ def test_step_deltas_are_recorded_only_when_enabled():
     engine.add_request("0", None, PROMPTS[0], SamplingParams(max_tokens=3, ignore_eos=True))
     engine.step()
     assert not engine.processor._touched
-    with pytest.raises(RuntimeError, match="step_deltas: deltas are not recorded"):
+    with pytest.raises(
+        RuntimeError, match=r"step_deltas: deltas are not recorded; call LLMEngine.enable_step_deltas\(\)"
+    ):
         engine.step_deltas()
     outs = []
     while engine.has_unfinished_requests():

@@ -265,7 +265,10 @@ class OutputProcessor:
         deltas joined give exactly the final text.
         """
         if not self.track_deltas:
-            raise RuntimeError("step_deltas: deltas are not recorded; set track_deltas first")
+            raise RuntimeError(
+                "step_deltas: deltas are not recorded; call LLMEngine.enable_step_deltas() "
+                "before adding requests"
+            )
         by_request: dict[str, list[CompletionOutput]] = {}
         carries_prompt_logprobs: dict[str, list | None] = {}
         for seq, (tokens, _, logprobs) in self._touched.items():
