@@ -4,10 +4,10 @@
 #   bash benchmarks/run_h200_features.sh PART [PART ...]
 #
 # PARTs:
-#   tests-a     pytest -m gpu: attention, worker, sampler, fp8 KV, prompt validation, cudagraph, gemv
-#               (253 s on the H200)
-#   tests-b     pytest -m gpu: profiler, metrics, pooling, structured outputs, fp8, fusion passes, async, lora
-#               (async, lora, structured and fp8 alone ran past 250 s: give it a call of its own)
+#   tests       pytest -m gpu on every file but the three below, GPU_TEST_WORKERS (default 4) pytest-xdist
+#               workers sharing the GPU (tests/conftest.py caps each worker's KV cache)
+#   tests-serial pytest -m gpu on test_worker, test_compile_cache and test_cudagraph (they check the KV budget
+#               and graph memory themselves), then test_compile_cache's saved-Dynamo-graph tests on this machine
 #   streaming   AsyncLLM at 64 streams vs LLM.generate, TTFT at batch 1 (llama-1b)
 #   beam        beam search, 64 prompts x width 4 x 128 new tokens vs HF generate(num_beams=4) (llama-1b)
 #   structured  JSON-schema constrained vs unconstrained tokens/s, batch-1 TPOT (llama-1b; needs TOKENIZER)
@@ -17,8 +17,6 @@
 #   sleep       sleep(1) / wake_up memory and time (llama-8b)
 #   warm        llama-1b throughput with 256 warm-up prompts on this tree and on BASE (a before/after tree;
 #               BASE_SHA names its commit in the results)
-#   tests-c     pytest -m gpu: beam search, compile cache, weight loading, start-up timeline, KV profile,
-#               import, compiler
 #   smoke       pytest tests/test_bench_scripts.py: every benchmark script on a tiny model with the flags
 #               used here, on this machine's GPU (a script that would crash on a part above fails here first)
 #   startup     random llama-1b / llama-8b checkpoints written to /tmp, then `kiln bench compile` cold and
@@ -46,12 +44,12 @@ fi
 
 part() {
     case "$1" in
-    tests-a) "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_attention.py tests/test_worker.py \
-        tests/test_sampler.py tests/test_kv_cache_fp8.py tests/test_prompt_validation.py tests/test_cudagraph.py \
-        tests/test_gemv.py tests/test_triton_warmup.py ;;
-    tests-b) "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_profiler.py tests/test_metrics.py \
-        tests/test_pooling.py tests/test_structured_outputs.py tests/test_quant_fp8.py tests/test_pass_fusion.py \
-        tests/test_pass_fusion_quant.py tests/test_async_llm.py tests/test_lora_gpu.py ;;
+    tests) "$PY" -m pytest -q -p no:cacheprovider -m gpu -n "${GPU_TEST_WORKERS:-4}" tests \
+        --ignore=tests/test_worker.py --ignore=tests/test_compile_cache.py --ignore=tests/test_cudagraph.py ;;
+    tests-serial)
+        "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_worker.py tests/test_compile_cache.py \
+            tests/test_cudagraph.py
+        "$PY" -m pytest -q -p no:cacheprovider tests/test_compile_cache.py -k dynamo_graph ;;
     streaming) "$PY" benchmarks/streaming.py --model llama-1b --streams 64 --out "$OUT/bench_streaming_llama-1b.json" ;;
     beam) "$PY" benchmarks/beam_search.py --model llama-1b --prompts 64 --width 4 --new-tokens 128 \
         --out "$OUT/bench_beam_search_llama-1b.json" ;;
@@ -73,9 +71,6 @@ part() {
                 --num-prompts 1000 --input-len 256 --output-len 256 --num-warmup-prompts 256 --no-progress \
                 --tag "warm256_${which}_$i" --output-dir "$OUT" 2>&1 | grep "tok/s")
         done ;;
-    tests-c) "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_beam_search.py tests/test_beam_fork.py \
-        tests/test_compile_cache.py tests/test_weight_loading.py tests/test_startup_timeline.py \
-        tests/test_kv_profile.py tests/test_import.py tests/test_compiler.py ;;
     smoke) "$PY" -m pytest -q -p no:cacheprovider tests/test_bench_scripts.py ;;
     startup)
         for m in llama-1b llama-8b; do

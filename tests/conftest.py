@@ -43,6 +43,23 @@ def smollm_gguf() -> str:
     return path
 
 
+GPU_WORKER_KV_BYTES = 4 << 30
+
+
+@pytest.fixture(autouse=True)
+def _gpu_shared_by_xdist_workers(monkeypatch):
+    """Under pytest-xdist on one GPU, every worker's KV cache is capped at 4 GiB, so that the workers' engines
+    fit side by side (an uncapped engine takes ``gpu_memory_utilization`` of the whole device). Tests that
+    check the KV budget itself, and tests that start engines in subprocesses, run without ``-n``."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and torch.cuda.is_available():
+        from kiln.runtime.worker import Worker
+
+        measured = Worker.determine_kv_budget
+        monkeypatch.setattr(
+            Worker, "determine_kv_budget", lambda self: min(measured(self), GPU_WORKER_KV_BYTES)
+        )
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> str:
     """SmolLM2's byte-level BPE tokenizer (with chat template), saved as plain HF tokenizer files.

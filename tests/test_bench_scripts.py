@@ -120,9 +120,9 @@ def test_smoke_calls_pass_every_flag_of_the_gpu_runs():
     """Each benchmark part of the GPU script has smoke calls here running the same scripts with at
     least the flags it passes, so a flag renamed on one side fails this test."""
     parts = feature_parts()
-    assert {"tests-a", "tests-b", "tests-c", "smoke", "startup", "warm"} <= set(parts)
+    assert {"tests", "tests-serial", "smoke", "startup", "warm"} <= set(parts)
     for part, arm in parts.items():
-        if part.startswith("tests-") or part == "smoke":
+        if part in ("tests", "tests-serial", "smoke"):
             continue
         assert part in CALLS, f"part {part!r} of run_h200_features.sh has no smoke call"
         calls = " ".join(CALLS[part])
@@ -135,12 +135,14 @@ def test_smoke_calls_pass_every_flag_of_the_gpu_runs():
 
 
 def test_gpu_test_parts_select_gpu_tests_of_existing_files():
+    """The parallel part runs every test file but those it leaves to the serial part, which runs them."""
     parts = feature_parts()
-    for part in ("tests-a", "tests-b", "tests-c"):
-        arm = parts[part]
-        assert " -m gpu " in arm, f"part {part} must select the GPU tests only"
-        files = re.findall(r"tests/\w+\.py", arm)
-        assert files and all(os.path.isfile(os.path.join(ROOT, f)) for f in files), (part, files)
+    for part in ("tests", "tests-serial"):
+        assert " -m gpu " in parts[part], f"part {part} must select the GPU tests only"
+    ignored = re.findall(r"--ignore=(tests/\w+\.py)", parts["tests"])
+    serial = parts["tests-serial"].split('"$PY"')[1]  # its first pytest command
+    assert ignored and set(ignored) == set(re.findall(r"tests/\w+\.py", serial))
+    assert all(os.path.isfile(os.path.join(ROOT, f)) for f in ignored), ignored
     assert "tests/test_bench_scripts.py" in parts["smoke"]
 
 
