@@ -12,15 +12,24 @@ times ``ModelRunner._prepare`` alone on one decode step of ``--max-num-seqs`` ro
 ``SamplingParams`` per request, temperature 1) and a vocabulary of 8, so its per-row Python is what it
 measures. ``--decode-steps N`` times N decode steps once ``--max-num-seqs`` sequences all decode
 (``--profile``: their cProfile, by own time and by cumulative time).
+
+``--structured --tokenizer DIR`` times the host side of JSON-schema constrained steps (the schema of
+``structured.py``): ``--num-prompts`` requests, ``--max-num-seqs`` at a time, each step's grammar
+bitmask over a ``--vocab-size`` (128,256: Llama 3's) vocabulary filled by the engine, its matchers
+advanced by the tokens read back, against a worker that samples a pseudo-random allowed token from the
+mask at once (its own CPU time is measured and left out); the same run unconstrained beside it.
 """
 
 import argparse
 import cProfile
 import json
+import os
 import pstats
+import sys
 import time
 import types
 
+import numpy as np
 import torch
 
 from kiln.runtime.config import EngineConfig
@@ -43,6 +52,93 @@ class ConstantWorker:
         self.steps += 1
         ids = [s.seq_id for s in out.scheduled if s.sample]
         return RunnerOutput(ids, torch.full((len(ids),), 7, dtype=torch.long), [None] * len(ids), {})
+
+
+class GrammarWorker(ConstantWorker):
+    """Defers sampling like the real worker: ``sample_deferred`` picks a pseudo-random allowed token
+    of each constrained row from the host bitmask (a stop token only when nothing else is allowed),
+    token 7 for the other rows. ``cpu`` holds its own CPU seconds, which the measurement leaves out."""
+
+    def __init__(self, num_blocks: int, block_size: int, stop_token_ids: list[int], seed: int = 0):
+        super().__init__(num_blocks, block_size)
+        self.stop_token_ids, self.rng = stop_token_ids, np.random.default_rng(seed)
+        self.deferred: RunnerOutput | None = None
+        self.cpu = 0.0
+        self.rows = 0  # sampled rows over all steps
+
+    def execute_model(self, out: SchedulerOutput) -> RunnerOutput:
+        result = super().execute_model(out)
+        self.rows += len(result.seq_ids)
+        if out.defer_sampling:
+            result.tokens, self.deferred = None, result
+        return result
+
+    def sample_deferred(self, grammar_bitmask) -> None:
+        t0 = time.process_time()
+        result, self.deferred = self.deferred, None
+        tokens = [7] * len(result.seq_ids)
+        if grammar_bitmask is not None:
+            for j, i in enumerate(grammar_bitmask.rows):
+                tokens[i] = self._pick(grammar_bitmask.bitmask[j].numpy().view(np.uint32).copy())
+        result.tokens = torch.tensor(tokens)
+        self.cpu += time.process_time() - t0
+
+    def _pick(self, words: np.ndarray) -> int:
+        kept = words.copy()
+        for t in self.stop_token_ids:
+            words[t >> 5] &= np.uint32(0xFFFFFFFF ^ (1 << (t & 31)))
+        if not words.any():
+            words = kept
+        nonzero = np.flatnonzero(words)
+        w = int(nonzero[self.rng.integers(len(nonzero))])
+        bits = [b for b in range(32) if int(words[w]) >> b & 1]
+        return 32 * w + bits[int(self.rng.integers(len(bits)))]
+
+
+def time_structured(config: EngineConfig, blocks: int, args, constrained: bool) -> dict:
+    """Engine CPU seconds (the worker's left out) over a whole run of ``--num-prompts`` requests."""
+    import transformers
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from structured import BENCH_SCHEMA
+
+    from kiln import StructuredOutputsParams
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer)
+    model_config = types.SimpleNamespace(eos_token_id=[tokenizer.eos_token_id], vocab_size=args.vocab_size)
+    worker = GrammarWorker(blocks, args.block_size, [tokenizer.eos_token_id])
+    engine = LLMEngine(config, model_config, tokenizer, worker=worker)
+    so = StructuredOutputsParams(json=BENCH_SCHEMA) if constrained else None
+    params = SamplingParams(
+        max_tokens=args.output_len, ignore_eos=not constrained, detokenize=False, structured_outputs=so
+    )
+    engine.structured.backend("xgrammar")  # the vocabulary table: once per engine, not per step
+    for i in range(args.num_prompts):
+        prompt = [(i * 7919 + j * 104729) % 30000 + 10 for j in range(args.input_len)]
+        engine.add_request(str(i), None, prompt, params)
+    while any(not s.grammar.ready for s in engine.scheduler.waiting if s.grammar is not None):
+        time.sleep(0.01)
+    profile = cProfile.Profile() if args.profile else None
+    if profile is not None:
+        profile.enable()
+    t0, wall0 = time.process_time(), time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+    cpu, wall = time.process_time() - t0 - worker.cpu, time.perf_counter() - wall0 - worker.cpu
+    if profile is not None:
+        profile.disable()
+        stats = pstats.Stats(profile)
+        stats.sort_stats("tottime").print_stats(25)
+        stats.sort_stats("cumulative").print_stats(25)
+    engine.structured.shutdown()
+    steps, rows = worker.steps, worker.rows
+    return {
+        "steps": steps,
+        "sampled_rows": rows,
+        "cpu_us_per_step": round(1e6 * cpu / steps, 1),
+        "wall_us_per_step": round(1e6 * wall / steps, 1),
+        "cpu_us_per_sampled_row": round(1e6 * cpu / max(rows, 1), 2),
+    }
 
 
 def time_runner_prepare(rows: int, repeats: int = 300) -> float:
@@ -127,6 +223,13 @@ def main() -> None:
     ap.add_argument("--sampler", action="store_true", help="time the sampler's sample() only")
     ap.add_argument("--decode-steps", type=int, default=None, help="time this many decode steps only")
     ap.add_argument("--profile", action="store_true", help="with --decode-steps: print their cProfile")
+    ap.add_argument(
+        "--structured", action="store_true", help="JSON-schema constrained steps (needs --tokenizer)"
+    )
+    ap.add_argument("--tokenizer", default=None, help="with --structured: a Hugging Face tokenizer directory")
+    ap.add_argument(
+        "--vocab-size", type=int, default=128256, help="with --structured: the model's vocabulary"
+    )
     ap.add_argument("--output", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
     single = (
@@ -156,6 +259,32 @@ def main() -> None:
         max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size,
     )
+    if args.structured:
+        if args.tokenizer is None:
+            raise SystemExit("--structured needs --tokenizer DIR")
+        runs = {"constrained": [], "unconstrained": []}
+        for _ in range(args.repeats):
+            for kind in runs:
+                runs[kind].append(time_structured(config, blocks, args, kind == "constrained"))
+        best = {k: min(v, key=lambda r: r["cpu_us_per_step"]) for k, v in runs.items()}
+        result = {
+            "command": "python benchmarks/host_step.py "
+            + " ".join(
+                f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                for k, v in vars(args).items()
+                if v is not None and v is not False
+            ),
+            "runs": runs,
+            "best": best,
+            "constrained_extra_cpu_us_per_step": round(
+                best["constrained"]["cpu_us_per_step"] - best["unconstrained"]["cpu_us_per_step"], 1
+            ),
+        }
+        print(json.dumps(result, indent=1))
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     if args.decode_steps is not None:
         per_step = [time_decode_steps(config, blocks, args) for _ in range(args.repeats)]
         result = {

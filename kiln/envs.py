@@ -71,3 +71,14 @@ def distributed_timeout() -> float:
     a call's reply, a collective), and the first data-parallel replica for another (start-up, a control
     call's reply), before it raises. Unset: 300."""
     return float(os.environ.get("KILN_DISTRIBUTED_TIMEOUT") or 300)
+
+
+def grammar_threads() -> int | None:
+    """``KILN_GRAMMAR_THREADS``: threads that fill a step's grammar bitmasks (xgrammar), the engine's
+    own included. Unset: half the CPUs this process may run on, at most 8."""
+    raw = os.environ.get("KILN_GRAMMAR_THREADS")
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"KILN_GRAMMAR_THREADS must be a whole number of threads >= 1, got {raw!r}")
+    return int(raw)

@@ -61,3 +61,29 @@ def test_ban_unless_nothing_left():
     assert unpack_bitmask(row[None], vocab)[0].nonzero().flatten().tolist() == [2]
     ban_unless_nothing_left(row, [2], vocab)  # the only token left stays
     assert unpack_bitmask(row[None], vocab)[0].nonzero().flatten().tolist() == [2]
+
+
+@pytest.mark.parametrize("rows", [None, [1, 3]])
+def test_a_narrow_bitmask_bans_the_tokens_past_it(rows):
+    """A bitmask of the grammar's width over a padded vocabulary: as the same bitmask padded with zero
+    words (xgrammar's kernel on that as the reference)."""
+    vocab, narrow_vocab = 1000, 700
+    _, narrow = _random_bitmask(2 if rows else 5, narrow_vocab, seed=3)
+    padded = torch.zeros(len(narrow), bitmask_words(vocab), dtype=torch.int32)
+    padded[:, : narrow.shape[1]] = narrow
+    logits = torch.randn(5, vocab)
+    index = None if rows is None else torch.tensor(rows)
+    out = apply_token_bitmask(logits, narrow, index)
+    assert torch.equal(out, apply_token_bitmask(logits, padded, index))
+    expected = logits.clone() if rows is None else logits[rows].clone()
+    xgr.apply_token_bitmask_inplace(expected, padded, vocab_size=vocab)
+    assert torch.equal(out if rows is None else out[rows], expected)
+    assert torch.isinf(out if rows is None else out[rows])[:, bitmask_words(narrow_vocab) * 32 :].all()
+
+
+def test_ban_unless_nothing_left_on_a_narrow_row():
+    vocab = 200
+    row = torch.zeros(2, dtype=torch.int32)  # tokens 64 and up: never allowed
+    row[1] = (1 << 3) | (1 << 4)  # tokens 35 and 36
+    ban_unless_nothing_left(row, [36, 150], vocab)  # 150 lies past the row: banned already
+    assert unpack_bitmask(row[None], vocab)[0].nonzero().flatten().tolist() == [35]

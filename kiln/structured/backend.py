@@ -5,7 +5,8 @@ so a bad schema, regex or grammar raises ``ValueError`` with the backend's messa
 ``compile`` (the token-mask tables, slow for large schemas: it runs on the compile thread pool) and
 ``matcher`` (per sequence state). ``fill_bitmask`` writes the allowed next tokens of several matchers
 into rows of one int32 bitmask (bit ``t % 32`` of word ``t // 32`` set = token ``t`` allowed), the
-layout both xgrammar and llguidance use.
+layout both xgrammar and llguidance use: ``words`` wide (the tokens past them are never allowed) or
+wider (the words past its own zeroed). ``shutdown`` stops the threads it started.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ class Matcher(Protocol):
 
 class GrammarBackend(Protocol):
     name: str
+    words: int  # width of its bitmask rows: the tokens past them are never allowed
 
     def parse(self, spec: GrammarSpec) -> object: ...
     def compile(self, parsed: object) -> object: ...
     def matcher(self, compiled: object) -> Matcher: ...
     def fill_bitmask(self, matchers: list[Matcher], bitmask: torch.Tensor, rows: list[int]) -> None: ...
+    def shutdown(self) -> None: ...
 
 
 _LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")

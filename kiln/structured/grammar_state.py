@@ -14,12 +14,15 @@ from kiln.structured.backend import GrammarBackend, Matcher
 
 
 class GrammarState:
-    __slots__ = ("backend", "future", "matcher", "num_accepted")
+    __slots__ = ("backend", "future", "matcher", "num_accepted", "terminated")
 
     def __init__(self, backend: GrammarBackend, future: Future):
         self.backend, self.future = backend, future
         self.matcher: Matcher | None = None
         self.num_accepted = 0
+        # the grammar accepted a stop token: the structure is complete and the sequence ends. Only an
+        # accepted token changes it, so it is read from the matcher once per token, not per question
+        self.terminated = False
 
     @property
     def ready(self) -> bool:
@@ -29,14 +32,9 @@ class GrammarState:
         return self.matcher is not None
 
     @property
-    def terminated(self) -> bool:
-        """The grammar accepted a stop token: the structure is complete and the sequence ends."""
-        return self.matcher is not None and self.matcher.is_terminated()
-
-    @property
     def active(self) -> bool:
         """Constrains the next token: compiled and not terminated (by an accepted stop token)."""
-        return self.ready and not self.matcher.is_terminated()
+        return not self.terminated and self.ready
 
     def accept(self, token: int) -> None:
         if not self.active:  # past the end of the grammar (ignore_eos): the rest is unconstrained
@@ -47,3 +45,4 @@ class GrammarState:
                 "accepted tokens, although it was sampled under the grammar's mask"
             )
         self.num_accepted += 1
+        self.terminated = self.matcher.is_terminated()

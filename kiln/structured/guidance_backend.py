@@ -11,6 +11,7 @@ import llguidance.torch
 import torch
 
 from kiln.structured.spec import GrammarSpec
+from kiln.structured.token_mask import bitmask_words
 
 
 class GuidanceMatcher:
@@ -39,6 +40,7 @@ class GuidanceBackend:
         eos = stop_token_ids[0] if stop_token_ids else None
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos)
         self.executor = llguidance.LLExecutor()
+        self.words = bitmask_words(vocab_size)
 
     def parse(self, spec: GrammarSpec) -> str:
         if spec.kind == "json":
@@ -66,3 +68,6 @@ class GuidanceBackend:
     def fill_bitmask(self, matchers: list[GuidanceMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
         pairs = [(m.matcher, row) for m, row in zip(matchers, rows)]
         llguidance.torch.fill_next_token_bitmask_par(self.executor, pairs, bitmask)
+
+    def shutdown(self) -> None:  # llguidance's executor owns its threads
+        pass

@@ -23,7 +23,7 @@ from kiln.structured.grammar_cache import GrammarCache
 from kiln.structured.grammar_state import GrammarState
 from kiln.structured.params import StructuredOutputsConfig, StructuredOutputsParams
 from kiln.structured.spec import GrammarSpec
-from kiln.structured.token_mask import GrammarBitmask, ban_unless_nothing_left, bitmask_words
+from kiln.structured.token_mask import GrammarBitmask, ban_unless_nothing_left
 
 
 class StructuredOutputManager:
@@ -83,14 +83,15 @@ class StructuredOutputManager:
         rows = [i for i, s in enumerate(seqs) if s is not None and s.grammar is not None and s.grammar.active]
         if not rows:
             return None
-        pin = self.device.type == "cuda"
-        bitmask = torch.empty(len(rows), bitmask_words(self.vocab_size), dtype=torch.int32, pin_memory=pin)
         by_backend: dict[str, tuple[GrammarBackend, list, list[int]]] = {}
         for j, i in enumerate(rows):
             state = seqs[i].grammar
             entry = by_backend.setdefault(state.backend.name, (state.backend, [], []))
             entry[1].append(state.matcher)
             entry[2].append(j)
+        words = max(backend.words for backend, _, _ in by_backend.values())
+        pin = self.device.type == "cuda"
+        bitmask = torch.empty(len(rows), words, dtype=torch.int32, pin_memory=pin)
         for backend, matchers, indices in by_backend.values():
             backend.fill_bitmask(matchers, bitmask, indices)
         for j, i in enumerate(rows):  # min_tokens: no stop token yet, unless the grammar allows only those
@@ -101,3 +102,5 @@ class StructuredOutputManager:
 
     def shutdown(self) -> None:
         self.cache.shutdown()
+        for backend in self.backends.values():
+            backend.shutdown()

@@ -1,6 +1,8 @@
 """The grammar's verdict for one step: an int32 bitmask (one row per constrained logits row, bit
 ``t % 32`` of word ``t // 32`` = token ``t`` allowed), filled on the host, copied without blocking and
-applied on the device. Rows without a constraint are not in it and are left untouched."""
+applied on the device. Rows without a constraint are not in it and are left untouched. A bitmask may
+be narrower than the vocabulary (the grammar's vocabulary ends at the tokenizer's last id, the model's
+may be padded past it): the tokens past its last word are never allowed."""
 
 from __future__ import annotations
 
@@ -30,8 +32,12 @@ def _bits(device: torch.device) -> torch.Tensor:
 
 
 def banned_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """``[rows, words]`` int32 -> ``[rows, vocab_size]`` bool, True where the token is not allowed."""
-    return (bitmask.unsqueeze(-1) & _bits(bitmask.device)).eq_(0).flatten(1)[:, :vocab_size].bool()
+    """``[rows, words]`` int32 -> ``[rows, vocab_size]`` bool, True where the token is not allowed
+    (every token past the last word too)."""
+    banned = (bitmask.unsqueeze(-1) & _bits(bitmask.device)).eq_(0).flatten(1)[:, :vocab_size].bool()
+    if banned.shape[1] < vocab_size:
+        banned = torch.nn.functional.pad(banned, (0, vocab_size - banned.shape[1]), value=True)
+    return banned
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -56,7 +62,7 @@ def ban_unless_nothing_left(row: torch.Tensor, token_ids, vocab_size: int) -> No
     words = row.numpy().view(np.uint32)
     kept = words.copy()
     for t in token_ids:
-        if 0 <= t < vocab_size:
+        if 0 <= t < vocab_size and t >> 5 < len(words):
             words[t >> 5] &= np.uint32(0xFFFFFFFF ^ (1 << (t & 31)))
     if not words.any():
         words[:] = kept
@@ -67,7 +73,7 @@ class GrammarBitmask:
     """What the engine hands the worker for a deferred sampling: plain host data."""
 
     rows: list[int]  # sampling rows of the step that are constrained
-    bitmask: torch.Tensor  # int32 [len(rows), words] on the host (pinned on CUDA machines)
+    bitmask: torch.Tensor  # int32 [len(rows), words <= bitmask_words(vocab)] on the host (pinned on CUDA)
     num_rows: int  # sampling rows of the step
 
     def to_device(self, device: torch.device) -> TokenMask:

@@ -1,0 +1,99 @@
+"""xgrammar bitmask filling: kiln's fill (xgrammar's vocabulary cut at the tokenizer's last id, rows
+shared over kiln's threads) equals xgrammar's own per-row fill over the model's whole vocabulary bit
+for bit (the bits past the vocabulary in the last word cleared), into a bitmask of the model's width
+or of the grammar's own (the words past it: never allowed); rows not asked for are left alone; the
+thread count setting is checked."""
+
+import json
+
+import pytest
+import torch
+
+from kiln.structured.token_mask import bitmask_words
+
+xgr = pytest.importorskip("xgrammar")
+transformers = pytest.importorskip("transformers")
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "count": {"type": "integer"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["name", "count", "tags"],
+}
+# prefixes that leave the matchers in different states: free string, number, array, between keys
+PREFIXES = ['{"name": "ab', '{"name": "abc", "count": 1', '{"name": "x", "count": 3, "tags": ["', "", '{"na']
+UNTOUCHED = 12345
+
+
+@pytest.fixture(scope="module", params=[0, 1], ids=["whole-words", "partial-last-word"])
+def tokenizer(request, tokenizer_dir):
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.add_tokens([f"<extra_{i}>" for i in range(request.param)])  # 49,153 ids: a partial last word
+    return tok
+
+
+def _advanced(matchers):
+    for i, m in enumerate(matchers):
+        assert m.accept_string(PREFIXES[i % len(PREFIXES)])
+    return matchers
+
+
+@pytest.mark.parametrize("width", ["model", "grammar"])
+@pytest.mark.parametrize("model_extra", [0, 100, 128256 - 49152])
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_fill_equals_xgrammar_over_the_model_vocabulary(tokenizer, model_extra, threads, width, monkeypatch):
+    from kiln.structured.xgrammar_backend import XGrammarBackend
+
+    monkeypatch.setenv("KILN_GRAMMAR_THREADS", str(threads))
+    vocab = len(tokenizer) + model_extra
+    stop = [tokenizer.eos_token_id]
+    backend = XGrammarBackend(tokenizer, vocab, stop)
+    assert backend.vocab_size == len(tokenizer)
+    grammar = xgr.Grammar.from_json_schema(json.dumps(SCHEMA))
+    n = 37
+    matchers = [backend.matcher(backend.compile(grammar)) for _ in range(n)]
+    _advanced([m.matcher for m in matchers])
+    # the reference: xgrammar knowing every id of the model, one row at a time
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab, stop_token_ids=stop)
+    full = xgr.GrammarCompiler(info, cache_enabled=False).compile_grammar(grammar)
+    references = _advanced([xgr.GrammarMatcher(full) for _ in range(n)])
+    words = bitmask_words(vocab)
+    for rows in ([2 * i + 1 for i in range(n)][::-1], list(range(3, 3 + n))):  # scattered, contiguous
+        expected = torch.full((2 * n + 3, words), UNTOUCHED, dtype=torch.int32)
+        for m, row in zip(references, rows):
+            m.fill_next_token_bitmask(expected, row)
+        if vocab % 32:  # xgrammar may set the bits past the vocabulary; no logit reads them
+            expected[rows, -1] &= (1 << vocab % 32) - 1
+        got = torch.full(
+            (len(expected), words if width == "model" else backend.words), UNTOUCHED, dtype=torch.int32
+        )
+        backend.fill_bitmask(matchers, got, rows)
+        if width == "grammar":  # the words past the grammar's: none allowed in the reference
+            assert (expected[rows, got.shape[1] :] == 0).all()
+            expected = expected[:, : got.shape[1]]
+        if got.shape[1] == words and vocab % 32:
+            got[rows, -1] &= (1 << vocab % 32) - 1
+        assert torch.equal(got, expected)
+        others = sorted(set(range(len(got))) - set(rows))
+        assert (got[others] == UNTOUCHED).all()
+    firsts = {tuple(got[r].tolist()) for r in rows[: len(PREFIXES)]}
+    assert len(firsts) == len(PREFIXES)  # the matchers' states differ
+    assert (backend.pool is not None) == (threads > 1)
+    backend.shutdown()
+
+
+def test_grammar_threads_setting(monkeypatch):
+    from kiln import envs
+    from kiln.structured.xgrammar_backend import grammar_threads
+
+    monkeypatch.setenv("KILN_GRAMMAR_THREADS", "3")
+    assert grammar_threads() == 3
+    monkeypatch.delenv("KILN_GRAMMAR_THREADS")
+    assert 1 <= grammar_threads() <= 8
+    for bad in ("0", "-2", "two"):
+        monkeypatch.setenv("KILN_GRAMMAR_THREADS", bad)
+        with pytest.raises(ValueError, match="KILN_GRAMMAR_THREADS"):
+            envs.grammar_threads()
