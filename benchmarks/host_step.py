@@ -18,6 +18,8 @@ measures. ``--decode-steps N`` times N decode steps once ``--max-num-seqs`` sequ
 bitmask over a ``--vocab-size`` (128,256: Llama 3's) vocabulary filled by the engine, its matchers
 advanced by the tokens read back, against a worker that samples a pseudo-random allowed token from the
 mask at once (its own CPU time is measured and left out); the same run unconstrained beside it.
+``--grow-tokenizer N`` first grows the tokenizer to N tokens (concatenations of two of its own tokens,
+seeded): a stand-in for a tokenizer as large as Llama 3's, whose masks cost more per row.
 """
 
 import argparse
@@ -95,6 +97,27 @@ class GrammarWorker(ConstantWorker):
         return 32 * w + bits[int(self.rng.integers(len(bits)))]
 
 
+def grown_tokenizer(path: str, size: int) -> str:
+    """A copy of the byte-level BPE tokenizer at ``path`` with ``size`` tokens: the new ones are
+    concatenations of two of its tokens (never produced by its merges, but masked like any other)."""
+    import random
+    import shutil
+    import tempfile
+
+    out = tempfile.mkdtemp(prefix="kiln-grown-tokenizer-")
+    with open(os.path.join(path, "tokenizer.json")) as f:
+        spec = json.load(f)
+    vocab = spec["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)[100:]  # past the special and single-byte tokens
+    rng = random.Random(0)
+    while len(vocab) < size:
+        vocab.setdefault(rng.choice(tokens) + rng.choice(tokens), len(vocab))
+    with open(os.path.join(out, "tokenizer.json"), "w") as f:
+        json.dump(spec, f)
+    shutil.copy(os.path.join(path, "tokenizer_config.json"), out)
+    return out
+
+
 def time_structured(config: EngineConfig, blocks: int, args, constrained: bool) -> dict:
     """Engine CPU seconds (the worker's left out) over a whole run of ``--num-prompts`` requests."""
     import transformers
@@ -104,7 +127,12 @@ def time_structured(config: EngineConfig, blocks: int, args, constrained: bool) 
 
     from kiln import StructuredOutputsParams
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer)
+    path = (
+        args.tokenizer
+        if args.grow_tokenizer is None
+        else grown_tokenizer(args.tokenizer, args.grow_tokenizer)
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model_config = types.SimpleNamespace(eos_token_id=[tokenizer.eos_token_id], vocab_size=args.vocab_size)
     worker = GrammarWorker(blocks, args.block_size, [tokenizer.eos_token_id])
     engine = LLMEngine(config, model_config, tokenizer, worker=worker)
@@ -230,6 +258,7 @@ def main() -> None:
     ap.add_argument(
         "--vocab-size", type=int, default=128256, help="with --structured: the model's vocabulary"
     )
+    ap.add_argument("--grow-tokenizer", type=int, default=None, help="with --structured: grow it to N tokens")
     ap.add_argument("--output", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
     single = (
@@ -262,6 +291,9 @@ def main() -> None:
     if args.structured:
         if args.tokenizer is None:
             raise SystemExit("--structured needs --tokenizer DIR")
+        from kiln.bench import env
+        from kiln.structured.xgrammar_backend import grammar_threads
+
         runs = {"constrained": [], "unconstrained": []}
         for _ in range(args.repeats):
             for kind in runs:
@@ -279,6 +311,9 @@ def main() -> None:
             "constrained_extra_cpu_us_per_step": round(
                 best["constrained"]["cpu_us_per_step"] - best["unconstrained"]["cpu_us_per_step"], 1
             ),
+            "machine": env.machine_info(),
+            "versions": {**env.versions(), "xgrammar": env._version("xgrammar")},
+            "grammar_threads": grammar_threads(),
         }
         print(json.dumps(result, indent=1))
         if args.output:

@@ -366,6 +366,27 @@ def test_host_step_sampler(tmp_path):
     assert r["rows"] == 8 and r["sample_cpu_us"] > 0 and r["command"].endswith("--sampler")
 
 
+def test_host_step_structured(tmp_path, tokenizer_dir):
+    pytest.importorskip("xgrammar")
+    from transformers import AutoTokenizer
+
+    size = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    run(
+        f"benchmarks/host_step.py --structured --tokenizer {{tok}} --grow-tokenizer {size + 40} "
+        f"--vocab-size {size + 100} --num-prompts 3 --max-num-seqs 2 --input-len 8 --output-len 6 "
+        "--repeats 1 --output {out}/st.json",
+        tmp_path,
+        tok=tokenizer_dir,
+    )
+    r = load(tmp_path / "st.json")
+    assert "--structured" in r["command"] and r["versions"]["xgrammar"] and r["grammar_threads"] >= 1
+    for kind in ("constrained", "unconstrained"):
+        (one,) = r["runs"][kind]
+        assert one["steps"] > 6 and 0 < one["sampled_rows"] <= 3 * 6 and one["cpu_us_per_step"] > 0
+    assert r["runs"]["unconstrained"][0]["sampled_rows"] == 3 * 6  # EOS ignored
+    assert r["best"]["constrained"] == r["runs"]["constrained"][0]
+
+
 def test_tp_step_broadcast(tmp_path):
     out = run("benchmarks/tp_step_broadcast.py --seqs 4 --prompt 16 --output 4 --steps 2", tmp_path)
     rows = re.findall(r"^\[mp\] (.+): ([0-9.]+) KiB pickled, ([0-9.]+) ms per step", out, re.M)
