@@ -384,7 +384,7 @@ def test_host_step_structured(tmp_path, tokenizer_dir):
         (one,) = r["runs"][kind]
         assert one["steps"] > 6 and 0 < one["sampled_rows"] <= 3 * 6 and one["cpu_us_per_step"] > 0
     assert r["runs"]["unconstrained"][0]["sampled_rows"] == 3 * 6  # EOS ignored
-    assert r["best"]["constrained"] == r["runs"]["constrained"][0]
+    assert r["median"]["constrained"] == r["runs"]["constrained"][0]
 
 
 def test_tp_step_broadcast(tmp_path):
