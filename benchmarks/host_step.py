@@ -169,6 +169,42 @@ def time_structured(config: EngineConfig, blocks: int, args, constrained: bool) 
     }
 
 
+def time_xgrammar_pool(tokenizer_path: str, vocab_size: int, repeats: int = 200) -> dict:
+    """CPU and wall us of filling one bitmask row (a matcher inside a JSON string) through xgrammar's
+    ``BatchGrammarMatcher()`` (its "auto" pool: hardware threads / 2, started on every call), one of
+    two threads and a single-threaded one (what kiln's fill runs), at xgrammar's vocabulary of the
+    tokenizer."""
+    import transformers
+    import xgrammar as xgr
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from structured import BENCH_SCHEMA
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path)
+    size = min(vocab_size, len(tokenizer))
+    info = xgr.TokenizerInfo.from_huggingface(
+        tokenizer, vocab_size=size, stop_token_ids=[tokenizer.eos_token_id]
+    )
+    compiled = xgr.GrammarCompiler(info).compile_grammar(
+        xgr.Grammar.from_json_schema(json.dumps(BENCH_SCHEMA))
+    )
+    matcher = xgr.GrammarMatcher(compiled)
+    assert matcher.accept_string('{"items": [{"name": "ab')
+    bitmask = torch.zeros(1, -(-size // 32), dtype=torch.int32)
+    out = {"xgrammar_auto_threads": (os.cpu_count() or 2) // 2}
+    for name, batch in (
+        ("xgrammar_auto", xgr.BatchGrammarMatcher()),
+        ("two_threads", xgr.BatchGrammarMatcher(2)),
+        ("single_thread", xgr.BatchGrammarMatcher(1)),
+    ):
+        t0, wall0 = time.process_time(), time.perf_counter()
+        for _ in range(repeats):
+            batch.batch_fill_next_token_bitmask([matcher], bitmask, [0])
+        out[f"{name}_cpu_us"] = round(1e6 * (time.process_time() - t0) / repeats, 1)
+        out[f"{name}_wall_us"] = round(1e6 * (time.perf_counter() - wall0) / repeats, 1)
+    return out
+
+
 def time_runner_prepare(rows: int, repeats: int = 300) -> float:
     """CPU seconds of one ``ModelRunner._prepare`` over a decode step of ``rows`` sequences."""
     from kiln.ops.attention_backend import AttentionBackend
@@ -315,6 +351,7 @@ def main() -> None:
             "machine": env.machine_info(),
             "versions": {**env.versions(), "xgrammar": env._version("xgrammar")},
             "grammar_threads": grammar_threads(),
+            "one_row_fill": time_xgrammar_pool(args.tokenizer, args.vocab_size),
         }
         print(json.dumps(result, indent=1))
         if args.output:
