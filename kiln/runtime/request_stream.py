@@ -1,8 +1,13 @@
 """One streamed request of ``AsyncLLM``: turns the engine's per-step deltas into the outputs its
 ``output_kind`` asks for, and carries them to the consumer's event loop.
 
-The engine thread calls ``on_step`` / ``on_abort`` / ``fail``; each returns what to hand over (or
-None), and ``AsyncLLM`` puts it on ``queue`` through the consumer's loop (``loop.call_soon_threadsafe``).
+The engine thread calls ``on_step`` / ``on_abort``; each returns what to hand over (or None). What the
+engine thread hands over after a step, for every stream of one event loop, goes to that loop's
+``LoopMailbox`` in one ``post``: one ``call_soon_threadsafe`` wakes the loop, and none while a
+dispatch is already due (the loop then takes several steps' outputs at once). On the loop the
+mailbox puts each item on its stream (``put``), which wakes the stream's consumer only if it is
+waiting; a consumer that is behind takes what is there without waiting. Every step's output reaches
+the consumer, in order.
 
 - ``CUMULATIVE``: every output holds everything so far (the deltas aggregated); the last is the
   request's final output.
@@ -12,33 +17,75 @@ None), and ``AsyncLLM`` puts it on ``queue`` through the consumer's loop (``loop
 """
 
 import asyncio
+from collections import deque
 from dataclasses import replace
 
 from kiln.runtime.outputs import CompletionOutput, RequestOutput
 from kiln.runtime.sampling_params import RequestOutputKind
 
 
-def _copy(output: RequestOutput) -> RequestOutput:
-    """A snapshot the consumer may keep while the engine goes on aggregating."""
-    outputs = [
-        replace(
-            c,
-            token_ids=list(c.token_ids),
-            logprobs=None if c.logprobs is None else list(c.logprobs),
-        )
-        for c in output.outputs
-    ]
-    return replace(output, outputs=outputs)
+class LoopMailbox:
+    """Items for the streams of one event loop, handed over from other threads."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._batches: deque = deque()  # lists of (stream, item), in posting order
+        self._due = False  # a dispatch is scheduled on the loop and has not started yet
+
+    def post(self, items: list) -> None:
+        """Any thread: hand ``(stream, item)`` pairs to the loop (nothing if the loop is closed)."""
+        self._batches.append(items)
+        if self._due:  # the scheduled dispatch has not started: it takes these too
+            return
+        self._due = True
+        try:
+            self.loop.call_soon_threadsafe(self._dispatch)
+        except RuntimeError:  # the consumer's event loop is closed: nobody is listening
+            self._due = False
+            self._batches.clear()
+
+    def _dispatch(self) -> None:
+        """On the loop: every posted item to its stream."""
+        self._due = False  # before taking any batch: a later post schedules the next dispatch
+        batches = self._batches
+        while batches:
+            for stream, item in batches.popleft():
+                stream.put(item)
 
 
 class RequestStream:
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop):
-        self.request_id, self.loop = request_id, loop
-        self.queue: asyncio.Queue = asyncio.Queue()
+    def __init__(self, request_id: str, mailbox: LoopMailbox):
+        self.request_id, self.mailbox = request_id, mailbox
+        self.loop = mailbox.loop
+        self.items: deque = deque()  # outputs (or an error) not yet taken by the consumer (loop only)
+        self.waiter: asyncio.Future | None = None  # set while the consumer waits for an item
         self.kind = RequestOutputKind.CUMULATIVE
         self.prompt: str | None = None
         self.prompt_token_ids: list[int] | None = None
-        self._aggregate: RequestOutput | None = None
+        self._aggregate: RequestOutput | None = None  # CUMULATIVE: everything so far (engine thread)
+
+    # ------------------------------------------------------------------ the consumer's loop
+
+    def put(self, item) -> None:
+        """Queue an output or an error; wake the consumer if it waits."""
+        self.items.append(item)
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():  # a cancelled consumer is not woken
+                waiter.set_result(None)
+
+    async def get(self):
+        """The next output or error, in order (waits only when none is queued)."""
+        if not self.items:
+            waiter = self.waiter = self.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self.waiter = None
+        return self.items.popleft()
+
+    # ------------------------------------------------------------------ the engine thread
 
     def start(self, prompt: str | None, prompt_token_ids: list[int], kind: RequestOutputKind) -> None:
         self.prompt, self.prompt_token_ids, self.kind = prompt, prompt_token_ids, kind
@@ -58,11 +105,12 @@ class RequestStream:
             return None
         if self.kind is RequestOutputKind.DELTA:
             return delta
-        if self._aggregate is None:
-            self._aggregate = _copy(delta)
+        aggregate = self._aggregate
+        if aggregate is None:  # the first delta's lists are its own: the aggregate keeps them
+            self._aggregate = aggregate = delta
         else:
-            self._aggregate.add(_copy(delta), aggregate=True)
-        return _copy(self._aggregate)
+            _extend(aggregate, delta)
+        return _snapshot(aggregate)
 
     def on_abort(self, output: RequestOutput) -> RequestOutput:
         """The last output of a request aborted by ``AsyncLLM.abort``: finish reason ``"abort"``
@@ -74,3 +122,41 @@ class RequestStream:
             ]
             output = replace(output, outputs=empty, prompt_logprobs=None)
         return output
+
+
+def _extend(aggregate: RequestOutput, delta: RequestOutput) -> None:
+    """Append a later delta of the same request to ``aggregate`` in place (its lists are its own)."""
+    by_index = {c.index: c for c in aggregate.outputs}
+    for new in delta.outputs:
+        old = by_index.get(new.index)
+        if old is None:
+            aggregate.outputs.append(replace(new, token_ids=list(new.token_ids)))
+            continue
+        old.text += new.text
+        old.token_ids.extend(new.token_ids)
+        if new.logprobs is not None:
+            if old.logprobs is None:
+                old.logprobs = []
+            old.logprobs.extend(new.logprobs)
+        old.cumulative_logprob = new.cumulative_logprob
+        old.finish_reason, old.stop_reason = new.finish_reason, new.stop_reason
+    if len(aggregate.outputs) > 1:
+        aggregate.outputs.sort(key=lambda c: c.index)
+
+
+def _snapshot(output: RequestOutput) -> RequestOutput:
+    """A copy the consumer may keep while the engine goes on aggregating."""
+    outputs = [
+        CompletionOutput(
+            c.index,
+            c.text,
+            c.token_ids[:],
+            c.cumulative_logprob,
+            None if c.logprobs is None else c.logprobs[:],
+            c.finish_reason,
+            c.stop_reason,
+            c.lora_request,
+        )
+        for c in output.outputs
+    ]
+    return replace(output, outputs=outputs)
