@@ -2,6 +2,7 @@
 break, cancel), errors reaching only their coroutine, the lifecycle API and a clean shutdown."""
 
 import asyncio
+import gc
 import threading
 
 import pytest
@@ -326,6 +327,7 @@ def test_seed_001_streaming_example(tiny_checkpoint, capsys):
 def test_shutdown_ends_streams_and_the_thread(tiny_checkpoint):
     llm = AsyncLLM(model=tiny_checkpoint("llama"), enforce_eager=True, dtype="float32", max_model_len=128)
     thread = llm._engine._thread
+    assert gc.get_freeze_count() > 0  # the start-up heap is out of the collector's reach while serving
 
     async def main():
         started = asyncio.Event()
@@ -346,6 +348,7 @@ def test_shutdown_ends_streams_and_the_thread(tiny_checkpoint):
 
     run(main())
     assert not thread.is_alive() and not llm.is_running and llm.is_stopped and not llm.errored
+    assert gc.get_freeze_count() == 0
     llm.shutdown()  # twice is fine
 
 

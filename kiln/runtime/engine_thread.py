@@ -211,4 +211,3 @@ class EngineThread:
                 return
             if on_dead is not None:
                 on_dead(error)
-

@@ -20,7 +20,6 @@ from kiln.runtime.sampling_params import RequestOutputKind, SamplingParams
 from kiln.runtime.sequence import Sequence
 from kiln.runtime.step_data import RunnerOutput
 
-
 FINAL_ONLY = RequestOutputKind.FINAL_ONLY
 
 
