@@ -16,7 +16,8 @@ The host cost of streaming, without the model's forward:
 (token 7 for every row, a simulated device that runs a step in X ms; 0: no device time, so every
 figure is host time). Each run also records the process's CPU seconds (both threads) and the engine
 steps it took, so ``*_cpu_us_per_step`` is the host time of a step on each path and
-``stream_extra_cpu_us_per_step`` what streaming adds to it.
+``stream_extra_cpu_us_per_step`` what streaming adds to it. ``--stream-interval N`` passes
+``stream_interval=N`` to ``AsyncLLM`` (an output per N tokens instead of per token).
 """
 
 import argparse
@@ -111,6 +112,7 @@ async def bench(args) -> dict:
         skip_tokenizer_init=True,
         max_model_len=args.input_len + args.output_len + 16,
         gpu_memory_utilization=0.9,
+        stream_interval=args.stream_interval,
         **({"enforce_eager": True} if fake else {}),  # the forward never runs: nothing to compile
     )
     counter = StepCounter()
@@ -173,6 +175,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ttft-reps", type=int, default=20)
+    parser.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="AsyncLLM's stream_interval: a stream's output every this many tokens",
+    )
     parser.add_argument(
         "--fake-device-ms",
         type=float,

@@ -123,3 +123,32 @@ def test_cumulative_outputs_are_snapshots():
     assert third.prompt == "p" and third.prompt_token_ids == [1, 2]
     final = output("r", [7, 8, 9, 10], finished=True)
     assert stream.on_step(None, final) is final
+
+
+def test_stream_interval_joins_delta_outputs():
+    stream = RequestStream("r", LoopMailbox(asyncio.new_event_loop()))
+    stream.start(None, [1], RequestOutputKind.DELTA, interval=3)
+    sent = [stream.on_step(output("r", [t]), None) for t in range(1, 8)]
+    final = output("r", list(range(1, 10)), finished=True)
+    last = stream.on_step(output("r", [8, 9]), final)  # the last step gave two tokens
+    got = [o.outputs[0].token_ids for o in sent if o is not None] + [last.outputs[0].token_ids]
+    assert got == [[1], [2, 3, 4], [5, 6, 7], [8, 9]]  # the first at once, then every 3 tokens
+    assert last.finished and sum(got, []) == final.outputs[0].token_ids
+
+
+def test_stream_interval_skips_cumulative_outputs():
+    stream = RequestStream("r", LoopMailbox(asyncio.new_event_loop()))
+    stream.start(None, [1], RequestOutputKind.CUMULATIVE, interval=2)
+    sent = [stream.on_step(output("r", [t]), None) for t in range(1, 6)]
+    assert [o.outputs[0].token_ids for o in sent if o is not None] == [[1], [1, 2, 3], [1, 2, 3, 4, 5]]
+
+
+def test_an_abort_hands_over_what_the_interval_held_back():
+    stream = RequestStream("r", LoopMailbox(asyncio.new_event_loop()))
+    stream.start(None, [1], RequestOutputKind.DELTA, interval=4)
+    assert stream.on_step(output("r", [1]), None) is not None
+    assert stream.on_step(output("r", [2]), None) is None
+    aborted = output("r", [1, 2], finished=True)
+    aborted.outputs[0].finish_reason = "abort"
+    last = stream.on_abort(aborted)
+    assert last.outputs[0].token_ids == [2] and last.outputs[0].finish_reason == "abort"

@@ -128,7 +128,7 @@ class AsyncLLM:
         except Exception as e:  # this request's error, for its coroutine only
             stream.mailbox.post([(stream, e)])
             return
-        stream.start(text, ids, params.output_kind)
+        stream.start(text, ids, params.output_kind, llm.llm_engine.config.stream_interval)
         engine.streams[stream.request_id] = stream
 
     async def abort(self, request_id: str | Iterable[str]) -> None:

@@ -14,6 +14,10 @@ the consumer, in order.
 - ``DELTA``: every output holds what the step added (text held back while a stop string may still cut
   it, see ``OutputProcessor.step_deltas``); the last carries the final metrics.
 - ``FINAL_ONLY``: only the final output.
+
+With ``stream_interval`` > 1 (an engine argument) a stream gets its first output at once, then one
+each time that many more tokens have come (DELTA outputs joined, CUMULATIVE ones skipped), and the
+final one: fewer outputs, each worth more tokens, for less host work per token.
 """
 
 import asyncio
@@ -62,7 +66,11 @@ class RequestStream:
         self.kind = RequestOutputKind.CUMULATIVE
         self.prompt: str | None = None
         self.prompt_token_ids: list[int] | None = None
+        self.interval = 1
         self._aggregate: RequestOutput | None = None  # CUMULATIVE: everything so far (engine thread)
+        self._sent = 0  # CUMULATIVE: tokens of the longest sample in the last output handed over
+        self._held: RequestOutput | None = None  # DELTA with an interval: joined deltas not yet sent
+        self._sent_any = False  # DELTA with an interval: the first output went out
 
     # ------------------------------------------------------------------ the consumer's loop
 
@@ -87,12 +95,25 @@ class RequestStream:
 
     # ------------------------------------------------------------------ the engine thread
 
-    def start(self, prompt: str | None, prompt_token_ids: list[int], kind: RequestOutputKind) -> None:
+    def start(
+        self,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        kind: RequestOutputKind,
+        interval: int = 1,
+    ) -> None:
+        """``interval`` (``stream_interval``): hand over an output once this many tokens have come
+        since the last one (the first and the final output at once)."""
         self.prompt, self.prompt_token_ids, self.kind = prompt, prompt_token_ids, kind
+        self.interval = interval
 
     def on_step(self, delta: RequestOutput | None, final: RequestOutput | None) -> RequestOutput | None:
         """The output to hand over after a step that gave this request ``delta`` (None: no new
         tokens) and, when it finished, its ``final`` output."""
+        if self.interval > 1 and self.kind is RequestOutputKind.DELTA:
+            delta = self._hold(delta, final)
+            if delta is None and final is None:
+                return None
         if delta is not None:
             delta.prompt, delta.prompt_token_ids = self.prompt, self.prompt_token_ids
         if final is not None:
@@ -110,17 +131,50 @@ class RequestStream:
             self._aggregate = aggregate = delta
         else:
             _extend(aggregate, delta)
+            if self.interval > 1 and not self._due(aggregate):
+                return None
+        self._sent = max(len(c.token_ids) for c in aggregate.outputs)
         return _snapshot(aggregate)
+
+    def _hold(self, delta: RequestOutput | None, final: RequestOutput | None) -> RequestOutput | None:
+        """DELTA with an interval: ``delta`` joined to what is held back; the joined delta when it
+        is due (the first, ``interval`` tokens, or the final), else None (held)."""
+        held = self._held
+        if held is None:
+            held = delta
+        elif delta is not None:
+            _extend(held, delta)
+        if held is None:
+            return None
+        if final is None and self._sent_any and max(len(c.token_ids) for c in held.outputs) < self.interval:
+            self._held = held
+            return None
+        self._held, self._sent_any = None, True
+        return held
+
+    def _due(self, aggregate: RequestOutput) -> bool:
+        """CUMULATIVE with an interval: ``interval`` tokens since the last output."""
+        return max(len(c.token_ids) for c in aggregate.outputs) - self._sent >= self.interval
 
     def on_abort(self, output: RequestOutput) -> RequestOutput:
         """The last output of a request aborted by ``AsyncLLM.abort``: finish reason ``"abort"``
         (for ``DELTA``, with nothing new)."""
-        if self.kind is RequestOutputKind.DELTA:
-            empty = [
-                CompletionOutput(c.index, "", [], c.cumulative_logprob, None, c.finish_reason, c.stop_reason)
-                for c in output.outputs
-            ]
-            output = replace(output, outputs=empty, prompt_logprobs=None)
+        if self.kind is RequestOutputKind.DELTA:  # what is held back (with an interval), else nothing
+            held = {c.index: c for c in self._held.outputs} if self._held is not None else {}
+            outputs = []
+            for c in output.outputs:
+                h = held.get(c.index)
+                text, tokens, logprobs = (
+                    (h.text, h.token_ids, h.logprobs) if h is not None else ("", [], None)
+                )
+                outputs.append(
+                    CompletionOutput(
+                        c.index, text, tokens, c.cumulative_logprob, logprobs, c.finish_reason, c.stop_reason
+                    )
+                )
+            prompt_logprobs = self._held.prompt_logprobs if self._held is not None else None
+            self._held = None
+            output = replace(output, outputs=outputs, prompt_logprobs=prompt_logprobs)
         return output
 
 
