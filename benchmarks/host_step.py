@@ -34,26 +34,11 @@ import types
 import numpy as np
 import torch
 
+from kiln.bench.constant_worker import ConstantWorker
 from kiln.runtime.config import EngineConfig
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.sampling_params import SamplingParams
-from kiln.runtime.step_data import RunnerOutput, SchedulerOutput
-
-
-class ConstantWorker:
-    """Samples token 7 for every row that samples; holds nothing."""
-
-    asleep: set = set()
-    sleep_level = 0
-
-    def __init__(self, num_blocks: int, block_size: int):
-        self.num_blocks, self.block_size = num_blocks, block_size
-        self.steps = 0
-
-    def execute_model(self, out: SchedulerOutput) -> RunnerOutput:
-        self.steps += 1
-        ids = [s.seq_id for s in out.scheduled if s.sample]
-        return RunnerOutput(ids, torch.full((len(ids),), 7, dtype=torch.long), [None] * len(ids), {})
+from kiln.runtime.step_data import SchedulerOutput
 
 
 class GrammarWorker(ConstantWorker):

@@ -7,6 +7,17 @@ Both paths drive one engine (random weights of a named shape, ``load_format="dum
 runs on the engine thread through ``AsyncLLM._call``, the streams through ``AsyncLLM.generate`` with
 ``output_kind=DELTA``. Targets: streamed output tokens/s >= 95% of ``generate``'s; median TTFT at batch 1
 within 5% of ``generate``'s (a one-token ``generate``).
+
+The host cost of streaming, without the model's forward:
+
+    python benchmarks/streaming.py --model tiny --streams 64 --fake-device-ms 0
+
+``--fake-device-ms X`` replaces the engine's worker by ``kiln.bench.constant_worker.ConstantWorker``
+(token 7 for every row, a simulated device that runs a step in X ms; 0: no device time, so every
+figure is host time). Each run also records the process's CPU seconds (both threads) and the engine
+steps it took, so ``*_cpu_us_per_step`` is the host time of a step on each path and
+``stream_extra_cpu_us_per_step`` what streaming adds to it. ``--stream-interval N`` passes
+``stream_interval=N`` to ``AsyncLLM`` (an output per N tokens instead of per token).
 """
 
 import argparse
@@ -21,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kiln import AsyncLLM, RequestOutputKind, SamplingParams  # noqa: E402
 from kiln.bench import env  # noqa: E402
+from kiln.bench.constant_worker import ConstantWorker  # noqa: E402
 from kiln.bench.shapes import shape_config, write_shape_dir  # noqa: E402
 from kiln.bench.workload import patterned_ids  # noqa: E402
 
@@ -29,25 +41,55 @@ def prompts(n: int, length: int, vocab_size: int) -> list[dict]:
     return [{"prompt_token_ids": patterned_ids(i, length, vocab_size)} for i in range(n)]
 
 
-async def stream_all(engine, workload, params, tag) -> tuple[float, int]:
+class StepCounter:
+    """Counts the engine's steps (wrapped on the engine thread)."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def install(self, llm) -> None:
+        engine = llm.llm_engine
+        inner = engine.step
+
+        def step():
+            self.steps += 1
+            return inner()
+
+        engine.step = step
+
+
+async def stream_all(engine, workload, params, tag) -> tuple[float, int, float]:
+    """(wall seconds, output tokens, process CPU seconds) of the workload streamed."""
+
     async def one(i, prompt):
         tokens = 0
         async for out in engine.generate(prompt, params, f"{tag}-{i}"):
             tokens += len(out.outputs[0].token_ids)
         return tokens
 
-    start = time.perf_counter()
+    cpu, start = time.process_time(), time.perf_counter()
     counts = await asyncio.gather(*(one(i, p) for i, p in enumerate(workload)))
-    return time.perf_counter() - start, sum(counts)
+    return time.perf_counter() - start, sum(counts), time.process_time() - cpu
 
 
-async def generate_all(engine, workload, params) -> tuple[float, int]:
+async def generate_all(engine, workload, params) -> tuple[float, int, float]:
+    """(wall seconds, output tokens, process CPU seconds) of one ``generate`` of the workload."""
+
     def run(llm):
-        start = time.perf_counter()
+        cpu, start = time.process_time(), time.perf_counter()
         outs = llm.generate(workload, params, use_tqdm=False)
-        return time.perf_counter() - start, sum(len(o.outputs[0].token_ids) for o in outs)
+        wall, used = time.perf_counter() - start, time.process_time() - cpu
+        return wall, sum(len(o.outputs[0].token_ids) for o in outs), used
 
     return await engine._call(run)
+
+
+async def install_constant_worker(engine, step_ms: float) -> None:
+    def install(llm):
+        core = llm.llm_engine
+        core.worker = ConstantWorker(core.num_blocks, core.config.block_size, step_ms / 1e3)
+
+    await engine._call(install)
 
 
 async def ttft(engine, prompt, reps: int) -> tuple[float, float]:
@@ -63,14 +105,21 @@ async def ttft(engine, prompt, reps: int) -> tuple[float, float]:
 
 
 async def bench(args) -> dict:
+    fake = args.fake_device_ms is not None
     engine = AsyncLLM(
         model=write_shape_dir(args.model),
         load_format="dummy",
         skip_tokenizer_init=True,
         max_model_len=args.input_len + args.output_len + 16,
         gpu_memory_utilization=0.9,
+        stream_interval=args.stream_interval,
+        **({"enforce_eager": True} if fake else {}),  # the forward never runs: nothing to compile
     )
+    counter = StepCounter()
     try:
+        if fake:
+            await install_constant_worker(engine, args.fake_device_ms)
+        await engine._call(counter.install)
         workload = prompts(args.streams, args.input_len, shape_config(args.model)["vocab_size"])
         base = dict(temperature=0, max_tokens=args.output_len, ignore_eos=True, detokenize=False)
         delta = SamplingParams(**base, output_kind=RequestOutputKind.DELTA)
@@ -79,14 +128,21 @@ async def bench(args) -> dict:
         await generate_all(engine, workload, plain)
         runs = []
         for r in range(args.repeats):  # interleaved, so drift hits both alike
-            s_time, s_tokens = await stream_all(engine, workload, delta, f"run{r}")
-            g_time, g_tokens = await generate_all(engine, workload, plain)
+            first = counter.steps
+            s_time, s_tokens, s_cpu = await stream_all(engine, workload, delta, f"run{r}")
+            middle = counter.steps
+            g_time, g_tokens, g_cpu = await generate_all(engine, workload, plain)
+            s_steps, g_steps = middle - first, counter.steps - middle
             runs.append(
                 {
                     "stream_tok_s": s_tokens / s_time,
                     "generate_tok_s": g_tokens / g_time,
                     "stream_tokens": s_tokens,
                     "generate_tokens": g_tokens,
+                    "stream_steps": s_steps,
+                    "generate_steps": g_steps,
+                    "stream_cpu_us_per_step": 1e6 * s_cpu / max(s_steps, 1),
+                    "generate_cpu_us_per_step": 1e6 * g_cpu / max(g_steps, 1),
                 }
             )
         stream_ttft, generate_ttft = await ttft(engine, workload[0], args.ttft_reps)
@@ -94,11 +150,16 @@ async def bench(args) -> dict:
         engine.shutdown()
     stream_tps = statistics.median(r["stream_tok_s"] for r in runs)
     generate_tps = statistics.median(r["generate_tok_s"] for r in runs)
+    stream_cpu = statistics.median(r["stream_cpu_us_per_step"] for r in runs)
+    generate_cpu = statistics.median(r["generate_cpu_us_per_step"] for r in runs)
     return {
         "runs": runs,
         "stream_output_tok_s": round(stream_tps, 1),
         "generate_output_tok_s": round(generate_tps, 1),
         "stream_over_generate": round(stream_tps / generate_tps, 4),
+        "stream_cpu_us_per_step": round(stream_cpu, 1),
+        "generate_cpu_us_per_step": round(generate_cpu, 1),
+        "stream_extra_cpu_us_per_step": round(stream_cpu - generate_cpu, 1),
         "ttft_stream_ms": round(stream_ttft * 1e3, 3),
         "ttft_generate_ms": round(generate_ttft * 1e3, 3),
         "ttft_ratio": round(stream_ttft / generate_ttft, 4),
@@ -114,8 +175,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ttft-reps", type=int, default=20)
+    parser.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="AsyncLLM's stream_interval: a stream's output every this many tokens",
+    )
+    parser.add_argument(
+        "--fake-device-ms",
+        type=float,
+        default=None,
+        help="replace the model by a constant worker whose simulated device step takes this long",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.fake_device_ms is not None and args.fake_device_ms < 0:
+        raise ValueError(f"--fake-device-ms must be >= 0, got {args.fake_device_ms}")
     doc = env.collect(config=vars(args))
     doc["benchmark"] = "streaming"
     try:

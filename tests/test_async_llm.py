@@ -2,6 +2,7 @@
 break, cancel), errors reaching only their coroutine, the lifecycle API and a clean shutdown."""
 
 import asyncio
+import gc
 import threading
 
 import pytest
@@ -283,6 +284,41 @@ def test_control_calls(engine):
     assert reset and asleep and not still_asleep and after == before
 
 
+def test_stream_interval_joins_outputs(tiny_checkpoint):
+    """``stream_interval=4``: the first output at once, then one per 4 tokens, then the final; the
+    joined DELTA outputs and the CUMULATIVE ones are what ``generate`` gives."""
+    with pytest.raises(ValueError, match="stream_interval must be a positive integer, got 0"):
+        AsyncLLM(model=tiny_checkpoint("llama"), stream_interval=0)
+    llm = AsyncLLM(
+        model=tiny_checkpoint("llama"),
+        enforce_eager=True,
+        dtype="float32",
+        max_model_len=128,
+        stream_interval=4,
+    )
+    try:
+
+        async def main():
+            base = dict(temperature=0, max_tokens=11, ignore_eos=True)
+            want = await llm._call(
+                lambda inner: inner.generate(PROMPT, SamplingParams(**base), use_tqdm=False)
+            )
+            streams = {}
+            for kind in KINDS:
+                params = SamplingParams(**base, output_kind=kind)
+                streams[kind] = await collect(llm, PROMPT, params, f"interval-{kind.name}")
+            return want[0], streams
+
+        want, streams = run(main())
+    finally:
+        llm.shutdown()
+    cumulative, delta, final = (streams[k] for k in KINDS)
+    assert [len(o.outputs[0].token_ids) for o in delta] == [1, 4, 4, 2]
+    assert [len(o.outputs[0].token_ids) for o in cumulative] == [1, 5, 9, 11]
+    assert merged(delta) == as_dict(want) == as_dict(cumulative[-1]) == as_dict(final[0])
+    assert len(final) == 1 and all(outs[-1].finished for outs in streams.values())
+
+
 def test_seed_001_streaming_example(tiny_checkpoint, capsys):
     """vLLM's streaming example, only the import lines and the model changed."""
     from kiln import AsyncEngineArgs, AsyncLLM, RequestOutputKind, SamplingParams  # noqa: F811
@@ -326,6 +362,7 @@ def test_seed_001_streaming_example(tiny_checkpoint, capsys):
 def test_shutdown_ends_streams_and_the_thread(tiny_checkpoint):
     llm = AsyncLLM(model=tiny_checkpoint("llama"), enforce_eager=True, dtype="float32", max_model_len=128)
     thread = llm._engine._thread
+    assert gc.get_freeze_count() > 0  # the start-up heap is out of the collector's reach while serving
 
     async def main():
         started = asyncio.Event()
@@ -346,6 +383,7 @@ def test_shutdown_ends_streams_and_the_thread(tiny_checkpoint):
 
     run(main())
     assert not thread.is_alive() and not llm.is_running and llm.is_stopped and not llm.errored
+    assert gc.get_freeze_count() == 0
     llm.shutdown()  # twice is fine
 
 

@@ -174,6 +174,28 @@ def test_streaming(tmp_path):
     assert one["stream_tokens"] == one["generate_tokens"] == 6 * 4  # every stream ran to max_tokens
     assert r["stream_output_tok_s"] > 0 and r["generate_output_tok_s"] > 0 and r["stream_over_generate"] > 0
     assert r["ttft_stream_ms"] > 0 and r["ttft_generate_ms"] > 0 and r["ttft_ratio"] > 0
+    assert one["stream_steps"] > 0 and one["generate_steps"] > 0
+    assert r["stream_cpu_us_per_step"] > 0 and r["generate_cpu_us_per_step"] > 0
+
+
+def test_streaming_host_cost_without_the_model(tmp_path):
+    """``--fake-device-ms``: the engine's worker is a constant one (token 7 for every row, a simulated
+    device step of that long), so the run measures the host side only; both paths still produce every
+    token, in as many engine steps as a real model would take."""
+    run(
+        "benchmarks/streaming.py --model tiny --streams 5 --input-len 8 --output-len 6 --repeats 2 "
+        "--ttft-reps 2 --fake-device-ms 0.2 --out {out}/host.json",
+        tmp_path,
+    )
+    doc = load(tmp_path / "host.json")
+    assert doc["config"]["fake_device_ms"] == 0.2
+    runs = doc["results"]["runs"]
+    assert len(runs) == 2
+    for one in runs:
+        assert one["stream_tokens"] == one["generate_tokens"] == 5 * 6
+        # one prefill step and one step per further token, plus the step that reads the last one back
+        # (streams that reach the engine thread a step apart take more)
+        assert one["generate_steps"] == 1 + 6 <= one["stream_steps"]
 
 
 def test_beam_search(tmp_path):

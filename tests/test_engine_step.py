@@ -275,6 +275,29 @@ def test_step_deltas_add_up_to_the_final_outputs(overlap):
     assert [c.index for c in final["1"].outputs] == [0, 1]
 
 
+def test_step_deltas_leave_out_final_only_requests():
+    """A FINAL_ONLY request gets no deltas (nothing is recorded for it); its final output and the
+    other requests' deltas are as without it."""
+    from kiln.runtime.sampling_params import RequestOutputKind
+
+    engine, _ = make_engine(tokenizer=CharTokenizer())
+    engine.enable_step_deltas()
+    final_only = SamplingParams(max_tokens=5, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
+    engine.add_request("final", None, PROMPTS[0], final_only)
+    engine.add_request("delta", None, PROMPTS[2], SamplingParams(max_tokens=5, ignore_eos=True))
+    seen, final, tokens = set(), {}, []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            final[out.request_id] = out
+        assert all(seq.request_id == "delta" for seq in engine.processor._touched)
+        for d in engine.step_deltas():
+            seen.add(d.request_id)
+            tokens += d.outputs[0].token_ids
+    assert seen == {"delta"}
+    assert final["final"].outputs[0].token_ids == expected_tokens(PROMPTS[0], 5)
+    assert tokens == final["delta"].outputs[0].token_ids == expected_tokens(PROMPTS[2], 5)
+
+
 def test_step_deltas_are_recorded_only_when_enabled():
     engine, _ = make_engine(tokenizer=CharTokenizer())
     engine.add_request("0", None, PROMPTS[0], SamplingParams(max_tokens=3, ignore_eos=True))

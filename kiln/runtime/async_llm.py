@@ -10,13 +10,14 @@ over-long prompt) reach only the coroutine awaiting it.
 
 import asyncio
 import threading
+import weakref
 from collections.abc import AsyncGenerator, Callable, Iterable
 from typing import Any
 
-from kiln.runtime.engine_thread import EngineDeadError, EngineThread, deliver
+from kiln.runtime.engine_thread import EngineDeadError, EngineThread
 from kiln.runtime.llm import LLM
 from kiln.runtime.outputs import RequestOutput
-from kiln.runtime.request_stream import RequestStream
+from kiln.runtime.request_stream import LoopMailbox, RequestStream
 from kiln.runtime.sampling_params import SamplingParams
 
 __all__ = ["AsyncEngineArgs", "AsyncLLM", "AsyncLLMEngine", "EngineDeadError"]
@@ -37,6 +38,7 @@ class AsyncLLM:
     def __init__(self, model: str, **kwargs: Any):
         """Build an ``LLM(model, **kwargs)`` on the engine thread and start its loop."""
         self._active: dict[str, RequestStream] = {}  # request id -> its stream, while a consumer holds it
+        self._mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> its mailbox
         self._lock = threading.Lock()
         self._engine = EngineThread(lambda: LLM(model, **kwargs))
         self.tokenizer = self._engine.llm.tokenizer
@@ -74,21 +76,25 @@ class AsyncLLM:
                 f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}"
             )
         self._check_alive()
-        stream = RequestStream(request_id, asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
         with self._lock:
             if request_id in self._active:
                 raise ValueError(f"request_id {request_id!r} is already in use")
-            self._active[request_id] = stream
+            mailbox = self._mailboxes.get(loop)
+            if mailbox is None:
+                mailbox = self._mailboxes[loop] = LoopMailbox(loop)
+            stream = self._active[request_id] = RequestStream(request_id, mailbox)
         add_special = (tokenization_kwargs or {}).get("add_special_tokens", True)
         engine = self._engine
         finished = False
         try:
             engine.submit(
                 lambda: self._add(stream, prompt, sampling_params, add_special, priority),
-                lambda error: deliver(stream.loop, [(stream, error)]),
+                lambda error: mailbox.post([(stream, error)]),
             )
+            items = stream.items
             while True:
-                item = await stream.queue.get()
+                item = items.popleft() if items else await stream.get()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -120,9 +126,9 @@ class AsyncLLM:
                 raise ValueError(f"request_id {stream.request_id!r} is already in use")
             llm.llm_engine.add_request(stream.request_id, text, ids, params, processed.cache_salt, prio, lora)
         except Exception as e:  # this request's error, for its coroutine only
-            deliver(stream.loop, [(stream, e)])
+            stream.mailbox.post([(stream, e)])
             return
-        stream.start(text, ids, params.output_kind)
+        stream.start(text, ids, params.output_kind, llm.llm_engine.config.stream_interval)
         engine.streams[stream.request_id] = stream
 
     async def abort(self, request_id: str | Iterable[str]) -> None:

@@ -68,6 +68,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True  # False: a prompt is computed in one step or waits
     lora: object = None  # kiln.lora.config.LoRAConfig with enable_lora=True
     structured_outputs_config: object = None  # kiln.structured.StructuredOutputsConfig
+    stream_interval: int = 1  # AsyncLLM: a stream's output every this many tokens (first and last at once)
     plan: CompilationPlan = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):

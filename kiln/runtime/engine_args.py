@@ -208,7 +208,12 @@ class EngineArgs:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
             _check_positive(name, getattr(self, name))
         _check_positive("kv_cache_memory_bytes", self.kv_cache_memory_bytes)
-        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        for name in (
+            "tensor_parallel_size",
+            "pipeline_parallel_size",
+            "data_parallel_size",
+            "stream_interval",
+        ):
             _check_positive(name, getattr(self, name), allow_none=False)
             if (
                 name == "pipeline_parallel_size" and self.pipeline_parallel_size != 1
@@ -346,6 +351,7 @@ class EngineArgs:
             structured_outputs_config=StructuredOutputsConfig.parse(self.structured_outputs_config),
             pooling=pooling,
             lora=lora,
+            stream_interval=self.stream_interval,
         )
         generation_config = read_generation_config(
             path, self.generation_config, self.override_generation_config
@@ -413,6 +419,7 @@ HONOURED = frozenset(
         "max_loras",
         "max_lora_rank",
         "max_cpu_loras",
+        "stream_interval",
     }
 )
 
@@ -431,7 +438,6 @@ HARMLESS = frozenset(
         "pt_load_map_location",
         "renderer_num_workers",
         "show_hidden_metrics_for_version",
-        "stream_interval",
     }
 )
 

@@ -4,12 +4,13 @@ Other threads never touch the engine: they hand over commands (``submit``: a fun
 thread with the ``LLM``) through a thread-safe queue. Between steps the thread takes every waiting
 command (adds, aborts, control calls), so requests that arrive together join the same continuous
 batch; with nothing to run it blocks on the queue. After each step it routes the step's deltas and
-finished outputs to the requests' streams.
+finished outputs to the requests' streams, in one hand-off per event loop (``LoopMailbox.post``).
 
 Pausing stops admitting requests (they are held until resumed); requests already in the engine are
 aborted or, with ``wait_for_inflight_requests``, run to completion first.
 """
 
+import gc
 import logging
 import queue
 import threading
@@ -17,9 +18,19 @@ from collections.abc import Callable
 from typing import Any
 
 from kiln.runtime.outputs import RequestOutput
-from kiln.runtime.request_stream import RequestStream
+from kiln.runtime.request_stream import LoopMailbox, RequestStream
 
 logger = logging.getLogger("kiln")
+
+
+def freeze_startup_heap() -> None:
+    """Collect, then move every object alive now (the model, torch's and kiln's modules: hundreds
+    of thousands) out of the garbage collector's reach: a full collection otherwise walks them all
+    (a quarter of a second for the tiny model on a CPU), which serving triggers every few hundred
+    steps (streaming allocates a few objects per stream and step), stalling every stream meanwhile.
+    The freeze is process-wide; ``gc.unfreeze()`` when the engine thread ends gives them back."""
+    gc.collect()
+    gc.freeze()
 
 
 class EngineDeadError(RuntimeError):
@@ -85,6 +96,7 @@ class EngineThread:
             self.dead_error = e
             ready.set()
             return
+        freeze_startup_heap()
         ready.set()
         error: BaseException = EngineDeadError("the engine was shut down")
         try:
@@ -101,6 +113,7 @@ class EngineThread:
             try:
                 self.llm.shutdown()
             finally:
+                gc.unfreeze()
                 self._fail_commands(error)
 
     def _loop(self) -> None:
@@ -133,21 +146,34 @@ class EngineThread:
 
     def _step(self) -> None:
         engine = self.llm.llm_engine
-        finished = {out.request_id: out for out in engine.step()}
-        deltas = {d.request_id: d for d in engine.step_deltas()}
-        batches: dict[Any, list] = {}
-        for request_id in deltas.keys() | finished.keys():
-            stream = self.streams.get(request_id)
+        finished = engine.step()
+        deltas = engine.step_deltas()
+        if not deltas and not finished:
+            return
+        streams = self.streams
+        finals = {out.request_id: out for out in finished} if finished else None
+        posts: dict[LoopMailbox, list] = {}  # one hand-off per event loop for the whole step
+        for delta in deltas:
+            request_id = delta.request_id
+            stream = streams.get(request_id)
             if stream is None:
                 continue
-            final = finished.get(request_id)
+            final = finals.pop(request_id, None) if finals else None
             if final is not None:
-                del self.streams[request_id]
-            item = stream.on_step(deltas.get(request_id), final)
+                del streams[request_id]
+            item = stream.on_step(delta, final)
             if item is not None:
-                batches.setdefault(stream.loop, []).append((stream, item))
-        for loop, items in batches.items():
-            deliver(loop, items)
+                items = posts.get(stream.mailbox)
+                if items is None:
+                    posts[stream.mailbox] = [(stream, item)]
+                else:
+                    items.append((stream, item))
+        for request_id, final in (finals or {}).items():  # finished with no new token this step
+            stream = streams.pop(request_id, None)
+            if stream is not None:
+                posts.setdefault(stream.mailbox, []).append((stream, stream.on_step(None, final)))
+        for mailbox, items in posts.items():
+            mailbox.post(items)
 
     def abort(self, request_id: str, stream: RequestStream | None, notify: bool) -> bool:
         """Drop a request (held or in the engine); ``stream``: only if it is that one. ``notify``: hand
@@ -156,7 +182,7 @@ class EngineThread:
             if held.request_id == request_id and stream in (None, held):
                 del self.held[i]
                 if notify:  # it never reached the engine: an output with nothing in it
-                    deliver(held.loop, [(held, RequestOutput(request_id, None, None, None, [], True))])
+                    held.mailbox.post([(held, RequestOutput(request_id, None, None, None, [], True))])
                 return True
         current = self.streams.get(request_id)
         if current is None or stream not in (None, current):
@@ -164,7 +190,7 @@ class EngineThread:
         del self.streams[request_id]
         output = self.llm.llm_engine.abort_request(request_id)
         if notify and output is not None:
-            deliver(current.loop, [(current, current.on_abort(output))])
+            current.mailbox.post([(current, current.on_abort(output))])
         return True
 
     def abort_all(self) -> None:
@@ -175,7 +201,7 @@ class EngineThread:
         streams = list(self.streams.values()) + [s for s, _, _ in self.held]
         self.streams, self.held = {}, []
         for stream in streams:
-            deliver(stream.loop, [(stream, error)])
+            stream.mailbox.post([(stream, error)])
 
     def _fail_commands(self, error: BaseException) -> None:
         while True:
@@ -185,16 +211,3 @@ class EngineThread:
                 return
             if on_dead is not None:
                 on_dead(error)
-
-
-def _put_all(items) -> None:
-    for stream, item in items:
-        stream.queue.put_nowait(item)
-
-
-def deliver(loop, items) -> None:
-    """Put ``(stream, item)`` pairs on their queues from another thread (nothing if the loop is gone)."""
-    try:
-        loop.call_soon_threadsafe(_put_all, items)
-    except RuntimeError:  # the consumer's event loop is closed: nobody is listening
-        pass

@@ -16,9 +16,11 @@ import time
 from kiln.runtime.detokenizer import IncrementalDetokenizer
 from kiln.runtime.logprobs import LogprobsBuilder
 from kiln.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.sampling_params import RequestOutputKind, SamplingParams
 from kiln.runtime.sequence import Sequence
 from kiln.runtime.step_data import RunnerOutput
+
+FINAL_ONLY = RequestOutputKind.FINAL_ONLY
 
 
 class Request:
@@ -152,7 +154,7 @@ class OutputProcessor:
             seq.num_pending_tokens -= 1
             if seq.finish_reason is not None:  # it stopped one step earlier; this token is surplus
                 continue
-            if touched is not None and seq not in touched:
+            if touched is not None and seq not in touched and seq.params.output_kind is not FINAL_ONLY:
                 lp = len(seq.logprobs) if seq.logprobs is not None else 0
                 touched[seq] = (len(seq.output_token_ids), len(seq.text), lp)
             accept(seq, token, entry, now)
@@ -258,6 +260,7 @@ class OutputProcessor:
     def step_deltas(self) -> list[RequestOutput]:
         """What the last engine step added, one ``RequestOutput`` per request that got tokens: new text,
         token ids and logprobs of each sample that changed (the prompt logprobs with the first).
+        Requests whose ``output_kind`` is ``FINAL_ONLY`` have none (nothing is recorded for them).
 
         Only with ``track_deltas`` set before the requests run (RuntimeError otherwise). Call it after
         every step: the text of an unfinished sample holds back
@@ -269,30 +272,55 @@ class OutputProcessor:
                 "step_deltas: deltas are not recorded; call LLMEngine.enable_step_deltas() "
                 "before adding requests"
             )
-        by_request: dict[str, list[CompletionOutput]] = {}
-        carries_prompt_logprobs: dict[str, list | None] = {}
-        for seq, (tokens, _, logprobs) in self._touched.items():
-            sent = self._text_sent.get(seq.seq_id, 0)
-            if seq.finish_reason is None:
-                shown = max(sent, len(seq.text) - seq.params.output_text_buffer_length)
-                self._text_sent[seq.seq_id] = shown
+        requests, text_sent = self.requests, self._text_sent
+        deltas: dict[str, RequestOutput] = {}
+        several: list[RequestOutput] = []  # deltas of more than one sample: sorted by index at the end
+        for seq, (tokens, _, logprobs) in self._touched.items():  # runs for every stream and step
+            seq_id, text = seq.seq_id, seq.text
+            sent = text_sent.get(seq_id, 0)
+            if not text and not sent:  # no text (yet, or not detokenized)
+                piece = ""
             else:
-                shown = len(seq.text)
-                self._text_sent.pop(seq.seq_id, None)
-            by_request.setdefault(seq.request_id, []).append(
-                self._completion(seq, tokens, sent, logprobs, shown)
+                if seq.finish_reason is None:
+                    shown = max(sent, len(text) - seq.params.output_text_buffer_length)
+                    text_sent[seq_id] = shown
+                else:
+                    shown = len(text)
+                    text_sent.pop(seq_id, None)
+                piece = text[sent:shown]
+            completion = CompletionOutput(
+                seq.index,
+                piece,
+                seq.output_token_ids[tokens:],
+                seq.cumulative_logprob,
+                None if seq.logprobs is None else seq.logprobs[logprobs:],
+                seq.finish_reason,
+                seq.stop_reason,
+                seq.lora_request,
             )
-            if tokens == 0 or seq.request_id not in carries_prompt_logprobs:
-                carries_prompt_logprobs[seq.request_id] = seq.prompt_logprobs if tokens == 0 else None
-        return [
-            RequestOutput(
-                request_id=request_id,
-                prompt=None,
-                prompt_token_ids=None,
-                prompt_logprobs=carries_prompt_logprobs[request_id],
-                outputs=sorted(completions, key=lambda c: c.index),
-                finished=request_id not in self.requests,
-                lora_request=completions[0].lora_request,
-            )
-            for request_id, completions in by_request.items()
-        ]
+            request_id = seq.request_id
+            delta = deltas.get(request_id)
+            if delta is None:
+                deltas[request_id] = RequestOutput(
+                    request_id,
+                    None,
+                    None,
+                    seq.prompt_logprobs if tokens == 0 else None,
+                    [completion],
+                    request_id not in requests,
+                    None,
+                    seq.lora_request,
+                )
+                continue
+            if len(delta.outputs) == 1:
+                several.append(delta)
+            delta.outputs.append(completion)
+            if tokens == 0:
+                delta.prompt_logprobs = seq.prompt_logprobs
+        for delta in several:
+            delta.outputs.sort(key=_index)
+        return list(deltas.values())
+
+
+def _index(completion: CompletionOutput) -> int:
+    return completion.index

@@ -1,51 +1,119 @@
 """One streamed request of ``AsyncLLM``: turns the engine's per-step deltas into the outputs its
 ``output_kind`` asks for, and carries them to the consumer's event loop.
 
-The engine thread calls ``on_step`` / ``on_abort`` / ``fail``; each returns what to hand over (or
-None), and ``AsyncLLM`` puts it on ``queue`` through the consumer's loop (``loop.call_soon_threadsafe``).
+The engine thread calls ``on_step`` / ``on_abort``; each returns what to hand over (or None). What the
+engine thread hands over after a step, for every stream of one event loop, goes to that loop's
+``LoopMailbox`` in one ``post``: one ``call_soon_threadsafe`` wakes the loop, and none while a
+dispatch is already due (the loop then takes several steps' outputs at once). On the loop the
+mailbox puts each item on its stream (``put``), which wakes the stream's consumer only if it is
+waiting; a consumer that is behind takes what is there without waiting. Every step's output reaches
+the consumer, in order.
 
 - ``CUMULATIVE``: every output holds everything so far (the deltas aggregated); the last is the
   request's final output.
 - ``DELTA``: every output holds what the step added (text held back while a stop string may still cut
   it, see ``OutputProcessor.step_deltas``); the last carries the final metrics.
 - ``FINAL_ONLY``: only the final output.
+
+With ``stream_interval`` > 1 (an engine argument) a stream gets its first output at once, then one
+each time that many more tokens have come (DELTA outputs joined, CUMULATIVE ones skipped), and the
+final one: fewer outputs, each worth more tokens, for less host work per token.
 """
 
 import asyncio
+from collections import deque
 from dataclasses import replace
 
 from kiln.runtime.outputs import CompletionOutput, RequestOutput
 from kiln.runtime.sampling_params import RequestOutputKind
 
 
-def _copy(output: RequestOutput) -> RequestOutput:
-    """A snapshot the consumer may keep while the engine goes on aggregating."""
-    outputs = [
-        replace(
-            c,
-            token_ids=list(c.token_ids),
-            logprobs=None if c.logprobs is None else list(c.logprobs),
-        )
-        for c in output.outputs
-    ]
-    return replace(output, outputs=outputs)
+class LoopMailbox:
+    """Items for the streams of one event loop, handed over from other threads."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._batches: deque = deque()  # lists of (stream, item), in posting order
+        self._due = False  # a dispatch is scheduled on the loop and has not started yet
+
+    def post(self, items: list) -> None:
+        """Any thread: hand ``(stream, item)`` pairs to the loop (nothing if the loop is closed)."""
+        self._batches.append(items)
+        if self._due:  # the scheduled dispatch has not started: it takes these too
+            return
+        self._due = True
+        try:
+            self.loop.call_soon_threadsafe(self._dispatch)
+        except RuntimeError:  # the consumer's event loop is closed: nobody is listening
+            self._due = False
+            self._batches.clear()
+
+    def _dispatch(self) -> None:
+        """On the loop: every posted item to its stream."""
+        self._due = False  # before taking any batch: a later post schedules the next dispatch
+        batches = self._batches
+        while batches:
+            for stream, item in batches.popleft():
+                stream.put(item)
 
 
 class RequestStream:
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop):
-        self.request_id, self.loop = request_id, loop
-        self.queue: asyncio.Queue = asyncio.Queue()
+    def __init__(self, request_id: str, mailbox: LoopMailbox):
+        self.request_id, self.mailbox = request_id, mailbox
+        self.loop = mailbox.loop
+        self.items: deque = deque()  # outputs (or an error) not yet taken by the consumer (loop only)
+        self.waiter: asyncio.Future | None = None  # set while the consumer waits for an item
         self.kind = RequestOutputKind.CUMULATIVE
         self.prompt: str | None = None
         self.prompt_token_ids: list[int] | None = None
-        self._aggregate: RequestOutput | None = None
+        self.interval = 1
+        self._aggregate: RequestOutput | None = None  # CUMULATIVE: everything so far (engine thread)
+        self._sent = 0  # CUMULATIVE: tokens of the longest sample in the last output handed over
+        self._held: RequestOutput | None = None  # DELTA with an interval: joined deltas not yet sent
+        self._sent_any = False  # DELTA with an interval: the first output went out
 
-    def start(self, prompt: str | None, prompt_token_ids: list[int], kind: RequestOutputKind) -> None:
+    # ------------------------------------------------------------------ the consumer's loop
+
+    def put(self, item) -> None:
+        """Queue an output or an error; wake the consumer if it waits."""
+        self.items.append(item)
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():  # a cancelled consumer is not woken
+                waiter.set_result(None)
+
+    async def get(self):
+        """The next output or error, in order (waits only when none is queued)."""
+        if not self.items:
+            waiter = self.waiter = self.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self.waiter = None
+        return self.items.popleft()
+
+    # ------------------------------------------------------------------ the engine thread
+
+    def start(
+        self,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        kind: RequestOutputKind,
+        interval: int = 1,
+    ) -> None:
+        """``interval`` (``stream_interval``): hand over an output once this many tokens have come
+        since the last one (the first and the final output at once)."""
         self.prompt, self.prompt_token_ids, self.kind = prompt, prompt_token_ids, kind
+        self.interval = interval
 
     def on_step(self, delta: RequestOutput | None, final: RequestOutput | None) -> RequestOutput | None:
         """The output to hand over after a step that gave this request ``delta`` (None: no new
         tokens) and, when it finished, its ``final`` output."""
+        if self.interval > 1 and self.kind is RequestOutputKind.DELTA:
+            delta = self._hold(delta, final)
+            if delta is None and final is None:
+                return None
         if delta is not None:
             delta.prompt, delta.prompt_token_ids = self.prompt, self.prompt_token_ids
         if final is not None:
@@ -58,19 +126,91 @@ class RequestStream:
             return None
         if self.kind is RequestOutputKind.DELTA:
             return delta
-        if self._aggregate is None:
-            self._aggregate = _copy(delta)
+        aggregate = self._aggregate
+        if aggregate is None:  # the first delta's lists are its own: the aggregate keeps them
+            self._aggregate = aggregate = delta
         else:
-            self._aggregate.add(_copy(delta), aggregate=True)
-        return _copy(self._aggregate)
+            _extend(aggregate, delta)
+            if self.interval > 1 and not self._due(aggregate):
+                return None
+        self._sent = max(len(c.token_ids) for c in aggregate.outputs)
+        return _snapshot(aggregate)
+
+    def _hold(self, delta: RequestOutput | None, final: RequestOutput | None) -> RequestOutput | None:
+        """DELTA with an interval: ``delta`` joined to what is held back; the joined delta when it
+        is due (the first, ``interval`` tokens, or the final), else None (held)."""
+        held = self._held
+        if held is None:
+            held = delta
+        elif delta is not None:
+            _extend(held, delta)
+        if held is None:
+            return None
+        if final is None and self._sent_any and max(len(c.token_ids) for c in held.outputs) < self.interval:
+            self._held = held
+            return None
+        self._held, self._sent_any = None, True
+        return held
+
+    def _due(self, aggregate: RequestOutput) -> bool:
+        """CUMULATIVE with an interval: ``interval`` tokens since the last output."""
+        return max(len(c.token_ids) for c in aggregate.outputs) - self._sent >= self.interval
 
     def on_abort(self, output: RequestOutput) -> RequestOutput:
         """The last output of a request aborted by ``AsyncLLM.abort``: finish reason ``"abort"``
         (for ``DELTA``, with nothing new)."""
-        if self.kind is RequestOutputKind.DELTA:
-            empty = [
-                CompletionOutput(c.index, "", [], c.cumulative_logprob, None, c.finish_reason, c.stop_reason)
-                for c in output.outputs
-            ]
-            output = replace(output, outputs=empty, prompt_logprobs=None)
+        if self.kind is RequestOutputKind.DELTA:  # what is held back (with an interval), else nothing
+            held = {c.index: c for c in self._held.outputs} if self._held is not None else {}
+            outputs = []
+            for c in output.outputs:
+                h = held.get(c.index)
+                text, tokens, logprobs = (
+                    (h.text, h.token_ids, h.logprobs) if h is not None else ("", [], None)
+                )
+                outputs.append(
+                    CompletionOutput(
+                        c.index, text, tokens, c.cumulative_logprob, logprobs, c.finish_reason, c.stop_reason
+                    )
+                )
+            prompt_logprobs = self._held.prompt_logprobs if self._held is not None else None
+            self._held = None
+            output = replace(output, outputs=outputs, prompt_logprobs=prompt_logprobs)
         return output
+
+
+def _extend(aggregate: RequestOutput, delta: RequestOutput) -> None:
+    """Append a later delta of the same request to ``aggregate`` in place (its lists are its own)."""
+    by_index = {c.index: c for c in aggregate.outputs}
+    for new in delta.outputs:
+        old = by_index.get(new.index)
+        if old is None:
+            aggregate.outputs.append(replace(new, token_ids=list(new.token_ids)))
+            continue
+        old.text += new.text
+        old.token_ids.extend(new.token_ids)
+        if new.logprobs is not None:
+            if old.logprobs is None:
+                old.logprobs = []
+            old.logprobs.extend(new.logprobs)
+        old.cumulative_logprob = new.cumulative_logprob
+        old.finish_reason, old.stop_reason = new.finish_reason, new.stop_reason
+    if len(aggregate.outputs) > 1:
+        aggregate.outputs.sort(key=lambda c: c.index)
+
+
+def _snapshot(output: RequestOutput) -> RequestOutput:
+    """A copy the consumer may keep while the engine goes on aggregating."""
+    outputs = [
+        CompletionOutput(
+            c.index,
+            c.text,
+            c.token_ids[:],
+            c.cumulative_logprob,
+            None if c.logprobs is None else c.logprobs[:],
+            c.finish_reason,
+            c.stop_reason,
+            c.lora_request,
+        )
+        for c in output.outputs
+    ]
+    return replace(output, outputs=outputs)
