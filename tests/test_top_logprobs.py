@@ -33,3 +33,14 @@ def test_entries_per_row_and_arrays(as_tensor):
 
 def test_no_row_asks():
     assert top_logprobs(torch.zeros(3, 4), [0, 1, 2], [None, None, None]) == [None, None, None]
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_host_copy_matches_the_cpu():
+    logprobs = torch.randn(7, 300, generator=torch.Generator().manual_seed(1)).log_softmax(-1)
+    tokens = torch.randint(0, 300, (7,), generator=torch.Generator().manual_seed(2))
+    ks = [8, None, 3, 8, 20, None, 1]
+    want = list(top_logprobs(logprobs, tokens, ks))
+    got = top_logprobs(logprobs.cuda(), tokens.cuda(), ks)
+    assert list(got) == want
+    assert got.token_ids.tolist() == [t for t, k in zip(tokens.tolist(), ks) if k]

@@ -39,11 +39,15 @@ class TopLogprobs:
 
     def wait(self) -> None:
         """Wait for the host copy (once); the arrays are readable after it."""
-        if self._ready is not None:
+        pinned = self._ready is not None
+        if pinned:
             self._ready.synchronize()
             self._ready = None
         if self.ids is None:
             ints, floats = self._ints.numpy(), self._floats.numpy()
+            if pinned:  # the pinned buffers go back to the allocator's cache (a search keeps every step's)
+                ints, floats = ints.copy(), floats.copy()
+            self._ints = self._floats = None
             w = self.widest
             self.ids, self.token_ids, self.ranks = ints[:, :w], ints[:, w], ints[:, w + 1]
             self.values, self.token_values = floats[:, :w], floats[:, w]
