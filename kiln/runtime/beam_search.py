@@ -232,7 +232,14 @@ def _search(
         raise
     for request_id in request_ids:  # beams still held after the last step
         engine.abort_request(request_id)
-    return [_results(g, params, eos, tokenizer, tree) for g in groups]
+    # the results are one graph of objects that all survive: nothing for the collector to find
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return [_results(g, params, eos, tokenizer, tree) for g in groups]
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _step_until_sampled(llm, seqs: list[Sequence], request_ids: set[str]) -> None:
