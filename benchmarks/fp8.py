@@ -30,6 +30,10 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from kiln.bench import env  # noqa: E402
+
 VARIANTS = {
     "bf16": [],
     "fp8": ["--quantization", "fp8"],
@@ -48,8 +52,8 @@ def run_part(part, model, variant, output_dir, extra, part_extra=()) -> dict | N
     cmd += [*PARTS[part], *part_extra, *VARIANTS[variant], "--tag", tag, "--output-dir", output_dir]
     cmd += ["--no-progress", *extra]
     print("+", " ".join(cmd), flush=True)
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if subprocess.run(cmd, env=env).returncode != 0:
+    child_env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if subprocess.run(cmd, env=child_env).returncode != 0:
         return None
     with open(os.path.join(output_dir, f"bench_{part}_{tag}.json")) as f:
         return json.load(f)["results"]
@@ -84,7 +88,9 @@ def main(argv=None) -> int:
     for model in args.models.split(","):
         name = os.path.basename(model.rstrip("/"))
         path = os.path.join(args.output_dir, f"bench_fp8_{name}.json")
-        summary = {"model": model, "variants": {}, "extra_args": extra}
+        summary = env.collect(config={**vars(args), "model": model, "extra_args": extra})
+        summary["benchmark"] = "fp8"
+        summary["variants"] = {}
         if os.path.isfile(path):  # an earlier call's other parts or variants are kept
             with open(path) as f:
                 summary["variants"] = json.load(f).get("variants", {})

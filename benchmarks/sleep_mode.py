@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from kiln import LLM, SamplingParams  # noqa: E402
+from kiln.bench import env  # noqa: E402
 from kiln.bench.shapes import shape_config, write_shape_dir  # noqa: E402
 from kiln.bench.workload import patterned_ids  # noqa: E402
 
@@ -69,10 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     wake_s = time.perf_counter() - t
     woken = used_bytes()
     after = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    result = {
-        "model": args.model,
-        "level": args.level,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    doc = env.collect(config=vars(args))
+    doc["benchmark"] = "sleep_mode"
+    doc["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    doc["results"] = {
         "startup_s": round(startup, 2),
         "context_only_gib": gib(baseline),
         "awake_gib": gib(awake),
@@ -84,11 +85,11 @@ def main(argv: list[str] | None = None) -> None:
         "graph_capture_s": round(llm.compile_report().graph_capture_s, 2),
         "greedy_identical": before == after,
     }
-    print(json.dumps(result, indent=1))
+    print(json.dumps(doc, indent=1))
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump(doc, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -280,6 +280,8 @@ def test_fp8(tmp_path):
     (call,) = CALLS["fp8"]
     run(call, tmp_path)
     summary = load(tmp_path / "bench_fp8_tiny.json")
+    check_env(summary, "fp8")
+    assert summary["config"]["model"] == "tiny"
     assert set(summary["variants"]) == {"bf16", "fp8", "fp8-kv8"}
     for name, row in summary["variants"].items():
         assert not any(k.endswith("_error") for k in row), (name, row)
@@ -298,13 +300,16 @@ def test_fp8(tmp_path):
 def test_sleep_mode(tmp_path):
     (call,) = CALLS["sleep"]
     run(call, tmp_path)
-    r = load(tmp_path / "bench_sleep_tiny.json")
-    assert r["model"] == "tiny" and r["level"] == 1 and r["greedy_identical"] is True
+    doc = load(tmp_path / "bench_sleep_tiny.json")
+    check_env(doc, "sleep_mode")
+    assert doc["config"]["model"] == "tiny" and doc["config"]["level"] == 1
+    r = doc["results"]
+    assert r["greedy_identical"] is True
     assert r["sleep_s"] >= 0 and r["wake_up_s"] >= 0 and r["startup_s"] > 0
     if DEVICE == "cuda":  # device memory is read only on CUDA
         assert 0 < r["asleep_gib"] < r["awake_gib"] and 0 < r["asleep_fraction_of_awake"] < 1
     else:
-        assert r["device"] == "cpu" and r["awake_gib"] is None and r["asleep_fraction_of_awake"] is None
+        assert doc["gpu"] is None and r["awake_gib"] is None and r["asleep_fraction_of_awake"] is None
 
 
 def test_bench_throughput_with_warmup_prompts(tmp_path):
