@@ -132,7 +132,7 @@ Choice = tuple[int, int, float]
 class _Tree:
     """The search tree of one call. Node ``i`` is one chosen output token: ``parent[i]`` (-1: the
     prompt), ``token[i]``, and the distribution it was chosen from (``source[i]``, a ``TopLogprobs``,
-    and its ``row[i]``). Lists of ints: nothing for the garbage collector to walk per beam."""
+    and its ``row[i]``). Flat lists, no object per node: nothing more for the garbage collector."""
 
     def __init__(self) -> None:
         self.parent: list[int] = []
@@ -202,6 +202,7 @@ def _heap_frozen():
 def _search(
     llm, engine, prepared, params: BeamSearchParams, eos: int | None, tokenizer
 ) -> list[BeamSearchOutput]:
+    """One beam per prompt, the search steps, then every prompt's result."""
     request_ids: set[str] = set()
     groups: list[_Group] = []
     tree = _Tree()
