@@ -7,7 +7,9 @@ kiln runs a named shape with random weights (``load_format="dummy"``); HF runs a
 (its own random weights, bfloat16, eager, dynamic cache) over the same prompts in batches of
 ``--hf-batch`` prompts. Both ignore EOS, so every beam runs ``--new-tokens`` steps. Tokens/s counts
 ``prompts * width * new_tokens`` generated beam tokens. Target: kiln >= 5x HF. kiln's entry also counts
-the tokens its steps computed: the prompts once, then one per beam per search step.
+the tokens its steps computed: the prompts once, then one per beam per search step, and the time per
+search step, in all and outside the engine's steps (``benchmarks/beam_host.py`` splits a step's host
+cost on the CPU).
 """
 
 import argparse
@@ -52,6 +54,7 @@ def run_kiln(args, workload) -> dict:
     )  # warm-up
     llm.reset_prefix_cache()  # every prompt computed in the measured run
     computed = count_computed_tokens(llm.llm_engine)
+    in_steps = time_engine_steps(llm.llm_engine)
     sync()
     start = time.perf_counter()
     outs = llm.beam_search(batch, params)
@@ -67,7 +70,26 @@ def run_kiln(args, workload) -> dict:
         "computed_tokens": computed["tokens"],
         # the prompts once, then one token per beam per later step (nothing computed twice)
         "expected_computed_tokens": args.prompts * (args.prompt_len + args.width * (args.new_tokens - 1)),
+        "ms_per_search_step": round(1e3 * elapsed / args.new_tokens, 3),
+        # the search's own host work between engine steps (choice, forks, drops, the results)
+        "search_ms_per_step_outside_engine": round(1e3 * (elapsed - in_steps[0]) / args.new_tokens, 3),
     }
+
+
+def time_engine_steps(engine) -> list[float]:
+    """Seconds spent in ``engine.step`` from now on (a one-element list, filled as steps run)."""
+    seconds = [0.0]
+    inner = engine.step
+
+    def timed():
+        start = time.perf_counter()
+        try:
+            return inner()
+        finally:
+            seconds[0] += time.perf_counter() - start
+
+    engine.step = timed
+    return seconds
 
 
 def count_computed_tokens(engine) -> dict:

@@ -284,3 +284,78 @@ def test_queued_requests_run_alongside_and_keep_their_outputs(llm):
     outs = llm.wait_for_completion(use_tqdm=False)
     assert [o.request_id for o in outs] == ids and [o.outputs[0].token_ids for o in outs] == want
     assert_nothing_left(llm.llm_engine)
+
+
+def reference_choose(beams, width, eos, ignore_eos, length_penalty):
+    """vLLM's selection, one candidate at a time: ``beams`` are (logprob dict, cum, token count)."""
+    from kiln.runtime.beam_search import _score
+
+    candidates, completed = [], []
+    for b, (dist, cum, length) in enumerate(beams):
+        for token, lp in dist.items():
+            total = cum + lp.logprob
+            if token == eos and not ignore_eos:
+                completed.append((b, total, length + 1))
+            else:
+                candidates.append((_score(length + 1, token, total, eos, length_penalty), b, token, total))
+    candidates.sort(key=lambda c: c[0], reverse=True)
+    return [(b, t, c) for _, b, t, c in candidates[:width]], completed
+
+
+@pytest.mark.parametrize("ignore_eos,length_penalty", [(False, 1.0), (True, 0.5), (False, 2.0)])
+def test_vectorised_choice_matches_one_candidate_at_a_time(ignore_eos, length_penalty):
+    """Groups of 1, 3 and 4 beams of different lengths, quantised logprobs (many ties), sampled tokens
+    inside and outside the top tokens, a frequent EOS, and a group that no longer grows."""
+    from types import SimpleNamespace
+
+    from kiln.runtime.beam_search import _Group, _Tree, choose
+    from kiln.runtime.logprobs import LogprobsBuilder
+    from kiln.runtime.top_logprobs import top_logprobs
+
+    width, vocab, eos = 4, 12, 5
+    params = BeamSearchParams(width, 8, ignore_eos=ignore_eos, length_penalty=length_penalty)
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        sizes, lengths = [1, 3, 4], [7, 9, 12]
+        rows = sum(sizes)
+        logits = torch.randint(-3, 1, (rows, vocab), generator=gen).float()
+        logits[:, eos] += 1.0  # EOS among the top tokens of most rows
+        logprobs = logits.log_softmax(-1)
+        tokens = torch.randint(0, vocab, (rows,), generator=gen)
+        src = top_logprobs(logprobs, tokens, [2 * width] * rows)
+        tree, groups, want, row = _Tree(), [], [], 0
+        builder = LogprobsBuilder(None)
+        for n, length in zip(sizes, lengths):
+            beams, ref = [], []
+            for _ in range(n):
+                cum = -float(torch.rand((), generator=gen)) * 3
+                beams.append((SimpleNamespace(beam_candidates=(src, row)), tree.add(-1, 1, (src, row)), cum))
+                ref.append((builder.make(int(tokens[row]), src[row], (), False), cum, length))
+                row += 1
+            groups.append(_Group([1] * length, None, beams, length=length))
+            want.append(reference_choose(ref, width, eos, ignore_eos, length_penalty))
+        still = _Group([1, 2], None, [(None, 0, -1.0)], length=2)
+        got = choose(groups + [still], params, eos, tree)
+        assert got[-1] is None and not still.completed
+        for g, chosen, (ref_chosen, ref_completed) in zip(groups, got, want):
+            assert chosen == ref_chosen, trial
+            parent_index = {node: b for b, (_, node, _) in enumerate(g.beams)}
+            completed = [(parent_index[tree.parent[node]], cum, n) for node, cum, n in g.completed]
+            assert completed == ref_completed
+            assert all(tree.token[node] == eos for node, _, _ in g.completed)
+        assert ignore_eos or any(g.completed for g in groups)
+
+
+def test_the_search_leaves_the_collector_as_it_found_it(llm):
+    import gc
+
+    params = BeamSearchParams(beam_width=2, max_tokens=2, ignore_eos=True)
+    assert gc.get_freeze_count() == 0
+    llm.beam_search(PROMPTS[:1], params)
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # a caller's own frozen heap stays frozen (less what the search freed of it)
+    try:
+        llm.beam_search(PROMPTS[:1], params)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

@@ -207,6 +207,29 @@ def test_beam_search(tmp_path):
     assert kiln["beam_tokens"] == hf["beam_tokens"] == 5 * 4 * 4  # prompts x width x new tokens
     assert kiln["computed_tokens"] == kiln["expected_computed_tokens"] == 5 * (8 + 4 * 3)
     assert kiln["tok_s"] > 0 and hf["tok_s"] > 0 and doc["results"]["speedup"] > 0
+    assert 0 < kiln["search_ms_per_step_outside_engine"] < kiln["ms_per_search_step"]
+
+
+def test_beam_host(tmp_path):
+    """The CPU measure of a beam step's host cost (not a GPU part): every phase reported."""
+    run(
+        "benchmarks/beam_host.py --vocab-size 512 --prompts 3 --width 2 --new-tokens 3 --prompt-len 8 "
+        "--repeats 1 --out {out}/beam_host.json",
+        tmp_path,
+    )
+    doc = load(tmp_path / "beam_host.json")
+    check_env(doc, "beam_host")
+    median = doc["results"]["ms_per_step_median"]
+    assert set(median) == {
+        "total",
+        "forward",
+        "lm_head",
+        "sampler",
+        "engine_rest",
+        "search",
+        "host_without_sampler",
+    }
+    assert median["total"] > 0 and doc["results"]["steps"] == 3
 
 
 def test_structured(tmp_path, tokenizer_dir):

@@ -9,8 +9,9 @@ from kiln.compiler.cudagraph import CudaGraphs
 from kiln.ops.attention_backend import AttentionBackend
 from kiln.ops.forward_context import forward_context
 from kiln.pooling.state import PooledRows
-from kiln.runtime.sampler import sample, top_logprobs
+from kiln.runtime.sampler import sample
 from kiln.runtime.step_data import RunnerOutput, SchedulerOutput
+from kiln.runtime.top_logprobs import top_logprobs
 from kiln.structured.token_mask import GrammarBitmask
 
 

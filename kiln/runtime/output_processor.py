@@ -146,14 +146,18 @@ class OutputProcessor:
         now = time.time()
         finished_seqs, finished = [], []
         touched = self._touched if self.track_deltas else None
-        accept, get = self._accept, seqs.get
-        for seq_id, token, entry in zip(out.seq_ids, out.read_back(), out.logprobs):  # every sampled row
+        accept, get, logprobs = self._accept, seqs.get, out.logprobs
+        for row, (seq_id, token) in enumerate(zip(out.seq_ids, out.read_back())):  # every sampled row
             seq = get(seq_id)
             if seq is None:  # aborted
                 continue
             seq.num_pending_tokens -= 1
             if seq.finish_reason is not None:  # it stopped one step earlier; this token is surplus
                 continue
+            if seq.beam:  # its search reads the distribution as arrays: no Logprob dicts
+                seq.beam_candidates, entry = (logprobs, row), None
+            else:
+                entry = logprobs[row]
             if touched is not None and seq not in touched and seq.params.output_kind is not FINAL_ONLY:
                 lp = len(seq.logprobs) if seq.logprobs is not None else 0
                 touched[seq] = (len(seq.output_token_ids), len(seq.text), lp)

@@ -13,6 +13,7 @@ import torch
 
 from kiln.ops.sample_argmax import sample_argmax
 from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.top_logprobs import TopLogprobs, top_logprobs
 from kiln.runtime.transfer import to_device
 from kiln.structured.token_mask import TokenMask
 
@@ -35,7 +36,7 @@ class SamplingRow:
 class SamplerOutput:
     tokens: torch.Tensor  # int64 [rows] on the device; reading it is the step's one host sync
     # per row: (top token ids, their logprobs, sampled token logprob, sampled token rank) or None
-    logprobs: list[tuple[list[int], list[float], float, int] | None]
+    logprobs: TopLogprobs | list[None]
 
     @property
     def token_ids(self) -> list[int]:
@@ -245,36 +246,10 @@ def sample(
         )
     if logprobs_mode.endswith("logprobs"):
         reported = reported.log_softmax(-1)
-    return SamplerOutput(tokens, _gather_logprobs(reported, tokens.tolist(), seqs))
+    return SamplerOutput(tokens, _gather_logprobs(reported, tokens, seqs))
 
 
-def top_logprobs(logprobs: torch.Tensor, token_ids: list[int], ks: list[int | None]):
-    """Per row: (top ids, top logprobs, logprob of token_ids[row], rank of it) for rows with k set."""
-    out: list = [None] * len(ks)
-    rows = [i for i, k in enumerate(ks) if k is not None]
-    if not rows:
-        return out
-    vocab = logprobs.shape[1]
-    widest = max(vocab if ks[i] == -1 else ks[i] for i in rows)
-    idx = torch.tensor(rows, device=logprobs.device)
-    sub = logprobs[idx]
-    chosen = torch.tensor([token_ids[i] for i in rows], device=logprobs.device)
-    chosen_lp = sub.gather(1, chosen[:, None])
-    ranks = (sub > chosen_lp).sum(-1) + 1
-    top_lp, top_ids = sub.topk(widest, dim=-1) if widest > 0 else (sub[:, :0], sub[:, :0].long())
-    top_lp, top_ids, chosen_lp, ranks = (
-        top_lp.tolist(),
-        top_ids.tolist(),
-        chosen_lp[:, 0].tolist(),
-        ranks.tolist(),
-    )
-    for j, i in enumerate(rows):
-        k = vocab if ks[i] == -1 else ks[i]
-        out[i] = (top_ids[j][:k], top_lp[j][:k], chosen_lp[j], ranks[j])
-    return out
-
-
-def _gather_logprobs(raw_logprobs, token_ids, seqs):
+def _gather_logprobs(raw_logprobs, tokens, seqs):
     if raw_logprobs is None:
         return [None] * len(seqs)
-    return top_logprobs(raw_logprobs, token_ids, [s.params.logprobs for s in seqs])
+    return top_logprobs(raw_logprobs, tokens, [s.params.logprobs for s in seqs])

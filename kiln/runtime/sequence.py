@@ -53,6 +53,9 @@ class Sequence:
     pooling: Any = None  # kiln.pooling.state.PoolingState of a prompt-only pooling request
     grammar: object = None  # kiln.structured.grammar_state.GrammarState of a constrained sequence
     beam: bool = False  # a beam search's beam: held after each sampled token (Status.HELD)
+    # a beam's last sampled distribution, (TopLogprobs, row) (kiln/runtime/top_logprobs.py); a beam
+    # gets no Logprob dicts nor cumulative logprob: its search keeps those
+    beam_candidates: Any = None
 
     def __post_init__(self):
         if self.params.logprobs is not None:
