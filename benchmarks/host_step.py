@@ -38,7 +38,7 @@ from kiln.bench.constant_worker import ConstantWorker
 from kiln.runtime.config import EngineConfig
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.sampling_params import SamplingParams
-from kiln.runtime.step_data import SchedulerOutput
+from kiln.runtime.step_data import RunnerOutput, SchedulerOutput
 
 
 class GrammarWorker(ConstantWorker):
