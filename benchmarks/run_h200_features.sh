@@ -7,12 +7,12 @@
 #   tests       pytest -m gpu on every file but the three below, GPU_TEST_WORKERS (default 4) pytest-xdist
 #               workers sharing the GPU (tests/conftest.py caps each worker's KV cache)
 #   tests-serial pytest -m gpu on test_worker, test_compile_cache and test_cudagraph (they check the KV budget
-#               and graph memory themselves), then test_compile_cache's saved-Dynamo-graph tests on this machine
+#               and graph memory themselves)
 #   streaming   AsyncLLM at 64 streams vs LLM.generate, TTFT at batch 1 (llama-1b)
 #   beam        beam search, 64 prompts x width 4 x 128 new tokens vs HF generate(num_beams=4) (llama-1b)
 #   structured  JSON-schema constrained vs unconstrained tokens/s, batch-1 TPOT (llama-1b; needs TOKENIZER)
-#   pooling     embeddings, 10,000 x 256 vs HF batched forward (llama-1b)
-#   lora        LoRA batch-1/throughput and adapter swaps (llama-8b)
+#   pooling     embeddings, 10,000 x 256 vs HF batched forward (POOL_MODELS, default llama-1b)
+#   lora        LoRA batch-1/throughput and adapter swaps (LORA_MODEL, default llama-8b)
 #   fp8         bf16 vs fp8 vs fp8 + fp8 KV (llama-1b, both parts)
 #   sleep       sleep(1) / wake_up memory and time (llama-8b)
 #   warm        llama-1b throughput with 256 warm-up prompts on this tree and on BASE (a before/after tree;
@@ -48,14 +48,14 @@ part() {
         --ignore=tests/test_worker.py --ignore=tests/test_compile_cache.py --ignore=tests/test_cudagraph.py ;;
     tests-serial)
         "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_worker.py tests/test_compile_cache.py \
-            tests/test_cudagraph.py
-        "$PY" -m pytest -q -p no:cacheprovider tests/test_compile_cache.py -k dynamo_graph ;;
+            tests/test_cudagraph.py ;;
     streaming) "$PY" benchmarks/streaming.py --model llama-1b --streams 64 --out "$OUT/bench_streaming_llama-1b.json" ;;
     beam) "$PY" benchmarks/beam_search.py --model llama-1b --prompts 64 --width 4 --new-tokens 128 \
         --out "$OUT/bench_beam_search_llama-1b.json" ;;
     structured) "$PY" benchmarks/structured.py --model llama-1b --tokenizer "$TOK" --output-dir "$OUT" ;;
-    pooling) "$PY" benchmarks/pooling.py --models llama-1b --output "$OUT/bench_pooling_llama-1b.json" ;;
-    lora) "$PY" benchmarks/lora.py --model llama-8b --tag h200 --output-dir "$OUT" ;;
+    pooling) local pm="${POOL_MODELS:-llama-1b}"
+        "$PY" benchmarks/pooling.py --models "$pm" --output "$OUT/bench_pooling_${pm//,/_}.json" ;;
+    lora) "$PY" benchmarks/lora.py --model "${LORA_MODEL:-llama-8b}" --tag h200 --output-dir "$OUT" ;;
     fp8) "$PY" benchmarks/fp8.py --models llama-1b --output-dir "$OUT" ;;
     sleep) "$PY" benchmarks/sleep_mode.py --model llama-8b --level 1 --out "$OUT/bench_sleep_llama-8b.json" ;;
     warm)
