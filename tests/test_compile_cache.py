@@ -84,6 +84,7 @@ OTHER_CODE = {
     "pass_config.eliminate_noops": {"compilation_config": {"pass_config": {"eliminate_noops": False}}},
     "pass_config.fuse_add_rms_norm": {"compilation_config": {"pass_config": {"fuse_add_rms_norm": True}}},
     "pass_config.fuse_gemv": {"compilation_config": {"pass_config": {"fuse_gemv": True}}},
+    "pass_config.fuse_fp8_gemv": {"compilation_config": {"pass_config": {"fuse_fp8_gemv": True}}},
     "inductor_compile_config": {"compilation_config": {"inductor_compile_config": {"max_autotune": True}}},
     "dtype": {"dtype": "bfloat16"},
     "quantization": {"quantization": "fp8"},

@@ -60,14 +60,19 @@ class PassConfig(BaseModel):
     # one-token products with RMSNorm / SiLU-mul / residual add folded in (static compiles of size 1);
     # static compiles then skip coordinate-descent tuning (see static_inductor_options)
     fuse_gemv: bool = False
+    # fp8 models: products of at most kiln.ops.fp8_gemv.MAX_ROWS rows (static compiles) as the weight-only
+    # kiln::fp8_gemv, activations not quantized
+    fuse_fp8_gemv: bool = False
     # fp8 models: the per-token activation quantization folded into the op before it
     fuse_add_rms_norm_quant: bool = False
     fuse_rms_norm_quant: bool = False
     fuse_silu_mul_quant: bool = False
 
     def enabled_fusions(self) -> list[str]:
-        # gemv first: it takes the residual adds; the quant fusions before the plain ones they contain
-        order = ("fuse_gemv", "fuse_add_rms_norm_quant", "fuse_rms_norm_quant", "fuse_silu_mul_quant")
+        # gemv first: it takes the residual adds; fp8 gemv before the quant fusions (it drops the
+        # quantization they fold); the quant fusions before the plain ones they contain
+        order = ("fuse_gemv", "fuse_fp8_gemv")
+        order += ("fuse_add_rms_norm_quant", "fuse_rms_norm_quant", "fuse_silu_mul_quant")
         order += ("fuse_add_rms_norm", "fuse_silu_mul")
         return [name for name in order if getattr(self, name)]
 

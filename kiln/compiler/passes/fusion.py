@@ -17,6 +17,7 @@ logger = logging.getLogger("kiln.compiler")
 # config toggle -> module under kiln.compiler.passes
 FUSIONS = {
     "fuse_gemv": "fusion_gemv",
+    "fuse_fp8_gemv": "fusion_fp8_gemv",
     "fuse_add_rms_norm_quant": "fusion_add_rms_norm_quant",
     "fuse_rms_norm_quant": "fusion_rms_norm_quant",
     "fuse_silu_mul_quant": "fusion_silu_mul_quant",
