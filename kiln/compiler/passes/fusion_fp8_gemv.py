@@ -4,9 +4,10 @@ Matches ``kiln.quant.fp8.fp8_linear`` on the post-grad ATen graph, the activatio
 per token, or the checkpoint's static ``input_scale``) and the product after it (``torch._scaled_mm`` as
 on CUDA, or the reference, whose fp32 residual add Inductor turns into ``addmm`` on CPU), with and
 without a bias, for float32, bfloat16 and float16 activations, where the input has at most
-``fp8_gemv.MAX_ROWS`` rows (a static compile of that size; never a dynamic batch). The replacement reads the fp8 weight and its per-row scales and leaves the activations in the
-model dtype: no quantization kernel, no tensor-core product. The RMSNorm, SiLU-mul and residual add
-around the product stay Inductor's.
+``fp8_gemv.MAX_ROWS`` rows (a static compile of that size; never a dynamic batch). The replacement
+reads the fp8 weight and its per-row scales and leaves the activations in the model dtype: no
+quantization kernel, no tensor-core product. The RMSNorm, SiLU-mul and residual add around the
+product stay Inductor's.
 """
 
 import torch
@@ -49,7 +50,7 @@ def _patterns(dtype, product):
     x, x1 = torch.empty(2, 16, dtype=dtype), torch.empty(1, 16, dtype=dtype)
     w, ws = torch.empty(8, 16, dtype=FP8_DTYPE), torch.empty(8)
     b, s = torch.empty(8, dtype=dtype), torch.empty(1)
-    # the static scale's row-wise copy is no copy for one row (a [1, 1] expand is contiguous): traced both ways
+    # the static scale's row-wise copy is none for one row (a [1, 1] expand is contiguous): traced both ways
     return [
         (dynamic, dynamic_fused, [x, w, ws]),
         (dynamic_bias, dynamic_bias_fused, [x, w, ws, b]),
