@@ -14,6 +14,8 @@
 #   pooling     embeddings, 10,000 x 256 vs HF batched forward (POOL_MODELS, default llama-1b)
 #   lora        LoRA batch-1/throughput and adapter swaps (LORA_MODEL, default llama-8b)
 #   fp8         bf16 vs fp8 vs fp8 + fp8 KV (llama-1b, both parts)
+#   fp8-gemv    bf16 vs fp8 batch-1 TPOT (llama-1b) with the static size-1 compile and its GEMVs
+#               (fuse_gemv, fuse_fp8_gemv), results in $OUT/fp8_gemv
 #   sleep       sleep(1) / wake_up memory and time (llama-8b)
 #   warm        llama-1b throughput with 256 warm-up prompts on this tree and on BASE (a before/after tree;
 #               BASE_SHA names its commit in the results)
@@ -57,6 +59,9 @@ part() {
         "$PY" benchmarks/pooling.py --models "$pm" --output "$OUT/bench_pooling_${pm//,/_}.json" ;;
     lora) "$PY" benchmarks/lora.py --model "${LORA_MODEL:-llama-8b}" --tag h200 --output-dir "$OUT" ;;
     fp8) "$PY" benchmarks/fp8.py --models llama-1b --output-dir "$OUT" ;;
+    fp8-gemv) "$PY" benchmarks/fp8.py --models llama-1b --variants bf16,fp8 --parts latency \
+        --output-dir "$OUT/fp8_gemv" \
+        -cc '{"compile_sizes": [1], "pass_config": {"fuse_gemv": true, "fuse_fp8_gemv": true}}' ;;
     sleep) "$PY" benchmarks/sleep_mode.py --model llama-8b --level 1 --out "$OUT/bench_sleep_llama-8b.json" ;;
     warm)
         local base="${BASE:?warm needs BASE=<before tree>}"

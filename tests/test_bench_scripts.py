@@ -51,6 +51,12 @@ CALLS = {
         "benchmarks/fp8.py --models tiny --output-dir {out} --latency-args '--input-len 8 --output-len 4 "
         "--num-iters 1' --throughput-args '--num-prompts 4 --input-len 8 --output-len 4' " + " ".join(KV)
     ],
+    "fp8-gemv": [
+        "benchmarks/fp8.py --models tiny --variants bf16,fp8 --parts latency --output-dir {out}/fp8_gemv "
+        "--latency-args '--input-len 8 --output-len 4 --num-iters 1' "
+        '-cc \'{{"compile_sizes": [1], "pass_config": {{"fuse_gemv": true, "fuse_fp8_gemv": true}}}}\' '
+        + " ".join(KV)
+    ],
     "sleep": [
         "benchmarks/sleep_mode.py --model tiny --level 1 --max-model-len 256 "
         "--out {out}/bench_sleep_tiny.json"
@@ -317,6 +323,21 @@ def test_fp8(tmp_path):
     assert summary["variants"]["bf16"]["tpot_over_bf16"] == 1.0
     quantized = load(tmp_path / "bench_latency_fp8_tiny_fp8-kv8.json")["config"]["llm_kwargs"]
     assert quantized["quantization"] == "fp8" and quantized["kv_cache_dtype"] == "fp8"
+
+
+def test_fp8_gemv_part(tmp_path):
+    """The static size-1 compile with both GEMV fusions reaches each latency run's engine."""
+    (call,) = CALLS["fp8-gemv"]
+    run(call, tmp_path)
+    summary = load(tmp_path / "fp8_gemv" / "bench_fp8_tiny.json")
+    assert set(summary["variants"]) == {"bf16", "fp8"}
+    assert all(row["tpot_ms"] > 0 for row in summary["variants"].values())
+    for variant in ("bf16", "fp8"):
+        kwargs = load(tmp_path / "fp8_gemv" / f"bench_latency_fp8_tiny_{variant}.json")["config"][
+            "llm_kwargs"
+        ]
+        cc = kwargs["compilation_config"]
+        assert cc["compile_sizes"] == [1] and cc["pass_config"] == {"fuse_gemv": True, "fuse_fp8_gemv": True}
 
 
 def test_sleep_mode(tmp_path):

@@ -69,9 +69,10 @@ class PassConfig(BaseModel):
     fuse_silu_mul_quant: bool = False
 
     def enabled_fusions(self) -> list[str]:
-        # gemv first: it takes the residual adds; fp8 gemv before the quant fusions (it drops the
-        # quantization they fold); the quant fusions before the plain ones they contain
-        order = ("fuse_gemv", "fuse_fp8_gemv")
+        # fp8 gemv first (it drops the quantization the quant fusions fold, and its reference products
+        # on CPU look like bf16 ones); gemv next: it takes the residual adds; the quant fusions before
+        # the plain ones they contain
+        order = ("fuse_fp8_gemv", "fuse_gemv")
         order += ("fuse_add_rms_norm_quant", "fuse_rms_norm_quant", "fuse_silu_mul_quant")
         order += ("fuse_add_rms_norm", "fuse_silu_mul")
         return [name for name in order if getattr(self, name)]
