@@ -71,9 +71,10 @@ def test_kernel_real_shapes_on_gpu(m):
         x, w, s, b = _operands(m, n, k, torch.bfloat16, "cuda")
         got = torch.ops.kiln.fp8_gemv(x, w, s, None)
         torch.testing.assert_close(got, fp8_gemv_ref(x, w, s), atol=6e-2, rtol=2e-2)
-        # and against the W8A8 path at the same shape: the activation quantization is the only difference
+        # the W8A8 path differs by its activation quantization only: 2.7% relative on these operands with
+        # the reference product (CPU), none at all would mean the GEMV quantizes too
         w8a8 = fp8_linear(x, w, s)
-        assert (got.float() - w8a8.float()).norm() / w8a8.float().norm() < 0.05
+        assert 0.01 < (got.float() - w8a8.float()).norm() / w8a8.float().norm() < 0.05
 
 
 def test_op_rejects_bad_inputs():

@@ -14,7 +14,7 @@ import torch
 from torch._inductor.pattern_matcher import Match, PatternMatcherPass, fwd_only, register_replacement
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from kiln.ops.fp8_gemv import MAX_ROWS
+from kiln.ops.fp8_gemv import MAX_ROWS  # and registers kiln::fp8_gemv (warm starts load code calling it)
 from kiln.quant.fp8 import FP8_DTYPE, quantize_activation, scaled_mm_cuda, scaled_mm_ref
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -100,8 +100,6 @@ def _few_rows(match: Match) -> bool:
 
 
 def build() -> PatternMatcherPass:
-    import kiln.ops.fp8_gemv  # noqa: F401  (registers kiln::fp8_gemv)
-
     matcher = PatternMatcherPass(pass_name="kiln_fuse_fp8_gemv")
     for dtype in DTYPES:
         for product in (scaled_mm_cuda, scaled_mm_ref):
