@@ -19,7 +19,9 @@ bitmask over a ``--vocab-size`` (128,256: Llama 3's) vocabulary filled by the en
 advanced by the tokens read back, against a worker that samples a pseudo-random allowed token from the
 mask at once (its own CPU time is measured and left out); the same run unconstrained beside it.
 ``--grow-tokenizer N`` first grows the tokenizer to N tokens (concatenations of two of its own tokens,
-seeded): a stand-in for a tokenizer as large as Llama 3's, whose masks cost more per row.
+seeded): a stand-in for a tokenizer as large as Llama 3's, whose masks cost more per row. It also
+times, outside the engine, a 64-row fill in 1, 2 and 4 shares and a fill handed to another thread
+while the caller runs Python (``fill_split`` in the JSON): what handing rows to threads costs here.
 """
 
 import argparse
@@ -190,6 +192,76 @@ def time_xgrammar_pool(tokenizer_path: str, vocab_size: int, repeats: int = 200)
     return out
 
 
+def time_fill_split(tokenizer_path: str, vocab_size: int, rows: int = 64, repeats: int = 200) -> dict:
+    """Wall us (median of ``repeats``) of kiln's fill of ``rows`` matchers inside a JSON string (the
+    schema of ``structured.py``) in 1, 2 and 4 shares (forced, whatever ``fill_shares`` would pick),
+    and of one fill handed to another thread while the engine's thread runs Python (a busy loop of
+    0 or 200 us) against the same done serially: what a hand-off costs on this host, GIL included."""
+    import statistics
+    from concurrent.futures import ThreadPoolExecutor
+
+    import transformers
+
+    from kiln.structured.xgrammar_backend import MIN_SHARE_US, XGrammarBackend
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from structured import BENCH_SCHEMA
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path)
+    os.environ["KILN_GRAMMAR_THREADS"] = "4"
+    try:
+        backend = XGrammarBackend(tokenizer, vocab_size, [tokenizer.eos_token_id])
+    finally:
+        del os.environ["KILN_GRAMMAR_THREADS"]
+    import xgrammar as xgr
+
+    compiled = backend.compile(xgr.Grammar.from_json_schema(json.dumps(BENCH_SCHEMA)))
+    matchers = [backend.matcher(compiled) for _ in range(rows)]
+    for m in matchers:
+        assert m.matcher.accept_string('{"items": [{"name": "ab')
+    bitmask = torch.empty(rows, backend.words, dtype=torch.int32)
+    indices = list(range(rows))
+
+    def median_us(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return round(1e6 * statistics.median(times), 1)
+
+    out = {"rows": rows, "grammar_vocab_size": backend.vocab_size}
+    for shares in (1, 2, 4):
+
+        def fill(shares=shares):
+            backend.threads, backend.us_per_row = shares, MIN_SHARE_US  # forces the shares
+            backend.fill_bitmask(matchers, bitmask, indices)
+
+        out[f"fill_{shares}_shares_wall_us"] = median_us(fill)
+    handles, filler = [m.handle for m in matchers], backend.fillers[0]
+    pool = ThreadPoolExecutor(1)
+
+    def busy(us: float) -> None:
+        end = time.perf_counter() + 1e-6 * us
+        while time.perf_counter() < end:
+            pass
+
+    for us in (0, 200):
+        out[f"serial_fill_then_{us}us_python_wall_us"] = median_us(
+            lambda us=us: (filler.batch_fill_next_token_bitmask(handles, bitmask, indices, False), busy(us))
+        )
+
+        def overlapped(us=us):
+            future = pool.submit(filler.batch_fill_next_token_bitmask, handles, bitmask, indices, False)
+            busy(us)
+            future.result()
+
+        out[f"fill_on_a_thread_beside_{us}us_python_wall_us"] = median_us(overlapped)
+    pool.shutdown()
+    backend.shutdown()
+    return out
+
+
 def time_runner_prepare(rows: int, repeats: int = 300) -> float:
     """CPU seconds of one ``ModelRunner._prepare`` over a decode step of ``rows`` sequences."""
     from kiln.ops.attention_backend import AttentionBackend
@@ -337,6 +409,7 @@ def main() -> None:
             "versions": {**env.versions(), "xgrammar": env._version("xgrammar")},
             "grammar_threads": grammar_threads(),
             "one_row_fill": time_xgrammar_pool(args.tokenizer, args.vocab_size),
+            "fill_split": time_fill_split(args.tokenizer, args.vocab_size),
         }
         print(json.dumps(result, indent=1))
         if args.output:
