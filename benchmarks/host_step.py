@@ -208,12 +208,11 @@ def time_fill_split(tokenizer_path: str, vocab_size: int, rows: int = 64, repeat
     from structured import BENCH_SCHEMA
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path)
-    os.environ["KILN_GRAMMAR_THREADS"] = "4"
-    try:
-        backend = XGrammarBackend(tokenizer, vocab_size, [tokenizer.eos_token_id])
-    finally:
-        del os.environ["KILN_GRAMMAR_THREADS"]
     import xgrammar as xgr
+
+    backend = XGrammarBackend(tokenizer, vocab_size, [tokenizer.eos_token_id])
+    backend.fillers = [xgr.BatchGrammarMatcher(max_threads=1)._handle for _ in range(4)]
+    backend.pool = ThreadPoolExecutor(3, thread_name_prefix="kiln-grammar")  # room for 4 shares
 
     compiled = backend.compile(xgr.Grammar.from_json_schema(json.dumps(BENCH_SCHEMA)))
     matchers = [backend.matcher(compiled) for _ in range(rows)]
