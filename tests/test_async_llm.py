@@ -122,7 +122,8 @@ def test_output_kinds_agree_with_each_other_and_generate(engine, params):
     want, streams = run(main())
     cumulative, delta, final = (streams[k] for k in KINDS)
     assert len(final) == 1 and final[0].finished
-    assert len(cumulative) > 1 and len(delta) == len(cumulative)
+    # the first tokens and the end are handed over at once; the steps between may be joined
+    assert len(cumulative) > 1 and len(delta) > 1
     for outs in streams.values():
         assert outs[-1].finished and not any(o.finished for o in outs[:-1])
         assert all(o.prompt == PROMPT and o.prompt_token_ids == want.prompt_token_ids for o in outs)

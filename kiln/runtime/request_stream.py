@@ -21,6 +21,7 @@ final one: fewer outputs, each worth more tokens, for less host work per token.
 """
 
 import asyncio
+import time
 from collections import deque
 from dataclasses import replace
 
@@ -35,6 +36,10 @@ class LoopMailbox:
         self.loop = loop
         self._batches: deque = deque()  # lists of (stream, item), in posting order
         self._due = False  # a dispatch is scheduled on the loop and has not started yet
+        # the loop thread's CPU seconds for the last dispatch and the consumer steps it woke (what
+        # handing a batch of outputs over costs there), read by the engine thread
+        self.cost = 0.0
+        self._cpu_at_dispatch = 0.0
 
     def post(self, items: list) -> None:
         """Any thread: hand ``(stream, item)`` pairs to the loop (nothing if the loop is closed)."""
@@ -51,10 +56,16 @@ class LoopMailbox:
     def _dispatch(self) -> None:
         """On the loop: every posted item to its stream."""
         self._due = False  # before taking any batch: a later post schedules the next dispatch
+        self._cpu_at_dispatch = time.thread_time()
         batches = self._batches
         while batches:
             for stream, item in batches.popleft():
                 stream.put(item)
+        # after the consumers just woken have run (the loop runs its ready callbacks in order)
+        self.loop.call_soon(self._measure)
+
+    def _measure(self) -> None:
+        self.cost = time.thread_time() - self._cpu_at_dispatch
 
 
 class RequestStream:
