@@ -2,16 +2,17 @@
 ``output_kind`` asks for, and carries them to the consumer's event loop.
 
 The engine thread calls ``on_step`` / ``on_abort``; each returns what to hand over (or None). What the
-engine thread hands over after a step, for every stream of one event loop, goes to that loop's
-``LoopMailbox`` in one ``post``: one ``call_soon_threadsafe`` wakes the loop, and none while a
-dispatch is already due (the loop then takes several steps' outputs at once). On the loop the
-mailbox puts each item on its stream (``put``), which wakes the stream's consumer only if it is
-waiting; a consumer that is behind takes what is there without waiting. Every step's output reaches
-the consumer, in order.
+engine thread hands over (after a step, or after a few joined: ``kiln/runtime/engine_thread.py``), for
+every stream of one event loop, goes to that loop's ``LoopMailbox`` in one ``post``: one
+``call_soon_threadsafe`` wakes the loop, and none while a dispatch is already due (the loop then takes
+several hand-offs at once). On the loop the mailbox puts each item on its stream (``put``), which wakes
+the stream's consumer only if it is waiting; a consumer that is behind takes what is there without
+waiting. Every hand-off's output reaches the consumer, in order. The mailbox also measures what a
+dispatch costs the loop thread (``cost``), which the engine thread spaces its hand-offs by.
 
 - ``CUMULATIVE``: every output holds everything so far (the deltas aggregated); the last is the
   request's final output.
-- ``DELTA``: every output holds what the step added (text held back while a stop string may still cut
+- ``DELTA``: every output holds what the hand-off added (text held back while a stop string may still cut
   it, see ``OutputProcessor.step_deltas``); the last carries the final metrics.
 - ``FINAL_ONLY``: only the final output.
 
