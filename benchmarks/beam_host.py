@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 from kiln import LLM, BeamSearchParams  # noqa: E402
 from kiln.bench import env  # noqa: E402
+from kiln.bench.common import emit_result  # noqa: E402
 from kiln.bench.shapes import shape_config  # noqa: E402
 from kiln.bench.workload import patterned_ids  # noqa: E402
 
@@ -125,12 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     median["host_without_sampler"] = round(median["engine_rest"] + median["search"], 3)
     doc["results"] = {"ms_per_step_runs": runs, "ms_per_step_median": median, "steps": args.new_tokens}
     llm.shutdown()
-    text = json.dumps(doc, indent=1)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit_result(doc, args.out)
 
 
 if __name__ == "__main__":

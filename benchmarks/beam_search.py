@@ -14,7 +14,6 @@ cost on the CPU).
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -25,6 +24,7 @@ import torch  # noqa: E402
 
 from kiln import LLM, BeamSearchParams  # noqa: E402
 from kiln.bench import env  # noqa: E402
+from kiln.bench.common import emit_result  # noqa: E402
 from kiln.bench.hf_compare import build_model  # noqa: E402
 from kiln.bench.shapes import shape_config, write_shape_dir  # noqa: E402
 from kiln.bench.workload import patterned_ids  # noqa: E402
@@ -163,12 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         "speedup": round(kiln["tok_s"] / hf["tok_s"], 3),
         "target": ">= 5",
     }
-    text = json.dumps(doc, indent=1)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit_result(doc, args.out)
 
 
 if __name__ == "__main__":

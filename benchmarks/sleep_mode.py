@@ -11,7 +11,6 @@ smoke run on the ``tiny`` shape) the memory fields are ``null``; times and greed
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -22,6 +21,7 @@ import torch  # noqa: E402
 
 from kiln import LLM, SamplingParams  # noqa: E402
 from kiln.bench import env  # noqa: E402
+from kiln.bench.common import emit_result  # noqa: E402
 from kiln.bench.shapes import shape_config, write_shape_dir  # noqa: E402
 from kiln.bench.workload import patterned_ids  # noqa: E402
 
@@ -85,11 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         "graph_capture_s": round(llm.compile_report().graph_capture_s, 2),
         "greedy_identical": before == after,
     }
-    print(json.dumps(doc, indent=1))
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(doc, f, indent=1)
+    emit_result(doc, args.out)
 
 
 if __name__ == "__main__":

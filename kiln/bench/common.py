@@ -407,6 +407,16 @@ def write_result(
     return path
 
 
+def emit_result(doc: dict, out: str | None) -> None:
+    """Print a benchmark script's result document and write it to ``out`` when given."""
+    text = json.dumps(jsonable(doc), indent=1)
+    print(text)
+    if out:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(out, "w") as f:
+            f.write(text + "\n")
+
+
 def args_dict(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("func",)}
 
