@@ -25,7 +25,6 @@ N`` passes ``stream_interval=N`` to ``AsyncLLM`` (an output per N tokens instead
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -35,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kiln import AsyncLLM, RequestOutputKind, SamplingParams  # noqa: E402
 from kiln.bench import env  # noqa: E402
+from kiln.bench.common import emit_result  # noqa: E402
 from kiln.bench.constant_worker import ConstantWorker  # noqa: E402
 from kiln.bench.shapes import shape_config, write_shape_dir  # noqa: E402
 from kiln.bench.workload import patterned_ids  # noqa: E402
@@ -218,12 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception:  # the environment record is best effort
         doc["gpu"] = None
     doc["results"] = asyncio.run(bench(args))
-    text = json.dumps(doc, indent=1)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit_result(doc, args.out)
 
 
 if __name__ == "__main__":
