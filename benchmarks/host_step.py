@@ -19,7 +19,11 @@ bitmask over a ``--vocab-size`` (128,256: Llama 3's) vocabulary filled by the en
 advanced by the tokens read back, against a worker that samples a pseudo-random allowed token from the
 mask at once (its own CPU time is measured and left out); the same run unconstrained beside it.
 ``--grow-tokenizer N`` first grows the tokenizer to N tokens (concatenations of two of its own tokens,
-seeded): a stand-in for a tokenizer as large as Llama 3's, whose masks cost more per row.
+seeded): a stand-in for a tokenizer as large as Llama 3's, whose masks cost more per row. It also
+times, outside the engine, a 64-row fill in 1, 2 and 4 shares and a fill handed to another thread
+while the caller runs Python (``fill_split`` in the JSON): what handing rows to threads costs here.
+``--grammar-parts --tokenizer DIR`` times the grammar work of one step of ``--max-num-seqs`` rows alone
+(``token_mask`` and the matchers' ``accept``), min and median of 400.
 """
 
 import argparse
@@ -190,6 +194,129 @@ def time_xgrammar_pool(tokenizer_path: str, vocab_size: int, repeats: int = 200)
     return out
 
 
+def time_fill_split(tokenizer_path: str, vocab_size: int, rows: int = 64, repeats: int = 200) -> dict:
+    """Wall us (median of ``repeats``) of kiln's fill of ``rows`` matchers inside a JSON string (the
+    schema of ``structured.py``) in 1, 2 and 4 shares (forced, whatever ``fill_shares`` would pick),
+    and of one fill handed to another thread while the engine's thread runs Python (a busy loop of
+    0 or 200 us) against the same done serially: what a hand-off costs on this host, GIL included."""
+    import statistics
+    from concurrent.futures import ThreadPoolExecutor
+
+    import transformers
+
+    from kiln.structured.xgrammar_backend import MIN_SHARE_US, XGrammarBackend
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from structured import BENCH_SCHEMA
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path)
+    import xgrammar as xgr
+
+    backend = XGrammarBackend(tokenizer, vocab_size, [tokenizer.eos_token_id])
+    backend.fillers = [xgr.BatchGrammarMatcher(max_threads=1)._handle for _ in range(4)]
+    backend.pool = ThreadPoolExecutor(3, thread_name_prefix="kiln-grammar")  # room for 4 shares
+
+    compiled = backend.compile(xgr.Grammar.from_json_schema(json.dumps(BENCH_SCHEMA)))
+    matchers = [backend.matcher(compiled) for _ in range(rows)]
+    for m in matchers:
+        assert m.matcher.accept_string('{"items": [{"name": "ab')
+    bitmask = torch.empty(rows, backend.words, dtype=torch.int32)
+    indices = list(range(rows))
+
+    def median_us(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return round(1e6 * statistics.median(times), 1)
+
+    out = {"rows": rows, "grammar_vocab_size": backend.vocab_size}
+    for shares in (1, 2, 4):
+
+        def fill(shares=shares):
+            backend.threads, backend.us_per_row = shares, MIN_SHARE_US  # forces the shares
+            backend.fill_bitmask(matchers, bitmask, indices)
+
+        out[f"fill_{shares}_shares_wall_us"] = median_us(fill)
+    handles, filler = [m.handle for m in matchers], backend.fillers[0]
+    pool = ThreadPoolExecutor(1)
+
+    def busy(us: float) -> None:
+        end = time.perf_counter() + 1e-6 * us
+        while time.perf_counter() < end:
+            pass
+
+    for us in (0, 200):
+        out[f"serial_fill_then_{us}us_python_wall_us"] = median_us(
+            lambda us=us: (filler.batch_fill_next_token_bitmask(handles, bitmask, indices, False), busy(us))
+        )
+
+        def overlapped(us=us):
+            future = pool.submit(filler.batch_fill_next_token_bitmask, handles, bitmask, indices, False)
+            busy(us)
+            future.result()
+
+        out[f"fill_on_a_thread_beside_{us}us_python_wall_us"] = median_us(overlapped)
+    pool.shutdown()
+    backend.shutdown()
+    return out
+
+
+def time_grammar_parts(tokenizer_path: str, vocab_size: int, rows: int, repeats: int = 400) -> dict:
+    """Wall us (min and median of ``repeats``) of the engine's grammar work of one step of ``rows``
+    constrained rows whose matchers are inside a JSON string (the schema of ``structured.py``):
+    ``StructuredOutputManager.token_mask`` (the bitmask, filled), and ``GrammarState.accept`` of one
+    token a row (then a ``rollback(1)`` a row, timed alone too: subtract it)."""
+    import statistics
+
+    import transformers
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from structured import BENCH_SCHEMA
+
+    from kiln import StructuredOutputsParams
+    from kiln.structured.manager import StructuredOutputManager
+    from kiln.structured.params import StructuredOutputsConfig
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path)
+    manager = StructuredOutputManager(
+        StructuredOutputsConfig(), tokenizer, vocab_size, [tokenizer.eos_token_id], torch.device("cpu")
+    )
+    params = SamplingParams(max_tokens=256, structured_outputs=StructuredOutputsParams(json=BENCH_SCHEMA))
+    seqs = []
+    for _ in range(rows):
+        state = manager.new_state(params)
+        while not state.ready:
+            time.sleep(0.01)
+        assert state.matcher.matcher.accept_string('{"items": [{"name": "ab')
+        seqs.append(types.SimpleNamespace(grammar=state, params=params, output_token_ids=[1] * 10))
+    token = tokenizer.convert_tokens_to_ids("a")  # inside a string: always allowed
+
+    def accept():
+        for s in seqs:
+            s.grammar.accept(token)
+        for s in seqs:
+            s.grammar.matcher.matcher.rollback(1)
+
+    def rollback():
+        for s in seqs:
+            s.grammar.matcher.matcher.rollback(0)
+
+    out = {"rows": rows}
+    for name, fn in (("token_mask", lambda: manager.token_mask(seqs)), ("accept_and_rollback", accept),
+                     ("rollback", rollback)):  # fmt: skip
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out[f"{name}_min_us"] = round(1e6 * min(times), 1)
+        out[f"{name}_median_us"] = round(1e6 * statistics.median(times), 1)
+    manager.shutdown()
+    return out
+
+
 def time_runner_prepare(rows: int, repeats: int = 300) -> float:
     """CPU seconds of one ``ModelRunner._prepare`` over a decode step of ``rows`` sequences."""
     from kiln.ops.attention_backend import AttentionBackend
@@ -280,6 +407,11 @@ def main() -> None:
         "--vocab-size", type=int, default=128256, help="with --structured: the model's vocabulary"
     )
     ap.add_argument("--grow-tokenizer", type=int, default=None, help="with --structured: grow it to N tokens")
+    ap.add_argument(
+        "--grammar-parts",
+        action="store_true",
+        help="time token_mask and accept of one step (needs --tokenizer)",
+    )
     ap.add_argument("--output", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
     single = (
@@ -309,6 +441,19 @@ def main() -> None:
         max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size,
     )
+    if args.grammar_parts:
+        if args.tokenizer is None:
+            raise SystemExit("--grammar-parts needs --tokenizer DIR")
+        result = {
+            "command": f"python benchmarks/host_step.py --grammar-parts --tokenizer DIR --max-num-seqs "
+            f"{args.max_num_seqs} --vocab-size {args.vocab_size}",
+            **time_grammar_parts(args.tokenizer, args.vocab_size, args.max_num_seqs),
+        }
+        print(json.dumps(result))
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     if args.structured:
         if args.tokenizer is None:
             raise SystemExit("--structured needs --tokenizer DIR")
@@ -337,6 +482,7 @@ def main() -> None:
             "versions": {**env.versions(), "xgrammar": env._version("xgrammar")},
             "grammar_threads": grammar_threads(),
             "one_row_fill": time_xgrammar_pool(args.tokenizer, args.vocab_size),
+            "fill_split": time_fill_split(args.tokenizer, args.vocab_size),
         }
         print(json.dumps(result, indent=1))
         if args.output:

@@ -16,13 +16,15 @@ The host cost of streaming, without the model's forward:
 (token 7 for every row, a simulated device that runs a step in X ms; 0: no device time, so every
 figure is host time). Each run also records the process's CPU seconds (both threads) and the engine
 steps it took, so ``*_cpu_us_per_step`` is the host time of a step on each path and
-``stream_extra_cpu_us_per_step`` what streaming adds to it. ``--stream-interval N`` passes
-``stream_interval=N`` to ``AsyncLLM`` (an output per N tokens instead of per token).
+``stream_extra_cpu_us_per_step`` what streaming adds to it. ``stream_outputs_per_request`` is how many
+outputs a stream got (the engine thread joins the steps between hand-offs when handing over every step
+would cost more than a few percent of the time: ``kiln/runtime/engine_thread.py``). ``--stream-interval
+N`` passes ``stream_interval=N`` to ``AsyncLLM`` (an output per N tokens instead of per token);
+``--handoff-share S`` sets that share (``engine_thread.HANDOFF_SHARE``, 0.03 by default).
 """
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -32,9 +34,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kiln import AsyncLLM, RequestOutputKind, SamplingParams  # noqa: E402
 from kiln.bench import env  # noqa: E402
+from kiln.bench.common import emit_result  # noqa: E402
 from kiln.bench.constant_worker import ConstantWorker  # noqa: E402
 from kiln.bench.shapes import shape_config, write_shape_dir  # noqa: E402
 from kiln.bench.workload import patterned_ids  # noqa: E402
+from kiln.runtime import engine_thread  # noqa: E402
 
 
 def prompts(n: int, length: int, vocab_size: int) -> list[dict]:
@@ -58,18 +62,20 @@ class StepCounter:
         engine.step = step
 
 
-async def stream_all(engine, workload, params, tag) -> tuple[float, int, float]:
-    """(wall seconds, output tokens, process CPU seconds) of the workload streamed."""
+async def stream_all(engine, workload, params, tag) -> tuple[float, int, float, int]:
+    """(wall seconds, output tokens, process CPU seconds, outputs received) of the workload streamed."""
 
     async def one(i, prompt):
-        tokens = 0
+        tokens = outputs = 0
         async for out in engine.generate(prompt, params, f"{tag}-{i}"):
             tokens += len(out.outputs[0].token_ids)
-        return tokens
+            outputs += 1
+        return tokens, outputs
 
     cpu, start = time.process_time(), time.perf_counter()
     counts = await asyncio.gather(*(one(i, p) for i, p in enumerate(workload)))
-    return time.perf_counter() - start, sum(counts), time.process_time() - cpu
+    wall, used = time.perf_counter() - start, time.process_time() - cpu
+    return wall, sum(t for t, _ in counts), used, sum(o for _, o in counts)
 
 
 async def generate_all(engine, workload, params) -> tuple[float, int, float]:
@@ -129,7 +135,7 @@ async def bench(args) -> dict:
         runs = []
         for r in range(args.repeats):  # interleaved, so drift hits both alike
             first = counter.steps
-            s_time, s_tokens, s_cpu = await stream_all(engine, workload, delta, f"run{r}")
+            s_time, s_tokens, s_cpu, s_outputs = await stream_all(engine, workload, delta, f"run{r}")
             middle = counter.steps
             g_time, g_tokens, g_cpu = await generate_all(engine, workload, plain)
             s_steps, g_steps = middle - first, counter.steps - middle
@@ -138,6 +144,7 @@ async def bench(args) -> dict:
                     "stream_tok_s": s_tokens / s_time,
                     "generate_tok_s": g_tokens / g_time,
                     "stream_tokens": s_tokens,
+                    "stream_outputs_per_request": s_outputs / len(workload),
                     "generate_tokens": g_tokens,
                     "stream_steps": s_steps,
                     "generate_steps": g_steps,
@@ -160,6 +167,7 @@ async def bench(args) -> dict:
         "stream_cpu_us_per_step": round(stream_cpu, 1),
         "generate_cpu_us_per_step": round(generate_cpu, 1),
         "stream_extra_cpu_us_per_step": round(stream_cpu - generate_cpu, 1),
+        "stream_outputs_per_request": statistics.median(r["stream_outputs_per_request"] for r in runs),
         "ttft_stream_ms": round(stream_ttft * 1e3, 3),
         "ttft_generate_ms": round(generate_ttft * 1e3, 3),
         "ttft_ratio": round(stream_ttft / generate_ttft, 4),
@@ -187,8 +195,18 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="replace the model by a constant worker whose simulated device step takes this long",
     )
+    parser.add_argument(
+        "--handoff-share",
+        type=float,
+        default=None,
+        help="the wall-time share the engine thread spends on handing outputs over (kiln's default: 0.03)",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.handoff_share is not None:
+        if not args.handoff_share > 0:
+            raise ValueError(f"--handoff-share must be > 0, got {args.handoff_share}")
+        engine_thread.HANDOFF_SHARE = args.handoff_share
     if args.fake_device_ms is not None and args.fake_device_ms < 0:
         raise ValueError(f"--fake-device-ms must be >= 0, got {args.fake_device_ms}")
     doc = env.collect(config=vars(args))
@@ -200,12 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception:  # the environment record is best effort
         doc["gpu"] = None
     doc["results"] = asyncio.run(bench(args))
-    text = json.dumps(doc, indent=1)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit_result(doc, args.out)
 
 
 if __name__ == "__main__":

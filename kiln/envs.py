@@ -74,8 +74,9 @@ def distributed_timeout() -> float:
 
 
 def grammar_threads() -> int | None:
-    """``KILN_GRAMMAR_THREADS``: threads that fill a step's grammar bitmasks (xgrammar), the engine's
-    own included. Unset: half the CPUs this process may run on, at most 8."""
+    """``KILN_GRAMMAR_THREADS``: threads that may fill a step's grammar bitmasks (xgrammar), the
+    engine's own included (how many a step uses: ``xgrammar_backend.fill_shares``). Unset: half the
+    CPUs this process may run on, at most 8."""
     raw = os.environ.get("KILN_GRAMMAR_THREADS")
     if not raw:
         return None

@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from kiln import AsyncEngineArgs, AsyncLLM, AsyncLLMEngine, RequestOutputKind, SamplingParams
+from kiln.runtime import engine_thread
 from kiln.runtime.async_llm import EngineDeadError
 
 KINDS = (RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA, RequestOutputKind.FINAL_ONLY)
@@ -35,6 +36,17 @@ def engine_threads() -> set:
 
 def run(coro):
     return asyncio.run(coro)
+
+
+def hand_offs(monkeypatch, engine, joined: bool) -> None:
+    """Pin the engine thread's hand-off schedule: after every step, or (``joined``) as seldom as it
+    goes (first tokens and ends only); the test's end restores it."""
+    if joined:
+        monkeypatch.setattr(engine_thread, "HANDOFF_SHARE", 1e-12)
+        monkeypatch.setattr(engine_thread, "MAX_HANDOFF_DELAY", 60.0)
+    else:
+        monkeypatch.setattr(engine_thread, "HANDOFF_SHARE", 1e9)
+    monkeypatch.setattr(engine._engine, "_next_handoff", 0.0)  # the schedule of earlier tests
 
 
 async def collect(engine, prompt, params, request_id):
@@ -122,7 +134,8 @@ def test_output_kinds_agree_with_each_other_and_generate(engine, params):
     want, streams = run(main())
     cumulative, delta, final = (streams[k] for k in KINDS)
     assert len(final) == 1 and final[0].finished
-    assert len(cumulative) > 1 and len(delta) == len(cumulative)
+    # the first tokens and the end are handed over at once; the steps between may be joined
+    assert len(cumulative) > 1 and len(delta) > 1
     for outs in streams.values():
         assert outs[-1].finished and not any(o.finished for o in outs[:-1])
         assert all(o.prompt == PROMPT and o.prompt_token_ids == want.prompt_token_ids for o in outs)
@@ -176,7 +189,75 @@ def test_many_coroutines_share_one_batch(engine):
     assert [o[-1].outputs[0].token_ids for o in outs] == [w.outputs[0].token_ids for w in want]
 
 
-def test_abort_ends_the_stream_and_frees_blocks(engine):
+def test_hand_offs_every_step_or_joined(engine, monkeypatch):
+    """When handing over is cheap against a step, every step's tokens go at once (one output per
+    token here); when it is not, the steps between hand-offs are joined, but the first token and the
+    end never wait. Either way the outputs are what ``generate`` gives."""
+    base = dict(temperature=0, max_tokens=20, ignore_eos=True, logprobs=1)
+
+    async def streams():
+        want = await engine._call(lambda llm: llm.generate(PROMPT, SamplingParams(**base), use_tqdm=False))
+        got = {}
+        for kind in KINDS:
+            params = SamplingParams(**base, output_kind=kind)
+            got[kind] = await collect(engine, PROMPT, params, f"handoff-{kind.name}")
+        return want[0], got
+
+    hand_offs(monkeypatch, engine, joined=False)
+    want, every_step = run(streams())
+    hand_offs(monkeypatch, engine, joined=True)
+    _, joined = run(streams())
+    counts = {
+        (name, kind): [len(o.outputs[0].token_ids) for o in outs]
+        for name, got in (("every", every_step), ("joined", joined))
+        for kind, outs in got.items()
+    }
+    C, D, F = KINDS
+    assert counts["every", D] == [1] * 20 and counts["every", C] == list(range(1, 21))
+    assert counts["joined", D] == [1, 19] and counts["joined", C] == [1, 20]
+    assert counts["every", F] == counts["joined", F] == [20]
+    for got in (every_step, joined):
+        assert merged(got[D]) == as_dict(got[C][-1]) == as_dict(got[F][0]) == as_dict(want)
+        assert all(outs[-1].finished and not any(o.finished for o in outs[:-1]) for outs in got.values())
+    assert run(idle(engine))
+
+
+def test_an_abort_hands_over_the_tokens_not_handed_over_yet(engine, monkeypatch):
+    """With hand-offs joined, ``abort`` first hands a DELTA stream the tokens since its last output:
+    the joined outputs are the tokens the request got, a prefix of ``generate``'s."""
+    hand_offs(monkeypatch, engine, joined=True)
+    params = dict(temperature=0, max_tokens=100, ignore_eos=True)
+
+    async def main():
+        want = await engine._call(lambda llm: llm.generate(PROMPT, SamplingParams(**params), use_tqdm=False))
+        outs = []
+        delta = SamplingParams(**params, output_kind=RequestOutputKind.DELTA)
+        async for out in engine.generate(PROMPT, delta, "abort-joined"):
+            outs.append(out)
+            if len(outs) == 1:
+                for _ in range(100):  # until the engine has run a few more steps
+                    await asyncio.sleep(0.01)
+                    steps = await engine._call(
+                        lambda llm: len(
+                            llm.llm_engine.processor.requests["abort-joined"].seqs[0].output_token_ids
+                        )
+                    )
+                    if steps >= 4:
+                        break
+                await engine.abort("abort-joined")
+        return want[0], outs
+
+    want, outs = run(main())
+    tokens = merged(outs)[0]["token_ids"]
+    assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
+    assert len(outs) == 3 and outs[-1].outputs[0].token_ids == []  # first token, the rest, the end
+    assert 4 <= len(tokens) < 100 and tokens == want.outputs[0].token_ids[: len(tokens)]
+    assert run(idle(engine))
+
+
+def test_abort_ends_the_stream_and_frees_blocks(engine, monkeypatch):
+    hand_offs(monkeypatch, engine, joined=False)  # three outputs come long before the end
+
     async def main():
         params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
         outs = []
@@ -299,9 +380,11 @@ def test_control_calls(engine):
     assert reset and asleep and not still_asleep and after == before
 
 
-def test_stream_interval_joins_outputs(tiny_checkpoint):
+def test_stream_interval_joins_outputs(tiny_checkpoint, monkeypatch):
     """``stream_interval=4``: the first output at once, then one per 4 tokens, then the final; the
     joined DELTA outputs and the CUMULATIVE ones are what ``generate`` gives."""
+    monkeypatch.setattr(engine_thread, "HANDOFF_SHARE", 1e9)  # a hand-off after every step
+    monkeypatch.setattr(engine_thread, "MAX_HANDOFF_DELAY", 0.0)
     with pytest.raises(ValueError, match="stream_interval must be a positive integer, got 0"):
         AsyncLLM(model=tiny_checkpoint("llama"), stream_interval=0)
     llm = AsyncLLM(

@@ -178,6 +178,7 @@ def test_streaming(tmp_path):
     r = doc["results"]
     (one,) = r["runs"]
     assert one["stream_tokens"] == one["generate_tokens"] == 6 * 4  # every stream ran to max_tokens
+    assert 2 <= one["stream_outputs_per_request"] <= 4  # the first token and the end at least
     assert r["stream_output_tok_s"] > 0 and r["generate_output_tok_s"] > 0 and r["stream_over_generate"] > 0
     assert r["ttft_stream_ms"] > 0 and r["ttft_generate_ms"] > 0 and r["ttft_ratio"] > 0
     assert one["stream_steps"] > 0 and one["generate_steps"] > 0

@@ -275,6 +275,64 @@ def test_step_deltas_add_up_to_the_final_outputs(overlap):
     assert [c.index for c in final["1"].outputs] == [0, 1]
 
 
+def test_step_deltas_join_the_steps_since_the_last_call():
+    """Read only every third step (``urgent`` in between), the deltas still add up to the final
+    outputs: ``urgent`` takes just the samples whose first tokens or end came, and leaves the rest
+    recorded; ``request_id`` takes one request's."""
+    engine, _ = make_engine(tokenizer=CharTokenizer())
+    engine.enable_step_deltas()
+    params = [SamplingParams(n=2 if i == 1 else 1, max_tokens=5 + 2 * i, ignore_eos=True) for i in range(4)]
+    for i, (prompt, p) in enumerate(zip(PROMPTS, params)):
+        engine.add_request(str(i), None, prompt, p)
+    merged: dict[str, RequestOutput] = {}
+    final: dict[str, RequestOutput] = {}
+    step = urgent_reads = 0
+
+    def take(deltas):
+        for d in deltas:
+            if d.request_id in merged:
+                merged[d.request_id].add(d, aggregate=True)
+            else:
+                merged[d.request_id] = d
+
+    while engine.has_unfinished_requests():
+        step += 1
+        for out in engine.step():
+            final[out.request_id] = out
+        if step % 3 == 0:
+            take(engine.step_deltas())
+            assert not engine.processor.has_urgent_deltas and not engine.processor._touched
+        elif engine.processor.has_urgent_deltas:
+            deltas = engine.step_deltas(urgent=True)
+            urgent_reads += 1
+            assert deltas and not engine.processor.has_urgent_deltas
+            for d in deltas:  # a first output starts at token 0; any other ends its samples
+                first = d.request_id not in merged
+                assert first or all(c.finish_reason is not None for c in d.outputs)
+            take(deltas)
+            # what was not urgent stays recorded
+            assert all(
+                seq.finish_reason is None and counts[0] > 0
+                for seq, counts in engine.processor._touched.items()
+            )
+    take(engine.step_deltas())
+    assert urgent_reads >= 2  # the first tokens, and ends between the full reads
+    assert set(merged) == set(final)
+    for rid, out in final.items():
+        assert merged[rid].finished
+        got = sorted((c.index, c.token_ids, c.text, c.finish_reason) for c in merged[rid].outputs)
+        want = sorted((c.index, c.token_ids, c.text, c.finish_reason) for c in out.outputs)
+        assert got == want
+
+    engine.add_request("a", None, PROMPTS[0], SamplingParams(max_tokens=4, ignore_eos=True))
+    engine.add_request("b", None, PROMPTS[1], SamplingParams(max_tokens=4, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    only_a = engine.step_deltas(request_id="a")
+    assert [d.request_id for d in only_a] == ["a"] and only_a[0].outputs[0].token_ids
+    assert {seq.request_id for seq in engine.processor._touched} == {"b"}
+
+
 def test_step_deltas_leave_out_final_only_requests():
     """A FINAL_ONLY request gets no deltas (nothing is recorded for it); its final output and the
     other requests' deltas are as without it."""

@@ -2,7 +2,7 @@
 shared over kiln's threads) equals xgrammar's own per-row fill over the model's whole vocabulary bit
 for bit (the bits past the vocabulary in the last word cleared), into a bitmask of the model's width
 or of the grammar's own (the words past it: never allowed); rows not asked for are left alone; the
-thread count setting is checked."""
+thread count setting and the rule that shares rows over threads are checked."""
 
 import json
 
@@ -45,7 +45,7 @@ def _advanced(matchers):
 @pytest.mark.parametrize("model_extra", [0, 100, 128256 - 49152])
 @pytest.mark.parametrize("threads", [1, 3, 8])
 def test_fill_equals_xgrammar_over_the_model_vocabulary(tokenizer, model_extra, threads, width, monkeypatch):
-    from kiln.structured.xgrammar_backend import XGrammarBackend
+    from kiln.structured.xgrammar_backend import MIN_SHARE_US, XGrammarBackend
 
     monkeypatch.setenv("KILN_GRAMMAR_THREADS", str(threads))
     vocab = len(tokenizer) + model_extra
@@ -70,6 +70,7 @@ def test_fill_equals_xgrammar_over_the_model_vocabulary(tokenizer, model_extra, 
         got = torch.full(
             (len(expected), words if width == "model" else backend.words), UNTOUCHED, dtype=torch.int32
         )
+        backend.us_per_row = MIN_SHARE_US  # rows this dear are shared over every thread allowed
         backend.fill_bitmask(matchers, got, rows)
         if width == "grammar":  # the words past the grammar's: none allowed in the reference
             assert (expected[rows, got.shape[1] :] == 0).all()
@@ -82,7 +83,25 @@ def test_fill_equals_xgrammar_over_the_model_vocabulary(tokenizer, model_extra, 
     firsts = {tuple(got[r].tolist()) for r in rows[: len(PREFIXES)]}
     assert len(firsts) == len(PREFIXES)  # the matchers' states differ
     assert (backend.pool is not None) == (threads > 1)
+    assert 0 < backend.us_per_row < MIN_SHARE_US  # measured on the engine thread's share
     backend.shutdown()
+
+
+def test_rows_are_shared_only_when_each_share_is_worth_a_hand_off():
+    from kiln.structured.xgrammar_backend import MIN_SHARE_US, ROWS_PER_THREAD, fill_shares
+
+    assert fill_shares(64, 8, 0.0) == 1  # nothing measured yet
+    assert fill_shares(64, 8, 6.0) == 1  # SmolLM2's vocabulary inside a JSON string: 0.4 ms in all
+    assert fill_shares(64, 8, 55.0) == 3  # a vocabulary of Llama 3's size: 3.5 ms, 1.2 ms a share
+    assert fill_shares(64, 1, 55.0) == 1  # one thread allowed
+    assert fill_shares(64, 8, 1e4) == 64 // ROWS_PER_THREAD  # dear rows: at least 16 a thread
+    assert fill_shares(8 * ROWS_PER_THREAD, 8, 1e4) == 8
+    assert fill_shares(ROWS_PER_THREAD - 1, 8, 1e4) == 1
+    assert fill_shares(0, 8, 1e4) == 1
+    rows = 64  # every share of the rule carries MIN_SHARE_US of work at least
+    for us in (1.0, 10.0, 20.0, 40.0, 100.0, 400.0):
+        shares = fill_shares(rows, 8, us)
+        assert shares == 1 or rows * us / shares >= MIN_SHARE_US
 
 
 def test_grammar_threads_setting(monkeypatch):

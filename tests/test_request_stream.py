@@ -5,6 +5,7 @@ what is queued, a cancelled one is left alone; CUMULATIVE snapshots stay as they
 
 import asyncio
 import threading
+import time
 
 from kiln.runtime.outputs import CompletionOutput, RequestOutput
 from kiln.runtime.request_stream import LoopMailbox, RequestStream
@@ -152,3 +153,34 @@ def test_an_abort_hands_over_what_the_interval_held_back():
     aborted.outputs[0].finish_reason = "abort"
     last = stream.on_abort(aborted)
     assert last.outputs[0].token_ids == [2] and last.outputs[0].finish_reason == "abort"
+
+
+def test_the_mailbox_measures_the_loop_cpu_of_a_dispatch_and_the_consumers_it_woke():
+    """``LoopMailbox.cost``: the loop thread's CPU seconds from the dispatch until the consumers it
+    woke have run (the engine thread spaces its hand-offs by it); a consumer's work counts, the time
+    the loop then idles does not."""
+
+    def spin(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        box = LoopMailbox(loop)
+        streams = [RequestStream(str(i), box) for i in range(3)]
+
+        async def consume(stream):
+            item = await stream.get()
+            spin(0.02)  # the consumer's own work on the output
+            return item
+
+        tasks = [asyncio.create_task(consume(s)) for s in streams]
+        await asyncio.sleep(0)  # every consumer waits
+        threading.Thread(target=box.post, args=([(s, output(s.request_id, [1])) for s in streams],)).start()
+        await asyncio.gather(*tasks)
+        await asyncio.sleep(0.05)  # idle: not counted
+        return box.cost
+
+    cost = asyncio.run(main())
+    assert 0.06 <= cost < 0.1

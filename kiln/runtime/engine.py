@@ -304,7 +304,6 @@ class LLMEngine:
         first, then the previous step is read back (its tokens advance the grammar matchers), then the
         grammar's token mask is filled on the host and the step's sampler launched with it.
         """
-        self.processor.begin_step()
         finished: list[RequestOutput] = []
         sync = not self.async_scheduling or self.scheduler.num_needing_host_tokens > 0
         if self.pending is not None and sync:
@@ -345,10 +344,10 @@ class LLMEngine:
         reads only finished outputs pays nothing for it). Enable it before adding the requests."""
         self.processor.track_deltas = True
 
-    def step_deltas(self) -> list[RequestOutput]:
-        """What the last ``step()`` added to each request (see ``OutputProcessor.step_deltas``); needs
-        ``enable_step_deltas()``."""
-        return self.processor.step_deltas()
+    def step_deltas(self, urgent: bool = False, request_id: str | None = None) -> list[RequestOutput]:
+        """What the ``step()`` calls since the last call added to each request (see
+        ``OutputProcessor.step_deltas``); needs ``enable_step_deltas()``."""
+        return self.processor.step_deltas(urgent, request_id)
 
     def _process(self, step: RunnerOutput) -> list[RequestOutput]:
         finished_seqs, finished = self.processor.process(step, self.seqs)

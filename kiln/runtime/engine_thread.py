@@ -3,8 +3,18 @@
 Other threads never touch the engine: they hand over commands (``submit``: a function run on this
 thread with the ``LLM``) through a thread-safe queue. Between steps the thread takes every waiting
 command (adds, aborts, control calls), so requests that arrive together join the same continuous
-batch; with nothing to run it blocks on the queue. After each step it routes the step's deltas and
-finished outputs to the requests' streams, in one hand-off per event loop (``LoopMailbox.post``).
+batch; with nothing to run it blocks on the queue. After a step it routes the deltas and finished
+outputs to the requests' streams, in one hand-off per event loop (``LoopMailbox.post``).
+
+Handing outputs over costs host time on both threads (building the deltas here, waking every consumer
+on the loop), and the two threads share the GIL, so that time comes out of the engine's steps. The
+thread therefore hands over at most so often that this cost stays near ``HANDOFF_SHARE`` of the wall
+time: after a hand-off that cost C seconds (here, plus the loop thread's CPU for the dispatch and the
+consumer steps it woke, ``LoopMailbox.cost``), the next waits until C / ``HANDOFF_SHARE`` has passed
+(at most ``MAX_HANDOFF_DELAY``), the deltas of the steps between joined into one per request. When
+handing over is cheap against a step (few streams, or a slow device step) that is every step. A
+request's first tokens and its end never wait (time to first token, and the final output), and neither
+does anything when the engine has nothing else to run.
 
 Pausing stops admitting requests (they are held until resumed); requests already in the engine are
 aborted or, with ``wait_for_inflight_requests``, run to completion first.
@@ -14,6 +24,7 @@ import gc
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +32,9 @@ from kiln.runtime.outputs import RequestOutput
 from kiln.runtime.request_stream import LoopMailbox, RequestStream
 
 logger = logging.getLogger("kiln")
+
+HANDOFF_SHARE = 0.03  # the wall-time share of handing outputs over that the thread aims at
+MAX_HANDOFF_DELAY = 0.02  # seconds a stream's new tokens wait at most for a hand-off
 
 
 def freeze_startup_heap() -> None:
@@ -48,6 +62,7 @@ class EngineThread:
         self.failed = False  # the loop stopped on an error (not a shutdown)
         self._drain_waiters: list[Callable[[], None]] = []  # run once nothing is in flight
         self._stop = False
+        self._next_handoff = 0.0  # perf_counter time before which only urgent outputs are handed over
         self._lock = threading.Lock()  # a command is either queued before the loop dies or refused
         self.llm = None
         ready = threading.Event()
@@ -147,12 +162,29 @@ class EngineThread:
     def _step(self) -> None:
         engine = self.llm.llm_engine
         finished = engine.step()
-        deltas = engine.step_deltas()
+        start = time.perf_counter()
+        if start >= self._next_handoff or not engine.has_unfinished_requests():
+            deltas, full = engine.step_deltas(), True
+        elif finished or engine.processor.has_urgent_deltas:  # first tokens and ends go at once
+            deltas, full = engine.step_deltas(urgent=True), False
+        else:
+            return
         if not deltas and not finished:
             return
+        posts = self._route(deltas, finished)
+        for mailbox, items in posts.items():
+            mailbox.post(items)
+        if full:
+            loop_cost = max((mailbox.cost for mailbox in posts), default=0.0)
+            now = time.perf_counter()
+            delay = (now - start + loop_cost) / HANDOFF_SHARE
+            self._next_handoff = now + min(delay, MAX_HANDOFF_DELAY)
+
+    def _route(self, deltas: list[RequestOutput], finished: list[RequestOutput]) -> dict[LoopMailbox, list]:
+        """Each delta and finished output through its stream: per event loop, the items to hand over."""
         streams = self.streams
         finals = {out.request_id: out for out in finished} if finished else None
-        posts: dict[LoopMailbox, list] = {}  # one hand-off per event loop for the whole step
+        posts: dict[LoopMailbox, list] = {}  # one hand-off per event loop
         for delta in deltas:
             request_id = delta.request_id
             stream = streams.get(request_id)
@@ -168,12 +200,11 @@ class EngineThread:
                     posts[stream.mailbox] = [(stream, item)]
                 else:
                     items.append((stream, item))
-        for request_id, final in (finals or {}).items():  # finished with no new token this step
+        for request_id, final in (finals or {}).items():  # finished with no new token since
             stream = streams.pop(request_id, None)
             if stream is not None:
                 posts.setdefault(stream.mailbox, []).append((stream, stream.on_step(None, final)))
-        for mailbox, items in posts.items():
-            mailbox.post(items)
+        return posts
 
     def abort(self, request_id: str, stream: RequestStream | None, notify: bool) -> bool:
         """Drop a request (held or in the engine); ``stream``: only if it is that one. ``notify``: hand
@@ -188,9 +219,18 @@ class EngineThread:
         if current is None or stream not in (None, current):
             return False
         del self.streams[request_id]
-        output = self.llm.llm_engine.abort_request(request_id)
+        engine = self.llm.llm_engine
+        items = []
+        if notify:  # the tokens not handed over yet go first
+            for delta in engine.step_deltas(request_id=request_id):
+                item = current.on_step(delta, None)
+                if item is not None:
+                    items.append((current, item))
+        output = engine.abort_request(request_id)
         if notify and output is not None:
-            current.mailbox.post([(current, current.on_abort(output))])
+            items.append((current, current.on_abort(output)))
+        if items:
+            current.mailbox.post(items)
         return True
 
     def abort_all(self) -> None:

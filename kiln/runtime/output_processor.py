@@ -6,9 +6,10 @@ defines it), ``min_tokens``, ``max_tokens`` and the context limit (prompt + outp
 ``max_model_len``), and sets finish and stop reasons. It writes the output side of a ``Sequence``;
 the scheduler writes the rest.
 
-Each engine step it also records what changed per sequence, so ``step_deltas()`` can hand out
-per-step ``RequestOutput`` deltas (``RequestOutput.add(delta, aggregate=True)`` rebuilds the whole
-output); a request's final output collects its samples through ``RequestOutput.add`` as they finish.
+With ``track_deltas`` it also records what changed per sequence since ``step_deltas()`` was last read,
+so ``step_deltas()`` can hand out ``RequestOutput`` deltas (``RequestOutput.add(delta, aggregate=True)``
+rebuilds the whole output), after every step or only every few; a request's final output collects its
+samples through ``RequestOutput.add`` as they finish.
 """
 
 import time
@@ -75,10 +76,12 @@ class OutputProcessor:
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}  # seq id -> its detokenizer
         self.logprobs = LogprobsBuilder(tokenizer)  # Logprob dicts with repaired byte-fallback text
-        # with track_deltas (``step_deltas`` is read after each step): the sequences this step changed,
-        # each with its (tokens, text, logprobs) counts before the step; off, nothing is recorded
+        # with track_deltas: the sequences changed since ``step_deltas`` last took them, each with its
+        # (tokens, text, logprobs) counts before the first of those changes; off, nothing is recorded
         self.track_deltas = False
         self._touched: dict[Sequence, tuple[int, int, int]] = {}
+        # a recorded change is urgent: a sample's first tokens or its end (``step_deltas(urgent=True)``)
+        self.has_urgent_deltas = False
         self._text_sent: dict[int, int] = {}  # seq id -> characters of its text handed out in deltas
         self.stats = None  # kiln.runtime.metrics.MetricsCollector: told of every accepted token
 
@@ -95,6 +98,7 @@ class OutputProcessor:
         self.detokenizers.clear()
         self._touched.clear()
         self._text_sent.clear()
+        self.has_urgent_deltas = False
 
     def abort_request(self, request_id: str) -> Request | None:
         """Forget one request; its unfinished samples get finish reason ``"abort"``. None if unknown."""
@@ -129,9 +133,6 @@ class OutputProcessor:
 
     # ------------------------------------------------------------------ one step
 
-    def begin_step(self) -> None:
-        self._touched = {}
-
     def process(
         self, out: RunnerOutput, seqs: dict[int, Sequence]
     ) -> tuple[list[Sequence], list[RequestOutput]]:
@@ -160,7 +161,10 @@ class OutputProcessor:
                 entry = logprobs[row]
             if touched is not None and seq not in touched and seq.params.output_kind is not FINAL_ONLY:
                 lp = len(seq.logprobs) if seq.logprobs is not None else 0
-                touched[seq] = (len(seq.output_token_ids), len(seq.text), lp)
+                num_tokens = len(seq.output_token_ids)
+                touched[seq] = (num_tokens, len(seq.text), lp)
+                if not num_tokens:
+                    self.has_urgent_deltas = True
             accept(seq, token, entry, now)
             if self.stats is not None:
                 self.stats.on_token(
@@ -168,6 +172,8 @@ class OutputProcessor:
                 )
             if seq.finish_reason is None:
                 continue
+            if touched is not None and seq in touched:
+                self.has_urgent_deltas = True
             self.detokenizers.pop(seq.seq_id, None)
             finished_seqs.append(seq)
             request = self.requests[seq.request_id]
@@ -261,25 +267,41 @@ class OutputProcessor:
             num_cached_tokens=(request.seqs[0].num_cached_tokens or 0) if done else None,
         )
 
-    def step_deltas(self) -> list[RequestOutput]:
-        """What the last engine step added, one ``RequestOutput`` per request that got tokens: new text,
-        token ids and logprobs of each sample that changed (the prompt logprobs with the first).
-        Requests whose ``output_kind`` is ``FINAL_ONLY`` have none (nothing is recorded for them).
+    def step_deltas(self, urgent: bool = False, request_id: str | None = None) -> list[RequestOutput]:
+        """What the steps since the last call added, one ``RequestOutput`` per request that got tokens:
+        new text, token ids and logprobs of each sample that changed (the prompt logprobs with the
+        first). Requests whose ``output_kind`` is ``FINAL_ONLY`` have none (nothing is recorded for
+        them). ``urgent``: only the samples whose first tokens or end came since (the rest stay
+        recorded for a later call); ``request_id``: only that request's samples.
 
         Only with ``track_deltas`` set before the requests run (RuntimeError otherwise). Call it after
-        every step: the text of an unfinished sample holds back
-        ``params.output_text_buffer_length`` characters (a stop string may still cut them), so the
-        deltas joined give exactly the final text.
+        every step or every few (a finished sample stays recorded until taken): the text of an
+        unfinished sample holds back ``params.output_text_buffer_length`` characters (a stop string may
+        still cut them), so the deltas joined give exactly the final text.
         """
         if not self.track_deltas:
             raise RuntimeError(
                 "step_deltas: deltas are not recorded; call LLMEngine.enable_step_deltas() "
                 "before adding requests"
             )
+        touched = self._touched
+        if request_id is not None or urgent:
+            taken = {
+                seq: counts
+                for seq, counts in touched.items()
+                if (request_id is None or seq.request_id == request_id)
+                and (not urgent or not counts[0] or seq.finish_reason is not None)
+            }
+            for seq in taken:
+                del touched[seq]
+            if urgent:
+                self.has_urgent_deltas = False
+        else:
+            taken, self._touched, self.has_urgent_deltas = touched, {}, False
         requests, text_sent = self.requests, self._text_sent
         deltas: dict[str, RequestOutput] = {}
         several: list[RequestOutput] = []  # deltas of more than one sample: sorted by index at the end
-        for seq, (tokens, _, logprobs) in self._touched.items():  # runs for every stream and step
+        for seq, (tokens, _, logprobs) in taken.items():  # runs for every stream and step
             seq_id, text = seq.seq_id, seq.text
             sent = text_sent.get(seq_id, 0)
             if not text and not sent:  # no text (yet, or not detokenized)

@@ -2,16 +2,17 @@
 ``output_kind`` asks for, and carries them to the consumer's event loop.
 
 The engine thread calls ``on_step`` / ``on_abort``; each returns what to hand over (or None). What the
-engine thread hands over after a step, for every stream of one event loop, goes to that loop's
-``LoopMailbox`` in one ``post``: one ``call_soon_threadsafe`` wakes the loop, and none while a
-dispatch is already due (the loop then takes several steps' outputs at once). On the loop the
-mailbox puts each item on its stream (``put``), which wakes the stream's consumer only if it is
-waiting; a consumer that is behind takes what is there without waiting. Every step's output reaches
-the consumer, in order.
+engine thread hands over (after a step, or after a few joined: ``kiln/runtime/engine_thread.py``), for
+every stream of one event loop, goes to that loop's ``LoopMailbox`` in one ``post``: one
+``call_soon_threadsafe`` wakes the loop, and none while a dispatch is already due (the loop then takes
+several hand-offs at once). On the loop the mailbox puts each item on its stream (``put``), which wakes
+the stream's consumer only if it is waiting; a consumer that is behind takes what is there without
+waiting. Every hand-off's output reaches the consumer, in order. The mailbox also measures what a
+dispatch costs the loop thread (``cost``), which the engine thread spaces its hand-offs by.
 
 - ``CUMULATIVE``: every output holds everything so far (the deltas aggregated); the last is the
   request's final output.
-- ``DELTA``: every output holds what the step added (text held back while a stop string may still cut
+- ``DELTA``: every output holds what the hand-off added (text held back while a stop string may still cut
   it, see ``OutputProcessor.step_deltas``); the last carries the final metrics.
 - ``FINAL_ONLY``: only the final output.
 
@@ -21,6 +22,7 @@ final one: fewer outputs, each worth more tokens, for less host work per token.
 """
 
 import asyncio
+import time
 from collections import deque
 from dataclasses import replace
 
@@ -35,6 +37,10 @@ class LoopMailbox:
         self.loop = loop
         self._batches: deque = deque()  # lists of (stream, item), in posting order
         self._due = False  # a dispatch is scheduled on the loop and has not started yet
+        # the loop thread's CPU seconds for the last dispatch and the consumer steps it woke (what
+        # handing a batch of outputs over costs there), read by the engine thread
+        self.cost = 0.0
+        self._cpu_at_dispatch = 0.0
 
     def post(self, items: list) -> None:
         """Any thread: hand ``(stream, item)`` pairs to the loop (nothing if the loop is closed)."""
@@ -51,10 +57,16 @@ class LoopMailbox:
     def _dispatch(self) -> None:
         """On the loop: every posted item to its stream."""
         self._due = False  # before taking any batch: a later post schedules the next dispatch
+        self._cpu_at_dispatch = time.thread_time()
         batches = self._batches
         while batches:
             for stream, item in batches.popleft():
                 stream.put(item)
+        # after the consumers just woken have run (the loop runs its ready callbacks in order)
+        self.loop.call_soon(self._measure)
+
+    def _measure(self) -> None:
+        self.cost = time.thread_time() - self._cpu_at_dispatch
 
 
 class RequestStream:

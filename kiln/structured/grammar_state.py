@@ -37,7 +37,9 @@ class GrammarState:
         return not self.terminated and self.ready
 
     def accept(self, token: int) -> None:
-        if not self.active:  # past the end of the grammar (ignore_eos): the rest is unconstrained
+        # not active (``active`` inlined: this runs for every constrained token): past the end of the
+        # grammar (ignore_eos) the rest is unconstrained
+        if self.terminated or (self.matcher is None and not self.ready):
             return
         if not self.matcher.accept(token):
             raise RuntimeError(

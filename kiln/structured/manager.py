@@ -38,6 +38,7 @@ class StructuredOutputManager:
         self.config, self.tokenizer, self.vocab_size = config, tokenizer, vocab_size
         self.stop_token_ids = sorted(stop_token_ids)
         self.device = device
+        self.pin = device.type == "cuda"  # the step's bitmask: pinned, copied without blocking
         self.backends: dict[str, GrammarBackend] = {}
         self.cache = GrammarCache()
 
@@ -80,23 +81,33 @@ class StructuredOutputManager:
     def token_mask(self, seqs) -> GrammarBitmask | None:
         """Bitmask of the sampling rows whose sequence (None: finished meanwhile) has an active
         grammar; None when there is none. Every token before the sampled one has been read back."""
-        rows = [i for i, s in enumerate(seqs) if s is not None and s.grammar is not None and s.grammar.active]
+        rows, states = [], []
+        for i, s in enumerate(seqs):
+            state = None if s is None else s.grammar
+            # active, with the properties inlined (this runs for every row of every constrained step)
+            if state is not None and not state.terminated and (state.matcher is not None or state.ready):
+                rows.append(i)
+                states.append(state)
         if not rows:
             return None
-        by_backend: dict[str, tuple[GrammarBackend, list, list[int]]] = {}
-        for j, i in enumerate(rows):
-            state = seqs[i].grammar
-            entry = by_backend.setdefault(state.backend.name, (state.backend, [], []))
-            entry[1].append(state.matcher)
-            entry[2].append(j)
-        words = max(backend.words for backend, _, _ in by_backend.values())
-        pin = self.device.type == "cuda"
-        bitmask = torch.empty(len(rows), words, dtype=torch.int32, pin_memory=pin)
-        for backend, matchers, indices in by_backend.values():
-            backend.fill_bitmask(matchers, bitmask, indices)
+        backend = states[0].backend
+        if all(state.backend is backend for state in states):  # one backend: every row, in order
+            words = backend.words
+            bitmask = torch.empty(len(rows), words, dtype=torch.int32, pin_memory=self.pin)
+            backend.fill_bitmask([state.matcher for state in states], bitmask, list(range(len(rows))))
+        else:
+            by_backend: dict[str, tuple[GrammarBackend, list, list[int]]] = {}
+            for j, state in enumerate(states):
+                entry = by_backend.setdefault(state.backend.name, (state.backend, [], []))
+                entry[1].append(state.matcher)
+                entry[2].append(j)
+            words = max(backend.words for backend, _, _ in by_backend.values())
+            bitmask = torch.empty(len(rows), words, dtype=torch.int32, pin_memory=self.pin)
+            for backend, matchers, indices in by_backend.values():
+                backend.fill_bitmask(matchers, bitmask, indices)
         for j, i in enumerate(rows):  # min_tokens: no stop token yet, unless the grammar allows only those
             p = seqs[i].params
-            if len(seqs[i].output_token_ids) < p.min_tokens and p.all_stop_token_ids:
+            if p.min_tokens and len(seqs[i].output_token_ids) < p.min_tokens and p.all_stop_token_ids:
                 ban_unless_nothing_left(bitmask[j], p.all_stop_token_ids, self.vocab_size)
         return GrammarBitmask(rows, bitmask, len(seqs))
 

@@ -11,12 +11,17 @@ Two things make its bitmasks cheap:
   ``BatchGrammarMatcher`` starts and joins a new pool of half the machine's hardware threads on every
   call, a single row included. Each thread runs a single-threaded ``BatchGrammarMatcher`` (one C++
   loop, the GIL released) over its share of the rows; the engine's thread takes the first share.
+  Rows are shared only when each share is worth a hand-off (``fill_shares``): a share is handed to a
+  thread that must wake up and take the GIL twice, and on a 16-core host four shares of a 64-row step
+  of SmolLM2's vocabulary (some 0.4 ms of filling in all) cost more than they saved. What a row costs
+  is measured on the engine's own share of each fill.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -30,6 +35,17 @@ from kiln.structured.token_mask import bitmask_words
 # rows a thread takes at least: a row costs 1-100 us, handing a share to a thread and waiting for it
 # 44 us (submit and result of a no-op on the busy 2-core CPU machine)
 ROWS_PER_THREAD = 16
+# filling a share takes at least this long (estimated): four shares of a 0.3-0.5 ms fill made a step of
+# the 16-core H200 host ~0.7 ms slower than one thread, so a hand-off costs up to ~0.2 ms there
+MIN_SHARE_US = 1000.0
+_COST_WEIGHT = 0.25  # of the newest fill in the running estimate of a row's cost
+
+
+def fill_shares(num_rows: int, threads: int, us_per_row: float) -> int:
+    """How many threads fill ``num_rows`` rows (the engine's own included): at most ``threads``, each
+    share at least ``ROWS_PER_THREAD`` rows and ``MIN_SHARE_US`` of estimated work."""
+    by_cost = int(num_rows * us_per_row // MIN_SHARE_US)
+    return max(1, min(threads, num_rows // ROWS_PER_THREAD, by_cost))
 
 
 def grammar_threads() -> int:
@@ -56,12 +72,13 @@ def _ebnf_literal(text: str) -> str:
 class XGrammarMatcher:
     def __init__(self, compiled: xgr.CompiledGrammar):
         self.matcher = xgr.GrammarMatcher(compiled)
+        self.handle = self.matcher._handle  # xgrammar's C++ matcher: its Python wrappers cost per row
 
     def accept(self, token: int) -> bool:
-        return self.matcher.accept_token(token)
+        return self.handle.accept_token(token, False)
 
     def is_terminated(self) -> bool:
-        return self.matcher.is_terminated()
+        return self.handle.is_terminated()
 
 
 class XGrammarBackend:
@@ -75,8 +92,10 @@ class XGrammarBackend:
         )
         self.compiler = xgr.GrammarCompiler(self.info, cache_enabled=False)  # kiln caches compiled grammars
         self.threads = grammar_threads()
-        self.fillers = [xgr.BatchGrammarMatcher(max_threads=1) for _ in range(self.threads)]
+        # xgrammar's C++ fillers, one a thread (their Python wrappers cost per row)
+        self.fillers = [xgr.BatchGrammarMatcher(max_threads=1)._handle for _ in range(self.threads)]
         self.pool: ThreadPoolExecutor | None = None  # started on the first batch that shares its rows
+        self.us_per_row = 0.0  # running estimate of a row's fill (wall us, one thread); 0: no fill yet
 
     def parse(self, spec: GrammarSpec) -> xgr.Grammar:
         if spec.whitespace_pattern is not None:
@@ -109,7 +128,7 @@ class XGrammarBackend:
         return XGrammarMatcher(compiled)
 
     def fill_bitmask(self, matchers: list[XGrammarMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
-        handles = [m.matcher for m in matchers]
+        handles = [m.handle for m in matchers]
         narrow = bitmask if bitmask.shape[1] == self.words else None
         if narrow is None:  # xgrammar writes whole contiguous rows of its own width: fill, then place
             narrow = torch.empty(len(rows), self.words, dtype=torch.int32)
@@ -117,7 +136,7 @@ class XGrammarBackend:
         tail = self.vocab_size % 32
         if tail:  # ids of the last word past the grammar's vocabulary (xgrammar may set them)
             last = narrow[:, -1]
-            if narrow is bitmask:
+            if narrow is bitmask and len(rows) < len(bitmask):  # some rows only: theirs
                 index = torch.tensor(rows)
                 last.index_copy_(0, index, last.index_select(0, index) & ((1 << tail) - 1))
             else:
@@ -134,18 +153,23 @@ class XGrammarBackend:
             bitmask[:, self.words :].index_fill_(0, index, 0)
 
     def _fill(self, handles: list, bitmask: torch.Tensor, rows: list[int]) -> None:
-        shares = min(self.threads, len(handles) // ROWS_PER_THREAD)
-        if shares <= 1:
-            self.fillers[0].batch_fill_next_token_bitmask(handles, bitmask, rows)
-            return
-        if self.pool is None:
-            self.pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="kiln-grammar")
-        # rows dealt round-robin: neighbouring rows (one request's samples) tend to cost alike
-        fill = [f.batch_fill_next_token_bitmask for f in self.fillers]
-        futures = [
-            self.pool.submit(fill[k], handles[k::shares], bitmask, rows[k::shares]) for k in range(1, shares)
-        ]
-        fill[0](handles[::shares], bitmask, rows[::shares])
+        shares = fill_shares(len(handles), self.threads, self.us_per_row)
+        futures = []
+        if shares > 1:
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="kiln-grammar")
+            # rows dealt round-robin: neighbouring rows (one request's samples) tend to cost alike
+            fill = [f.batch_fill_next_token_bitmask for f in self.fillers]
+            futures = [
+                self.pool.submit(fill[k], handles[k::shares], bitmask, rows[k::shares], False)
+                for k in range(1, shares)
+            ]
+        own = handles[::shares]  # the engine thread's share: what it takes tells what a row costs
+        start = time.perf_counter()
+        self.fillers[0].batch_fill_next_token_bitmask(own, bitmask, rows[::shares], False)
+        cost = 1e6 * (time.perf_counter() - start) / len(own)
+        weight = _COST_WEIGHT if self.us_per_row else 1.0  # the first fill: the estimate itself
+        self.us_per_row += weight * (cost - self.us_per_row)
         for future in futures:
             future.result()
 
