@@ -31,6 +31,10 @@ CALLS = {
         "benchmarks/streaming.py --model tiny --streams 6 --input-len 8 --output-len 4 --repeats 1 "
         "--ttft-reps 2 --out {out}/bench_streaming_tiny.json"
     ],
+    "soak": [
+        "benchmarks/async_soak.py --model tiny --requests 40 --coroutines 8 --max-prompt 24 --max-tokens 8 "
+        "--kv-cache-memory-bytes 262144 --out {out}/bench_async_soak_tiny.json"
+    ],
     "beam": [
         "benchmarks/beam_search.py --model tiny --prompts 5 --width 4 --new-tokens 4 --prompt-len 8 "
         "--hf-batch 2 --out {out}/bench_beam_search_tiny.json"
@@ -203,6 +207,16 @@ def test_streaming_host_cost_without_the_model(tmp_path):
         # one prefill step and one step per further token, plus the step that reads the last one back
         # (streams that reach the engine thread a step apart take more)
         assert one["generate_steps"] == 1 + 6 <= one["stream_steps"]
+
+
+def test_async_soak(tmp_path):
+    (call,) = CALLS["soak"]
+    run(call, tmp_path)
+    doc = load(tmp_path / "bench_async_soak_tiny.json")
+    check_env(doc, "async_soak")
+    r = doc["results"]
+    assert r["requests"] == 40 and sum(r["ended"].values()) == 40
+    assert r["problems"] == [] and r["free_blocks"] == r["total_blocks"] > 0
 
 
 def test_beam_search(tmp_path):
