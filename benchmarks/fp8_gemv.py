@@ -12,7 +12,6 @@ CUDA graph and reports device time per call and the weight bandwidth of: ``kiln:
 
 import argparse
 import itertools
-import json
 import os
 import sys
 
@@ -20,9 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
 from gemv import graph_time, products  # noqa: E402  (benchmarks/gemv.py)
 
+from kiln.bench import env  # noqa: E402
+from kiln.bench.common import save_result  # noqa: E402
 from kiln.bench.shapes import SHAPES  # noqa: E402
 from kiln.ops.fp8_gemv import MAX_ROWS, fp8_gemv, fp8_gemv_ref  # noqa: E402
 from kiln.ops.triton_fp8_gemv import fp8_gemv_config, fp8_gemv_triton  # noqa: E402
@@ -96,11 +96,10 @@ def main() -> None:
             )
             for c in row.get("sweep", [])[:6]:
                 print(f"    {c['config']} {c['us']:.2f} us {c['GBps']:.0f} GB/s")
-    if args.output:
-        env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
-        record = {"command": " ".join(sys.argv), "machine": env, "model": args.model, "results": results}
-        with open(args.output, "w") as f:
-            json.dump(record, f, indent=1)
+    doc = env.collect(config=vars(args))
+    doc["benchmark"] = "fp8_gemv"
+    doc["results"] = results
+    save_result(doc, args.output)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ separate torch ops. Needs CUDA.
 
 import argparse
 import itertools
-import json
 import os
 import sys
 
@@ -21,6 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+from kiln.bench import env  # noqa: E402
+from kiln.bench.common import save_result  # noqa: E402
 from kiln.bench.shapes import SHAPES  # noqa: E402
 from kiln.ops.gemv import gemv, gemv_ref  # noqa: E402
 from kiln.ops.triton_gemv import _gemv_kernel, gemv_config  # noqa: E402
@@ -125,11 +126,10 @@ def main() -> None:
         )
         for c in row.get("sweep", [])[:6]:
             print(f"    {c['config']} {c['us']:.2f} us {c['GBps']:.0f} GB/s")
-    if args.output:
-        env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
-        record = {"command": " ".join(sys.argv), "machine": env, "model": args.model, "results": results}
-        with open(args.output, "w") as f:
-            json.dump(record, f, indent=1)
+    doc = env.collect(config=vars(args))
+    doc["benchmark"] = "gemv"
+    doc["results"] = results
+    save_result(doc, args.output)
 
 
 if __name__ == "__main__":

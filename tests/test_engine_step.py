@@ -245,6 +245,16 @@ def test_requests_needing_host_tokens_never_run_over_an_unread_step():
 
 
 @pytest.mark.parametrize("overlap", [True, False])
+def assert_joined_deltas_are_the_finals(merged: dict, final: dict) -> None:
+    """Deltas added up per request (``merged``) equal each request's final output."""
+    assert set(merged) == set(final)
+    for rid, out in final.items():
+        assert merged[rid].finished
+        got = sorted((c.index, c.token_ids, c.text, c.finish_reason) for c in merged[rid].outputs)
+        want = sorted((c.index, c.token_ids, c.text, c.finish_reason) for c in out.outputs)
+        assert got == want
+
+
 def test_step_deltas_add_up_to_the_final_outputs(overlap):
     engine, _ = make_engine(overlap=overlap, tokenizer=CharTokenizer())
     engine.enable_step_deltas()
@@ -266,12 +276,7 @@ def test_step_deltas_add_up_to_the_final_outputs(overlap):
             else:
                 merged[d.request_id] = d
     assert steps_with_deltas > 3
-    assert set(merged) == set(final)
-    for rid, out in final.items():
-        assert merged[rid].finished
-        got = sorted((c.index, c.token_ids, c.text, c.finish_reason) for c in merged[rid].outputs)
-        want = sorted((c.index, c.token_ids, c.text, c.finish_reason) for c in out.outputs)
-        assert got == want
+    assert_joined_deltas_are_the_finals(merged, final)
     assert [c.index for c in final["1"].outputs] == [0, 1]
 
 
@@ -317,12 +322,7 @@ def test_step_deltas_join_the_steps_since_the_last_call():
             )
     take(engine.step_deltas())
     assert urgent_reads >= 2  # the first tokens, and ends between the full reads
-    assert set(merged) == set(final)
-    for rid, out in final.items():
-        assert merged[rid].finished
-        got = sorted((c.index, c.token_ids, c.text, c.finish_reason) for c in merged[rid].outputs)
-        want = sorted((c.index, c.token_ids, c.text, c.finish_reason) for c in out.outputs)
-        assert got == want
+    assert_joined_deltas_are_the_finals(merged, final)
 
     engine.add_request("a", None, PROMPTS[0], SamplingParams(max_tokens=4, ignore_eos=True))
     engine.add_request("b", None, PROMPTS[1], SamplingParams(max_tokens=4, ignore_eos=True))

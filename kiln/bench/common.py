@@ -407,14 +407,19 @@ def write_result(
     return path
 
 
-def emit_result(doc: dict, out: str | None) -> None:
-    """Print a benchmark script's result document and write it to ``out`` when given."""
+def save_result(doc: dict, out: str | None) -> str:
+    """Write a benchmark script's result document to ``out`` when given; returns its JSON text."""
     text = json.dumps(jsonable(doc), indent=1)
-    print(text)
     if out:
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         with open(out, "w") as f:
             f.write(text + "\n")
+    return text
+
+
+def emit_result(doc: dict, out: str | None) -> None:
+    """Print a benchmark script's result document and write it to ``out`` when given."""
+    print(save_result(doc, out))
 
 
 def args_dict(args: argparse.Namespace) -> dict:
