@@ -244,7 +244,6 @@ def test_requests_needing_host_tokens_never_run_over_an_unread_step():
     assert worker.launched_over_unread > 0
 
 
-@pytest.mark.parametrize("overlap", [True, False])
 def assert_joined_deltas_are_the_finals(merged: dict, final: dict) -> None:
     """Deltas added up per request (``merged``) equal each request's final output."""
     assert set(merged) == set(final)
@@ -255,6 +254,7 @@ def assert_joined_deltas_are_the_finals(merged: dict, final: dict) -> None:
         assert got == want
 
 
+@pytest.mark.parametrize("overlap", [True, False])
 def test_step_deltas_add_up_to_the_final_outputs(overlap):
     engine, _ = make_engine(overlap=overlap, tokenizer=CharTokenizer())
     engine.enable_step_deltas()
