@@ -19,10 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from gemv import graph_time, products  # noqa: E402  (benchmarks/gemv.py)
+from gemv import graph_time, print_sweep, products, write_results  # noqa: E402  (benchmarks/gemv.py)
 
-from kiln.bench import env  # noqa: E402
-from kiln.bench.common import save_result  # noqa: E402
 from kiln.bench.shapes import SHAPES  # noqa: E402
 from kiln.ops.fp8_gemv import MAX_ROWS, fp8_gemv, fp8_gemv_ref  # noqa: E402
 from kiln.ops.triton_fp8_gemv import fp8_gemv_config, fp8_gemv_triton  # noqa: E402
@@ -94,12 +92,8 @@ def main() -> None:
                 f" | max abs err {row['max_abs_err_vs_ref']:.2e}",
                 flush=True,
             )
-            for c in row.get("sweep", [])[:6]:
-                print(f"    {c['config']} {c['us']:.2f} us {c['GBps']:.0f} GB/s")
-    doc = env.collect(config=vars(args))
-    doc["benchmark"] = "fp8_gemv"
-    doc["results"] = results
-    save_result(doc, args.output)
+            print_sweep(row)
+    write_results(args, "fp8_gemv", results)
 
 
 if __name__ == "__main__":

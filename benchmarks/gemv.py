@@ -124,10 +124,19 @@ def main() -> None:
             f" | max abs err {row['max_abs_err_vs_torch']:.2e}",
             flush=True,
         )
-        for c in row.get("sweep", [])[:6]:
-            print(f"    {c['config']} {c['us']:.2f} us {c['GBps']:.0f} GB/s")
+        print_sweep(row)
+    write_results(args, "gemv", results)
+
+
+def print_sweep(row: dict) -> None:
+    """The six fastest launch configurations of a product's ``--sweep``."""
+    for c in row.get("sweep", [])[:6]:
+        print(f"    {c['config']} {c['us']:.2f} us {c['GBps']:.0f} GB/s")
+
+
+def write_results(args, kind: str, results: list[dict]) -> None:
     doc = env.collect(config=vars(args))
-    doc["benchmark"] = "gemv"
+    doc["benchmark"] = kind
     doc["results"] = results
     save_result(doc, args.output)
 
