@@ -20,6 +20,13 @@ from kiln.quant.fp8 import FP8_DTYPE, quantize_activation, scaled_mm_cuda, scale
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _example(*shape, dtype=torch.float32):
+    """An example input for tracing a pattern, on CUDA where there is one: ``torch._scaled_mm`` with
+    row-wise scales runs only there on some torch versions (2.11's CPU kernel takes per-tensor scales).
+    Its CUDA kernel wants K and N divisible by 16: the examples use K = 32, N = 16."""
+    return torch.empty(*shape, dtype=dtype, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _patterns(dtype, product):
     """fp8_linear's four forms for one activation dtype and product: (pattern, replacement, arguments)."""
 
@@ -47,9 +54,9 @@ def _patterns(dtype, product):
     def static_bias_fused(x, weight, weight_scale, input_scale, bias):
         return torch.ops.kiln.fp8_gemv(x, weight, weight_scale, bias)
 
-    x, x1 = torch.empty(2, 16, dtype=dtype), torch.empty(1, 16, dtype=dtype)
-    w, ws = torch.empty(8, 16, dtype=FP8_DTYPE), torch.empty(8)
-    b, s = torch.empty(8, dtype=dtype), torch.empty(1)
+    x, x1 = _example(2, 32, dtype=dtype), _example(1, 32, dtype=dtype)
+    w, ws = _example(16, 32, dtype=FP8_DTYPE), _example(16)
+    b, s = _example(16, dtype=dtype), _example(1)
     # the static scale's row-wise copy is none for one row (a [1, 1] expand is contiguous): traced both ways
     return [
         (dynamic, dynamic_fused, [x, w, ws]),
@@ -79,8 +86,8 @@ def _addmm_patterns():
     def static_fused(residual, x, weight, weight_scale, input_scale):
         return residual + torch.ops.kiln.fp8_gemv(x, weight, weight_scale, None)
 
-    w, ws, s = torch.empty(8, 16, dtype=FP8_DTYPE), torch.empty(8), torch.empty(1)
-    rows = [(torch.empty(m, 8), torch.empty(m, 16)) for m in (2, 1)]
+    w, ws, s = _example(16, 32, dtype=FP8_DTYPE), _example(16), _example(1)
+    rows = [(_example(m, 16), _example(m, 32)) for m in (2, 1)]
     return [(dynamic, dynamic_fused, [*rows[0], w, ws])] + [
         (static, static_fused, [r, x, w, ws, s]) for r, x in rows
     ]
