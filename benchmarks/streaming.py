@@ -37,6 +37,7 @@ from kiln.bench import env  # noqa: E402
 from kiln.bench.common import emit_result  # noqa: E402
 from kiln.bench.constant_worker import ConstantWorker  # noqa: E402
 from kiln.bench.shapes import shape_config, write_shape_dir  # noqa: E402
+from kiln.bench.stream_trace import StreamTrace, median_phases  # noqa: E402
 from kiln.bench.workload import patterned_ids  # noqa: E402
 from kiln.runtime import engine_thread  # noqa: E402
 
@@ -110,6 +111,49 @@ async def ttft(engine, prompt, reps: int) -> tuple[float, float]:
     return statistics.median(streamed), statistics.median(direct)
 
 
+async def traced(engine, workload, params, prompt, reps: int) -> dict:
+    """The breakdown (``kiln.bench.stream_trace``), from repeats apart from the timed ones: the phases
+    of a streamed first token and of a one-token ``generate``, a no-op call's round trip through the
+    engine thread (its two thread hops alone), and the steps and hand-offs of one streamed run of the
+    workload against one ``generate`` of it."""
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, detokenize=False)
+    trace = StreamTrace(engine)
+    streamed, direct, round_trips = [], [], []
+    llm = engine._engine.llm
+    with trace.installed(llm):
+        for r in range(reps):
+            trace.reset()
+            called = time.perf_counter()
+            async for _ in engine.generate(prompt, one.clone(), f"traced-ttft-{r}"):
+                streamed.append(trace.first_token(called, time.perf_counter()))
+                break
+
+            def run(llm):
+                trace.reset()
+                called = time.perf_counter()
+                llm.generate([prompt], one, use_tqdm=False)
+                return trace.generate_call(called, time.perf_counter())
+
+            direct.append(await engine._call(run))
+            start = time.perf_counter()
+            await engine._call(lambda llm: None)
+            round_trips.append(time.perf_counter() - start)
+        trace.reset()
+        start = time.perf_counter()
+        await stream_all(engine, workload, params["stream"], "traced")
+        middle = time.perf_counter()
+        await generate_all(engine, workload, params["generate"])
+        end = time.perf_counter()
+    return {
+        "ttft_phases_ms": median_phases(streamed),
+        "generate_phases_ms": median_phases(direct),
+        "idle_call_round_trip_ms": round(statistics.median(round_trips) * 1e3, 4),
+        "stream_steps": trace.step_summary((start, middle)),
+        "generate_steps": trace.step_summary((middle, end)),
+        "handoffs": trace.handoff_summary((start, middle)),
+    }
+
+
 async def bench(args) -> dict:
     fake = args.fake_device_ms is not None
     engine = AsyncLLM(
@@ -153,6 +197,9 @@ async def bench(args) -> dict:
                 }
             )
         stream_ttft, generate_ttft = await ttft(engine, workload[0], args.ttft_reps)
+        breakdown = await traced(
+            engine, workload, {"stream": delta, "generate": plain}, workload[0], args.ttft_reps
+        )
     finally:
         engine.shutdown()
     stream_tps = statistics.median(r["stream_tok_s"] for r in runs)
@@ -172,6 +219,7 @@ async def bench(args) -> dict:
         "ttft_generate_ms": round(generate_ttft * 1e3, 3),
         "ttft_ratio": round(stream_ttft / generate_ttft, 4),
         "targets": {"stream_over_generate": ">= 0.95", "ttft_ratio": "<= 1.05"},
+        "breakdown": breakdown,
     }
 
 
