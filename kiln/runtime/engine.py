@@ -10,6 +10,7 @@ import contextlib
 import functools
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -69,6 +70,9 @@ class LLMEngine:
         )
         self.async_scheduling = config.async_scheduling
         self.pending: RunnerOutput | None = None  # launched step whose tokens are not read back yet
+        # called once (then cleared) by the next step that launches work, before it waits for the
+        # device: what another thread may do meanwhile then overlaps the device's work
+        self.before_device_wait: Callable[[], None] | None = None
         eos = getattr(tokenizer, "eos_token_id", None)
         eos_ids = {eos} if eos is not None else set(model_config.eos_token_id)
         self.processor = OutputProcessor(tokenizer, eos_ids, config.max_model_len)
@@ -324,6 +328,10 @@ class LLMEngine:
             s.sample and s.params.structured_outputs is not None for s in out.scheduled
         )
         launched = self.worker.execute_model(out)
+        hook = self.before_device_wait
+        if hook is not None:
+            self.before_device_wait = None
+            hook()
         finished += self.pooled.finish(self, launched.pooled)  # earlier steps' pooled outputs too
         previous, self.pending = self.pending, launched
         if previous is not None:

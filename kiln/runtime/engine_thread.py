@@ -63,6 +63,7 @@ class EngineThread:
         self._drain_waiters: list[Callable[[], None]] = []  # run once nothing is in flight
         self._stop = False
         self._next_handoff = 0.0  # perf_counter time before which only urgent outputs are handed over
+        self._deferred: dict[LoopMailbox, list] | None = None  # a hand-off held for the next device wait
         self._lock = threading.Lock()  # a command is either queued before the loop dies or refused
         self.llm = None
         ready = threading.Event()
@@ -162,8 +163,10 @@ class EngineThread:
     def _step(self) -> None:
         engine = self.llm.llm_engine
         finished = engine.step()
+        self._post_deferred()  # the step launched nothing (no device wait): they go now
         start = time.perf_counter()
-        if start >= self._next_handoff or not engine.has_unfinished_requests():
+        running = engine.has_unfinished_requests()
+        if start >= self._next_handoff or not running:
             deltas, full = engine.step_deltas(), True
         elif finished or engine.processor.has_urgent_deltas:  # first tokens and ends go at once
             deltas, full = engine.step_deltas(urgent=True), False
@@ -172,13 +175,30 @@ class EngineThread:
         if not deltas and not finished:
             return
         posts = self._route(deltas, finished)
-        for mailbox, items in posts.items():
-            mailbox.post(items)
+        if full and running and not finished:
+            # a periodic hand-off, nothing urgent in it: posted once the next step has launched its
+            # work, before that step waits for the device, so that the loop thread's work for it
+            # (waking the consumers, under the shared GIL) overlaps the device's instead of the host's
+            self._deferred = posts
+            engine.before_device_wait = self._post_deferred
+        else:
+            for mailbox, items in posts.items():
+                mailbox.post(items)
         if full:
             loop_cost = max((mailbox.cost for mailbox in posts), default=0.0)
             now = time.perf_counter()
             delay = (now - start + loop_cost) / HANDOFF_SHARE
             self._next_handoff = now + min(delay, MAX_HANDOFF_DELAY)
+
+    def _post_deferred(self) -> None:
+        """Post the hand-off held for the next device wait (any post to a stream goes after it)."""
+        posts = self._deferred
+        if posts is None:
+            return
+        self._deferred = None
+        self.llm.llm_engine.before_device_wait = None
+        for mailbox, items in posts.items():
+            mailbox.post(items)
 
     def _route(self, deltas: list[RequestOutput], finished: list[RequestOutput]) -> dict[LoopMailbox, list]:
         """Each delta and finished output through its stream: per event loop, the items to hand over."""
@@ -209,6 +229,7 @@ class EngineThread:
     def abort(self, request_id: str, stream: RequestStream | None, notify: bool) -> bool:
         """Drop a request (held or in the engine); ``stream``: only if it is that one. ``notify``: hand
         the stream its aborted output. Whether anything was aborted."""
+        self._post_deferred()  # what the stream got before goes first
         for i, (held, _, _) in enumerate(self.held):
             if held.request_id == request_id and stream in (None, held):
                 del self.held[i]
@@ -238,6 +259,7 @@ class EngineThread:
             self.abort(request_id, None, notify=True)
 
     def _fail_everything(self, error: BaseException) -> None:
+        self._post_deferred()  # what the streams got before goes first
         streams = list(self.streams.values()) + [s for s, _, _ in self.held]
         self.streams, self.held = {}, []
         for stream in streams:
