@@ -14,7 +14,8 @@ The host cost of streaming, without the model's forward:
 
 ``--fake-device-ms X`` replaces the engine's worker by ``kiln.bench.constant_worker.ConstantWorker``
 (token 7 for every row, a simulated device that runs a step in X ms; 0: no device time, so every
-figure is host time). Each run also records the process's CPU seconds (both threads) and the engine
+figure is host time; ``--fake-launch-ops K``: K tiny torch calls in each launch, each letting the GIL
+go, as a real launch's calls do). Each run also records the process's CPU seconds (both threads) and the engine
 steps it took, so ``*_cpu_us_per_step`` is the host time of a step on each path and
 ``stream_extra_cpu_us_per_step`` what streaming adds to it. ``stream_outputs_per_request`` is how many
 outputs a stream got (the engine thread joins the steps between hand-offs when handing over every step
@@ -91,10 +92,10 @@ async def generate_all(engine, workload, params) -> tuple[float, int, float]:
     return await engine._call(run)
 
 
-async def install_constant_worker(engine, step_ms: float) -> None:
+async def install_constant_worker(engine, step_ms: float, launch_ops: int = 0) -> None:
     def install(llm):
         core = llm.llm_engine
-        core.worker = ConstantWorker(core.num_blocks, core.config.block_size, step_ms / 1e3)
+        core.worker = ConstantWorker(core.num_blocks, core.config.block_size, step_ms / 1e3, launch_ops)
 
     await engine._call(install)
 
@@ -168,7 +169,7 @@ async def bench(args) -> dict:
     counter = StepCounter()
     try:
         if fake:
-            await install_constant_worker(engine, args.fake_device_ms)
+            await install_constant_worker(engine, args.fake_device_ms, args.fake_launch_ops)
         await engine._call(counter.install)
         workload = prompts(args.streams, args.input_len, shape_config(args.model)["vocab_size"])
         base = dict(temperature=0, max_tokens=args.output_len, ignore_eos=True, detokenize=False)
@@ -244,6 +245,13 @@ def main(argv: list[str] | None = None) -> None:
         help="replace the model by a constant worker whose simulated device step takes this long",
     )
     parser.add_argument(
+        "--fake-launch-ops",
+        type=int,
+        default=0,
+        help="with --fake-device-ms: tiny torch calls per step's launch (each lets the GIL go, as a "
+        "real launch's calls do)",
+    )
+    parser.add_argument(
         "--handoff-share",
         type=float,
         default=None,
@@ -257,6 +265,8 @@ def main(argv: list[str] | None = None) -> None:
         engine_thread.HANDOFF_SHARE = args.handoff_share
     if args.fake_device_ms is not None and args.fake_device_ms < 0:
         raise ValueError(f"--fake-device-ms must be >= 0, got {args.fake_device_ms}")
+    if args.fake_launch_ops < 0 or (args.fake_launch_ops and args.fake_device_ms is None):
+        raise ValueError(f"--fake-launch-ops must be >= 0 and needs --fake-device-ms, got {args.fake_launch_ops}")
     doc = env.collect(config=vars(args))
     doc["benchmark"] = "streaming"
     try:

@@ -35,6 +35,7 @@ logger = logging.getLogger("kiln")
 
 HANDOFF_SHARE = 0.03  # the wall-time share of handing outputs over that the thread aims at
 MAX_HANDOFF_DELAY = 0.02  # seconds a stream's new tokens wait at most for a hand-off
+HANDOFF_WAIT = 0.002  # seconds the thread waits at most for a loop to run a periodic hand-off
 
 
 def freeze_startup_heap() -> None:
@@ -191,14 +192,22 @@ class EngineThread:
             self._next_handoff = now + min(delay, MAX_HANDOFF_DELAY)
 
     def _post_deferred(self) -> None:
-        """Post the hand-off held for the next device wait (any post to a stream goes after it)."""
+        """Post the hand-off held for the next device wait (any post to a stream goes after it),
+        then let the loop threads run it: wait (the GIL free) until each has run the consumers it
+        woke, at most ``HANDOFF_WAIT``."""
         posts = self._deferred
         if posts is None:
             return
         self._deferred = None
         self.llm.llm_engine.before_device_wait = None
+        taken = []
         for mailbox, items in posts.items():
-            mailbox.post(items)
+            mailbox.handed.clear()
+            if mailbox.post(items):
+                taken.append(mailbox)
+        deadline = time.perf_counter() + HANDOFF_WAIT
+        for mailbox in taken:
+            mailbox.handed.wait(max(0.0, deadline - time.perf_counter()))
 
     def _route(self, deltas: list[RequestOutput], finished: list[RequestOutput]) -> dict[LoopMailbox, list]:
         """Each delta and finished output through its stream: per event loop, the items to hand over."""

@@ -22,6 +22,7 @@ final one: fewer outputs, each worth more tokens, for less host work per token.
 """
 
 import asyncio
+import threading
 import time
 from collections import deque
 from dataclasses import replace
@@ -41,18 +42,22 @@ class LoopMailbox:
         # handing a batch of outputs over costs there), read by the engine thread
         self.cost = 0.0
         self._cpu_at_dispatch = 0.0
+        self.handed = threading.Event()  # set once a dispatch's woken consumers have run
 
-    def post(self, items: list) -> None:
-        """Any thread: hand ``(stream, item)`` pairs to the loop (nothing if the loop is closed)."""
+    def post(self, items: list) -> bool:
+        """Any thread: hand ``(stream, item)`` pairs to the loop; False if the loop is closed (they
+        are dropped)."""
         self._batches.append(items)
         if self._due:  # the scheduled dispatch has not started: it takes these too
-            return
+            return True
         self._due = True
         try:
             self.loop.call_soon_threadsafe(self._dispatch)
         except RuntimeError:  # the consumer's event loop is closed: nobody is listening
             self._due = False
             self._batches.clear()
+            return False
+        return True
 
     def _dispatch(self) -> None:
         """On the loop: every posted item to its stream."""
@@ -67,6 +72,7 @@ class LoopMailbox:
 
     def _measure(self) -> None:
         self.cost = time.thread_time() - self._cpu_at_dispatch
+        self.handed.set()
 
 
 class RequestStream:
