@@ -15,8 +15,8 @@ The host cost of streaming, without the model's forward:
 ``--fake-device-ms X`` replaces the engine's worker by ``kiln.bench.constant_worker.ConstantWorker``
 (token 7 for every row, a simulated device that runs a step in X ms; 0: no device time, so every
 figure is host time; ``--fake-launch-ops K``: K tiny torch calls in each launch, each letting the GIL
-go, as a real launch's calls do). Each run also records the process's CPU seconds (both threads) and the engine
-steps it took, so ``*_cpu_us_per_step`` is the host time of a step on each path and
+go, as a real launch's calls do). Each run also records the process's CPU seconds (both threads) and
+the engine steps it took, so ``*_cpu_us_per_step`` is the host time of a step on each path and
 ``stream_extra_cpu_us_per_step`` what streaming adds to it. ``stream_outputs_per_request`` is how many
 outputs a stream got (the engine thread joins the steps between hand-offs when handing over every step
 would cost more than a few percent of the time: ``kiln/runtime/engine_thread.py``). ``--stream-interval
@@ -266,7 +266,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.fake_device_ms is not None and args.fake_device_ms < 0:
         raise ValueError(f"--fake-device-ms must be >= 0, got {args.fake_device_ms}")
     if args.fake_launch_ops < 0 or (args.fake_launch_ops and args.fake_device_ms is None):
-        raise ValueError(f"--fake-launch-ops must be >= 0 and needs --fake-device-ms, got {args.fake_launch_ops}")
+        raise ValueError(
+            f"--fake-launch-ops must be >= 0 and needs --fake-device-ms, got {args.fake_launch_ops}"
+        )
     doc = env.collect(config=vars(args))
     doc["benchmark"] = "streaming"
     try:

@@ -167,16 +167,17 @@ class EngineThread:
         self._post_deferred()  # the step launched nothing (no device wait): they go now
         start = time.perf_counter()
         running = engine.has_unfinished_requests()
+        urgent = bool(finished) or engine.processor.has_urgent_deltas
         if start >= self._next_handoff or not running:
             deltas, full = engine.step_deltas(), True
-        elif finished or engine.processor.has_urgent_deltas:  # first tokens and ends go at once
+        elif urgent:  # first tokens and ends go at once
             deltas, full = engine.step_deltas(urgent=True), False
         else:
             return
         if not deltas and not finished:
             return
         posts = self._route(deltas, finished)
-        if full and running and not finished:
+        if full and running and not urgent:
             # a periodic hand-off, nothing urgent in it: posted once the next step has launched its
             # work, before that step waits for the device, so that the loop thread's work for it
             # (waking the consumers, under the shared GIL) overlaps the device's instead of the host's
