@@ -21,7 +21,14 @@ the engine steps it took, so ``*_cpu_us_per_step`` is the host time of a step on
 outputs a stream got (the engine thread joins the steps between hand-offs when handing over every step
 would cost more than a few percent of the time: ``kiln/runtime/engine_thread.py``). ``--stream-interval
 N`` passes ``stream_interval=N`` to ``AsyncLLM`` (an output per N tokens instead of per token);
-``--handoff-share S`` sets that share (``engine_thread.HANDOFF_SHARE``, 0.03 by default).
+``--handoff-share S`` sets that share (``engine_thread.HANDOFF_SHARE``, 0.03 by default),
+``--handoff-wait S`` how long the engine thread waits at most for the loop to run a periodic hand-off
+(``engine_thread.HANDOFF_WAIT``, 0.002 by default; 0: it does not wait).
+
+The results' ``breakdown`` (``kiln/bench/stream_trace.py``, from traced repeats after the timed ones)
+splits a streamed first token and a one-token ``generate`` into phases, times a no-op call's round
+trip through the engine thread (the two thread hops alone), and gives the steps and hand-offs of one
+traced streamed run against one ``generate``.
 """
 
 import argparse
@@ -257,12 +264,23 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="the wall-time share the engine thread spends on handing outputs over (kiln's default: 0.03)",
     )
+    parser.add_argument(
+        "--handoff-wait",
+        type=float,
+        default=None,
+        help="seconds the engine thread waits at most for the loop to run a periodic hand-off "
+        "(kiln's default: 0.002; 0: it posts and goes on)",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.handoff_share is not None:
         if not args.handoff_share > 0:
             raise ValueError(f"--handoff-share must be > 0, got {args.handoff_share}")
         engine_thread.HANDOFF_SHARE = args.handoff_share
+    if args.handoff_wait is not None:
+        if not args.handoff_wait >= 0:
+            raise ValueError(f"--handoff-wait must be >= 0, got {args.handoff_wait}")
+        engine_thread.HANDOFF_WAIT = args.handoff_wait
     if args.fake_device_ms is not None and args.fake_device_ms < 0:
         raise ValueError(f"--fake-device-ms must be >= 0, got {args.fake_device_ms}")
     if args.fake_launch_ops < 0 or (args.fake_launch_ops and args.fake_device_ms is None):

@@ -195,11 +195,11 @@ def test_streaming_host_cost_without_the_model(tmp_path):
     token, in as many engine steps as a real model would take."""
     run(
         "benchmarks/streaming.py --model tiny --streams 5 --input-len 8 --output-len 6 --repeats 2 "
-        "--ttft-reps 2 --fake-device-ms 0.2 --out {out}/host.json",
+        "--ttft-reps 2 --fake-device-ms 0.2 --fake-launch-ops 3 --handoff-wait 0.001 --out {out}/host.json",
         tmp_path,
     )
     doc = load(tmp_path / "host.json")
-    assert doc["config"]["fake_device_ms"] == 0.2
+    assert doc["config"]["fake_device_ms"] == 0.2 and doc["config"]["fake_launch_ops"] == 3
     runs = doc["results"]["runs"]
     assert len(runs) == 2
     for one in runs:
@@ -207,6 +207,16 @@ def test_streaming_host_cost_without_the_model(tmp_path):
         # one prefill step and one step per further token, plus the step that reads the last one back
         # (streams that reach the engine thread a step apart take more)
         assert one["generate_steps"] == 1 + 6 <= one["stream_steps"]
+    # the breakdown: every phase of a streamed first token (prefill, then the step reading it back)
+    b = doc["results"]["breakdown"]
+    phases = b["ttft_phases_ms"]
+    assert phases["samples"] >= 1 and phases["num_steps"] == b["generate_phases_ms"]["num_steps"] == 2
+    for key in ("submit", "pickup", "add", "to_first_step", "steps", "route", "loop_wake", "to_consumer"):
+        assert phases[key] >= 0, key
+    assert phases["steps"] >= 0.2 and phases["total"] >= phases["steps"] + phases["pickup"]
+    assert b["idle_call_round_trip_ms"] > 0
+    assert b["stream_steps"]["all"]["count"] >= b["generate_steps"]["all"]["count"] == 7
+    assert b["handoffs"]["posts"] >= b["handoffs"]["dispatches"] >= 2  # first tokens and ends at least
 
 
 def test_async_soak(tmp_path):

@@ -16,6 +16,15 @@ handing over is cheap against a step (few streams, or a slow device step) that i
 request's first tokens and its end never wait (time to first token, and the final output), and neither
 does anything when the engine has nothing else to run.
 
+Where a periodic hand-off (nothing urgent in it) lands matters as much: the loop thread needs the GIL
+for it, and a launch lets the GIL go at every torch call, so a loop woken at a random moment takes it
+in the middle of the next launch (the device then waits for the host) and the two threads trade it
+back and forth, each trade a thread wake-up. Such a hand-off is therefore posted by the next step
+once it has launched its work, before it waits for the device (``LLMEngine.before_device_wait``), and
+the thread then waits, the GIL free, until the loop has run the consumers it woke (at most
+``HANDOFF_WAIT``; a loop busy elsewhere does not hold the engine up longer): the loop's work for it
+runs in one piece while the device runs the step just launched.
+
 Pausing stops admitting requests (they are held until resumed); requests already in the engine are
 aborted or, with ``wait_for_inflight_requests``, run to completion first.
 """
@@ -35,7 +44,7 @@ logger = logging.getLogger("kiln")
 
 HANDOFF_SHARE = 0.03  # the wall-time share of handing outputs over that the thread aims at
 MAX_HANDOFF_DELAY = 0.02  # seconds a stream's new tokens wait at most for a hand-off
-HANDOFF_WAIT = 0.002  # seconds the thread waits at most for a loop to run a periodic hand-off
+HANDOFF_WAIT = 0.002  # seconds the thread waits at most for a loop to run a periodic hand-off (0: none)
 
 
 def freeze_startup_heap() -> None:
@@ -206,6 +215,8 @@ class EngineThread:
             mailbox.handed.clear()
             if mailbox.post(items):
                 taken.append(mailbox)
+        if HANDOFF_WAIT <= 0:  # 0: post and go on
+            return
         deadline = time.perf_counter() + HANDOFF_WAIT
         for mailbox in taken:
             mailbox.handed.wait(max(0.0, deadline - time.perf_counter()))
