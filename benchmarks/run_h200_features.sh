@@ -24,6 +24,8 @@
 #               used here, on this machine's GPU (a script that would crash on a part above fails here first)
 #   startup     random llama-1b / llama-8b checkpoints written to /tmp, then `kiln bench compile` cold and
 #               warm from disk, with and without reuse_dynamo_graph, and the weight-loading rate
+#   startup-floor import torch, the CUDA context, import kiln and a plain safetensors read of each of those
+#               checkpoints, in fresh processes: what a start-up pays before kiln's own phases
 #
 # Results go to $OUT (default ./bench_out); each part's log is $OUT/<part>.log. TOKENIZER: a tokenizer
 # folder (default ./.tok). Python packages the machine lacks (pydantic, xgrammar, ...) are installed from
@@ -87,6 +89,11 @@ part() {
             "$PY" -m kiln.cli bench compile --model "/tmp/ckpt-$m" --output-dir "$OUT" --tag "${m}_disk"
             "$PY" -m kiln.cli bench compile --model "/tmp/ckpt-$m" -cc '{"reuse_dynamo_graph": true}' \
                 --output-dir "$OUT" --tag "${m}_disk_reuse"
+        done ;;
+    startup-floor)
+        for m in llama-1b llama-8b; do
+            [ -f "/tmp/ckpt-$m/config.json" ] || "$PY" benchmarks/weight_loading.py make "/tmp/ckpt-$m" --shape "$m"
+            "$PY" benchmarks/startup_floor.py --repeats 3 --model "/tmp/ckpt-$m" --out "$OUT/startup_floor_$m.json"
         done ;;
     *) echo "unknown part $1"; return 2 ;;
     esac
