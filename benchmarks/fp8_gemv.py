@@ -41,7 +41,7 @@ def bench_product(name: str, n: int, k: int, m: int, sweep: bool) -> dict:
         return {"us": t * 1e6, "GBps": weight_bytes / t / 1e9}
 
     row["kiln_fp8_gemv"] = {
-        "config": fp8_gemv_config(n, k),
+        "config": fp8_gemv_config(n, k, m),
         **timing(lambda j: fp8_gemv(x, *weights[j], None), n * k),
     }
     row["w8a8_scaled_mm"] = timing(lambda j: fp8_linear(x, *weights[j]), n * k)
