@@ -49,10 +49,10 @@ fi
 
 part() {
     case "$1" in
-    tests) "$PY" -m pytest -q -p no:cacheprovider -m gpu -n "${GPU_TEST_WORKERS:-4}" tests \
+    tests) "$PY" -m pytest -q -p no:cacheprovider --durations=15 -m gpu -n "${GPU_TEST_WORKERS:-4}" tests \
         --ignore=tests/test_worker.py --ignore=tests/test_compile_cache.py --ignore=tests/test_cudagraph.py ;;
     tests-serial)
-        "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_worker.py tests/test_compile_cache.py \
+        "$PY" -m pytest -q -p no:cacheprovider --durations=15 -m gpu tests/test_worker.py tests/test_compile_cache.py \
             tests/test_cudagraph.py ;;
     streaming) "$PY" benchmarks/streaming.py --model llama-1b --streams 64 --out "$OUT/bench_streaming_llama-1b.json" ;;
     soak) "$PY" benchmarks/async_soak.py --model llama-1b --requests 10000 --coroutines 200 \
