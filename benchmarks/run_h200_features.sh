@@ -8,7 +8,7 @@
 #               workers sharing the GPU (tests/conftest.py caps each worker's KV cache)
 #   tests-serial pytest -m gpu on test_worker, test_compile_cache and test_cudagraph (they check the KV budget
 #               and graph memory themselves)
-#   streaming   AsyncLLM at 64 streams vs LLM.generate, TTFT at batch 1 (llama-1b)
+#   streaming   AsyncLLM at 64 streams vs LLM.generate, TTFT at batch 1 (llama-1b); again with --handoff-wait 0
 #   soak        AsyncLLM soak: 10,000 requests from 200 coroutines, random lengths and aborts (llama-1b)
 #   beam        beam search, 64 prompts x width 4 x 128 new tokens vs HF generate(num_beams=4) (llama-1b)
 #   structured  JSON-schema constrained vs unconstrained tokens/s, batch-1 TPOT (llama-1b; needs TOKENIZER)
@@ -54,7 +54,9 @@ part() {
     tests-serial)
         "$PY" -m pytest -q -p no:cacheprovider --durations=15 -m gpu tests/test_worker.py tests/test_compile_cache.py \
             tests/test_cudagraph.py ;;
-    streaming) "$PY" benchmarks/streaming.py --model llama-1b --streams 64 --out "$OUT/bench_streaming_llama-1b.json" ;;
+    streaming) "$PY" benchmarks/streaming.py --model llama-1b --streams 64 --out "$OUT/bench_streaming_llama-1b.json"
+        "$PY" benchmarks/streaming.py --model llama-1b --streams 64 --handoff-wait 0 \
+            --out "$OUT/bench_streaming_llama-1b_no_handoff_wait.json" ;;
     soak) "$PY" benchmarks/async_soak.py --model llama-1b --requests 10000 --coroutines 200 \
         --out "$OUT/bench_async_soak_llama-1b.json" ;;
     beam) "$PY" benchmarks/beam_search.py --model llama-1b --prompts 64 --width 4 --new-tokens 128 \

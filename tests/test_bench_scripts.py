@@ -29,7 +29,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CALLS = {
     "streaming": [
         "benchmarks/streaming.py --model tiny --streams 6 --input-len 8 --output-len 4 --repeats 1 "
-        "--ttft-reps 2 --out {out}/bench_streaming_tiny.json"
+        "--ttft-reps 2 --handoff-wait 0 --out {out}/bench_streaming_tiny.json"
     ],
     "soak": [
         "benchmarks/async_soak.py --model tiny --requests 40 --coroutines 8 --max-prompt 24 --max-tokens 8 "
