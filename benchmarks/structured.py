@@ -40,6 +40,7 @@ BENCH_SCHEMA = {
     "properties": {
         "items": {
             "type": "array",
+            "minItems": 64,  # at several tokens an item: no output can close the structure in 256 tokens
             "items": {
                 "type": "object",
                 "properties": {
