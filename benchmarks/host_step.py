@@ -159,8 +159,9 @@ def time_structured(config: EngineConfig, blocks: int, args, constrained: bool) 
     )
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model_config = types.SimpleNamespace(eos_token_id=[tokenizer.eos_token_id], vocab_size=args.vocab_size)
-    step_s, sampler_s = 1e-3 * (args.fake_device_ms or 0.0), 1e-3 * (args.fake_sampler_ms or 0.0)
-    worker = GrammarWorker(blocks, args.block_size, [tokenizer.eos_token_id], 0, step_s, min(sampler_s, step_s))
+    step_s = 1e-3 * (args.fake_device_ms or 0.0)
+    sampler_s = min(1e-3 * args.fake_sampler_ms, step_s)
+    worker = GrammarWorker(blocks, args.block_size, [tokenizer.eos_token_id], 0, step_s, sampler_s)
     engine = LLMEngine(config, model_config, tokenizer, worker=worker)
     so = StructuredOutputsParams(json=BENCH_SCHEMA) if constrained else None
     params = SamplingParams(
@@ -537,8 +538,12 @@ def main() -> None:
             ),
             # medians over the runs of each kind: wall time per step, and sampled rows per wall second
             "median_wall_us_per_step": wall,
-            "constrained_over_unconstrained_wall_per_step": round(wall["constrained"] / wall["unconstrained"], 4),
-            "constrained_over_unconstrained_rows_per_s": round(rate["constrained"] / rate["unconstrained"], 4),
+            "constrained_over_unconstrained_wall_per_step": round(
+                wall["constrained"] / wall["unconstrained"], 4
+            ),
+            "constrained_over_unconstrained_rows_per_s": round(
+                rate["constrained"] / rate["unconstrained"], 4
+            ),
             "machine": env.machine_info(),
             "versions": {**env.versions(), "xgrammar": env._version("xgrammar")},
             "grammar_threads": grammar_threads(),
