@@ -273,6 +273,10 @@ def test_structured(tmp_path, tokenizer_dir):
         (batch,) = r["throughput"][kind]
         assert batch["output_tokens_per_s"] > 0 and batch["num_output_tokens"] > 0
     assert r["throughput"]["unconstrained"][0]["num_output_tokens"] == 3 * 6  # EOS ignored
+    (constrained,) = r["throughput"]["constrained"]
+    assert constrained["num_output_tokens"] == 3 * 6  # the schema's minimum keeps them inside it
+    assert constrained["fills"] >= 6 and 0 <= constrained["shared_fills"] <= constrained["fills"]
+    assert r["throughput"]["unconstrained"][0]["fills"] == 0
     assert r["throughput"]["ratio"] > 0
     assert len(r["batch1_tpot_s"]["constrained"]) == 3 and r["batch1_tpot_s"]["median"]["constrained"] > 0
     assert set(r["compile"]["schemas"]) == {"bench", "person", "tool_call"}
