@@ -475,6 +475,20 @@ def test_host_step_structured(tmp_path, tokenizer_dir):
         assert one["steps"] > 6 and 0 < one["sampled_rows"] <= 3 * 6 and one["cpu_us_per_step"] > 0
     assert r["runs"]["unconstrained"][0]["sampled_rows"] == 3 * 6  # EOS ignored
     assert r["median"]["constrained"] == r["runs"]["constrained"][0]
+    # a simulated device step: the device runs the steps one after another, so no step takes less
+    run(
+        "benchmarks/host_step.py --structured --tokenizer {tok} --num-prompts 3 --max-num-seqs 2 "
+        "--input-len 8 --output-len 6 --repeats 1 --fake-device-ms 2 --fake-sampler-ms 0.1 --no-fill-extras "
+        "--output {out}/fake.json",
+        tmp_path,
+        tok=tokenizer_dir,
+    )
+    r = load(tmp_path / "fake.json")
+    assert "one_row_fill" not in r and "--fake-device-ms 2.0" in r["command"]
+    for kind in ("constrained", "unconstrained"):
+        (one,) = r["runs"][kind]
+        assert one["wall_us_per_step"] >= 1990 and one["sampled_rows"] == 3 * 6
+    assert 0.5 < r["constrained_over_unconstrained_wall_per_step"] < 5
 
 
 def test_tp_step_broadcast(tmp_path):
