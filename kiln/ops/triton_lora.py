@@ -1,68 +1,140 @@
 """Triton kernels of the batched LoRA products (layouts in ``kiln/ops/lora_ref.py``).
 
-Two families, same results:
+``lora_add_triton`` adds every token's delta to ``y`` in place, through one of three kernel plans
+picked from the shapes alone (``lora_plan``):
 
-* gathered per row (up to ``ROWS_MAX_TOKENS`` tokens: small decode batches): one program per (token,
-  shard, chunk of input features) for the shrink and per (token, column block) for the expand; each
-  program reads its token's slot and that slot's weights.
-* segment-grouped (larger batches): tokens sorted by slot (``sorted_tokens``, slot ``i`` owning
+* ``fused`` (up to ``FUSED_MAX_TOKENS`` tokens, ``K <= FUSED_MAX_K``): one kernel. One program per
+  (token, run of ``cols`` output columns) reads its token's slot, recomputes the rank-``R`` shrink
+  ``x[t] @ A[slot, s].T`` for the shards its columns belong to (``A`` comes from L2 after the first
+  program) and adds its columns of the expand. ``cols`` is chosen so that the token count times the
+  column runs fills about one wave of ``_NUM_SMS`` SMs; more programs would only re-read ``A``.
+* ``split`` (other batches up to ``ROWS_MAX_TOKENS`` tokens): two kernels gathered per row. The
+  shrink splits the input features in chunks of ``K_PER_SPLIT`` over programs, each *storing* its
+  partial sums (no zeroed buffer, no atomics); the expand sums the partials of its token's shard and
+  adds its column block. Long inputs (``down_proj``) keep every program's loop short this way.
+* ``grouped`` (larger batches): tokens sorted by slot (``sorted_tokens``, slot ``i`` owning
   ``sorted_tokens[slot_starts[i]:slot_starts[i + 1]]``); one program per (block of a slot's tokens,
   shard and chunk of input features or column block, slot) multiplies a tile of tokens by the slot's
   weights with ``tl.dot``, so each weight tile is read once per block of 16 tokens, not once per token.
+  Up to ``SPLIT_MAX_TOKENS`` tokens its shrink splits the input features too, adding into a zeroed ``h``.
 
-Up to ``SPLIT_MAX_TOKENS`` tokens the shrink splits its input features in chunks of ``K_PER_SPLIT``
-over programs, adding partial sums atomically into a zeroed ``h``: a handful of tokens still spreads
-over many SMs.
-
-The grids depend only on the token count and table sizes, never on the slots' contents: programs of
-empty slots exit at once, so a CUDA graph captured once serves every adapter mix.
+Every plan's grid depends only on the shapes, never on the slots' contents: programs of tokens without
+an adapter (slot -1) and of empty slots exit at once, so a CUDA graph captured once serves every
+adapter mix, and rows without an adapter are left untouched.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-ROWS_MAX_TOKENS = 16  # batches up to this many tokens take the gathered kernels
-SPLIT_MAX_TOKENS = 512  # shrinks of batches up to this many tokens split K over programs
+ROWS_MAX_TOKENS = 16  # batches up to this many tokens take the gathered (per row) kernels
+FUSED_MAX_TOKENS = 4  # ... and up to this many, with inputs up to FUSED_MAX_K features, the fused one
+FUSED_MAX_K = 4096  # each fused program reads R x K of A serially: 128 KiB at R 16 and K 4096 in bf16
+SPLIT_MAX_TOKENS = 512  # grouped shrinks of batches up to this many tokens split K over programs
+K_PER_SPLIT = 512  # input features per split shrink program (a power of two)
+_NUM_SMS = 132  # H200; the fused grid aims at one wave of programs
 _BLOCK_K = 128
 _BLOCK_N = 128
 _BLOCK_M = 16
-K_PER_SPLIT = 512  # input features per shrink program when split (a power of two)
+_FUSED_TILE = 16384  # elements of A per fused shrink iteration: BLOCK_K = 1024 at R 16, 256 at R 64
+
+
+def lora_plan(num_tokens: int, k: int) -> str:
+    """The kernel plan of a batch of ``num_tokens`` tokens with ``k`` input features."""
+    if num_tokens > ROWS_MAX_TOKENS:
+        return "grouped"
+    if num_tokens <= FUSED_MAX_TOKENS and k <= FUSED_MAX_K:
+        return "fused"
+    return "split"
+
+
+def fused_columns(num_tokens: int, n: int) -> int:
+    """Output columns per fused program: a multiple of ``_BLOCK_N``, about one wave of programs."""
+    runs = max(1, triton.cdiv(_NUM_SMS, num_tokens))
+    return triton.cdiv(triton.cdiv(n, runs), _BLOCK_N) * _BLOCK_N
 
 
 @triton.jit
-def _shrink_rows_kernel(
+def _shrink_row(x_row, a_shard, K, stride_ar, R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``x_row[:K] @ a_shard[:, :K].T`` in float32, ``[R]``."""
+    r = tl.arange(0, R)
+    acc = tl.zeros([R], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        km = k < K
+        xv = tl.load(x_row + k, mask=km, other=0.0).to(tl.float32)
+        av = tl.load(a_shard + r[:, None] * stride_ar + k[None, :], mask=km[None, :], other=0.0)
+        acc += tl.sum(av.to(tl.float32) * xv[None, :], axis=1)
+    return acc
+
+
+@triton.jit
+def _fused_rows_kernel(
+    y_ptr, x_ptr, a_ptr, b_ptr, slots_ptr, K, N, end0, end1, cols,
+    stride_yt, stride_xt, stride_al, stride_as, stride_ar, stride_bl, stride_bn,
+    R: tl.constexpr, SHARDS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    c0 = tl.program_id(1) * cols
+    c1 = tl.minimum(c0 + cols, N)
+    x_row = x_ptr + t * stride_xt
+    a_base = a_ptr + slot * stride_al
+    # the shrink of each shard these columns belong to (shard s owns columns [end_{s-1}, end_s))
+    h0 = tl.zeros([R], dtype=tl.float32)
+    h1 = tl.zeros([R], dtype=tl.float32)
+    h2 = tl.zeros([R], dtype=tl.float32)
+    if c0 < end0:
+        h0 = _shrink_row(x_row, a_base, K, stride_ar, R, BLOCK_K)
+    if SHARDS > 1:
+        if (c1 > end0) & (c0 < end1):
+            h1 = _shrink_row(x_row, a_base + stride_as, K, stride_ar, R, BLOCK_K)
+    if SHARDS > 2:
+        if c1 > end1:
+            h2 = _shrink_row(x_row, a_base + 2 * stride_as, K, stride_ar, R, BLOCK_K)
+    wdt = b_ptr.dtype.element_ty  # h rounded to the weights' dtype, as the reference does
+    h0, h1, h2 = h0.to(wdt).to(tl.float32), h1.to(wdt).to(tl.float32), h2.to(wdt).to(tl.float32)
+    r = tl.arange(0, R)
+    b_base = b_ptr + slot * stride_bl
+    for n0 in range(c0, c1, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nm = n < c1
+        h12 = tl.where((n < end1)[:, None], h1[None, :], h2[None, :])
+        hv = tl.where((n < end0)[:, None], h0[None, :], h12)  # each column's shard's h
+        bv = tl.load(b_base + n[:, None] * stride_bn + r[None, :], mask=nm[:, None], other=0.0)
+        delta = tl.sum(hv * bv.to(tl.float32), axis=1)
+        y = tl.load(y_ptr + t * stride_yt + n, mask=nm, other=0.0)
+        tl.store(y_ptr + t * stride_yt + n, (y.to(tl.float32) + delta).to(y.dtype), mask=nm)
+
+
+@triton.jit
+def _shrink_split_kernel(
     x_ptr, a_ptr, h_ptr, slots_ptr, K,
     stride_xt, stride_al, stride_as, stride_ar, stride_ht, stride_hs,
-    R: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr,
+    R: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
 ):  # fmt: skip
+    """``h[t, s, split] = x[t, chunk] @ A[slot, s, :, chunk].T``: partial sums, stored."""
     t = tl.program_id(0)
     s = tl.program_id(1)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     if slot < 0:
         return
-    r = tl.arange(0, R)
-    acc = tl.zeros([R], dtype=tl.float32)
-    a_base = a_ptr + slot * stride_al + s * stride_as
     k_start = tl.program_id(2) * K_PER_SPLIT
-    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
-        k = k_start + k0 + tl.arange(0, BLOCK_K)
-        km = k < K
-        xv = tl.load(x_ptr + t * stride_xt + k, mask=km, other=0.0).to(tl.float32)
-        av = tl.load(a_base + r[:, None] * stride_ar + k[None, :], mask=km[None, :], other=0.0)
-        acc += tl.sum(av.to(tl.float32) * xv[None, :], axis=1)
-    if SPLIT:
-        tl.atomic_add(h_ptr + t * stride_ht + s * stride_hs + r, acc)
-    else:
-        tl.store(h_ptr + t * stride_ht + s * stride_hs + r, acc)
+    a_shard = a_ptr + slot * stride_al + s * stride_as + k_start
+    acc = _shrink_row(x_ptr + t * stride_xt + k_start, a_shard, tl.minimum(K - k_start, K_PER_SPLIT),
+                      stride_ar, R, BLOCK_K)  # fmt: skip
+    tl.store(h_ptr + t * stride_ht + s * stride_hs + tl.program_id(2) * R + tl.arange(0, R), acc)
 
 
 @triton.jit
-def _expand_rows_kernel(
+def _expand_split_kernel(
     y_ptr, h_ptr, b_ptr, slots_ptr, N, end0, end1,
     stride_yt, stride_ht, stride_hs, stride_bl, stride_bn,
-    R: tl.constexpr, BLOCK_N: tl.constexpr,
+    R: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
+    """``y[t, cols] += (sum of the shard's partials) @ B[slot, cols].T``."""
     t = tl.program_id(0)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     if slot < 0:
@@ -71,7 +143,10 @@ def _expand_rows_kernel(
     nm = n < N
     shard = (n >= end0).to(tl.int32) + (n >= end1).to(tl.int32)  # shard owning each column
     r = tl.arange(0, R)
-    hv = tl.load(h_ptr + t * stride_ht + shard[:, None] * stride_hs + r[None, :], mask=nm[:, None], other=0.0)
+    h_rows = h_ptr + t * stride_ht + shard[:, None] * stride_hs + r[None, :]
+    hv = tl.zeros([BLOCK_N, R], dtype=tl.float32)
+    for split in tl.static_range(SPLITS):
+        hv += tl.load(h_rows + split * R, mask=nm[:, None], other=0.0)
     bv = tl.load(b_ptr + slot * stride_bl + n[:, None] * stride_bn + r[None, :], mask=nm[:, None], other=0.0)
     delta = tl.sum(hv.to(bv.dtype).to(tl.float32) * bv.to(tl.float32), axis=1)
     y = tl.load(y_ptr + t * stride_yt + n, mask=nm, other=0.0)
@@ -171,44 +246,70 @@ def _shard_ends(slice_sizes, n):
     return ends
 
 
-def lora_shrink_triton(x, a, h, token_slots, sorted_tokens, slot_starts, grouped: bool) -> None:
-    """Fill ``h`` (``[T, shards, R]`` float32) for the tokens that have an adapter. Up to
-    ``SPLIT_MAX_TOKENS`` tokens the input features are split in chunks of ``K_PER_SPLIT`` over programs
-    (``h`` zeroed, partial sums added atomically), so few tokens still spread over many SMs."""
-    num_tokens, k = x.shape
-    slots, shards, rank, _ = a.shape
-    strides = (x.stride(0), a.stride(0), a.stride(1), a.stride(2), h.stride(0), h.stride(1))
+def _fused_block_k(rank: int, k: int) -> int:
+    return min(_FUSED_TILE // rank, triton.next_power_of_2(k))
+
+
+def lora_add_fused(y, x, a, b, token_slots, slice_sizes) -> None:
+    """The ``fused`` plan: one kernel."""
+    num_tokens, n = y.shape
+    k, rank = x.shape[1], a.shape[2]
+    end0, end1 = _shard_ends(slice_sizes, n)
+    cols = fused_columns(num_tokens, n)
+    _fused_rows_kernel[(num_tokens, triton.cdiv(n, cols))](
+        y, x, a, b, token_slots, k, n, end0, end1, cols,
+        y.stride(0), x.stride(0), a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1),
+        R=rank, SHARDS=len(slice_sizes), BLOCK_K=_fused_block_k(rank, k), BLOCK_N=_BLOCK_N, num_warps=8,
+    )  # fmt: skip
+
+
+def lora_add_split(y, x, a, b, token_slots, slice_sizes) -> None:
+    """The ``split`` plan: a shrink storing per-chunk partials, an expand summing them."""
+    num_tokens, n = y.shape
+    k, (_, shards, rank, _) = x.shape[1], a.shape
+    splits = triton.cdiv(k, K_PER_SPLIT)
+    h = torch.empty(num_tokens, shards, splits, rank, dtype=torch.float32, device=x.device)
+    _shrink_split_kernel[(num_tokens, shards, splits)](
+        x, a, h, token_slots, k, x.stride(0), a.stride(0), a.stride(1), a.stride(2), h.stride(0), h.stride(1),
+        R=rank, BLOCK_K=min(_FUSED_TILE // rank, K_PER_SPLIT), K_PER_SPLIT=K_PER_SPLIT,
+    )  # fmt: skip
+    end0, end1 = _shard_ends(slice_sizes, n)
+    _expand_split_kernel[(num_tokens, triton.cdiv(n, _BLOCK_N))](
+        y, h, b, token_slots, n, end0, end1,
+        y.stride(0), h.stride(0), h.stride(1), b.stride(0), b.stride(1),
+        R=rank, SPLITS=splits, BLOCK_N=_BLOCK_N,
+    )  # fmt: skip
+
+
+def lora_add_grouped(y, x, a, b, sorted_tokens, slot_starts, slice_sizes) -> None:
+    """The ``grouped`` plan: ``h`` zeroed when the shrink splits ``K``, the shrink, the expand."""
+    num_tokens, n = y.shape
+    k, (slots, shards, rank, _) = x.shape[1], a.shape
+    h = torch.empty(num_tokens, shards, rank, dtype=torch.float32, device=x.device)
     splits = triton.cdiv(k, K_PER_SPLIT) if num_tokens <= SPLIT_MAX_TOKENS else 1
     k_per_split = K_PER_SPLIT if splits > 1 else triton.cdiv(k, _BLOCK_K) * _BLOCK_K
     if splits > 1:
         h.zero_()
-    if grouped:
-        grid = (triton.cdiv(num_tokens, _BLOCK_M), shards * splits, slots)
-        _shrink_grouped_kernel[grid](
-            x, a, h, sorted_tokens, slot_starts, k, *strides,
-            R=rank, BLOCK_M=_BLOCK_M, BLOCK_K=min(_BLOCK_K, k_per_split), DOT_FP32=_dot_fp32(a),
-            K_PER_SPLIT=k_per_split, SPLITS=splits,
-        )  # fmt: skip
-    else:
-        _shrink_rows_kernel[(num_tokens, shards, splits)](
-            x, a, h, token_slots, k, *strides,
-            R=rank, BLOCK_K=min(_BLOCK_K, k_per_split), K_PER_SPLIT=k_per_split, SPLIT=splits > 1,
-        )  # fmt: skip
-
-
-def lora_expand_triton(y, h, b, token_slots, sorted_tokens, slot_starts, slice_sizes, grouped: bool) -> None:
-    """``y += delta`` in place for the tokens that have an adapter."""
-    num_tokens, n = y.shape
-    slots, _, rank = b.shape
+    _shrink_grouped_kernel[(triton.cdiv(num_tokens, _BLOCK_M), shards * splits, slots)](
+        x, a, h, sorted_tokens, slot_starts, k,
+        x.stride(0), a.stride(0), a.stride(1), a.stride(2), h.stride(0), h.stride(1),
+        R=rank, BLOCK_M=_BLOCK_M, BLOCK_K=min(_BLOCK_K, k_per_split), DOT_FP32=_dot_fp32(a),
+        K_PER_SPLIT=k_per_split, SPLITS=splits,
+    )  # fmt: skip
     end0, end1 = _shard_ends(slice_sizes, n)
-    strides = (y.stride(0), h.stride(0), h.stride(1), b.stride(0), b.stride(1))
-    if grouped:
-        grid = (triton.cdiv(num_tokens, _BLOCK_M), triton.cdiv(n, _BLOCK_N), slots)
-        _expand_grouped_kernel[grid](
-            y, h, b, sorted_tokens, slot_starts, n, end0, end1, *strides,
-            R=rank, SHARDS=len(slice_sizes), BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
-            DOT_FP32=_dot_fp32(b),
-        )  # fmt: skip
+    _expand_grouped_kernel[(triton.cdiv(num_tokens, _BLOCK_M), triton.cdiv(n, _BLOCK_N), slots)](
+        y, h, b, sorted_tokens, slot_starts, n, end0, end1,
+        y.stride(0), h.stride(0), h.stride(1), b.stride(0), b.stride(1),
+        R=rank, SHARDS=len(slice_sizes), BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, DOT_FP32=_dot_fp32(b),
+    )  # fmt: skip
+
+
+def lora_add_triton(y, x, a, b, token_slots, sorted_tokens, slot_starts, slice_sizes) -> None:
+    """``y += delta`` in place for the tokens that have an adapter (``x`` contiguous), by ``lora_plan``."""
+    plan = lora_plan(x.shape[0], x.shape[1])
+    if plan == "fused":
+        lora_add_fused(y, x, a, b, token_slots, slice_sizes)
+    elif plan == "split":
+        lora_add_split(y, x, a, b, token_slots, slice_sizes)
     else:
-        grid = (num_tokens, triton.cdiv(n, _BLOCK_N))
-        _expand_rows_kernel[grid](y, h, b, token_slots, n, end0, end1, *strides, R=rank, BLOCK_N=_BLOCK_N)
+        lora_add_grouped(y, x, a, b, sorted_tokens, slot_starts, slice_sizes)
