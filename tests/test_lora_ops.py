@@ -102,14 +102,14 @@ def _check_plan(plan, num_tokens, dtype, slices, rank, seed, pattern=PATTERN):
 def test_decode_plans_match_reference(plan, num_tokens, slices, small_blocks, dtype, monkeypatch):
     """The gathered (per row) plans at decode batch sizes; ``small_blocks`` loops over several blocks of
     input features (fused: 16 per iteration; split: chunks of 16, i.e. 3 partial sums of K = 40) and,
-    fused, gives each program several column blocks (a grid aimed at 2 SMs)."""
+    fused, gives each program several column blocks (a grid aimed at 2 programs)."""
     pytest.importorskip("triton")
     from kiln.ops import triton_lora
 
     if small_blocks:
         monkeypatch.setattr(triton_lora, "_FUSED_TILE", R * 16)
         monkeypatch.setattr(triton_lora, "K_PER_SPLIT", 16)
-        monkeypatch.setattr(triton_lora, "_NUM_SMS", 2)
+        monkeypatch.setattr(triton_lora, "FUSED_PROGRAMS", 2)
     _check_plan(plan, num_tokens, dtype, slices, R, seed=num_tokens)
 
 
@@ -148,7 +148,7 @@ def test_plans_one_and_two_shards(plan, slices):
 
 
 def test_plan_is_a_function_of_shapes():
-    from kiln.ops.triton_lora import _BLOCK_N, FUSED_MAX_K, fused_columns, lora_plan
+    from kiln.ops.triton_lora import _BLOCK_N, FUSED_MAX_K, FUSED_PROGRAMS, fused_columns, lora_plan
 
     assert [lora_plan(t, 2048) for t in (1, 2, 4)] == ["fused"] * 3
     assert [lora_plan(t, 2048) for t in (5, 8, 16)] == ["split"] * 3
@@ -156,8 +156,10 @@ def test_plan_is_a_function_of_shapes():
     assert lora_plan(17, 2048) == lora_plan(4096, 2048) == "grouped"
     for t, n in ((1, 3072), (1, 28672), (4, 16384), (4, 40)):
         cols = fused_columns(t, n)
-        assert cols % _BLOCK_N == 0 and -(-n // cols) * t <= 132 + t  # about one wave of programs
+        assert cols % _BLOCK_N == 0 and -(-n // cols) * t <= FUSED_PROGRAMS + t
     assert fused_columns(1, 3072) == _BLOCK_N  # llama-1b qkv at batch 1: 24 programs of 128 columns
+    assert fused_columns(1, 16384) == 384  # llama-1b gate/up: 43 programs
+    assert fused_columns(1, 40) == fused_columns(4, 40) == _BLOCK_N
 
 
 class _CountMemsets(TorchDispatchMode):

@@ -5,9 +5,11 @@ picked from the shapes alone (``lora_plan``):
 
 * ``fused`` (up to ``FUSED_MAX_TOKENS`` tokens, ``K <= FUSED_MAX_K``): one kernel. One program per
   (token, run of ``cols`` output columns) reads its token's slot, recomputes the rank-``R`` shrink
-  ``x[t] @ A[slot, s].T`` for the shards its columns belong to (``A`` comes from L2 after the first
-  program) and adds its columns of the expand. ``cols`` is chosen so that the token count times the
-  column runs fills about one wave of ``_NUM_SMS`` SMs; more programs would only re-read ``A``.
+  ``x[t] @ A[slot, s].T`` for the shards its columns belong to and adds its columns of the expand.
+  Every program reads ``R x K`` of ``A`` (from L2 after the first), so the grid aims at
+  ``FUSED_PROGRAMS`` programs in all: about the ratio of the H200's L2 bandwidth to one SM's
+  (~5.5 TB/s / ~110 GB/s), where re-reading ``A`` in more programs starts to cost more than the
+  per-program shrink it spreads out; ``B`` and ``y`` (``N x R``, ``N``) are split between them.
 * ``split`` (other batches up to ``ROWS_MAX_TOKENS`` tokens): two kernels gathered per row. The
   shrink splits the input features in chunks of ``K_PER_SPLIT`` over programs, each *storing* its
   partial sums (no zeroed buffer, no atomics); the expand sums the partials of its token's shard and
@@ -32,7 +34,7 @@ FUSED_MAX_TOKENS = 4  # ... and up to this many, with inputs up to FUSED_MAX_K f
 FUSED_MAX_K = 4096  # each fused program reads R x K of A serially: 128 KiB at R 16 and K 4096 in bf16
 SPLIT_MAX_TOKENS = 512  # grouped shrinks of batches up to this many tokens split K over programs
 K_PER_SPLIT = 512  # input features per split shrink program (a power of two)
-_NUM_SMS = 132  # H200; the fused grid aims at one wave of programs
+FUSED_PROGRAMS = 48  # fused programs aimed at over all tokens (see above; H200: 132 SMs)
 _BLOCK_K = 128
 _BLOCK_N = 128
 _BLOCK_M = 16
@@ -48,9 +50,10 @@ def lora_plan(num_tokens: int, k: int) -> str:
     return "split"
 
 
-def fused_columns(num_tokens: int, n: int) -> int:
-    """Output columns per fused program: a multiple of ``_BLOCK_N``, about one wave of programs."""
-    runs = max(1, triton.cdiv(_NUM_SMS, num_tokens))
+def fused_columns(num_tokens: int, n: int, programs: int | None = None) -> int:
+    """Output columns per fused program: a multiple of ``_BLOCK_N``, about ``programs`` programs
+    (``FUSED_PROGRAMS``) over all tokens."""
+    runs = max(1, triton.cdiv(programs or FUSED_PROGRAMS, num_tokens))
     return triton.cdiv(triton.cdiv(n, runs), _BLOCK_N) * _BLOCK_N
 
 
@@ -250,12 +253,12 @@ def _fused_block_k(rank: int, k: int) -> int:
     return min(_FUSED_TILE // rank, triton.next_power_of_2(k))
 
 
-def lora_add_fused(y, x, a, b, token_slots, slice_sizes) -> None:
-    """The ``fused`` plan: one kernel."""
+def lora_add_fused(y, x, a, b, token_slots, slice_sizes, programs: int | None = None) -> None:
+    """The ``fused`` plan: one kernel (``programs``: the grid's aim, ``FUSED_PROGRAMS`` by default)."""
     num_tokens, n = y.shape
     k, rank = x.shape[1], a.shape[2]
     end0, end1 = _shard_ends(slice_sizes, n)
-    cols = fused_columns(num_tokens, n)
+    cols = fused_columns(num_tokens, n, programs)
     _fused_rows_kernel[(num_tokens, triton.cdiv(n, cols))](
         y, x, a, b, token_slots, k, n, end0, end1, cols,
         y.stride(0), x.stride(0), a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1),
