@@ -50,6 +50,14 @@ def lora_plan(num_tokens: int, k: int) -> str:
     return "split"
 
 
+def lora_kernels(num_tokens: int, k: int) -> int:
+    """Kernels one projection's ``lora_add`` launches (zeroing included) under its plan."""
+    plan = lora_plan(num_tokens, k)
+    if plan == "grouped":
+        return 3 if num_tokens <= SPLIT_MAX_TOKENS and k > K_PER_SPLIT else 2
+    return 1 if plan == "fused" else 2
+
+
 def fused_columns(num_tokens: int, n: int, programs: int | None = None) -> int:
     """Output columns per fused program: a multiple of ``_BLOCK_N``, about ``programs`` programs
     (``FUSED_PROGRAMS``) over all tokens."""
