@@ -14,7 +14,8 @@ outrun the L2 cache (as a stack of layers does) and the calls are replayed in on
 * ``plan``: what kiln runs now (``lora_plan``'s choice, named in ``plan_name``), and every plan forced:
   ``fused``, ``split``, ``grouped``; ``base_rows``: the plan with every token at slot -1 (what a
   base-model request on a LoRA engine pays);
-* with ``--sweep``: the fused plan with grids aimed at 24, 48, 96 and 132 programs.
+* with ``--sweep``: the fused plan with grids aimed at 24, 48, 96 and 132 programs, and with other
+  shrink tiles (elements of ``A`` per iteration) and warp counts (kiln's: 48 programs, 16384, 8 warps).
 
 ``per_step_us`` sums a variant over the model's layers and projections at each batch size: the LoRA
 kernels' share of a decode step. Every variant's largest difference from the torch reference is recorded.
@@ -41,6 +42,7 @@ from kiln.ops.lora_ref import lora_add_ref_  # noqa: E402
 
 SLOTS = 4
 SWEEP_PROGRAMS = (24, 48, 96, 132)
+SWEEP_TILES = ((8192, 4), (16384, 4), (32768, 8), (32768, 16))  # elements of A per shrink iteration, warps
 TABLE_BYTES = 96 << 20  # table copies cycled per projection, to outrun the H200's 50 MiB L2
 
 
@@ -108,19 +110,25 @@ def before_add(y, x, a, b, slots, order, starts, slices) -> None:
     )  # fmt: skip
 
 
+def fused_with(**launch):
+    """The fused plan with launch overrides (``programs``, ``tile``, ``warps``)."""
+    return lambda y, x, a, b, s, o, st, sl: triton_lora.lora_add_fused(y, x, a, b, s, sl, **launch)
+
+
 def variants(sweep: bool) -> dict:
     tl_ = triton_lora
     out = {
         "before": before_add,
         "plan": tl_.lora_add_triton,
-        "fused": lambda y, x, a, b, s, o, st, sl: tl_.lora_add_fused(y, x, a, b, s, sl),
+        "fused": fused_with(),
         "split": lambda y, x, a, b, s, o, st, sl: tl_.lora_add_split(y, x, a, b, s, sl),
         "grouped": lambda y, x, a, b, s, o, st, sl: tl_.lora_add_grouped(y, x, a, b, o, st, sl),
     }
-    for programs in SWEEP_PROGRAMS if sweep else ():
-        out[f"fused_{programs}_programs"] = lambda y, x, a, b, s, o, st, sl, p=programs: tl_.lora_add_fused(
-            y, x, a, b, s, sl, p
-        )
+    if sweep:
+        for programs in SWEEP_PROGRAMS:
+            out[f"fused_{programs}_programs"] = fused_with(programs=programs)
+        for tile, warps in SWEEP_TILES:
+            out[f"fused_tile_{tile}_warps_{warps}"] = fused_with(tile=tile, warps=warps)
     return out
 
 

@@ -343,6 +343,7 @@ def test_lora_kernels(tmp_path):
     }
     variants = {"before", "plan", "fused", "split", "grouped", "base_rows"}
     variants |= {f"fused_{p}_programs" for p in (24, 48, 96, 132)}
+    variants |= {f"fused_tile_{t}_warps_{w}" for t, w in ((8192, 4), (16384, 4), (32768, 8), (32768, 16))}
     for rows in tiny["projections"].values():
         assert [r["batch"] for r in rows] == [1, 4, 17]
         assert [r["plan_name"] for r in rows] == ["fused", "fused", "grouped"]

@@ -38,7 +38,7 @@ FUSED_PROGRAMS = 48  # fused programs aimed at over all tokens (see above; H200:
 _BLOCK_K = 128
 _BLOCK_N = 128
 _BLOCK_M = 16
-_FUSED_TILE = 16384  # elements of A per fused shrink iteration: BLOCK_K = 1024 at R 16, 256 at R 64
+_FUSED_TILE = 16384  # elements of A per shrink iteration (64 a thread in 8 warps): BLOCK_K 1024 at R 16
 
 
 def lora_plan(num_tokens: int, k: int) -> str:
@@ -257,20 +257,18 @@ def _shard_ends(slice_sizes, n):
     return ends
 
 
-def _fused_block_k(rank: int, k: int) -> int:
-    return min(_FUSED_TILE // rank, triton.next_power_of_2(k))
-
-
-def lora_add_fused(y, x, a, b, token_slots, slice_sizes, programs: int | None = None) -> None:
-    """The ``fused`` plan: one kernel (``programs``: the grid's aim, ``FUSED_PROGRAMS`` by default)."""
+def lora_add_fused(y, x, a, b, token_slots, slice_sizes, programs=None, tile=None, warps=8) -> None:
+    """The ``fused`` plan: one kernel. ``programs`` (the grid's aim, ``FUSED_PROGRAMS``), ``tile``
+    (elements of ``A`` per shrink iteration, ``_FUSED_TILE``) and ``warps`` override the launch."""
     num_tokens, n = y.shape
     k, rank = x.shape[1], a.shape[2]
     end0, end1 = _shard_ends(slice_sizes, n)
     cols = fused_columns(num_tokens, n, programs)
+    block_k = min((tile or _FUSED_TILE) // rank, triton.next_power_of_2(k))
     _fused_rows_kernel[(num_tokens, triton.cdiv(n, cols))](
         y, x, a, b, token_slots, k, n, end0, end1, cols,
         y.stride(0), x.stride(0), a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1),
-        R=rank, SHARDS=len(slice_sizes), BLOCK_K=_fused_block_k(rank, k), BLOCK_N=_BLOCK_N, num_warps=8,
+        R=rank, SHARDS=len(slice_sizes), BLOCK_K=block_k, BLOCK_N=_BLOCK_N, num_warps=warps,
     )  # fmt: skip
 
 
