@@ -184,7 +184,7 @@ def bench_projection(k: int, slices: list[int], rank: int, batch_sizes, sweep: b
         x = torch.randn(t, k, device=dev, dtype=dtype, generator=gen)
         y0 = torch.randn(t, n, device=dev, dtype=dtype, generator=gen)
         row = {"k": k, "slices": slices, "batch": t, "copies": copies}
-        row["plan_name"] = triton_lora.lora_plan(t, k)
+        row["plan_name"] = triton_lora.lora_plan(t, k, rank)
         for base_rows in (False, True):
             buffers = slot_buffers(t, dev, base_rows)
             for name, fn in variants(sweep).items():

@@ -114,9 +114,10 @@ def test_decode_plans_match_reference(plan, num_tokens, slices, small_blocks, dt
 
 
 @pytest.mark.parametrize("plan", ["fused", "split", "grouped"])
-@pytest.mark.parametrize("rank", [16, 32])
+@pytest.mark.parametrize("rank", [16, 32, 64])
 def test_plans_at_table_ranks(plan, rank):
-    """Table ranks 16 and 32 (max_lora_rank rounded up), slot 2's rank-8 adapter zero-padded in both."""
+    """Table ranks 16, 32 and 64 (max_lora_rank rounded up; smaller blocks of columns and features as R
+    grows), slot 2's rank-8 adapter zero-padded in each."""
     pytest.importorskip("triton")
     _check_plan(plan, 5, torch.float32, WIDE, rank, seed=rank)
 
@@ -148,18 +149,21 @@ def test_plans_one_and_two_shards(plan, slices):
 
 
 def test_plan_is_a_function_of_shapes():
-    from kiln.ops.triton_lora import _BLOCK_N, FUSED_MAX_K, FUSED_PROGRAMS, fused_columns, lora_plan
+    from kiln.ops.triton_lora import FUSED_MAX_K, FUSED_PROGRAMS, fused_columns, lora_plan, rows_block_n
 
     assert [lora_plan(t, 2048) for t in (1, 2, 4)] == ["fused"] * 3
     assert [lora_plan(t, 2048) for t in (5, 8, 16)] == ["split"] * 3
     assert lora_plan(1, FUSED_MAX_K + 1) == "split" and lora_plan(1, 14336) == "split"
     assert lora_plan(17, 2048) == lora_plan(4096, 2048) == "grouped"
+    assert lora_plan(1, 2048, rank=64) == "fused" and lora_plan(1, 2048, rank=128) == "split"
+    assert [rows_block_n(r) for r in (16, 32, 64, 128, 256)] == [128, 64, 32, 16, 16]
     for t, n in ((1, 3072), (1, 28672), (4, 16384), (4, 40)):
         cols = fused_columns(t, n)
-        assert cols % _BLOCK_N == 0 and -(-n // cols) * t <= FUSED_PROGRAMS + t
-    assert fused_columns(1, 3072) == _BLOCK_N  # llama-1b qkv at batch 1: 24 programs of 128 columns
+        assert cols % 128 == 0 and -(-n // cols) * t <= FUSED_PROGRAMS + t
+    assert fused_columns(1, 3072) == 128  # llama-1b qkv at batch 1: 24 programs of 128 columns
     assert fused_columns(1, 16384) == 384  # llama-1b gate/up: 43 programs
-    assert fused_columns(1, 40) == fused_columns(4, 40) == _BLOCK_N
+    assert fused_columns(1, 40) == fused_columns(4, 40) == 128
+    assert fused_columns(1, 3072, rank=64) == 64  # multiples of the rank's block of 32 columns
 
 
 class _CountMemsets(TorchDispatchMode):

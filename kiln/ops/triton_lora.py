@@ -32,37 +32,56 @@ import triton.language as tl
 ROWS_MAX_TOKENS = 16  # batches up to this many tokens take the gathered (per row) kernels
 FUSED_MAX_TOKENS = 4  # ... and up to this many, with inputs up to FUSED_MAX_K features, the fused one
 FUSED_MAX_K = 4096  # each fused program reads R x K of A serially: 128 KiB at R 16 and K 4096 in bf16
+FUSED_MAX_RANK = 64  # above, the fused kernel's registers spill (sm_90, 8 warps)
+FUSED_PROGRAMS = 48  # fused programs aimed at over all tokens (see above; H200: 132 SMs)
 SPLIT_MAX_TOKENS = 512  # grouped shrinks of batches up to this many tokens split K over programs
 K_PER_SPLIT = 512  # input features per split shrink program (a power of two)
-FUSED_PROGRAMS = 48  # fused programs aimed at over all tokens (see above; H200: 132 SMs)
 _BLOCK_K = 128
 _BLOCK_N = 128
 _BLOCK_M = 16
-_FUSED_TILE = 16384  # elements of A per shrink iteration (64 a thread in 8 warps): BLOCK_K 1024 at R 16
+# Tiles of the gathered kernels, by the table's rank R (sm_90, bf16; register counts from ptxas): the
+# fused shrink reads 16384 elements of A per iteration up to R 32 (BLOCK_K 1024 at R 16, 166 registers
+# a thread in 8 warps), 8192 above; the split shrink 8192 (one iteration of its 512 features at R 16);
+# expands cover 2048 elements of B per block (128 columns at R 16).
+_FUSED_TILE = 16384
+_SPLIT_TILE = 8192
+_EXPAND_TILE = 2048
 
 
-def lora_plan(num_tokens: int, k: int) -> str:
-    """The kernel plan of a batch of ``num_tokens`` tokens with ``k`` input features."""
+def lora_plan(num_tokens: int, k: int, rank: int = 16) -> str:
+    """The kernel plan of a batch of ``num_tokens`` tokens, ``k`` input features, table rank ``rank``."""
     if num_tokens > ROWS_MAX_TOKENS:
         return "grouped"
-    if num_tokens <= FUSED_MAX_TOKENS and k <= FUSED_MAX_K:
+    if num_tokens <= FUSED_MAX_TOKENS and k <= FUSED_MAX_K and rank <= FUSED_MAX_RANK:
         return "fused"
     return "split"
 
 
-def lora_kernels(num_tokens: int, k: int) -> int:
+def lora_kernels(num_tokens: int, k: int, rank: int = 16) -> int:
     """Kernels one projection's ``lora_add`` launches (zeroing included) under its plan."""
-    plan = lora_plan(num_tokens, k)
+    plan = lora_plan(num_tokens, k, rank)
     if plan == "grouped":
         return 3 if num_tokens <= SPLIT_MAX_TOKENS and k > K_PER_SPLIT else 2
     return 1 if plan == "fused" else 2
 
 
-def fused_columns(num_tokens: int, n: int, programs: int | None = None) -> int:
-    """Output columns per fused program: a multiple of ``_BLOCK_N``, about ``programs`` programs
+def rows_block_n(rank: int) -> int:
+    """Output columns per block of the gathered expands."""
+    return max(16, min(_BLOCK_N, _EXPAND_TILE // rank))
+
+
+def fused_block_k(rank: int, k: int, tile: int | None = None) -> int:
+    """Input features per fused shrink iteration."""
+    tile = tile or (_FUSED_TILE if rank <= 32 else _FUSED_TILE // 2)
+    return max(16, min(tile // rank, triton.next_power_of_2(k)))
+
+
+def fused_columns(num_tokens: int, n: int, rank: int = 16, programs: int | None = None) -> int:
+    """Output columns per fused program: a multiple of ``rows_block_n``, about ``programs`` programs
     (``FUSED_PROGRAMS``) over all tokens."""
+    block_n = rows_block_n(rank)
     runs = max(1, triton.cdiv(programs or FUSED_PROGRAMS, num_tokens))
-    return triton.cdiv(triton.cdiv(n, runs), _BLOCK_N) * _BLOCK_N
+    return triton.cdiv(triton.cdiv(n, runs), block_n) * block_n
 
 
 @triton.jit
@@ -259,16 +278,16 @@ def _shard_ends(slice_sizes, n):
 
 def lora_add_fused(y, x, a, b, token_slots, slice_sizes, programs=None, tile=None, warps=8) -> None:
     """The ``fused`` plan: one kernel. ``programs`` (the grid's aim, ``FUSED_PROGRAMS``), ``tile``
-    (elements of ``A`` per shrink iteration, ``_FUSED_TILE``) and ``warps`` override the launch."""
+    (elements of ``A`` per shrink iteration) and ``warps`` override the launch."""
     num_tokens, n = y.shape
     k, rank = x.shape[1], a.shape[2]
     end0, end1 = _shard_ends(slice_sizes, n)
-    cols = fused_columns(num_tokens, n, programs)
-    block_k = min((tile or _FUSED_TILE) // rank, triton.next_power_of_2(k))
+    cols = fused_columns(num_tokens, n, rank, programs)
     _fused_rows_kernel[(num_tokens, triton.cdiv(n, cols))](
         y, x, a, b, token_slots, k, n, end0, end1, cols,
         y.stride(0), x.stride(0), a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1),
-        R=rank, SHARDS=len(slice_sizes), BLOCK_K=block_k, BLOCK_N=_BLOCK_N, num_warps=warps,
+        R=rank, SHARDS=len(slice_sizes), BLOCK_K=fused_block_k(rank, k, tile), BLOCK_N=rows_block_n(rank),
+        num_warps=warps,
     )  # fmt: skip
 
 
@@ -280,13 +299,14 @@ def lora_add_split(y, x, a, b, token_slots, slice_sizes) -> None:
     h = torch.empty(num_tokens, shards, splits, rank, dtype=torch.float32, device=x.device)
     _shrink_split_kernel[(num_tokens, shards, splits)](
         x, a, h, token_slots, k, x.stride(0), a.stride(0), a.stride(1), a.stride(2), h.stride(0), h.stride(1),
-        R=rank, BLOCK_K=min(_FUSED_TILE // rank, K_PER_SPLIT), K_PER_SPLIT=K_PER_SPLIT,
+        R=rank, BLOCK_K=max(16, min(_SPLIT_TILE // rank, K_PER_SPLIT)), K_PER_SPLIT=K_PER_SPLIT,
     )  # fmt: skip
     end0, end1 = _shard_ends(slice_sizes, n)
-    _expand_split_kernel[(num_tokens, triton.cdiv(n, _BLOCK_N))](
+    block_n = rows_block_n(rank)
+    _expand_split_kernel[(num_tokens, triton.cdiv(n, block_n))](
         y, h, b, token_slots, n, end0, end1,
         y.stride(0), h.stride(0), h.stride(1), b.stride(0), b.stride(1),
-        R=rank, SPLITS=splits, BLOCK_N=_BLOCK_N,
+        R=rank, SPLITS=splits, BLOCK_N=block_n,
     )  # fmt: skip
 
 
@@ -315,7 +335,7 @@ def lora_add_grouped(y, x, a, b, sorted_tokens, slot_starts, slice_sizes) -> Non
 
 def lora_add_triton(y, x, a, b, token_slots, sorted_tokens, slot_starts, slice_sizes) -> None:
     """``y += delta`` in place for the tokens that have an adapter (``x`` contiguous), by ``lora_plan``."""
-    plan = lora_plan(x.shape[0], x.shape[1])
+    plan = lora_plan(x.shape[0], x.shape[1], a.shape[2])
     if plan == "fused":
         lora_add_fused(y, x, a, b, token_slots, slice_sizes)
     elif plan == "split":
