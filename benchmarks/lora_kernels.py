@@ -103,7 +103,7 @@ def before_add(y, x, a, b, slots, order, starts, slices) -> None:
         x, a, h, slots, k, x.stride(0), a.stride(0), a.stride(1), a.stride(2), h.stride(0), h.stride(1),
         R=rank, BLOCK_K=128, K_PER_SPLIT=512,
     )  # fmt: skip
-    end0, end1 = triton_lora._shard_ends(slices, n)
+    end0, end1 = triton_lora.shard_ends(slices, n)
     _before_expand_kernel[(num_tokens, triton.cdiv(n, 128))](
         y, h, b, slots, n, end0, end1, y.stride(0), h.stride(0), h.stride(1), b.stride(0), b.stride(1),
         R=rank, BLOCK_N=128,

@@ -135,9 +135,9 @@ def test_plans_all_base_rows(plan):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_grouped_plan_matches_reference(k_per_split, num_tokens, dtype, monkeypatch):
     pytest.importorskip("triton")
-    from kiln.ops import triton_lora
+    from kiln.ops import triton_lora_grouped
 
-    monkeypatch.setattr(triton_lora, "K_PER_SPLIT", k_per_split)
+    monkeypatch.setattr(triton_lora_grouped, "K_PER_SPLIT", k_per_split)
     _check_plan("grouped", num_tokens, dtype, SLICES, R, seed=num_tokens)
 
 
@@ -187,7 +187,7 @@ def test_kernels_launched_per_projection(num_tokens, k, kernels, monkeypatch):
     """What one ``lora_add`` launches on the device: Triton kernels plus zeroings. At batch 1 (and up
     to 4 tokens, K <= 4096) one kernel; the split plan two; the grouped plan three when it splits K."""
     pytest.importorskip("triton")
-    from kiln.ops import triton_lora
+    from kiln.ops import triton_lora, triton_lora_grouped
 
     launches = []
 
@@ -199,9 +199,10 @@ def test_kernels_launched_per_projection(num_tokens, k, kernels, monkeypatch):
             launches.append(self.name)
             return self.kernel[grid]
 
-    for name in vars(triton_lora).copy():
-        if name.endswith("_kernel"):
-            monkeypatch.setattr(triton_lora, name, Counted(name, getattr(triton_lora, name)))
+    for module in (triton_lora, triton_lora_grouped):
+        for name in vars(module).copy():
+            if name.endswith("_kernel"):
+                monkeypatch.setattr(module, name, Counted(name, getattr(module, name)))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(num_tokens, k, generator=gen)
     a = torch.randn(2, 1, R, k, generator=gen)
