@@ -64,10 +64,11 @@ def sweep_case(batch: int, context: int, copy_gbps: float, gen: torch.Generator)
     caches = [cache] + [torch.empty_like(cache).normal_(generator=gen) for _ in range(layers - 1)]
     out = torch.empty_like(q)
     default = choose_num_splits(batch, KV_HEADS, context, q.device)
-    splits = sorted({max(1, default * k // 4) for k in (1, 2, 4, 8)})
-    tiles = [(16, 1), (32, 1), (32, 2), (64, 2)]
+    # from a sixteenth of the default split count (few programs, long loops, wide tiles) to twice it
+    splits = sorted({max(1, default * k // 16) for k in (1, 2, 4, 8, 16, 32)})
+    tiles = [(16, 1), (32, 1), (32, 2), (64, 2), (64, 4), (128, 4), (128, 8)]
     rows = []
-    for n, (block_n, warps), stages, min_split in itertools.product(splits, tiles, (2, 3), (16, 32)):
+    for n, (block_n, warps), stages, min_split in itertools.product(splits, tiles, (2, 3), (32,)):
         config = (n, block_n, warps, stages, min_split)
         us = per_layer_us(functools.partial(_layers_step, q, caches, md, out, *config), layers)
         if us is None:

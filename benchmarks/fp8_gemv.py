@@ -10,8 +10,6 @@ CUDA graph and reports device time per call and the weight bandwidth of: ``kiln:
 (``F.linear``). Also the largest difference of the GEMV from its torch reference. Needs CUDA.
 """
 
-import argparse
-import itertools
 import os
 import sys
 
@@ -19,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from gemv import graph_time, print_sweep, products, write_results  # noqa: E402  (benchmarks/gemv.py)
+from gemv import graph_time, parser_for, print_sweep, products, sweep_configs, write_results  # noqa: E402  (benchmarks/gemv.py)
 
 from kiln.bench.shapes import SHAPES  # noqa: E402
 from kiln.ops.fp8_gemv import MAX_ROWS, fp8_gemv, fp8_gemv_ref  # noqa: E402
@@ -43,7 +41,7 @@ def bench_product(name: str, n: int, k: int, m: int, sweep: bool) -> dict:
         return {"us": t * 1e6, "GBps": weight_bytes / t / 1e9}
 
     row["kiln_fp8_gemv"] = {
-        "config": fp8_gemv_config(n, k),
+        "config": fp8_gemv_config(n, k, m),
         **timing(lambda j: fp8_gemv(x, *weights[j], None), n * k),
     }
     row["w8a8_scaled_mm"] = timing(lambda j: fp8_linear(x, *weights[j]), n * k)
@@ -56,23 +54,17 @@ def bench_product(name: str, n: int, k: int, m: int, sweep: bool) -> dict:
     if not sweep:
         return row
     weights = [quantize_per_channel(torch.randn(n, k, device=dev) * 0.02) for _ in range(copies)]
-    row["sweep"] = []
-    for config in itertools.product(*GRID.values()):
-        try:
-            fn = lambda j, c=config: fp8_gemv_triton(x, *weights[j], None, config=c)  # noqa: E731
-            row["sweep"].append({"config": config, **timing(fn, n * k, reps=10)})
-        except Exception as exc:  # a config that does not compile or launch
-            print(f"  {name} {config}: {type(exc).__name__}", file=sys.stderr)
-    row["sweep"].sort(key=lambda c: c["us"])
+    row["sweep"] = sweep_configs(
+        name,
+        GRID,
+        lambda c: timing(lambda j: fp8_gemv_triton(x, *weights[j], None, config=c), n * k, reps=10),
+    )
     return row
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="llama-1b")
+    parser = parser_for(__doc__, "llama-1b")
     parser.add_argument("--rows", default="1,2,4", help=f"activation rows, each 1 to {MAX_ROWS}")
-    parser.add_argument("--sweep", action="store_true", help="time every config of the grid")
-    parser.add_argument("--output", help="write the results as JSON here")
     args = parser.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
     if args.model not in SHAPES:

@@ -95,22 +95,33 @@ def bench_product(name: str, n: int, k: int, kind: str, eps: float, sweep: bool)
 
         return launch
 
-    row["sweep"] = []
-    for config in itertools.product(*GRID.values()):
-        try:
-            row["sweep"].append({"config": config, **timing(launcher(*config), reps=10)})
-        except Exception as exc:  # a config that does not compile or launch
-            print(f"  {name} {config}: {type(exc).__name__}", file=sys.stderr)
-    row["sweep"].sort(key=lambda c: c["us"])
+    row["sweep"] = sweep_configs(name, GRID, lambda config: timing(launcher(*config), reps=10))
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="llama-8b")
+def sweep_configs(name: str, grid: dict, time_config) -> list[dict]:
+    """Every launch config of ``grid`` (the product of its values) timed by ``time_config(config)``,
+    fastest first; a config that does not compile or launch is reported on stderr and left out."""
+    timed = []
+    for config in itertools.product(*grid.values()):
+        try:
+            timed.append({"config": config, **time_config(config)})
+        except Exception as exc:
+            print(f"  {name} {config}: {type(exc).__name__}", file=sys.stderr)
+    return sorted(timed, key=lambda c: c["us"])
+
+
+def parser_for(doc: str, default_model: str) -> argparse.ArgumentParser:
+    """The kernel benchmarks' shared options: ``--model``, ``--sweep``, ``--output``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--model", default=default_model)
     parser.add_argument("--sweep", action="store_true", help="time every config of the grid")
     parser.add_argument("--output", help="write the results as JSON here")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = parser_for(__doc__, "llama-8b").parse_args()
     shape = SHAPES[args.model]
     results = []
     for name, (n, k, kind) in products(shape).items():

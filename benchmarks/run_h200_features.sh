@@ -25,6 +25,8 @@
 #               used here, on this machine's GPU (a script that would crash on a part above fails here first)
 #   startup     random llama-1b / llama-8b checkpoints written to /tmp, then `kiln bench compile` cold and
 #               warm from disk, with and without reuse_dynamo_graph, and the weight-loading rate
+#   startup-floor import torch, the CUDA context, import kiln and a plain safetensors read of each of those
+#               checkpoints, in fresh processes: what a start-up pays before kiln's own phases
 #
 # Results go to $OUT (default ./bench_out); each part's log is $OUT/<part>.log. TOKENIZER: a tokenizer
 # folder (default ./.tok). Python packages the machine lacks (pydantic, xgrammar, ...) are installed from
@@ -48,10 +50,10 @@ fi
 
 part() {
     case "$1" in
-    tests) "$PY" -m pytest -q -p no:cacheprovider -m gpu -n "${GPU_TEST_WORKERS:-4}" tests \
+    tests) "$PY" -m pytest -q -p no:cacheprovider --durations=15 -m gpu -n "${GPU_TEST_WORKERS:-4}" tests \
         --ignore=tests/test_worker.py --ignore=tests/test_compile_cache.py --ignore=tests/test_cudagraph.py ;;
     tests-serial)
-        "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_worker.py tests/test_compile_cache.py \
+        "$PY" -m pytest -q -p no:cacheprovider --durations=15 -m gpu tests/test_worker.py tests/test_compile_cache.py \
             tests/test_cudagraph.py ;;
     streaming) "$PY" benchmarks/streaming.py --model llama-1b --streams 64 --out "$OUT/bench_streaming_llama-1b.json" ;;
     soak) "$PY" benchmarks/async_soak.py --model llama-1b --requests 10000 --coroutines 200 \
@@ -90,6 +92,11 @@ part() {
             "$PY" -m kiln.cli bench compile --model "/tmp/ckpt-$m" --output-dir "$OUT" --tag "${m}_disk"
             "$PY" -m kiln.cli bench compile --model "/tmp/ckpt-$m" -cc '{"reuse_dynamo_graph": true}' \
                 --output-dir "$OUT" --tag "${m}_disk_reuse"
+        done ;;
+    startup-floor)
+        for m in llama-1b llama-8b; do
+            [ -f "/tmp/ckpt-$m/config.json" ] || "$PY" benchmarks/weight_loading.py make "/tmp/ckpt-$m" --shape "$m"
+            "$PY" benchmarks/startup_floor.py --repeats 3 --model "/tmp/ckpt-$m" --out "$OUT/startup_floor_$m.json"
         done ;;
     *) echo "unknown part $1"; return 2 ;;
     esac

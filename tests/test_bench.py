@@ -227,6 +227,8 @@ def test_latency_smoke(tmp_path):
     assert roof["tpot_s"] == pytest.approx(roof["weight_bytes"] / roof["read_bandwidth_Bps"])
     for r in rows:
         assert r["ttft_s"]["n"] == 2 * r["batch_size"] and r["tpot_s"]["p50"] > 0 and r["e2e_s"]["p99"] > 0
+        # the queue part of TTFT: arrival to the first scheduling step, within the TTFT
+        assert r["queue_s"]["n"] == r["ttft_s"]["n"] and 0 <= r["queue_s"]["max"] <= r["ttft_s"]["max"]
     assert set(doc["results"]["ratio_kiln_over_hf"]["eager"]) == {"1", "3"}
     _nonempty_png(tmp_path / "bench_latency_tpot.png")
     main(["bench", "report", "--results-dir", str(tmp_path), "--output", str(tmp_path / "r.md")])

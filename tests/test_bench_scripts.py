@@ -73,6 +73,10 @@ CALLS = {
         "-m kiln.cli bench throughput --model tiny --num-prompts 6 --input-len 16 --output-len 4 "
         "--num-warmup-prompts 3 --no-progress --tag warm3_new_1 --output-dir {out} " + " ".join(KV)
     ],
+    "startup-floor": [
+        "benchmarks/weight_loading.py make {out}/ckpt-tiny --shape tiny",
+        "benchmarks/startup_floor.py --repeats 1 --model {out}/ckpt-tiny --out {out}/startup_floor_tiny.json",
+    ],
     "startup": [
         "benchmarks/weight_loading.py make {out}/ckpt-tiny --shape tiny",
         "benchmarks/weight_loading.py load {out}/ckpt-tiny --device " + DEVICE + " --repeat 1 "
@@ -440,6 +444,18 @@ def test_startup_weight_loading_and_bench_compile(tmp_path):
             assert phase["startup_s"] > 0 and phase["ready_s"] >= phase["startup_s"]
             assert phase["timeline"]["phases_s"]["weight_load"] >= 0
         assert os.path.getsize(tmp_path / f"bench_compile_{tag}.png") > 1000
+
+
+def test_startup_floor(tmp_path):
+    make, floor = CALLS["startup-floor"]
+    run(make, tmp_path)
+    run(floor, tmp_path)
+    doc = load(tmp_path / "startup_floor_tiny.json")
+    check_env(doc, "startup_floor")
+    (only,) = doc["results"]["runs"]
+    assert only["import_torch_s"] > 0 and only["import_kiln_s"] > 0 and only["weight_read_s"] > 0
+    assert (only["cuda_context_s"] is None) == (DEVICE == "cpu")
+    assert doc["results"]["median"]["floor_s"] >= only["import_torch_s"] + only["weight_read_s"]
 
 
 # ----------------------------------------------------------------------------- the other scripts

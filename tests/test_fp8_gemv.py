@@ -6,16 +6,17 @@ back to the torch reference (dequantize, then an fp32 product) off CUDA, so the 
 check run anywhere.
 """
 
+import contextlib
 import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
 from oracle import assert_greedy_agrees
+from static_decode import assert_same_greedy, static_and_eager
 from test_pass_fusion import _ops, aten_graph
 
 import kiln.quant.linear
-from kiln import LLM, SamplingParams
 from kiln.compiler.config import PassConfig
 from kiln.compiler.passes import fusion_fp8_gemv
 from kiln.ops.fp8_gemv import MAX_ROWS, fp8_gemv_ref, fp8_gemv_triton
@@ -148,44 +149,30 @@ def _weight_only_for_one_row(x, weight, weight_scale, input_scale=None, bias=Non
     return fp8_linear(x, weight, weight_scale, input_scale, bias)
 
 
-def _static_fp8_gemv_and_eager(ckpt, cache_dir, monkeypatch, dtype):
-    """Greedy batch-1 decode (got, want): the static size-1 compile with fuse_fp8_gemv, and eager with
-    the weight-only reference for one-row products; checks every fp8 projection became the GEMV."""
-    engine = dict(
-        dtype=dtype, quantization="fp8", max_num_seqs=4, max_model_len=128, kv_cache_memory_bytes=16 * 2**20
-    )
-    # 20 logprobs: a tiny random model's bf16 distribution is flat, a flipped near-tie may pick the 3rd
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=20)
-    prompt = {"prompt_token_ids": [5, 17, 300, 42, 9, 1000, 77]}
+@contextlib.contextmanager
+def _weight_only_eager(monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(kiln.quant.linear, "fp8_linear", _weight_only_for_one_row)
-        with LLM(ckpt, enforce_eager=True, **engine) as llm:
-            want = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
-    cfg = {
-        "mode": "piecewise",
-        "compile_sizes": [1],
-        "cache_dir": cache_dir,
-        "pass_config": {"fuse_fp8_gemv": True},
-    }
-    with LLM(ckpt, compilation_config=cfg, **engine) as llm:
-        got = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
-        report = llm.compile_report()
+        yield
+
+
+def _static_fp8_gemv_and_eager(ckpt, cache_dir, monkeypatch, dtype):
+    """Greedy batch-1 decode (got, want): the static size-1 compile with fuse_fp8_gemv, and eager with
+    the weight-only reference for one-row products; checks every fp8 projection became the GEMV.
+    20 logprobs: a tiny random model's bf16 distribution is flat, a flipped near-tie may pick the 3rd."""
+    eager = _weight_only_eager(monkeypatch)
+    engine = dict(logprobs=20, dtype=dtype, quantization="fp8")
+    got, want, report = static_and_eager(ckpt, cache_dir, "fuse_fp8_gemv", eager, **engine)
     # 2 layers of 4 fp8 projections (qkv, o, gate/up, down)
     assert report.static_compiles == 3 and report.pattern_matches["fuse_fp8_gemv"] == 8
     return got, want
-
-
-def _assert_same_greedy(got, want, tol):
-    assert got.token_ids == want.token_ids
-    for step_got, step_want, t in zip(got.logprobs, want.logprobs, want.token_ids):
-        assert abs(step_got[t].logprob - step_want[t].logprob) < tol
 
 
 def test_static_size_one_compile_uses_fp8_gemv_and_matches_eager(tiny_checkpoint, tmp_path, monkeypatch):
     """fp32 activations: greedy tokens of a batch-1 decode through the fused static compile equal the
     eager weight-only reference's (the op runs that reference on CPU)."""
     got, want = _static_fp8_gemv_and_eager(tiny_checkpoint("llama"), str(tmp_path), monkeypatch, "float32")
-    _assert_same_greedy(got, want, 1e-4)
+    assert_same_greedy(got, want, 1e-4)
 
 
 @pytest.mark.gpu
@@ -196,6 +183,6 @@ def test_static_fp8_gemv_in_cuda_graphs_matches_eager(tiny_checkpoint, tmp_path,
     than 5e-2, so bf16 uses the tolerance of the other bf16 fp8 comparisons (test_quant_fp8, 0.3)."""
     ckpt = tiny_checkpoint("llama")
     got, want = _static_fp8_gemv_and_eager(ckpt, str(tmp_path / "fp32"), monkeypatch, "float32")
-    _assert_same_greedy(got, want, 1e-3)
+    assert_same_greedy(got, want, 1e-3)
     got, want = _static_fp8_gemv_and_eager(ckpt, str(tmp_path / "bf16"), monkeypatch, "bfloat16")
     assert_greedy_agrees(want, got, tol=0.3)

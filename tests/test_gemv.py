@@ -8,10 +8,10 @@ falls back to the torch reference off CUDA, so the pass and the end-to-end check
 import pytest
 import torch
 import torch.nn.functional as F
+from static_decode import assert_same_greedy, static_and_eager
 from torch._inductor.decomposition import select_decomp_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from kiln import LLM, SamplingParams
 from kiln.compiler.passes import fusion_gemv
 from kiln.ops.gemv import gemv_ref, gemv_triton
 
@@ -99,24 +99,9 @@ def test_pass_fuses_one_row_products_only(dtype, rows, matches):
 
 
 def _static_gemv_matches_eager(ckpt: str, matches: int, cache_dir: str, tol: float) -> None:
-    engine = dict(dtype="float32", max_num_seqs=4, max_model_len=128, kv_cache_memory_bytes=16 * 2**20)
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
-    prompt = {"prompt_token_ids": [5, 17, 300, 42, 9, 1000, 77]}
-    with LLM(ckpt, enforce_eager=True, **engine) as llm:
-        want = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
-    cfg = {
-        "mode": "piecewise",
-        "compile_sizes": [1],
-        "cache_dir": cache_dir,
-        "pass_config": {"fuse_gemv": True},
-    }
-    with LLM(ckpt, compilation_config=cfg, **engine) as llm:
-        got = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
-        report = llm.compile_report()
+    got, want, report = static_and_eager(ckpt, cache_dir, "fuse_gemv", dtype="float32")
     assert report.static_compiles == 3 and report.pattern_matches["fuse_gemv"] == matches
-    assert got.token_ids == want.token_ids
-    for step_got, step_want, t in zip(got.logprobs, want.logprobs, want.token_ids):
-        assert abs(step_got[t].logprob - step_want[t].logprob) < tol
+    assert_same_greedy(got, want, tol)
 
 
 @pytest.mark.parametrize("arch, matches", [("llama", 8), ("qwen2", 6)])

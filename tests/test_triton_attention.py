@@ -126,6 +126,21 @@ def test_decode_merge_over_several_tiles():
     check_attention([(1500, 1), (40, 1), (1200, 1)], 4, 2, 64, num_splits=MERGE_SPLIT_TILE + 8)
 
 
+@pytest.mark.parametrize("block_n, warps", [(64, 4), (128, 4), (128, 8)])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_wide_tiles(block_n, warps, num_splits):
+    """Tiles that ``benchmarks/decode_sweep.py`` tries beside the defaults: several KV blocks per tile,
+    contexts shorter than one tile, a partial last tile, with and without splits."""
+    from kiln.ops.triton_decode import decode_attention
+
+    q, cache, md = make_batch(DECODE + [(300, 1)], 4, 2, 64)
+    ref = paged_attention_ref(q, cache, md, 64**-0.5, 0)
+    out = torch.full_like(ref, float("nan"))
+    config = dict(BLOCK_N=block_n, num_warps=warps, num_stages=2)
+    decode_attention(q, cache, md, 64**-0.5, 0, out, num_splits, config, min_split=32)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_decode_half(dtype):
     check_attention(DECODE, 4, 2, 128, dtype, num_splits=4)

@@ -339,19 +339,22 @@ def percentiles(values: list[float], points=(50, 90, 99)) -> dict[str, float | N
 
 
 def request_latencies(outputs) -> dict[str, list[float]]:
-    """Per-request TTFT, TPOT and end-to-end seconds from ``RequestOutput.metrics``."""
-    ttft, tpot, e2e = [], [], []
+    """Per-request TTFT, TPOT and end-to-end seconds from ``RequestOutput.metrics``, and TTFT's first
+    part, ``queue``: arrival to the first step that scheduled the request."""
+    ttft, tpot, e2e, queue = [], [], [], []
     for out in outputs:
         m = out.metrics
         if m is None or m.arrival_time is None or m.finished_time is None:
             continue
         n = sum(len(c.token_ids) for c in out.outputs) // max(1, len(out.outputs))
         e2e.append(m.finished_time - m.arrival_time)
+        if m.first_scheduled_time is not None:
+            queue.append(m.first_scheduled_time - m.arrival_time)
         if m.first_token_time is not None:
             ttft.append(m.first_token_time - m.arrival_time)
             if n > 1:
                 tpot.append((m.finished_time - m.first_token_time) / (n - 1))
-    return {"ttft": ttft, "tpot": tpot, "e2e": e2e}
+    return {"ttft": ttft, "tpot": tpot, "e2e": e2e, "queue": queue}
 
 
 # ---------------------------------------------------------------------------------------------- output

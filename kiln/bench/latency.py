@@ -38,7 +38,7 @@ def measure_batch(
     for _ in range(num_warmup):
         llm.generate(reqs, params, use_tqdm=False)
         llm.reset_prefix_cache()
-    ttft, tpot, e2e, batch = [], [], [], []
+    ttft, tpot, e2e, queue, batch = [], [], [], [], []
     for _ in common.progress(
         range(num_iters), disable=not show_progress, desc=f"batch {len(prompts)}", leave=False
     ):
@@ -52,12 +52,14 @@ def measure_batch(
         ttft += lat["ttft"]
         tpot += lat["tpot"]
         e2e += lat["e2e"]
+        queue += lat["queue"]
     mean_batch = sum(batch) / len(batch)
     return {
         "batch_size": len(prompts),
         "ttft_s": common.percentiles(ttft),
         "tpot_s": common.percentiles(tpot),
         "e2e_s": common.percentiles(e2e),
+        "queue_s": common.percentiles(queue),  # TTFT's part before the first step scheduled the request
         "batch_latency_s": common.percentiles(batch),
         "output_tokens_per_s": len(prompts) * output_len / mean_batch,
     }

@@ -20,35 +20,42 @@ def _fp8_gemv_kernel(
     stride_wn,
     stride_om,
     BIAS: tl.constexpr,
+    ROWS: tl.constexpr,  # M rounded up to a power of two: every activation row in one program
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    m = tl.program_id(0)  # the activation row: the M programs of one weight block run side by side
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
+    ms = tl.arange(0, ROWS)
+    m_mask = ms < M
     cols0 = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         cols = k + cols0
         col_mask = cols < K
-        xk = tl.load(x_ptr + m * stride_xm + cols, mask=col_mask, other=0.0).to(tl.float32)
+        x_mask = m_mask[:, None] & col_mask[None, :]
+        x = tl.load(x_ptr + ms[:, None] * stride_xm + cols[None, :], mask=x_mask, other=0.0).to(tl.float32)
         w = tl.load(
             w_ptr + rows[:, None] * stride_wn + cols[None, :],
             mask=row_mask[:, None] & col_mask[None, :],
             other=0.0,
-        )
-        acc += w.to(tl.float32) * xk[None, :]
-    y = tl.sum(acc, axis=1) * tl.load(s_ptr + rows, mask=row_mask, other=0.0)
+            eviction_policy="evict_first",
+        ).to(tl.float32)
+        acc += tl.sum(w[None, :, :] * x[:, None, :], axis=2)  # the weight tile read once for all rows
+    y = acc * tl.load(s_ptr + rows, mask=row_mask, other=0.0)[None, :]
     if BIAS:
-        y += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + m * stride_om + rows, y.to(out_ptr.dtype.element_ty), mask=row_mask)
+        y += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + ms[:, None] * stride_om + rows[None, :]
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & row_mask[None, :])
 
 
-def fp8_gemv_config(n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps): 4 warps and 8192 weight bytes per step of the K loop, 16 bytes per
-    thread and weight row (the bf16 GEMV's 8192 elements per step, ``triton_gemv.gemv_config``, at half
-    the bytes per element). ``benchmarks/fp8_gemv.py --sweep`` times the alternatives."""
-    return 4, min(2048, triton.next_power_of_2(k)), 4
+def fp8_gemv_config(n: int, k: int, m: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps): 4 warps, 4 weight rows, and 8192 elements of the (rows x weight
+    rows x K) product per step of the K loop, i.e. 8192 weight bytes at one activation row (the bf16
+    GEMV's 8192 elements per step, ``triton_gemv.gemv_config``) and a shorter K step for more rows, so
+    the registers per thread stay those of one row. ``benchmarks/fp8_gemv.py --sweep`` times the
+    alternatives."""
+    return 4, min(2048 // triton.next_power_of_2(m), triton.next_power_of_2(k)), 4
 
 
 def fp8_gemv_triton(x, weight, weight_scale, bias=None, config=None):
@@ -59,8 +66,8 @@ def fp8_gemv_triton(x, weight, weight_scale, bias=None, config=None):
     x = x if x.stride(1) == 1 else x.contiguous()
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps = config or fp8_gemv_config(n, k)
-    _fp8_gemv_kernel[(m, triton.cdiv(n, block_n))](
+    block_n, block_k, warps = config or fp8_gemv_config(n, k, m)
+    _fp8_gemv_kernel[(triton.cdiv(n, block_n),)](
         x,
         weight,
         weight_scale.contiguous(),
@@ -73,6 +80,7 @@ def fp8_gemv_triton(x, weight, weight_scale, bias=None, config=None):
         weight.stride(0),
         out.stride(0),
         BIAS=bias is not None,
+        ROWS=triton.next_power_of_2(m),
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=warps,
