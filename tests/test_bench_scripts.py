@@ -51,6 +51,10 @@ CALLS = {
         "benchmarks/lora.py --model tiny --tag smoke --output-dir {out} --input-len 8 --output-len 3 "
         "--num-iters 1 --swap-reps 2"
     ],
+    "lora-kernels": [
+        "benchmarks/lora_kernels.py --models tiny --batch-sizes 1,4,17 --sweep "
+        "--output {out}/lora_kernels.json"
+    ],
     "fp8": [
         "benchmarks/fp8.py --models tiny --output-dir {out} --latency-args '--input-len 8 --output-len 4 "
         "--num-iters 1' --throughput-args '--num-prompts 4 --input-len 8 --output-len 4' " + " ".join(KV)
@@ -325,6 +329,39 @@ def test_lora(tmp_path):
     per_layer = 16 * ((h + h) * 2 + (h + kv_dim) * 2 + (h + inter) * 3)
     assert r["adapter_bytes"] == per_layer * layers * 2
     assert set(r["targets"]) == {"batch64_4_adapters", "batch1_1_adapter"}
+    assert r["ratio_batch1_base_request"] > 0
+    # batch 1: one fused kernel per projection (the tiny shape's K <= 4096), 4 projections x 2 layers;
+    # batch 64: the grouped kernels, two each (K <= 512: the shrink does not split)
+    assert r["lora_kernels_per_step"] == {"1": 8, "64": 16}
+
+
+def test_lora_kernels(tmp_path):
+    """Every variant at every batch, each within a bf16 rounding of y of the torch reference."""
+    (call,) = CALLS["lora-kernels"]
+    out = run(call, tmp_path)
+    assert f"wrote {tmp_path / 'lora_kernels.json'}" in out
+    doc = load(tmp_path / "lora_kernels.json")
+    check_env(doc, "lora_kernels")
+    tiny = doc["results"]["tiny"]
+    assert tiny["layers"] == 2 and set(tiny["projections"]) == {
+        "self_attn.qkv_proj",
+        "self_attn.o_proj",
+        "mlp.gate_up_proj",
+        "mlp.down_proj",
+    }
+    variants = {"before", "plan", "fused", "split", "grouped", "base_rows"}
+    variants |= {f"fused_{p}_programs" for p in (24, 48, 96, 132)}
+    variants |= {f"fused_tile_{t}_warps_{w}" for t, w in ((8192, 4), (16384, 4), (32768, 8), (32768, 16))}
+    for rows in tiny["projections"].values():
+        assert [r["batch"] for r in rows] == [1, 4, 17]
+        assert [r["plan_name"] for r in rows] == ["fused", "fused", "grouped"]
+        for row in rows:
+            assert {v for v in row if isinstance(row[v], dict)} == variants
+            for v in variants:
+                assert row[v]["us"] > 0 and row[v]["max_abs_err_vs_torch"] < 0.05, (v, row[v])
+            assert row["base_rows"]["max_abs_err_vs_torch"] == 0  # rows without an adapter untouched
+    assert set(tiny["per_step_us"]) == {"1", "4", "17"}
+    assert all(set(step) == variants for step in tiny["per_step_us"].values())
 
 
 def test_fp8(tmp_path):
