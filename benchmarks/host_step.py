@@ -31,6 +31,7 @@ import cProfile
 import json
 import os
 import pstats
+import statistics
 import sys
 import time
 import types
@@ -38,7 +39,7 @@ import types
 import numpy as np
 import torch
 
-from kiln.bench.constant_worker import ConstantWorker
+from kiln.bench.constant_worker import ConstantWorker, DeviceClock
 from kiln.runtime.config import EngineConfig
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.sampling_params import SamplingParams
@@ -48,24 +49,52 @@ from kiln.runtime.step_data import RunnerOutput, SchedulerOutput
 class GrammarWorker(ConstantWorker):
     """Defers sampling like the real worker: ``sample_deferred`` picks a pseudo-random allowed token
     of each constrained row from the host bitmask (a stop token only when nothing else is allowed),
-    token 7 for the other rows. ``cpu`` holds its own CPU seconds, which the measurement leaves out."""
+    token 7 for the other rows. ``cpu`` holds its own CPU seconds, which the measurement leaves out.
 
-    def __init__(self, num_blocks: int, block_size: int, stop_token_ids: list[int], seed: int = 0):
-        super().__init__(num_blocks, block_size)
+    With ``step_seconds`` > 0 it stands in for a device (as ``ConstantWorker`` does): a step's forward
+    takes ``step_seconds - sampler_seconds`` from its launch (or from the end of the device's earlier
+    work), its sampler ``sampler_seconds`` from the later of the forward's end and ``sample_deferred``
+    (an undeferred step: both at once, ``step_seconds`` in all). The pick's own time is taken out of
+    the simulated timeline too (the device's work ends that much later, and the wall time the run
+    reports leaves it out), as if the device had picked the tokens."""
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        stop_token_ids: list[int],
+        seed: int = 0,
+        step_seconds: float = 0.0,
+        sampler_seconds: float = 0.0,
+    ):
+        if not 0 <= sampler_seconds <= step_seconds or (step_seconds == 0 and sampler_seconds):
+            raise ValueError(
+                f"sampler_seconds must be in [0, step_seconds={step_seconds}], got {sampler_seconds}"
+            )
+        super().__init__(num_blocks, block_size, step_seconds)
+        self.sampler_seconds = sampler_seconds
         self.stop_token_ids, self.rng = stop_token_ids, np.random.default_rng(seed)
         self.deferred: RunnerOutput | None = None
-        self.cpu = 0.0
+        self.cpu = 0.0  # CPU seconds of the picks
+        self.wall = 0.0  # wall seconds of the picks
         self.rows = 0  # sampled rows over all steps
 
     def execute_model(self, out: SchedulerOutput) -> RunnerOutput:
-        result = super().execute_model(out)
-        self.rows += len(result.seq_ids)
-        if out.defer_sampling:
-            result.tokens, self.deferred = None, result
-        return result
+        if not out.defer_sampling:
+            result = super().execute_model(out)
+            self.rows += len(result.seq_ids)
+            return result
+        self.steps += 1
+        ids = [s.seq_id for s in out.scheduled if s.sample]
+        self.rows += len(ids)
+        if self.step_seconds:  # the forward alone; the sampler is launched by sample_deferred
+            start = max(time.perf_counter(), self._device_free_at)
+            self._device_free_at = start + self.step_seconds - self.sampler_seconds
+        self.deferred = RunnerOutput(ids, None, [None] * len(ids), {})
+        return self.deferred
 
     def sample_deferred(self, grammar_bitmask) -> None:
-        t0 = time.process_time()
+        t0, wall0 = time.process_time(), time.perf_counter()
         result, self.deferred = self.deferred, None
         tokens = [7] * len(result.seq_ids)
         if grammar_bitmask is not None:
@@ -73,6 +102,13 @@ class GrammarWorker(ConstantWorker):
                 tokens[i] = self._pick(grammar_bitmask.bitmask[j].numpy().view(np.uint32).copy())
         result.tokens = torch.tensor(tokens)
         self.cpu += time.process_time() - t0
+        picked = time.perf_counter() - wall0
+        self.wall += picked
+        if self.step_seconds:
+            self._device_free_at += picked  # the pick is the device's: the host never waited for it
+            done = max(time.perf_counter(), self._device_free_at) + self.sampler_seconds
+            self._device_free_at = done
+            result.host_tokens, result.ready = result.tokens, DeviceClock(done)
 
     def _pick(self, words: np.ndarray) -> int:
         kept = words.copy()
@@ -123,7 +159,9 @@ def time_structured(config: EngineConfig, blocks: int, args, constrained: bool) 
     )
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model_config = types.SimpleNamespace(eos_token_id=[tokenizer.eos_token_id], vocab_size=args.vocab_size)
-    worker = GrammarWorker(blocks, args.block_size, [tokenizer.eos_token_id])
+    step_s = 1e-3 * (args.fake_device_ms or 0.0)
+    sampler_s = min(1e-3 * args.fake_sampler_ms, step_s)
+    worker = GrammarWorker(blocks, args.block_size, [tokenizer.eos_token_id], 0, step_s, sampler_s)
     engine = LLMEngine(config, model_config, tokenizer, worker=worker)
     so = StructuredOutputsParams(json=BENCH_SCHEMA) if constrained else None
     params = SamplingParams(
@@ -141,7 +179,7 @@ def time_structured(config: EngineConfig, blocks: int, args, constrained: bool) 
     t0, wall0 = time.process_time(), time.perf_counter()
     while engine.has_unfinished_requests():
         engine.step()
-    cpu, wall = time.process_time() - t0 - worker.cpu, time.perf_counter() - wall0 - worker.cpu
+    cpu, wall = time.process_time() - t0 - worker.cpu, time.perf_counter() - wall0 - worker.wall
     if profile is not None:
         profile.disable()
         stats = pstats.Stats(profile)
@@ -199,7 +237,6 @@ def time_fill_split(tokenizer_path: str, vocab_size: int, rows: int = 64, repeat
     schema of ``structured.py``) in 1, 2 and 4 shares (forced, whatever ``fill_shares`` would pick),
     and of one fill handed to another thread while the engine's thread runs Python (a busy loop of
     0 or 200 us) against the same done serially: what a hand-off costs on this host, GIL included."""
-    import statistics
     from concurrent.futures import ThreadPoolExecutor
 
     import transformers
@@ -268,7 +305,6 @@ def time_grammar_parts(tokenizer_path: str, vocab_size: int, rows: int, repeats:
     constrained rows whose matchers are inside a JSON string (the schema of ``structured.py``):
     ``StructuredOutputManager.token_mask`` (the bitmask, filled), and ``GrammarState.accept`` of one
     token a row (then a ``rollback(1)`` a row, timed alone too: subtract it)."""
-    import statistics
 
     import transformers
 
@@ -408,12 +444,31 @@ def main() -> None:
     )
     ap.add_argument("--grow-tokenizer", type=int, default=None, help="with --structured: grow it to N tokens")
     ap.add_argument(
+        "--fake-device-ms",
+        type=float,
+        default=None,
+        help="with --structured: a simulated device step of this many ms (reading a step back sleeps until "
+        "it is done), so the wall time shows what host work is not overlapped with the device",
+    )
+    ap.add_argument(
+        "--fake-sampler-ms",
+        type=float,
+        default=0.05,
+        help="with --fake-device-ms: the part of the step that is the sampler, which a constrained step "
+        "launches only once its grammar mask is filled",
+    )
+    ap.add_argument("--no-fill-extras", action="store_true", help="with --structured: skip the fill timings")
+    ap.add_argument(
         "--grammar-parts",
         action="store_true",
         help="time token_mask and accept of one step (needs --tokenizer)",
     )
     ap.add_argument("--output", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
+    if args.fake_device_ms is not None and args.fake_device_ms < 0:
+        raise ValueError(f"--fake-device-ms must be >= 0, got {args.fake_device_ms}")
+    if not 0 <= args.fake_sampler_ms:
+        raise ValueError(f"--fake-sampler-ms must be >= 0, got {args.fake_sampler_ms}")
     single = (
         ("sampler", "--sampler", "sample_cpu_us", time_sampler),
         ("runner_prepare", "--runner-prepare", "runner_prepare_cpu_us", time_runner_prepare),
@@ -466,6 +521,9 @@ def main() -> None:
                 runs[kind].append(time_structured(config, blocks, args, kind == "constrained"))
         # the run of median CPU time per step, of each kind
         median = {k: sorted(v, key=lambda r: r["cpu_us_per_step"])[len(v) // 2] for k, v in runs.items()}
+        wall = {k: statistics.median(r["wall_us_per_step"] for r in v) for k, v in runs.items()}
+        rate = {k: statistics.median(r["sampled_rows"] / r["wall_us_per_step"] / r["steps"] for r in v)
+                for k, v in runs.items()}  # fmt: skip
         result = {
             "command": "python benchmarks/host_step.py "
             + " ".join(
@@ -478,12 +536,21 @@ def main() -> None:
             "constrained_extra_cpu_us_per_step": round(
                 median["constrained"]["cpu_us_per_step"] - median["unconstrained"]["cpu_us_per_step"], 1
             ),
+            # medians over the runs of each kind: wall time per step, and sampled rows per wall second
+            "median_wall_us_per_step": wall,
+            "constrained_over_unconstrained_wall_per_step": round(
+                wall["constrained"] / wall["unconstrained"], 4
+            ),
+            "constrained_over_unconstrained_rows_per_s": round(
+                rate["constrained"] / rate["unconstrained"], 4
+            ),
             "machine": env.machine_info(),
             "versions": {**env.versions(), "xgrammar": env._version("xgrammar")},
             "grammar_threads": grammar_threads(),
-            "one_row_fill": time_xgrammar_pool(args.tokenizer, args.vocab_size),
-            "fill_split": time_fill_split(args.tokenizer, args.vocab_size),
         }
+        if not args.no_fill_extras:
+            result["one_row_fill"] = time_xgrammar_pool(args.tokenizer, args.vocab_size)
+            result["fill_split"] = time_fill_split(args.tokenizer, args.vocab_size)
         print(json.dumps(result, indent=1))
         if args.output:
             with open(args.output, "w") as f:

@@ -11,9 +11,11 @@
 #   streaming   AsyncLLM at 64 streams vs LLM.generate, TTFT at batch 1 (llama-1b); again with --handoff-wait 0
 #   soak        AsyncLLM soak: 10,000 requests from 200 coroutines, random lengths and aborts (llama-1b)
 #   beam        beam search, 64 prompts x width 4 x 128 new tokens vs HF generate(num_beams=4) (llama-1b)
-#   structured  JSON-schema constrained vs unconstrained tokens/s, batch-1 TPOT (llama-1b; needs TOKENIZER)
+#   structured  JSON-schema constrained vs unconstrained tokens/s, batch-1 TPOT (llama-1b, then llama-8b;
+#               needs TOKENIZER)
 #   pooling     embeddings, 10,000 x 256 vs HF batched forward (POOL_MODELS, default llama-1b)
 #   lora        LoRA batch-1/throughput and adapter swaps (LORA_MODEL, default llama-8b)
+#   lora-kernels the LoRA kernels per projection (llama-1b, llama-8b; batch 1/4/16/64), before vs now
 #   fp8         bf16 vs fp8 vs fp8 + fp8 KV (llama-1b, both parts)
 #   fp8-gemv    bf16 vs fp8 batch-1 TPOT (llama-1b) with the static size-1 compile and its GEMVs
 #               (fuse_gemv, fuse_fp8_gemv), results in $OUT/fp8_gemv
@@ -61,10 +63,14 @@ part() {
         --out "$OUT/bench_async_soak_llama-1b.json" ;;
     beam) "$PY" benchmarks/beam_search.py --model llama-1b --prompts 64 --width 4 --new-tokens 128 \
         --out "$OUT/bench_beam_search_llama-1b.json" ;;
-    structured) "$PY" benchmarks/structured.py --model llama-1b --tokenizer "$TOK" --output-dir "$OUT" ;;
+    structured) for m in llama-1b llama-8b; do
+            "$PY" benchmarks/structured.py --model "$m" --tokenizer "$TOK" --output-dir "$OUT" || return 1
+        done ;;
     pooling) local pm="${POOL_MODELS:-llama-1b}"
         "$PY" benchmarks/pooling.py --models "$pm" --output "$OUT/bench_pooling_${pm//,/_}.json" ;;
     lora) "$PY" benchmarks/lora.py --model "${LORA_MODEL:-llama-8b}" --tag h200 --output-dir "$OUT" ;;
+    lora-kernels) "$PY" benchmarks/lora_kernels.py --models llama-1b,llama-8b --sweep \
+        --output "$OUT/bench_lora_kernels_h200.json" ;;
     fp8) "$PY" benchmarks/fp8.py --models llama-1b --output-dir "$OUT" ;;
     fp8-gemv) "$PY" benchmarks/fp8.py --models llama-1b --variants bf16,fp8 --parts latency \
         --output-dir "$OUT/fp8_gemv" \

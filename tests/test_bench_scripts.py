@@ -51,6 +51,10 @@ CALLS = {
         "benchmarks/lora.py --model tiny --tag smoke --output-dir {out} --input-len 8 --output-len 3 "
         "--num-iters 1 --swap-reps 2"
     ],
+    "lora-kernels": [
+        "benchmarks/lora_kernels.py --models tiny --batch-sizes 1,4,17 --sweep "
+        "--output {out}/lora_kernels.json"
+    ],
     "fp8": [
         "benchmarks/fp8.py --models tiny --output-dir {out} --latency-args '--input-len 8 --output-len 4 "
         "--num-iters 1' --throughput-args '--num-prompts 4 --input-len 8 --output-len 4' " + " ".join(KV)
@@ -287,6 +291,10 @@ def test_structured(tmp_path, tokenizer_dir):
         (batch,) = r["throughput"][kind]
         assert batch["output_tokens_per_s"] > 0 and batch["num_output_tokens"] > 0
     assert r["throughput"]["unconstrained"][0]["num_output_tokens"] == 3 * 6  # EOS ignored
+    (constrained,) = r["throughput"]["constrained"]
+    assert constrained["num_output_tokens"] == 3 * 6  # the schema's minimum keeps them inside it
+    assert constrained["fills"] >= 6 and 0 <= constrained["shared_fills"] <= constrained["fills"]
+    assert r["throughput"]["unconstrained"][0]["fills"] == 0
     assert r["throughput"]["ratio"] > 0
     assert len(r["batch1_tpot_s"]["constrained"]) == 3 and r["batch1_tpot_s"]["median"]["constrained"] > 0
     assert set(r["compile"]["schemas"]) == {"bench", "person", "tool_call"}
@@ -331,6 +339,39 @@ def test_lora(tmp_path):
     per_layer = 16 * ((h + h) * 2 + (h + kv_dim) * 2 + (h + inter) * 3)
     assert r["adapter_bytes"] == per_layer * layers * 2
     assert set(r["targets"]) == {"batch64_4_adapters", "batch1_1_adapter"}
+    assert r["ratio_batch1_base_request"] > 0
+    # batch 1: one fused kernel per projection (the tiny shape's K <= 4096), 4 projections x 2 layers;
+    # batch 64: the grouped kernels, two each (K <= 512: the shrink does not split)
+    assert r["lora_kernels_per_step"] == {"1": 8, "64": 16}
+
+
+def test_lora_kernels(tmp_path):
+    """Every variant at every batch, each within a bf16 rounding of y of the torch reference."""
+    (call,) = CALLS["lora-kernels"]
+    out = run(call, tmp_path)
+    assert f"wrote {tmp_path / 'lora_kernels.json'}" in out
+    doc = load(tmp_path / "lora_kernels.json")
+    check_env(doc, "lora_kernels")
+    tiny = doc["results"]["tiny"]
+    assert tiny["layers"] == 2 and set(tiny["projections"]) == {
+        "self_attn.qkv_proj",
+        "self_attn.o_proj",
+        "mlp.gate_up_proj",
+        "mlp.down_proj",
+    }
+    variants = {"before", "plan", "fused", "split", "grouped", "base_rows"}
+    variants |= {f"fused_{p}_programs" for p in (24, 48, 96, 132)}
+    variants |= {f"fused_tile_{t}_warps_{w}" for t, w in ((8192, 4), (16384, 4), (32768, 8), (32768, 16))}
+    for rows in tiny["projections"].values():
+        assert [r["batch"] for r in rows] == [1, 4, 17]
+        assert [r["plan_name"] for r in rows] == ["fused", "fused", "grouped"]
+        for row in rows:
+            assert {v for v in row if isinstance(row[v], dict)} == variants
+            for v in variants:
+                assert row[v]["us"] > 0 and row[v]["max_abs_err_vs_torch"] < 0.05, (v, row[v])
+            assert row["base_rows"]["max_abs_err_vs_torch"] == 0  # rows without an adapter untouched
+    assert set(tiny["per_step_us"]) == {"1", "4", "17"}
+    assert all(set(step) == variants for step in tiny["per_step_us"].values())
 
 
 def test_fp8(tmp_path):
@@ -497,6 +538,20 @@ def test_host_step_structured(tmp_path, tokenizer_dir):
         assert one["steps"] > 6 and 0 < one["sampled_rows"] <= 3 * 6 and one["cpu_us_per_step"] > 0
     assert r["runs"]["unconstrained"][0]["sampled_rows"] == 3 * 6  # EOS ignored
     assert r["median"]["constrained"] == r["runs"]["constrained"][0]
+    # a simulated device step: the device runs the steps one after another, so no step takes less
+    run(
+        "benchmarks/host_step.py --structured --tokenizer {tok} --num-prompts 3 --max-num-seqs 2 "
+        "--input-len 8 --output-len 6 --repeats 1 --fake-device-ms 2 --fake-sampler-ms 0.1 --no-fill-extras "
+        "--output {out}/fake.json",
+        tmp_path,
+        tok=tokenizer_dir,
+    )
+    r = load(tmp_path / "fake.json")
+    assert "one_row_fill" not in r and "--fake-device-ms 2.0" in r["command"]
+    for kind in ("constrained", "unconstrained"):
+        (one,) = r["runs"][kind]
+        assert one["wall_us_per_step"] >= 1990 and one["sampled_rows"] == 3 * 6
+    assert 0.5 < r["constrained_over_unconstrained_wall_per_step"] < 5
 
 
 def test_tp_step_broadcast(tmp_path):

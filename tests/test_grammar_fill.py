@@ -83,7 +83,53 @@ def test_fill_equals_xgrammar_over_the_model_vocabulary(tokenizer, model_extra, 
     firsts = {tuple(got[r].tolist()) for r in rows[: len(PREFIXES)]}
     assert len(firsts) == len(PREFIXES)  # the matchers' states differ
     assert (backend.pool is not None) == (threads > 1)
-    assert 0 < backend.us_per_row < MIN_SHARE_US  # measured on the engine thread's share
+    assert backend.fills == 2 and backend.shared_fills == (2 if threads > 1 else 0)
+    if threads == 1:  # the second fill measured (the first runs cold), alone
+        assert 0 < backend.us_per_row < MIN_SHARE_US and len(backend.costs) == 1
+    else:  # shared fills are not measured
+        assert backend.us_per_row == MIN_SHARE_US and not backend.costs
+    backend.shutdown()
+
+
+def test_row_cost_is_measured_on_fills_done_alone(tokenizer, monkeypatch):
+    """The estimate that decides the shares: the first (cold) fill and the shared fills do not count;
+    while rows are shared every PROBE_EVERY-th fill is done alone, so a cost that fell is seen."""
+    import time
+
+    from kiln.structured.xgrammar_backend import PROBE_EVERY, XGrammarBackend
+
+    monkeypatch.setenv("KILN_GRAMMAR_THREADS", "4")
+    backend = XGrammarBackend(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    us_per_row, calls = [5000.0], []
+
+    class Filler:  # what a row costs is us_per_row[0]; records which thread filled how many rows
+        def __init__(self, k):
+            self.k = k
+
+        def batch_fill_next_token_bitmask(self, handles, bitmask, rows, debug):
+            calls.append((self.k, len(rows)))
+            time.sleep(1e-6 * us_per_row[0] * len(rows))
+
+    backend.fillers = [Filler(k) for k in range(4)]
+    bitmask = torch.zeros(64, backend.words, dtype=torch.int32)
+    rows = list(range(64))
+    backend._fill([None], bitmask, [0])  # cold: 5 ms for one row
+    assert backend.us_per_row == 0.0 and calls == [(0, 1)]
+    us_per_row[0] = 200.0  # 12.8 ms for 64 rows: worth 4 shares, once measured
+    backend._fill([None] * 64, bitmask, rows)
+    assert calls[-1] == (0, 64) and backend.us_per_row >= 200.0
+    calls.clear()
+    us_per_row[0] = 1.0  # the rows got cheap: shared fills do not show it, the probe does
+    for _ in range(PROBE_EVERY - 1):
+        backend._fill([None] * 64, bitmask, rows)
+    assert sorted(calls) == sorted([(k, 16) for k in range(4)] * (PROBE_EVERY - 1))
+    assert backend.us_per_row >= 200.0 and backend.shared_fills == PROBE_EVERY - 1
+    calls.clear()
+    backend._fill([None] * 64, bitmask, rows)  # the probe: alone, measured
+    assert calls == [(0, 64)] and backend.us_per_row < 200.0
+    backend._fill([None] * 64, bitmask, rows)
+    assert calls[-1] == (0, 64)  # cheap rows stay on the engine's thread
+    assert backend.fills == PROBE_EVERY + 3 and backend.shared_fills == PROBE_EVERY - 1
     backend.shutdown()
 
 

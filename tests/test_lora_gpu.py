@@ -10,7 +10,7 @@ import torch
 from lora_oracle import check_outputs, mixed_batch, reference_cases
 
 from kiln import LLM, SamplingParams
-from kiln.ops.lora_ref import lora_expand_ref_, lora_shrink_ref
+from kiln.ops.lora_ref import lora_add_ref_
 
 pytestmark = pytest.mark.gpu
 MAX_TOKENS = 8
@@ -31,10 +31,11 @@ def bf16_cases(tiny_checkpoint, tmp_path_factory):
     return reference_cases(tiny_checkpoint, tmp_path_factory, MAX_TOKENS, dtype=torch.bfloat16, device="cuda")
 
 
-@pytest.mark.parametrize("num_tokens", [1, 7, 64, 129, 1000])
+@pytest.mark.parametrize("num_tokens", [1, 4, 7, 16, 64, 129, 1000])
 @pytest.mark.parametrize("shape", [(4096, [4096, 1024, 1024]), (14336, [4096]), (2048, [8192, 8192])])
 def test_kernels_at_model_shapes(num_tokens, shape):
-    """bf16, llama-8b/1b projection shapes, rank 16, 4 slots; both kernel families by token count."""
+    """bf16, llama-8b/1b projection shapes, rank 16, 4 slots; every kernel plan by token count and K
+    (fused up to 4 tokens and K 4096, split up to 16 tokens, grouped above)."""
     k, slices = shape
     gen = torch.Generator(device="cuda").manual_seed(num_tokens)
     kw = dict(device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -46,14 +47,11 @@ def test_kernels_at_model_shapes(num_tokens, shape):
     order = torch.cat([(slots == s).nonzero().squeeze(1) for s in range(4)]).to(torch.int32)
     counts = torch.stack([(slots == s).sum() for s in range(4)])
     starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
-    h = torch.ops.kiln.lora_shrink(x, a, slots, order, starts)
-    ref_h = lora_shrink_ref(x, a, slots)
-    rows = slots >= 0
-    torch.testing.assert_close(h[rows], ref_h[rows], atol=2e-2, rtol=2e-2)
     out, ref = y.clone(), y.clone()
-    torch.ops.kiln.lora_expand(out, h, b, slots, order, starts, slices)
-    lora_expand_ref_(ref, h, b, slots, slices)
+    torch.ops.kiln.lora_add(out, x, a, b, slots, order, starts, slices)
+    lora_add_ref_(ref, x, a, b, slots, slices)
     torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    rows = slots >= 0
     assert torch.equal(out[~rows], y[~rows])
 
 

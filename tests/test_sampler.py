@@ -185,6 +185,54 @@ def test_sample_argmax_kernel_matches_reference(device, dtype):
     assert torch.equal(sample_argmax_triton(x, None, None), x.float().argmax(-1))
 
 
+def _token_mask(device, vocab, rows, words, seed=0):
+    """A TokenMask of random bitmask words for ``rows`` (None: every one of 6 rows), ``words`` wide."""
+    from kiln.structured.token_mask import TokenMask
+
+    g = torch.Generator().manual_seed(seed)
+    n = 6 if rows is None else len(rows)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (n, words), generator=g, dtype=torch.int64).to(torch.int32)
+    bitmask[0, :] = 0
+    bitmask[0, 3] = 1 << 5  # one token allowed (3 * 32 + 5)
+    return TokenMask(bitmask.to(device), rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize(
+    "rows, words",
+    [(None, 157), ([5, 1, 4], 157), ([2], 100)],  # every row, some rows, a bitmask narrower than the vocab
+    ids=["all-rows", "some-rows", "narrow"],
+)
+def test_sample_argmax_kernel_applies_the_grammar_mask(device, dtype, rows, words):
+    """The grammar's bitmask read inside the Triton kernel (Triton's interpreter on CPU) picks what
+    the torch reference picks from the masked logits: greedy and noisy rows, constrained or not."""
+    from kiln.ops.sample_argmax import sample_argmax, sample_argmax_ref, sample_argmax_triton
+
+    x, inv, q = _argmax_cases(device, dtype)
+    mask = _token_mask(device, x.shape[1], rows, words)
+    for args in ((inv, q), (None, None)):
+        expected = sample_argmax_ref(mask.apply(x), *args)
+        assert torch.equal(sample_argmax_triton(x, *args, mask), expected)
+        assert torch.equal(sample_argmax(x, *args, token_mask=mask), expected)  # the dispatch
+        unmasked = sample_argmax_ref(x, *args)
+        constrained = range(6) if rows is None else rows
+        for r in set(range(6)) - set(constrained):
+            assert expected[r] == unmasked[r]  # rows without a constraint are untouched
+        allowed = unpack_bitmask_rows(mask, x.shape[1])
+        masked = mask.apply(x)
+        for j, r in enumerate(constrained):  # an allowed token, unless the mask left none finite
+            assert allowed[j, expected[r]] or masked[r].isinf().all()
+    if rows is None:
+        assert expected[0] == 3 * 32 + 5
+
+
+def unpack_bitmask_rows(mask, vocab):
+    from kiln.structured.token_mask import unpack_bitmask
+
+    return unpack_bitmask(mask.bitmask.cpu(), vocab)
+
+
 def test_sample_argmax_needs_noise_and_temperatures_together():
     from kiln.ops.sample_argmax import sample_argmax
 

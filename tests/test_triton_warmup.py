@@ -2,6 +2,7 @@
 or divisible by 16, which pointers are 16-byte aligned). kiln keeps those keys independent of batch
 shapes and launches every remaining variant at start-up, so requests never wait for a compile."""
 
+import importlib.util
 import inspect
 import random
 
@@ -11,7 +12,7 @@ import torch
 import kiln.ops.triton_decode as triton_decode
 import kiln.ops.triton_prefill as triton_prefill
 import kiln.ops.triton_sample_argmax as triton_sample_argmax
-from kiln import LLM, SamplingParams
+from kiln import LLM, SamplingParams, StructuredOutputsParams
 from kiln.runtime.transfer import sections_to_device
 
 
@@ -97,6 +98,9 @@ def test_requests_launch_only_variants_compiled_at_startup(arch, tiny_checkpoint
             SamplingParams(max_tokens=rng.randrange(1, 9), temperature=i % 2, ignore_eos=True)
             for i in range(len(prompts))
         ]
+        if importlib.util.find_spec("xgrammar") is not None:  # constrained rows: the masked sampler
+            for i in (4, 7, 10, 11):  # greedy and random, some rows and (at the end) every row
+                params[i].structured_outputs = StructuredOutputsParams(regex="[a-z]{16}")
         outs = llm.generate(prompts, params, use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in outs] == [p.max_tokens for p in params]
     for name, recorder in recorders.items():

@@ -1,15 +1,15 @@
 """``LoRALinear``: a projection plus the batched LoRA delta of each token's adapter.
 
 It wraps whatever module computes the base product (``nn.Linear`` or any replacement with the same
-call) and calls it unchanged: ``y = base(x)``, then ``kiln::lora_shrink`` / ``kiln::lora_expand`` add
-``x @ A[slot].T @ B[slot].T`` per token. The slot tables are buffers of fixed shape
+call) and calls it unchanged: ``y = base(x)``, then ``kiln::lora_add`` adds ``x @ A[slot].T @ B[slot].T``
+per token, in place. The slot tables are buffers of fixed shape
 ``[max_loras, shards, R, in]`` and ``[max_loras, out, R]``; loading an adapter copies into them.
 """
 
 import torch
 from torch import nn
 
-import kiln.ops.lora_op  # noqa: F401  (registers kiln::lora_shrink / kiln::lora_expand)
+import kiln.ops.lora_op  # noqa: F401  (registers kiln::lora_add)
 from kiln.lora.batch import LoRABatch
 from kiln.lora.config import LoRAConfig
 from kiln.lora.targets import PROJECTIONS, projection_shapes
@@ -45,10 +45,10 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        h = torch.ops.kiln.lora_shrink(x, self.lora_a, self.token_slots, self.sorted_tokens, self.slot_starts)
-        torch.ops.kiln.lora_expand(
-            y, h, self.lora_b, self.token_slots, self.sorted_tokens, self.slot_starts, self.slice_sizes
-        )
+        torch.ops.kiln.lora_add(
+            y, x, self.lora_a, self.lora_b, self.token_slots, self.sorted_tokens, self.slot_starts,
+            self.slice_sizes,
+        )  # fmt: skip
         return y
 
 

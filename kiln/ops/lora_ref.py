@@ -36,3 +36,15 @@ def lora_expand_ref_(
             parts.append(h[rows, s].to(b.dtype).float() @ b[slot, lo : lo + size].float().T)
             lo += size
         y[rows] = (y[rows].float() + torch.cat(parts, dim=1)).to(y.dtype)
+
+
+def lora_add_ref_(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    token_slots: torch.Tensor,
+    slice_sizes: list[int],
+) -> None:
+    """``y[t] += x[t] @ a[slot(t)].T @ b[slot(t)].T`` (per shard) in place: the shrink, then the expand."""
+    lora_expand_ref_(y, lora_shrink_ref(x, a, token_slots), b, token_slots, slice_sizes)

@@ -30,17 +30,30 @@ def sample_argmax_ref(logits: torch.Tensor, inv_temp: torch.Tensor | None, q: to
     return torch.where(inv_temp[:, None] == 0, x, noisy).argmax(-1)
 
 
-def sample_argmax_triton(logits: torch.Tensor, inv_temp: torch.Tensor | None, q: torch.Tensor | None):
+def sample_argmax_triton(
+    logits: torch.Tensor, inv_temp: torch.Tensor | None, q: torch.Tensor | None, token_mask=None
+):
     from kiln.ops.triton_sample_argmax import sample_argmax_triton as run
 
-    return run(logits, inv_temp, q)
+    return run(logits, inv_temp, q, token_mask)
 
 
-def sample_argmax(logits: torch.Tensor, inv_temp: torch.Tensor | None = None, q: torch.Tensor | None = None):
+def sample_argmax(
+    logits: torch.Tensor,
+    inv_temp: torch.Tensor | None = None,
+    q: torch.Tensor | None = None,
+    token_mask=None,
+):
     """Token per row of ``logits`` ``[rows, vocab]``; ``inv_temp`` ``[rows]`` and ``q`` ``[rows, vocab]``
-    (fp32) together, or neither (greedy). Rows must be contiguous in the last dimension."""
+    (fp32) together, or neither (greedy). Rows must be contiguous in the last dimension.
+
+    ``token_mask`` (a ``kiln.structured.token_mask.TokenMask``): the grammar's allowed tokens of the
+    constrained rows, the others banned. The Triton kernel reads its bitmask words beside the logits
+    (no masked copy of the logits, no extra launch); elsewhere it is applied to the logits first."""
     if (q is None) != (inv_temp is None):
         raise ValueError("sample_argmax needs both inv_temp and q, or neither")
     if logits.is_cuda and _triton_available() and logits.stride(-1) == 1 and (q is None or q.stride(-1) == 1):
-        return sample_argmax_triton(logits, inv_temp, q)
+        return sample_argmax_triton(logits, inv_temp, q, token_mask)
+    if token_mask is not None:
+        logits = token_mask.apply(logits)
     return sample_argmax_ref(logits, inv_temp, q)

@@ -1,68 +1,168 @@
 """Triton kernels of the batched LoRA products (layouts in ``kiln/ops/lora_ref.py``).
 
-Two families, same results:
+``lora_add_triton`` adds every token's delta to ``y`` in place, through one of three kernel plans
+picked from the shapes alone (``lora_plan``):
 
-* gathered per row (up to ``ROWS_MAX_TOKENS`` tokens: small decode batches): one program per (token,
-  shard, chunk of input features) for the shrink and per (token, column block) for the expand; each
-  program reads its token's slot and that slot's weights.
-* segment-grouped (larger batches): tokens sorted by slot (``sorted_tokens``, slot ``i`` owning
-  ``sorted_tokens[slot_starts[i]:slot_starts[i + 1]]``); one program per (block of a slot's tokens,
-  shard and chunk of input features or column block, slot) multiplies a tile of tokens by the slot's
-  weights with ``tl.dot``, so each weight tile is read once per block of 16 tokens, not once per token.
+* ``fused`` (up to ``FUSED_MAX_TOKENS`` tokens, ``K <= FUSED_MAX_K``, ``R <= FUSED_MAX_RANK``): one
+  kernel. One program per (token, run of ``cols`` output columns) reads its token's slot, recomputes
+  the rank-``R`` shrink ``x[t] @ A[slot, s].T`` for the shards its columns belong to and adds its
+  columns of the expand. Every program reads ``R x K`` of ``A`` (from L2 after the first), so the grid
+  aims at ``FUSED_PROGRAMS`` programs in all: about the ratio of the H200's L2 bandwidth to one SM's
+  (~5.5 TB/s / ~110 GB/s), where re-reading ``A`` in more programs starts to cost more than the
+  per-program shrink it spreads out; ``B`` and ``y`` (``N x R``, ``N``) are split between them.
+* ``split`` (other batches up to ``ROWS_MAX_TOKENS`` tokens): two kernels gathered per row. The
+  shrink splits the input features in chunks of ``K_PER_SPLIT`` over programs, each *storing* its
+  partial sums (no zeroed buffer, no atomics); the expand sums the partials of its token's shard and
+  adds its column block. Long inputs (``down_proj``) keep every program's loop short this way.
+* ``grouped`` (larger batches; ``kiln/ops/triton_lora_grouped.py``): tokens sorted by slot, tiles of
+  16 tokens of one slot times the slot's weights with ``tl.dot``; three kernels while its shrink splits
+  the input features (a zeroed ``h``), two above.
 
-Up to ``SPLIT_MAX_TOKENS`` tokens the shrink splits its input features in chunks of ``K_PER_SPLIT``
-over programs, adding partial sums atomically into a zeroed ``h``: a handful of tokens still spreads
-over many SMs.
-
-The grids depend only on the token count and table sizes, never on the slots' contents: programs of
-empty slots exit at once, so a CUDA graph captured once serves every adapter mix.
+Every plan's grid depends only on the shapes, never on the slots' contents: programs of tokens without
+an adapter (slot -1) and of empty slots exit at once, so a CUDA graph captured once serves every
+adapter mix, and rows without an adapter are left untouched.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-ROWS_MAX_TOKENS = 16  # batches up to this many tokens take the gathered kernels
-SPLIT_MAX_TOKENS = 512  # shrinks of batches up to this many tokens split K over programs
-_BLOCK_K = 128
+from kiln.ops import triton_lora_grouped as grouped
+from kiln.ops.triton_lora_grouped import lora_add_grouped, shard_ends
+
+ROWS_MAX_TOKENS = 16  # batches up to this many tokens take the gathered (per row) kernels
+FUSED_MAX_TOKENS = 4  # ... and up to this many, with inputs up to FUSED_MAX_K features, the fused one
+FUSED_MAX_K = 4096  # each fused program reads R x K of A serially: 128 KiB at R 16 and K 4096 in bf16
+FUSED_MAX_RANK = 64  # above, the fused kernel's registers spill (sm_90, 8 warps)
+FUSED_PROGRAMS = 48  # fused programs aimed at over all tokens (see above; H200: 132 SMs)
+K_PER_SPLIT = 512  # input features per split shrink program (a power of two)
 _BLOCK_N = 128
-_BLOCK_M = 16
-K_PER_SPLIT = 512  # input features per shrink program when split (a power of two)
+# Tiles of the gathered kernels, by the table's rank R (sm_90, bf16; register counts from ptxas): the
+# fused shrink reads 16384 elements of A per iteration up to R 32 (BLOCK_K 1024 at R 16, 166 registers
+# a thread in 8 warps), 8192 above; the split shrink 8192 (one iteration of its 512 features at R 16);
+# expands cover 2048 elements of B per block (128 columns at R 16).
+_FUSED_TILE = 16384
+_SPLIT_TILE = 8192
+_EXPAND_TILE = 2048
+
+
+def lora_plan(num_tokens: int, k: int, rank: int = 16) -> str:
+    """The kernel plan of a batch of ``num_tokens`` tokens, ``k`` input features, table rank ``rank``."""
+    if num_tokens > ROWS_MAX_TOKENS:
+        return "grouped"
+    if num_tokens <= FUSED_MAX_TOKENS and k <= FUSED_MAX_K and rank <= FUSED_MAX_RANK:
+        return "fused"
+    return "split"
+
+
+def lora_kernels(num_tokens: int, k: int, rank: int = 16) -> int:
+    """Kernels one projection's ``lora_add`` launches (zeroing included) under its plan."""
+    plan = lora_plan(num_tokens, k, rank)
+    if plan == "grouped":
+        return 3 if num_tokens <= grouped.SPLIT_MAX_TOKENS and k > grouped.K_PER_SPLIT else 2
+    return 1 if plan == "fused" else 2
+
+
+def rows_block_n(rank: int) -> int:
+    """Output columns per block of the gathered expands."""
+    return max(16, min(_BLOCK_N, _EXPAND_TILE // rank))
+
+
+def fused_block_k(rank: int, k: int, tile: int | None = None) -> int:
+    """Input features per fused shrink iteration."""
+    tile = tile or (_FUSED_TILE if rank <= 32 else _FUSED_TILE // 2)
+    return max(16, min(tile // rank, triton.next_power_of_2(k)))
+
+
+def fused_columns(num_tokens: int, n: int, rank: int = 16, programs: int | None = None) -> int:
+    """Output columns per fused program: a multiple of ``rows_block_n``, about ``programs`` programs
+    (``FUSED_PROGRAMS``) over all tokens."""
+    block_n = rows_block_n(rank)
+    runs = max(1, triton.cdiv(programs or FUSED_PROGRAMS, num_tokens))
+    return triton.cdiv(triton.cdiv(n, runs), block_n) * block_n
 
 
 @triton.jit
-def _shrink_rows_kernel(
+def _shrink_row(x_row, a_shard, K, stride_ar, R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``x_row[:K] @ a_shard[:, :K].T`` in float32, ``[R]``."""
+    r = tl.arange(0, R)
+    acc = tl.zeros([R], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        km = k < K
+        xv = tl.load(x_row + k, mask=km, other=0.0).to(tl.float32)
+        av = tl.load(a_shard + r[:, None] * stride_ar + k[None, :], mask=km[None, :], other=0.0)
+        acc += tl.sum(av.to(tl.float32) * xv[None, :], axis=1)
+    return acc
+
+
+@triton.jit
+def _fused_rows_kernel(
+    y_ptr, x_ptr, a_ptr, b_ptr, slots_ptr, K, N, end0, end1, cols,
+    stride_yt, stride_xt, stride_al, stride_as, stride_ar, stride_bl, stride_bn,
+    R: tl.constexpr, SHARDS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    c0 = tl.program_id(1) * cols
+    c1 = tl.minimum(c0 + cols, N)
+    x_row = x_ptr + t * stride_xt
+    a_base = a_ptr + slot * stride_al
+    # the shrink of each shard these columns belong to (shard s owns columns [end_{s-1}, end_s))
+    h0 = tl.zeros([R], dtype=tl.float32)
+    h1 = tl.zeros([R], dtype=tl.float32)
+    h2 = tl.zeros([R], dtype=tl.float32)
+    if c0 < end0:
+        h0 = _shrink_row(x_row, a_base, K, stride_ar, R, BLOCK_K)
+    if SHARDS > 1:
+        if (c1 > end0) & (c0 < end1):
+            h1 = _shrink_row(x_row, a_base + stride_as, K, stride_ar, R, BLOCK_K)
+    if SHARDS > 2:
+        if c1 > end1:
+            h2 = _shrink_row(x_row, a_base + 2 * stride_as, K, stride_ar, R, BLOCK_K)
+    wdt = b_ptr.dtype.element_ty  # h rounded to the weights' dtype, as the reference does
+    h0, h1, h2 = h0.to(wdt).to(tl.float32), h1.to(wdt).to(tl.float32), h2.to(wdt).to(tl.float32)
+    r = tl.arange(0, R)
+    b_base = b_ptr + slot * stride_bl
+    for n0 in range(c0, c1, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nm = n < c1
+        h12 = tl.where((n < end1)[:, None], h1[None, :], h2[None, :])
+        hv = tl.where((n < end0)[:, None], h0[None, :], h12)  # each column's shard's h
+        bv = tl.load(b_base + n[:, None] * stride_bn + r[None, :], mask=nm[:, None], other=0.0)
+        delta = tl.sum(hv * bv.to(tl.float32), axis=1)
+        y = tl.load(y_ptr + t * stride_yt + n, mask=nm, other=0.0)
+        tl.store(y_ptr + t * stride_yt + n, (y.to(tl.float32) + delta).to(y.dtype), mask=nm)
+
+
+@triton.jit
+def _shrink_split_kernel(
     x_ptr, a_ptr, h_ptr, slots_ptr, K,
     stride_xt, stride_al, stride_as, stride_ar, stride_ht, stride_hs,
-    R: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr,
+    R: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
 ):  # fmt: skip
+    """``h[t, s, split] = x[t, chunk] @ A[slot, s, :, chunk].T``: partial sums, stored."""
     t = tl.program_id(0)
     s = tl.program_id(1)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     if slot < 0:
         return
-    r = tl.arange(0, R)
-    acc = tl.zeros([R], dtype=tl.float32)
-    a_base = a_ptr + slot * stride_al + s * stride_as
     k_start = tl.program_id(2) * K_PER_SPLIT
-    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
-        k = k_start + k0 + tl.arange(0, BLOCK_K)
-        km = k < K
-        xv = tl.load(x_ptr + t * stride_xt + k, mask=km, other=0.0).to(tl.float32)
-        av = tl.load(a_base + r[:, None] * stride_ar + k[None, :], mask=km[None, :], other=0.0)
-        acc += tl.sum(av.to(tl.float32) * xv[None, :], axis=1)
-    if SPLIT:
-        tl.atomic_add(h_ptr + t * stride_ht + s * stride_hs + r, acc)
-    else:
-        tl.store(h_ptr + t * stride_ht + s * stride_hs + r, acc)
+    a_shard = a_ptr + slot * stride_al + s * stride_as + k_start
+    acc = _shrink_row(x_ptr + t * stride_xt + k_start, a_shard, tl.minimum(K - k_start, K_PER_SPLIT),
+                      stride_ar, R, BLOCK_K)  # fmt: skip
+    tl.store(h_ptr + t * stride_ht + s * stride_hs + tl.program_id(2) * R + tl.arange(0, R), acc)
 
 
 @triton.jit
-def _expand_rows_kernel(
+def _expand_split_kernel(
     y_ptr, h_ptr, b_ptr, slots_ptr, N, end0, end1,
     stride_yt, stride_ht, stride_hs, stride_bl, stride_bn,
-    R: tl.constexpr, BLOCK_N: tl.constexpr,
+    R: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
+    """``y[t, cols] += (sum of the shard's partials) @ B[slot, cols].T``."""
     t = tl.program_id(0)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     if slot < 0:
@@ -71,144 +171,56 @@ def _expand_rows_kernel(
     nm = n < N
     shard = (n >= end0).to(tl.int32) + (n >= end1).to(tl.int32)  # shard owning each column
     r = tl.arange(0, R)
-    hv = tl.load(h_ptr + t * stride_ht + shard[:, None] * stride_hs + r[None, :], mask=nm[:, None], other=0.0)
+    h_rows = h_ptr + t * stride_ht + shard[:, None] * stride_hs + r[None, :]
+    hv = tl.zeros([BLOCK_N, R], dtype=tl.float32)
+    for split in tl.static_range(SPLITS):
+        hv += tl.load(h_rows + split * R, mask=nm[:, None], other=0.0)
     bv = tl.load(b_ptr + slot * stride_bl + n[:, None] * stride_bn + r[None, :], mask=nm[:, None], other=0.0)
     delta = tl.sum(hv.to(bv.dtype).to(tl.float32) * bv.to(tl.float32), axis=1)
     y = tl.load(y_ptr + t * stride_yt + n, mask=nm, other=0.0)
     tl.store(y_ptr + t * stride_yt + n, (y.to(tl.float32) + delta).to(y.dtype), mask=nm)
 
 
-@triton.jit
-def _segment_rows(sorted_ptr, start, count, BLOCK_M: tl.constexpr):
-    """This program's block of the slot's tokens: (token rows, mask)."""
-    i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    im = i < count
-    return tl.load(sorted_ptr + start + i, mask=im, other=0).to(tl.int64), im
-
-
-@triton.jit
-def _shrink_grouped_kernel(
-    x_ptr, a_ptr, h_ptr, sorted_ptr, starts_ptr, K,
-    stride_xt, stride_al, stride_as, stride_ar, stride_ht, stride_hs,
-    R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
-    K_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr,
-):  # fmt: skip
-    s = tl.program_id(1) // SPLITS
-    k_start = (tl.program_id(1) % SPLITS) * K_PER_SPLIT
-    slot = tl.program_id(2)
-    start = tl.load(starts_ptr + slot)
-    count = tl.load(starts_ptr + slot + 1) - start
-    if tl.program_id(0) * BLOCK_M >= count:
-        return
-    rows, im = _segment_rows(sorted_ptr, start, count, BLOCK_M)
-    r = tl.arange(0, R)
-    a_base = a_ptr + slot.to(tl.int64) * stride_al + s * stride_as
-    acc = tl.zeros([BLOCK_M, R], dtype=tl.float32)
-    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
-        k = k_start + k0 + tl.arange(0, BLOCK_K)
-        km = k < K
-        xv = tl.load(
-            x_ptr + rows[:, None] * stride_xt + k[None, :], mask=im[:, None] & km[None, :], other=0.0
-        )
-        av = tl.load(a_base + k[:, None] + r[None, :] * stride_ar, mask=km[:, None], other=0.0)
-        if DOT_FP32:
-            acc += tl.dot(xv.to(tl.float32), av.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(xv, av)
-    ptrs = h_ptr + rows[:, None] * stride_ht + s * stride_hs + r[None, :]
-    if SPLITS > 1:
-        tl.atomic_add(ptrs, acc, mask=im[:, None])
-    else:
-        tl.store(ptrs, acc, mask=im[:, None])
-
-
-@triton.jit
-def _expand_grouped_kernel(
-    y_ptr, h_ptr, b_ptr, sorted_ptr, starts_ptr, N, end0, end1,
-    stride_yt, stride_ht, stride_hs, stride_bl, stride_bn,
-    R: tl.constexpr, SHARDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-):  # fmt: skip
-    slot = tl.program_id(2)
-    start = tl.load(starts_ptr + slot)
-    count = tl.load(starts_ptr + slot + 1) - start
-    if tl.program_id(0) * BLOCK_M >= count:
-        return
-    rows, im = _segment_rows(sorted_ptr, start, count, BLOCK_M)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    nm = n < N
-    shard = (n >= end0).to(tl.int32) + (n >= end1).to(tl.int32)
-    r = tl.arange(0, R)
-    b_base = b_ptr + slot.to(tl.int64) * stride_bl
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for s in tl.static_range(SHARDS):
-        hv = tl.load(
-            h_ptr + rows[:, None] * stride_ht + s * stride_hs + r[None, :], mask=im[:, None], other=0.0
-        )
-        bm = nm & (shard == s)
-        bv = tl.load(b_base + n[None, :] * stride_bn + r[:, None], mask=bm[None, :], other=0.0)
-        hv = hv.to(bv.dtype)
-        if DOT_FP32:
-            acc += tl.dot(hv.to(tl.float32), bv.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(hv, bv)
-    ptrs = y_ptr + rows[:, None] * stride_yt + n[None, :]
-    mask = im[:, None] & nm[None, :]
-    y = tl.load(ptrs, mask=mask, other=0.0)
-    tl.store(ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=mask)
-
-
-def _dot_fp32(weights: torch.Tensor) -> bool:
-    """Tile products in exact fp32 (no TF32) for fp32 weights, as the fp32 base model computes them,
-    and for CPU tensors (Triton's interpreter, whose bf16 ``tl.dot`` is wrong); bf16/fp16 tensor-core
-    products with fp32 accumulation otherwise."""
-    return weights.dtype == torch.float32 or not weights.is_cuda
-
-
-def _shard_ends(slice_sizes, n):
-    ends = [sum(slice_sizes[: i + 1]) for i in range(len(slice_sizes) - 1)]
-    ends += [n] * (2 - len(ends))
-    return ends
-
-
-def lora_shrink_triton(x, a, h, token_slots, sorted_tokens, slot_starts, grouped: bool) -> None:
-    """Fill ``h`` (``[T, shards, R]`` float32) for the tokens that have an adapter. Up to
-    ``SPLIT_MAX_TOKENS`` tokens the input features are split in chunks of ``K_PER_SPLIT`` over programs
-    (``h`` zeroed, partial sums added atomically), so few tokens still spread over many SMs."""
-    num_tokens, k = x.shape
-    slots, shards, rank, _ = a.shape
-    strides = (x.stride(0), a.stride(0), a.stride(1), a.stride(2), h.stride(0), h.stride(1))
-    splits = triton.cdiv(k, K_PER_SPLIT) if num_tokens <= SPLIT_MAX_TOKENS else 1
-    k_per_split = K_PER_SPLIT if splits > 1 else triton.cdiv(k, _BLOCK_K) * _BLOCK_K
-    if splits > 1:
-        h.zero_()
-    if grouped:
-        grid = (triton.cdiv(num_tokens, _BLOCK_M), shards * splits, slots)
-        _shrink_grouped_kernel[grid](
-            x, a, h, sorted_tokens, slot_starts, k, *strides,
-            R=rank, BLOCK_M=_BLOCK_M, BLOCK_K=min(_BLOCK_K, k_per_split), DOT_FP32=_dot_fp32(a),
-            K_PER_SPLIT=k_per_split, SPLITS=splits,
-        )  # fmt: skip
-    else:
-        _shrink_rows_kernel[(num_tokens, shards, splits)](
-            x, a, h, token_slots, k, *strides,
-            R=rank, BLOCK_K=min(_BLOCK_K, k_per_split), K_PER_SPLIT=k_per_split, SPLIT=splits > 1,
-        )  # fmt: skip
-
-
-def lora_expand_triton(y, h, b, token_slots, sorted_tokens, slot_starts, slice_sizes, grouped: bool) -> None:
-    """``y += delta`` in place for the tokens that have an adapter."""
+def lora_add_fused(y, x, a, b, token_slots, slice_sizes, programs=None, tile=None, warps=8) -> None:
+    """The ``fused`` plan: one kernel. ``programs`` (the grid's aim, ``FUSED_PROGRAMS``), ``tile``
+    (elements of ``A`` per shrink iteration) and ``warps`` override the launch."""
     num_tokens, n = y.shape
-    slots, _, rank = b.shape
-    end0, end1 = _shard_ends(slice_sizes, n)
-    strides = (y.stride(0), h.stride(0), h.stride(1), b.stride(0), b.stride(1))
-    if grouped:
-        grid = (triton.cdiv(num_tokens, _BLOCK_M), triton.cdiv(n, _BLOCK_N), slots)
-        _expand_grouped_kernel[grid](
-            y, h, b, sorted_tokens, slot_starts, n, end0, end1, *strides,
-            R=rank, SHARDS=len(slice_sizes), BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
-            DOT_FP32=_dot_fp32(b),
-        )  # fmt: skip
+    k, rank = x.shape[1], a.shape[2]
+    end0, end1 = shard_ends(slice_sizes, n)
+    cols = fused_columns(num_tokens, n, rank, programs)
+    _fused_rows_kernel[(num_tokens, triton.cdiv(n, cols))](
+        y, x, a, b, token_slots, k, n, end0, end1, cols,
+        y.stride(0), x.stride(0), a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1),
+        R=rank, SHARDS=len(slice_sizes), BLOCK_K=fused_block_k(rank, k, tile), BLOCK_N=rows_block_n(rank),
+        num_warps=warps,
+    )  # fmt: skip
+
+
+def lora_add_split(y, x, a, b, token_slots, slice_sizes) -> None:
+    """The ``split`` plan: a shrink storing per-chunk partials, an expand summing them."""
+    num_tokens, n = y.shape
+    k, (_, shards, rank, _) = x.shape[1], a.shape
+    splits = triton.cdiv(k, K_PER_SPLIT)
+    h = torch.empty(num_tokens, shards, splits, rank, dtype=torch.float32, device=x.device)
+    _shrink_split_kernel[(num_tokens, shards, splits)](
+        x, a, h, token_slots, k, x.stride(0), a.stride(0), a.stride(1), a.stride(2), h.stride(0), h.stride(1),
+        R=rank, BLOCK_K=max(16, min(_SPLIT_TILE // rank, K_PER_SPLIT)), K_PER_SPLIT=K_PER_SPLIT,
+    )  # fmt: skip
+    end0, end1 = shard_ends(slice_sizes, n)
+    block_n = rows_block_n(rank)
+    _expand_split_kernel[(num_tokens, triton.cdiv(n, block_n))](
+        y, h, b, token_slots, n, end0, end1,
+        y.stride(0), h.stride(0), h.stride(1), b.stride(0), b.stride(1),
+        R=rank, SPLITS=splits, BLOCK_N=block_n,
+    )  # fmt: skip
+
+
+def lora_add_triton(y, x, a, b, token_slots, sorted_tokens, slot_starts, slice_sizes) -> None:
+    """``y += delta`` in place for the tokens that have an adapter (``x`` contiguous), by ``lora_plan``."""
+    plan = lora_plan(x.shape[0], x.shape[1], a.shape[2])
+    if plan == "fused":
+        lora_add_fused(y, x, a, b, token_slots, slice_sizes)
+    elif plan == "split":
+        lora_add_split(y, x, a, b, token_slots, slice_sizes)
     else:
-        grid = (num_tokens, triton.cdiv(n, _BLOCK_N))
-        _expand_rows_kernel[grid](y, h, b, token_slots, n, end0, end1, *strides, R=rank, BLOCK_N=_BLOCK_N)
+        lora_add_grouped(y, x, a, b, sorted_tokens, slot_starts, slice_sizes)

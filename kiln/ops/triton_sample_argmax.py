@@ -10,18 +10,24 @@ from kiln.ops.sample_argmax import BLOCK, CHUNK
 _NO_INDEX = tl.constexpr(2**31 - 1)  # above any vocabulary index
 
 
-@triton.jit
+# the bitmask's width is the grammar's vocabulary (the tokenizer's), not the model's: left unspecialised,
+# start-up's warm-up of the masked variants holds for any tokenizer
+@triton.jit(do_not_specialize=["mask_words"])
 def _chunk_best_kernel(
     x_ptr,
     q_ptr,
     inv_ptr,
+    mask_ptr,
+    mask_row_ptr,
     val_ptr,
     idx_ptr,
     vocab,
     stride_x,
     stride_q,
+    mask_words,
     num_chunks,
     NOISE: tl.constexpr,
+    MASK: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -30,6 +36,9 @@ def _chunk_best_kernel(
     inv = 0.0
     if NOISE:
         inv = tl.load(inv_ptr + row)
+    mask_row = -1  # the row's grammar bitmask row (int32 words, bit t % 32 of word t // 32: t allowed)
+    if MASK:
+        mask_row = tl.load(mask_row_ptr + row).to(tl.int64)
     lo = chunk * CHUNK
     best_v = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     best_i = lo + tl.arange(0, BLOCK)
@@ -41,6 +50,12 @@ def _chunk_best_kernel(
             if inv != 0.0:
                 q = tl.load(q_ptr + row * stride_q + offs, mask=ok, other=1.0)
                 v = tl.where(ok, v * inv - tl.log(q), float("-inf"))
+        if MASK:
+            if mask_row >= 0:  # tokens past the bitmask's words are never allowed
+                word = offs // 32
+                in_mask = ok & (word < mask_words)
+                bits = tl.load(mask_ptr + mask_row * mask_words + word, mask=in_mask, other=0)
+                v = tl.where(((bits >> (offs % 32)) & 1) != 0, v, float("-inf"))
         better = v > best_v  # strict: each lane keeps its first maximum
         best_v = tl.where(better, v, best_v)
         best_i = tl.where(better, offs, best_i)
@@ -61,7 +76,9 @@ def _best_chunk_kernel(val_ptr, idx_ptr, out_ptr, num_chunks, CHUNKS_P2: tl.cons
     tl.store(out_ptr + row, tl.min(tl.where(v == top, i, _NO_INDEX), 0).to(tl.int64))
 
 
-def sample_argmax_triton(logits: torch.Tensor, inv_temp: torch.Tensor | None, q: torch.Tensor | None):
+def sample_argmax_triton(
+    logits: torch.Tensor, inv_temp: torch.Tensor | None, q: torch.Tensor | None, token_mask=None
+):
     rows, vocab = logits.shape
     num_chunks = triton.cdiv(vocab, CHUNK)
     out = torch.empty(rows, dtype=torch.long, device=logits.device)
@@ -69,18 +86,23 @@ def sample_argmax_triton(logits: torch.Tensor, inv_temp: torch.Tensor | None, q:
         return out
     vals = torch.empty(rows, num_chunks, dtype=torch.float32, device=logits.device)
     idxs = torch.empty(rows, num_chunks, dtype=torch.int32, device=logits.device)
-    noise = q is not None
+    noise, masked = q is not None, token_mask is not None
+    bitmask = token_mask.bitmask.contiguous() if masked else None
     _chunk_best_kernel[(rows, num_chunks)](
         logits,
         q if noise else logits,
         inv_temp if noise else logits,
+        bitmask if masked else logits,
+        token_mask.row_map(rows) if masked else logits,
         vals,
         idxs,
         vocab,
         logits.stride(0),
         q.stride(0) if noise else 0,
+        bitmask.shape[1] if masked else 0,
         num_chunks,
         NOISE=noise,
+        MASK=masked,
         CHUNK=CHUNK,
         BLOCK=BLOCK,
         num_warps=4,

@@ -211,18 +211,25 @@ def sample(
     wants_logprobs = scan.logprobs
     reported = logits.float() if wants_logprobs and logprobs_mode.startswith("raw") else None
     logits = apply_constraints(apply_penalties(logits, seqs, scan), seqs, scan)
-    if token_mask is not None:
-        logits = token_mask.apply(logits)
-    temps = scan.temps
-    if scan.all_greedy:
-        processed = logits
-        tokens = sample_argmax(logits)
-    else:
+    filters = (None, None, None)
+    if not scan.all_greedy:
         filters = (
             _per_row(scan.top_k, 0, device),
             _per_row(scan.top_p, 1.0, device),
             _per_row(scan.min_p, 0.0, device),
         )
+    # the grammar's mask: inside the token choice when nothing else reads the masked logits
+    fused_mask = None
+    if token_mask is not None:
+        if wants_logprobs or any(f is not None for f in filters):
+            logits = token_mask.apply(logits)
+        else:
+            fused_mask = token_mask
+    temps = scan.temps
+    if scan.all_greedy:
+        processed = logits
+        tokens = sample_argmax(logits, token_mask=fused_mask)
+    else:
         inv_temps = to_device(scan.inv_temps, device)
         if any(f is not None for f in filters):
             logits = top_k_top_p_min_p(
@@ -237,7 +244,7 @@ def sample(
             for i, s in enumerate(seqs):
                 if s.generator is not None and not s.params.is_greedy:
                     q[i].exponential_(generator=s.generator)
-        tokens = sample_argmax(logits, inv_temps, q)
+        tokens = sample_argmax(logits, inv_temps, q, fused_mask)
     if not wants_logprobs:
         return SamplerOutput(tokens, [None] * len(seqs))
     if reported is None:  # processed modes

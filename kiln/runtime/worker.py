@@ -44,6 +44,7 @@ from kiln.runtime.kv_profile import measurement_name, recorded_or_measured
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.startup_timeline import StartupTimeline
 from kiln.runtime.step_data import RunnerOutput, SchedulerOutput
+from kiln.structured.token_mask import TokenMask, bitmask_words
 
 logger = logging.getLogger("kiln")
 
@@ -152,7 +153,8 @@ class Worker:
     def _warm_up(self) -> None:
         """Compile before the first request what would otherwise compile during it: the real forward
         over dummy steps that launch every attention-kernel variant, and on CUDA the one-row logits
-        and the sampler's kernels (greedy and sampled, model dtype and fp32 logits)."""
+        and the sampler's kernels (greedy and sampled, model dtype and fp32 logits, with and without a
+        grammar's mask)."""
         mc, dev = self.model_config, self.device
         scratch = self._scratch_kv()
         steps = self.attention.warmup_steps(mc.num_heads, mc.num_kv_heads, mc.head_dim, self.config.dtype)
@@ -164,9 +166,13 @@ class Worker:
             return
         weight = self.model.logits_weight()
         logits = self.runner.logits(torch.zeros(1, weight.shape[1], dtype=weight.dtype, device=dev))
+        # and each under a grammar's mask (structured outputs), which the kernel reads beside the logits
+        words = bitmask_words(logits.shape[1])
+        allow_all = TokenMask(torch.full((1, words), -1, dtype=torch.int32, device=dev), None)
         for x in (logits, logits.float()):
-            sample_argmax(x)
-            sample_argmax(x, torch.ones(1, device=dev), torch.ones(x.shape, device=dev))
+            for mask in (None, allow_all):
+                sample_argmax(x, token_mask=mask)
+                sample_argmax(x, torch.ones(1, device=dev), torch.ones(x.shape, device=dev), mask)
 
     def kv_bytes_per_block(self) -> int:
         mc, cfg = self.model_config, self.config

@@ -77,15 +77,37 @@ class GrammarBitmask:
     num_rows: int  # sampling rows of the step
 
     def to_device(self, device: torch.device) -> TokenMask:
-        """Non-blocking copies (from pinned memory) queued behind the device's work."""
-        rows = None if len(self.rows) == self.num_rows else to_device(self.rows, device, torch.long)
+        """A non-blocking copy (from pinned memory) queued behind the device's work."""
+        rows = None if len(self.rows) == self.num_rows else self.rows
         return TokenMask(self.bitmask.to(device, non_blocking=True), rows)
+
+
+_IDENTITY: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
 @dataclass
 class TokenMask:
+    """The step's grammar mask on the logits' device. The sampler applies it to the logits
+    (``apply``) or, where nothing but the token choice reads them, inside its sampling kernel
+    (``kiln.ops.sample_argmax``, through ``row_map``)."""
+
     bitmask: torch.Tensor  # int32 [len(rows), words] on the logits' device
-    rows: torch.Tensor | None  # int64 row indices into the step's logits; None = every row
+    rows: list[int] | None  # the logits rows the bitmask's rows are for, in order; None = every row
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        return apply_token_bitmask(logits, self.bitmask, self.rows)
+        rows = None if self.rows is None else to_device(self.rows, logits.device, torch.long)
+        return apply_token_bitmask(logits, self.bitmask, rows)
+
+    def row_map(self, num_rows: int) -> torch.Tensor:
+        """int32 ``[num_rows]`` on the bitmask's device: each logits row's bitmask row, -1 for a row
+        without a constraint."""
+        device = self.bitmask.device
+        if self.rows is None:
+            key = (device, num_rows)
+            if key not in _IDENTITY:  # made on the device: a host copy would wait for its queue
+                _IDENTITY[key] = torch.arange(num_rows, dtype=torch.int32, device=device)
+            return _IDENTITY[key]
+        index = [-1] * num_rows
+        for j, row in enumerate(self.rows):
+            index[row] = j
+        return to_device(index, device, torch.int32)

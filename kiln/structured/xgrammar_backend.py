@@ -14,7 +14,10 @@ Two things make its bitmasks cheap:
   Rows are shared only when each share is worth a hand-off (``fill_shares``): a share is handed to a
   thread that must wake up and take the GIL twice, and on a 16-core host four shares of a 64-row step
   of SmolLM2's vocabulary (some 0.4 ms of filling in all) cost more than they saved. What a row costs
-  is measured on the engine's own share of each fill.
+  is measured on fills the engine's thread does alone (the median of the last few): a share's time
+  beside other threads would feed the hand-offs' own cost back into the estimate, and the backend's
+  first fill runs cold (some 100 us for one row where the next take 6-15 us), so neither counts.
+  While rows are shared, every ``PROBE_EVERY``-th fill is done alone to measure the rows again.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -38,7 +42,8 @@ ROWS_PER_THREAD = 16
 # filling a share takes at least this long (estimated): four shares of a 0.3-0.5 ms fill made a step of
 # the 16-core H200 host ~0.7 ms slower than one thread, so a hand-off costs up to ~0.2 ms there
 MIN_SHARE_US = 1000.0
-_COST_WEIGHT = 0.25  # of the newest fill in the running estimate of a row's cost
+RECENT_FILLS = 8  # the estimate of a row's cost: the median over this many fills done alone
+PROBE_EVERY = 16  # while rows are shared, one fill in this many is done alone (measured)
 
 
 def fill_shares(num_rows: int, threads: int, us_per_row: float) -> int:
@@ -95,7 +100,10 @@ class XGrammarBackend:
         # xgrammar's C++ fillers, one a thread (their Python wrappers cost per row)
         self.fillers = [xgr.BatchGrammarMatcher(max_threads=1)._handle for _ in range(self.threads)]
         self.pool: ThreadPoolExecutor | None = None  # started on the first batch that shares its rows
-        self.us_per_row = 0.0  # running estimate of a row's fill (wall us, one thread); 0: no fill yet
+        self.us_per_row = 0.0  # estimate of a row's fill (wall us, one thread); 0: none measured yet
+        self.costs: deque[float] = deque(maxlen=RECENT_FILLS)  # us per row of the latest fills done alone
+        self.fills = self.shared_fills = 0  # fills so far, and those whose rows were shared
+        self._shared_since_probe = 0
 
     def parse(self, spec: GrammarSpec) -> xgr.Grammar:
         if spec.whitespace_pattern is not None:
@@ -153,23 +161,29 @@ class XGrammarBackend:
             bitmask[:, self.words :].index_fill_(0, index, 0)
 
     def _fill(self, handles: list, bitmask: torch.Tensor, rows: list[int]) -> None:
+        self.fills += 1
         shares = fill_shares(len(handles), self.threads, self.us_per_row)
-        futures = []
         if shares > 1:
-            if self.pool is None:
-                self.pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="kiln-grammar")
-            # rows dealt round-robin: neighbouring rows (one request's samples) tend to cost alike
-            fill = [f.batch_fill_next_token_bitmask for f in self.fillers]
-            futures = [
-                self.pool.submit(fill[k], handles[k::shares], bitmask, rows[k::shares], False)
-                for k in range(1, shares)
-            ]
-        own = handles[::shares]  # the engine thread's share: what it takes tells what a row costs
-        start = time.perf_counter()
-        self.fillers[0].batch_fill_next_token_bitmask(own, bitmask, rows[::shares], False)
-        cost = 1e6 * (time.perf_counter() - start) / len(own)
-        weight = _COST_WEIGHT if self.us_per_row else 1.0  # the first fill: the estimate itself
-        self.us_per_row += weight * (cost - self.us_per_row)
+            self._shared_since_probe += 1
+            if self._shared_since_probe >= PROBE_EVERY:  # this one alone: what do the rows cost now?
+                shares, self._shared_since_probe = 1, 0
+        if shares == 1:
+            start = time.perf_counter()
+            self.fillers[0].batch_fill_next_token_bitmask(handles, bitmask, rows, False)
+            if self.fills > 1:  # the first fill runs cold
+                self.costs.append(1e6 * (time.perf_counter() - start) / max(len(handles), 1))
+                self.us_per_row = sorted(self.costs)[(len(self.costs) - 1) // 2]  # lower median
+            return
+        self.shared_fills += 1
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="kiln-grammar")
+        # rows dealt round-robin: neighbouring rows (one request's samples) tend to cost alike
+        fill = [f.batch_fill_next_token_bitmask for f in self.fillers]
+        futures = [
+            self.pool.submit(fill[k], handles[k::shares], bitmask, rows[k::shares], False)
+            for k in range(1, shares)
+        ]
+        self.fillers[0].batch_fill_next_token_bitmask(handles[::shares], bitmask, rows[::shares], False)
         for future in futures:
             future.result()
 

@@ -1,0 +1,234 @@
+"""Per-projection LoRA kernel time at model shapes: the kernels before ``kiln::lora_add`` and its plans now.
+
+    python benchmarks/lora_kernels.py --models llama-1b,llama-8b [--batch-sizes 1,4,16,64] [--rank 16]
+        [--sweep] [--output PATH]
+
+For each wrapped projection of a decoder layer (qkv, o, gate/up, down) and batch size, a rank-``--rank``
+table of 4 slots (token ``t`` uses slot ``t % 4``) in bfloat16; enough copies of the tables are cycled to
+outrun the L2 cache (as a stack of layers does) and the calls are replayed in one CUDA graph (the timing of
+``benchmarks/gemv.py``). Device time per call of:
+
+* ``before``: the decode path kiln ran before ``kiln::lora_add`` up to 16 tokens (a zeroed ``h``, a
+  split-K shrink adding atomically into it, the expand: three kernels; kept below, frozen, for this
+  comparison), the grouped kernels above (unchanged);
+* ``plan``: what kiln runs now (``lora_plan``'s choice, named in ``plan_name``), and every plan forced:
+  ``fused``, ``split``, ``grouped``; ``base_rows``: the plan with every token at slot -1 (what a
+  base-model request on a LoRA engine pays);
+* with ``--sweep``: the fused plan with grids aimed at 24, 48, 96 and 132 programs, and with other
+  shrink tiles (elements of ``A`` per iteration) and warp counts (kiln's: 48 programs, 16384, 8 warps).
+
+``per_step_us`` sums a variant over the model's layers and projections at each batch size: the LoRA
+kernels' share of a decode step. Every variant's largest difference from the torch reference is recorded.
+On CPU the kernels run in Triton's interpreter and the times (wall clock of one call) mean nothing.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from kiln.bench.common import int_list  # noqa: E402
+from kiln.bench.shapes import SHAPES  # noqa: E402
+from kiln.lora.targets import projection_shapes  # noqa: E402
+from kiln.models.config import ModelConfig  # noqa: E402
+from kiln.ops import triton_lora  # noqa: E402
+from kiln.ops.lora_ref import lora_add_ref_  # noqa: E402
+
+SLOTS = 4
+SWEEP_PROGRAMS = (24, 48, 96, 132)
+SWEEP_TILES = ((8192, 4), (16384, 4), (32768, 8), (32768, 16))  # elements of A per shrink iteration, warps
+TABLE_BYTES = 96 << 20  # table copies cycled per projection, to outrun the H200's 50 MiB L2
+
+
+@triton.jit
+def _before_shrink_kernel(
+    x_ptr, a_ptr, h_ptr, slots_ptr, K,
+    stride_xt, stride_al, stride_as, stride_ar, stride_ht, stride_hs,
+    R: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    s = tl.program_id(1)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    r = tl.arange(0, R)
+    acc = tl.zeros([R], dtype=tl.float32)
+    a_base = a_ptr + slot * stride_al + s * stride_as
+    k_start = tl.program_id(2) * K_PER_SPLIT
+    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+        k = k_start + k0 + tl.arange(0, BLOCK_K)
+        km = k < K
+        xv = tl.load(x_ptr + t * stride_xt + k, mask=km, other=0.0).to(tl.float32)
+        av = tl.load(a_base + r[:, None] * stride_ar + k[None, :], mask=km[None, :], other=0.0)
+        acc += tl.sum(av.to(tl.float32) * xv[None, :], axis=1)
+    tl.atomic_add(h_ptr + t * stride_ht + s * stride_hs + r, acc)
+
+
+@triton.jit
+def _before_expand_kernel(
+    y_ptr, h_ptr, b_ptr, slots_ptr, N, end0, end1,
+    stride_yt, stride_ht, stride_hs, stride_bl, stride_bn,
+    R: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nm = n < N
+    shard = (n >= end0).to(tl.int32) + (n >= end1).to(tl.int32)
+    r = tl.arange(0, R)
+    hv = tl.load(h_ptr + t * stride_ht + shard[:, None] * stride_hs + r[None, :], mask=nm[:, None], other=0.0)
+    bv = tl.load(b_ptr + slot * stride_bl + n[:, None] * stride_bn + r[None, :], mask=nm[:, None], other=0.0)
+    delta = tl.sum(hv.to(bv.dtype).to(tl.float32) * bv.to(tl.float32), axis=1)
+    y = tl.load(y_ptr + t * stride_yt + n, mask=nm, other=0.0)
+    tl.store(y_ptr + t * stride_yt + n, (y.to(tl.float32) + delta).to(y.dtype), mask=nm)
+
+
+def before_add(y, x, a, b, slots, order, starts, slices) -> None:
+    """The LoRA kernels kiln ran before ``kiln::lora_add``."""
+    num_tokens, n = y.shape
+    if num_tokens > triton_lora.ROWS_MAX_TOKENS:
+        triton_lora.lora_add_grouped(y, x, a, b, order, starts, slices)
+        return
+    k, (_, shards, rank, _) = x.shape[1], a.shape
+    h = torch.zeros(num_tokens, shards, rank, dtype=torch.float32, device=x.device)
+    _before_shrink_kernel[(num_tokens, shards, triton.cdiv(k, 512))](
+        x, a, h, slots, k, x.stride(0), a.stride(0), a.stride(1), a.stride(2), h.stride(0), h.stride(1),
+        R=rank, BLOCK_K=128, K_PER_SPLIT=512,
+    )  # fmt: skip
+    end0, end1 = triton_lora.shard_ends(slices, n)
+    _before_expand_kernel[(num_tokens, triton.cdiv(n, 128))](
+        y, h, b, slots, n, end0, end1, y.stride(0), h.stride(0), h.stride(1), b.stride(0), b.stride(1),
+        R=rank, BLOCK_N=128,
+    )  # fmt: skip
+
+
+def fused_with(**launch):
+    """The fused plan with launch overrides (``programs``, ``tile``, ``warps``)."""
+    return lambda y, x, a, b, s, o, st, sl: triton_lora.lora_add_fused(y, x, a, b, s, sl, **launch)
+
+
+def variants(sweep: bool) -> dict:
+    tl_ = triton_lora
+    out = {
+        "before": before_add,
+        "plan": tl_.lora_add_triton,
+        "fused": fused_with(),
+        "split": lambda y, x, a, b, s, o, st, sl: tl_.lora_add_split(y, x, a, b, s, sl),
+        "grouped": lambda y, x, a, b, s, o, st, sl: tl_.lora_add_grouped(y, x, a, b, o, st, sl),
+    }
+    if sweep:
+        for programs in SWEEP_PROGRAMS:
+            out[f"fused_{programs}_programs"] = fused_with(programs=programs)
+        for tile, warps in SWEEP_TILES:
+            out[f"fused_tile_{tile}_warps_{warps}"] = fused_with(tile=tile, warps=warps)
+    return out
+
+
+def timer(fn, copies: int) -> float:
+    """Seconds per call of ``fn(j)``: CUDA-graph device time on CUDA, one wall-clock call elsewhere."""
+    if torch.cuda.is_available():
+        from gemv import graph_time  # benchmarks/gemv.py
+
+        return graph_time(fn, copies)
+    fn(0)
+    t0 = time.perf_counter()
+    fn(1 % copies)
+    return time.perf_counter() - t0
+
+
+def slot_buffers(num_tokens: int, dev, base_rows: bool = False):
+    slots = torch.arange(num_tokens, device=dev, dtype=torch.int32) % SLOTS
+    if base_rows:
+        slots.fill_(-1)
+    order = torch.cat([(slots == s).nonzero().squeeze(1) for s in range(SLOTS)]).to(torch.int32)
+    counts = torch.stack([(slots == s).sum() for s in range(SLOTS)])
+    starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+    return slots, order, starts
+
+
+def time_variant(fn, x, y0, tables, buffers, slices) -> dict:
+    """One variant's time per call and its largest difference from the torch reference."""
+    a, b = tables[0]
+    ref, out = y0.clone(), y0.clone()
+    lora_add_ref_(ref, x, a, b, buffers[0], slices)
+    fn(out, x, a, b, *buffers, slices)
+    err = (out.float() - ref.float()).abs().max().item()
+    y = y0.clone()
+    us = timer(lambda j: fn(y, x, *tables[j], *buffers, slices), len(tables)) * 1e6
+    return {"us": us, "max_abs_err_vs_torch": err}
+
+
+def bench_projection(k: int, slices: list[int], rank: int, batch_sizes, sweep: bool) -> list[dict]:
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype, n = torch.bfloat16, sum(slices)
+    per_copy = (len(slices) * rank * k + n * rank) * 2 * SLOTS
+    copies = min(256, max(2, -(-TABLE_BYTES // per_copy))) if dev == "cuda" else 2
+    gen = torch.Generator(device=dev).manual_seed(0)
+    tables = [
+        (
+            torch.randn(SLOTS, len(slices), rank, k, device=dev, dtype=dtype, generator=gen) * 0.02,
+            torch.randn(SLOTS, n, rank, device=dev, dtype=dtype, generator=gen) * 0.02,
+        )
+        for _ in range(copies)
+    ]
+    rows = []
+    for t in batch_sizes:
+        x = torch.randn(t, k, device=dev, dtype=dtype, generator=gen)
+        y0 = torch.randn(t, n, device=dev, dtype=dtype, generator=gen)
+        row = {"k": k, "slices": slices, "batch": t, "copies": copies}
+        row["plan_name"] = triton_lora.lora_plan(t, k, rank)
+        for base_rows in (False, True):
+            buffers = slot_buffers(t, dev, base_rows)
+            for name, fn in variants(sweep).items():
+                if not base_rows or name == "plan":
+                    key = "base_rows" if base_rows else name
+                    row[key] = time_variant(fn, x, y0, tables, buffers, slices)
+        rows.append(row)
+    return rows
+
+
+def bench_model(model: str, rank: int, batch_sizes, sweep: bool) -> dict:
+    cfg = ModelConfig.from_dict(SHAPES[model])
+    projections = {}
+    for name, (k, slices) in projection_shapes(cfg).items():
+        projections[name] = rows = bench_projection(k, slices, rank, batch_sizes, sweep)
+        for row in rows:
+            times = "  ".join(f"{v}={row[v]['us']:.2f}" for v in row if isinstance(row[v], dict))
+            print(f"{model} {name:20s} batch {row['batch']:3d} [{row['plan_name']}] us: {times}", flush=True)
+    per_step = {}
+    for i, t in enumerate(batch_sizes):
+        names = [v for v, value in projections["mlp.down_proj"][i].items() if isinstance(value, dict)]
+        per_step[str(t)] = {
+            v: cfg.num_layers * sum(rows[i][v]["us"] for rows in projections.values()) for v in names
+        }
+        summary = "  ".join(f"{v}={us:.1f}" for v, us in per_step[str(t)].items())
+        print(f"{model} per decode step, batch {t}: us {summary}", flush=True)
+    return {"layers": cfg.num_layers, "projections": projections, "per_step_us": per_step}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="llama-1b,llama-8b", help="named shapes, comma-separated")
+    parser.add_argument("--batch-sizes", type=int_list, default=[1, 4, 16, 64])
+    parser.add_argument("--rank", type=int, default=16, help="the table's rank (max_lora_rank, power of 2)")
+    parser.add_argument("--sweep", action="store_true", help="also the fused plan at other grid sizes")
+    parser.add_argument("--output", help="write the results as JSON here")
+    args = parser.parse_args()
+    results = {m: bench_model(m, args.rank, args.batch_sizes, args.sweep) for m in args.models.split(",")}
+    from gemv import write_results  # benchmarks/gemv.py: the common result schema
+
+    write_results(args, "lora_kernels", results)
+    if args.output:
+        print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
