@@ -79,6 +79,11 @@ def tokenizer_dir(tmp_path_factory) -> str:
     return str(out)
 
 
+def tiny_engine_kwargs(model: str, **overrides) -> dict:
+    """The engine arguments most tests give a tiny checkpoint: eager, fp32, 128 positions."""
+    return dict(model=model, enforce_eager=True, dtype="float32", max_model_len=128) | overrides
+
+
 def make_tiny_checkpoint(
     out_dir: str, arch: str, tokenizer_dir: str, dtype=torch.float32, **overrides
 ) -> str:

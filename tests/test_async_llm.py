@@ -6,6 +6,7 @@ import gc
 import threading
 
 import pytest
+from conftest import tiny_engine_kwargs
 
 from kiln import AsyncEngineArgs, AsyncLLM, AsyncLLMEngine, RequestOutputKind, SamplingParams
 from kiln.runtime import engine_thread
@@ -18,13 +19,7 @@ PROMPT = "The capital of France is"
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint):
     engine = AsyncLLMEngine.from_engine_args(
-        AsyncEngineArgs(
-            model=tiny_checkpoint("llama"),
-            enforce_eager=True,
-            dtype="float32",
-            max_model_len=128,
-            kv_cache_memory_bytes=2**22,
-        )
+        AsyncEngineArgs(**tiny_engine_kwargs(tiny_checkpoint("llama"), kv_cache_memory_bytes=2**22))
     )
     yield engine
     engine.shutdown()
@@ -387,13 +382,7 @@ def test_stream_interval_joins_outputs(tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(engine_thread, "MAX_HANDOFF_DELAY", 0.0)
     with pytest.raises(ValueError, match="stream_interval must be a positive integer, got 0"):
         AsyncLLM(model=tiny_checkpoint("llama"), stream_interval=0)
-    llm = AsyncLLM(
-        model=tiny_checkpoint("llama"),
-        enforce_eager=True,
-        dtype="float32",
-        max_model_len=128,
-        stream_interval=4,
-    )
+    llm = AsyncLLM(**tiny_engine_kwargs(tiny_checkpoint("llama"), stream_interval=4))
     try:
 
         async def main():
@@ -458,7 +447,7 @@ def test_seed_001_streaming_example(tiny_checkpoint, capsys):
 
 
 def test_shutdown_ends_streams_and_the_thread(tiny_checkpoint):
-    llm = AsyncLLM(model=tiny_checkpoint("llama"), enforce_eager=True, dtype="float32", max_model_len=128)
+    llm = AsyncLLM(**tiny_engine_kwargs(tiny_checkpoint("llama")))
     thread = llm._engine._thread
     assert gc.get_freeze_count() > 0  # the start-up heap is out of the collector's reach while serving
 

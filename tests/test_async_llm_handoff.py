@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from conftest import tiny_engine_kwargs
 
 from kiln import AsyncLLM, RequestOutputKind, SamplingParams
 from kiln.bench.constant_worker import ConstantWorker
@@ -40,13 +41,7 @@ class GatedWorker(ConstantWorker):
 
 @pytest.fixture
 def engine(tiny_checkpoint):
-    engine = AsyncLLM(
-        model=tiny_checkpoint("llama"),
-        enforce_eager=True,
-        dtype="float32",
-        max_model_len=128,
-        kv_cache_memory_bytes=2**22,
-    )
+    engine = AsyncLLM(**tiny_engine_kwargs(tiny_checkpoint("llama"), kv_cache_memory_bytes=2**22))
     yield engine
     engine.shutdown()
 

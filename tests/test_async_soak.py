@@ -6,6 +6,7 @@ import asyncio
 import random
 
 import pytest
+from conftest import tiny_engine_kwargs
 
 from kiln import AsyncLLM
 from kiln.bench.soak import random_plans, run_soak, soak_problems
@@ -16,14 +17,8 @@ REQUESTS_PER_COROUTINE = 5
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint):
-    engine = AsyncLLM(
-        model=tiny_checkpoint("llama"),
-        enforce_eager=True,
-        dtype="float32",
-        max_model_len=96,
-        max_num_seqs=64,
-        kv_cache_memory_bytes=2**20,  # 64 blocks of 16: preemption happens under this load
-    )
+    small = dict(max_model_len=96, max_num_seqs=64, kv_cache_memory_bytes=2**20)  # 64 blocks: preemption
+    engine = AsyncLLM(**tiny_engine_kwargs(tiny_checkpoint("llama"), **small))
     yield engine
     engine.shutdown()
 
