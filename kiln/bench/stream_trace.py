@@ -78,8 +78,9 @@ class StreamTrace:
         def traced_post(self, items):
             entry = [clock(), None]  # listed first: the consumer may run before post returns
             trace.posts.append(entry)
-            post(self, items)
+            taken = post(self, items)  # whether the loop took them: the engine thread waits on those
             entry[1] = clock()
+            return taken
 
         def traced_dispatch(self):
             trace.dispatches.append([clock(), None, cpu()])
