@@ -33,12 +33,14 @@ class GrammarState:
 
     @property
     def active(self) -> bool:
-        """Constrains the next token: compiled and not terminated (by an accepted stop token)."""
-        return not self.terminated and self.ready
+        """Constrains the next token: compiled and not terminated (by an accepted stop token). Asked for
+        every constrained row of every step: the matcher's presence is checked before ``ready``."""
+        return not self.terminated and (self.matcher is not None or self.ready)
 
     def accept(self, token: int) -> None:
-        # not active (``active`` inlined: this runs for every constrained token): past the end of the
-        # grammar (ignore_eos) the rest is unconstrained
+        # not ``active``, inlined: this runs for every constrained token (the property call measured
+        # 57 -> 61 us per 64 rows, ``host_step.py --grammar-parts``): past the end of the grammar
+        # (ignore_eos) the rest is unconstrained
         if self.terminated or (self.matcher is None and not self.ready):
             return
         if not self.matcher.accept(token):

@@ -84,8 +84,7 @@ class StructuredOutputManager:
         rows, states = [], []
         for i, s in enumerate(seqs):
             state = None if s is None else s.grammar
-            # active, with the properties inlined (this runs for every row of every constrained step)
-            if state is not None and not state.terminated and (state.matcher is not None or state.ready):
+            if state is not None and state.active:
                 rows.append(i)
                 states.append(state)
         if not rows:
