@@ -232,6 +232,16 @@ def time_xgrammar_pool(tokenizer_path: str, vocab_size: int, repeats: int = 200)
     return out
 
 
+def wall_times(fn, repeats: int) -> list[float]:
+    """Wall seconds of each of ``repeats`` calls of ``fn``."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def time_fill_split(tokenizer_path: str, vocab_size: int, rows: int = 64, repeats: int = 200) -> dict:
     """Wall us (median of ``repeats``) of kiln's fill of ``rows`` matchers inside a JSON string (the
     schema of ``structured.py``) in 1, 2 and 4 shares (forced, whatever ``fill_shares`` would pick),
@@ -261,12 +271,7 @@ def time_fill_split(tokenizer_path: str, vocab_size: int, rows: int = 64, repeat
     indices = list(range(rows))
 
     def median_us(fn) -> float:
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return round(1e6 * statistics.median(times), 1)
+        return round(1e6 * statistics.median(wall_times(fn, repeats)), 1)
 
     out = {"rows": rows, "grammar_vocab_size": backend.vocab_size}
     for shares in (1, 2, 4):
@@ -342,11 +347,7 @@ def time_grammar_parts(tokenizer_path: str, vocab_size: int, rows: int, repeats:
     out = {"rows": rows}
     for name, fn in (("token_mask", lambda: manager.token_mask(seqs)), ("accept_and_rollback", accept),
                      ("rollback", rollback)):  # fmt: skip
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+        times = wall_times(fn, repeats)
         out[f"{name}_min_us"] = round(1e6 * min(times), 1)
         out[f"{name}_median_us"] = round(1e6 * statistics.median(times), 1)
     manager.shutdown()

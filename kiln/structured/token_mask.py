@@ -104,7 +104,7 @@ class TokenMask:
         device = self.bitmask.device
         if self.rows is None:
             key = (device, num_rows)
-            if key not in _IDENTITY:  # made on the device: a host copy would wait for its queue
+            if key not in _IDENTITY:  # every row constrained, the common case: made once, no copy a step
                 _IDENTITY[key] = torch.arange(num_rows, dtype=torch.int32, device=device)
             return _IDENTITY[key]
         index = [-1] * num_rows
