@@ -100,9 +100,9 @@ def test_a_periodic_hand_off_is_posted_after_the_next_launch_before_its_device_w
 
     post = request_stream.LoopMailbox.post
 
-    def recording_post(self, items):
+    def recording_post(self, items, measure=False):
         mailbox_posts.append(len(worker.events))
-        return post(self, items)
+        return post(self, items, measure)
 
     monkeypatch.setattr(request_stream.LoopMailbox, "post", recording_post)
 

@@ -1,11 +1,13 @@
 """``AsyncLLM``'s hand-off from the engine thread to the consumers' event loops, without an engine:
-``LoopMailbox`` (one wake-up of the loop for everything posted before its dispatch runs, order kept,
-a closed loop ignored) and ``RequestStream`` (a waiting consumer is woken, one that is behind takes
+``LoopMailbox`` (one wake-up of the loop for everything posted before it runs the hand-off, order
+kept, a closed loop ignored, other loops than asyncio's served through a callback) and ``RequestStream`` (a waiting consumer is woken, one that is behind takes
 what is queued, a cancelled one is left alone; CUMULATIVE snapshots stay as they were handed out)."""
 
 import asyncio
 import threading
 import time
+
+import pytest
 
 from kiln.runtime.outputs import CompletionOutput, RequestOutput
 from kiln.runtime.request_stream import LoopMailbox, RequestStream
@@ -47,20 +49,28 @@ def test_posts_before_the_dispatch_wake_the_loop_once_and_keep_their_order():
         thread.join()
         woken_once = counter.calls
         got_a = [(await a.get()).outputs[0].token_ids for _ in range(3)]
-        got_b = [(await b.get()).outputs[0].token_ids for _ in range(3)]
-        box.post([(a, output("a", [3], finished=True))])  # after the dispatch: a new wake-up
+        got_b = [(await b.get()).outputs[0].token_ids for _ in range(3)]  # queued: no wait
+        box.post([(a, output("a", [4]))])  # the wake-up is still pending: none more
+        still_once = counter.calls
+        await asyncio.sleep(0)  # the loop runs the pending hand-off
+        box.post([(a, output("a", [3], finished=True))])  # after it: a new wake-up
+        assert (await a.get()).outputs[0].token_ids == [4]
         last = await a.get()
-        return woken_once, got_a, got_b, last, counter.calls
+        return woken_once, still_once, got_a, got_b, last, counter.calls
 
-    woken_once, got_a, got_b, last, calls = asyncio.run(main())
-    assert woken_once == 1 and calls == 2
+    woken_once, still_once, got_a, got_b, last, calls = asyncio.run(main())
+    assert woken_once == 1 and still_once == 1 and calls == 2
     assert got_a == [[0], [1], [2]] and got_b == [[10], [11], [12]]
     assert last.finished and last.outputs[0].token_ids == [3]
 
 
-def test_many_posts_from_a_thread_reach_a_slow_consumer_in_order():
+@pytest.mark.parametrize("debug", [False, True])
+def test_many_posts_from_a_thread_reach_a_slow_consumer_in_order(debug):
+    """Also with the loop in debug mode (it checks the calling thread): the callback path."""
+
     async def main():
         loop = asyncio.get_running_loop()
+        loop.set_debug(debug)
         box = LoopMailbox(loop)
         streams = [RequestStream(str(i), box) for i in range(4)]
 
@@ -177,7 +187,8 @@ def test_the_mailbox_measures_the_loop_cpu_of_a_dispatch_and_the_consumers_it_wo
 
         tasks = [asyncio.create_task(consume(s)) for s in streams]
         await asyncio.sleep(0)  # every consumer waits
-        threading.Thread(target=box.post, args=([(s, output(s.request_id, [1])) for s in streams],)).start()
+        items = [(s, output(s.request_id, [1])) for s in streams]
+        threading.Thread(target=box.post, args=(items, True)).start()  # measured
         await asyncio.gather(*tasks)
         await asyncio.sleep(0.05)  # idle: not counted
         return box.cost

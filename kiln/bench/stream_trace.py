@@ -2,14 +2,14 @@
 ``benchmarks/streaming.py``.
 
 ``StreamTrace`` wraps (while installed, on one ``AsyncLLM``) the engine thread's ``submit``, the
-commands it runs, ``LLMEngine.step`` and ``LoopMailbox.post`` / ``_dispatch`` / ``_measure``, and
+commands it runs, ``LLMEngine.step`` and ``LoopMailbox.post`` / ``_start`` / ``_end``, and
 stamps each with ``time.perf_counter()`` (and the engine thread's CPU clock around a step). From the
 stamps:
 
 - ``ttft_phases``: one streamed first token, phase by phase: the consumer's call to ``submit``
   (``submit``), the engine thread taking the command (``pickup``: the loop-to-engine hop), adding the
   request (``add``), until its first step starts (``to_first_step``), the steps (``steps``), routing
-  the output (``route``), ``post`` itself, the event loop starting the dispatch (``loop_wake``: the
+  the output (``route``), ``post`` itself, the event loop starting the hand-off (``loop_wake``: the
   engine-to-loop hop) and the consumer getting the output (``to_consumer``).
 - ``generate_phases``: the same for a one-token ``LLM.generate`` on the engine thread: before its first
   step (``prepare``), the steps, after the last (``finish``).
@@ -18,9 +18,11 @@ stamps:
   ``generate``: wall and engine-thread CPU per step, and the engine thread's time off the CPU per step
   (waiting for the GIL, or for a device wait that sleeps).
 - ``handoffs``: per hand-off, the engine's routing and posting, the wait until the loop starts the
-  dispatch, and the loop thread's wall and CPU time for the dispatch and the consumers it woke.
+  hand-off (its dispatch: ``LoopMailbox._start``), and the loop thread's wall and CPU time from there
+  until the consumers it woke have run (``_end``).
 
-The wrappers cost a few microseconds each, so the traced repeats run apart from the timed ones.
+The wrappers cost a few microseconds each (and every hand-off is measured, so that its start on the
+loop is stamped), so the traced repeats run apart from the timed ones.
 """
 
 import statistics
@@ -52,7 +54,7 @@ class StreamTrace:
         engine_thread, core = self.async_llm._engine, llm.llm_engine
         submit, step = engine_thread.submit, core.step
         mailbox = request_stream.LoopMailbox
-        post, dispatch, measure = mailbox.post, mailbox._dispatch, mailbox._measure
+        post, start_handoff, end_handoff = mailbox.post, mailbox._start, mailbox._end
         clock, cpu = time.perf_counter, time.thread_time
         trace = self
 
@@ -75,30 +77,31 @@ class StreamTrace:
             finally:
                 trace.steps.append((start, clock(), cpu() - start_cpu))
 
-        def traced_post(self, items):
+        def traced_post(self, items, measure=False):
+            # every hand-off measured, so that its start on the loop (``_start``) is stamped too
             entry = [clock(), None]  # listed first: the consumer may run before post returns
             trace.posts.append(entry)
-            taken = post(self, items)  # whether the loop took them: the engine thread waits on those
+            taken = post(self, items, True)  # whether the loop took them: the engine thread waits on those
             entry[1] = clock()
             return taken
 
-        def traced_dispatch(self):
+        def traced_start(self):
             trace.dispatches.append([clock(), None, cpu()])
-            dispatch(self)
+            start_handoff(self)
 
-        def traced_measure(self):
-            measure(self)
+        def traced_end(self, measure):
+            end_handoff(self, measure)
             if trace.dispatches and trace.dispatches[-1][1] is None:
                 entry = trace.dispatches[-1]
                 entry[1], entry[2] = clock(), cpu() - entry[2]
 
         engine_thread.submit, core.step = traced_submit, traced_step
-        mailbox.post, mailbox._dispatch, mailbox._measure = traced_post, traced_dispatch, traced_measure
+        mailbox.post, mailbox._start, mailbox._end = traced_post, traced_start, traced_end
         try:
             yield self
         finally:
             engine_thread.submit, core.step = submit, step
-            mailbox.post, mailbox._dispatch, mailbox._measure = post, dispatch, measure
+            mailbox.post, mailbox._start, mailbox._end = post, start_handoff, end_handoff
 
     # ------------------------------------------------------------------ summaries
 

@@ -192,9 +192,10 @@ class EngineThread:
             # (waking the consumers, under the shared GIL) overlaps the device's instead of the host's
             self._deferred = posts
             engine.before_device_wait = self._post_deferred
-        else:
+        else:  # the loop's cost is measured for the spacing of the hand-offs while requests run
+            measure = full and running
             for mailbox, items in posts.items():
-                mailbox.post(items)
+                mailbox.post(items, measure)
         if full:
             loop_cost = max((mailbox.cost for mailbox in posts), default=0.0)
             now = time.perf_counter()
@@ -213,7 +214,7 @@ class EngineThread:
         taken = []
         for mailbox, items in posts.items():
             mailbox.handed.clear()
-            if mailbox.post(items):
+            if mailbox.post(items, measure=True):
                 taken.append(mailbox)
         if HANDOFF_WAIT <= 0:  # 0: post and go on
             return

@@ -3,12 +3,12 @@
 
 The engine thread calls ``on_step`` / ``on_abort``; each returns what to hand over (or None). What the
 engine thread hands over (after a step, or after a few joined: ``kiln/runtime/engine_thread.py``), for
-every stream of one event loop, goes to that loop's ``LoopMailbox`` in one ``post``: one
-``call_soon_threadsafe`` wakes the loop, and none while a dispatch is already due (the loop then takes
-several hand-offs at once). On the loop the mailbox puts each item on its stream (``put``), which wakes
-the stream's consumer only if it is waiting; a consumer that is behind takes what is there without
-waiting. Every hand-off's output reaches the consumer, in order. The mailbox also measures what a
-dispatch costs the loop thread (``cost``), which the engine thread spaces its hand-offs by.
+every stream of one event loop, goes to that loop's ``LoopMailbox`` in one ``post``: each item onto its
+stream, each waiting consumer's future resolved, and one ``call_soon_threadsafe`` to wake the loop
+(none while an earlier wake-up is still pending), whose next pass runs the woken consumers. A consumer
+that is behind takes what is queued without waiting. Every hand-off's output reaches the consumer, in
+order. The mailbox also measures what a hand-off costs the loop thread (``cost``), which the engine
+thread spaces its periodic hand-offs by.
 
 - ``CUMULATIVE``: every output holds everything so far (the deltas aggregated); the last is the
   request's final output.
@@ -36,42 +36,82 @@ class LoopMailbox:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self._batches: deque = deque()  # lists of (stream, item), in posting order
-        self._due = False  # a dispatch is scheduled on the loop and has not started yet
-        # the loop thread's CPU seconds for the last dispatch and the consumer steps it woke (what
-        # handing a batch of outputs over costs there), read by the engine thread
+        # guards every stream's ``items`` / ``waiter`` of this loop, and orders the posts
+        self.lock = threading.Lock()
+        # asyncio's own loops take the items straight from the posting thread (``post``); others
+        # (uvloop, ...) through a callback run on the loop
+        self._direct = isinstance(loop, asyncio.BaseEventLoop)
+        self._due = False  # a wake-up of the loop is pending: its last callback (``_end``) has not run
+        # the loop thread's CPU seconds from the start of the last measured hand-off until the
+        # consumers it woke had run (what handing a batch of outputs over costs there), read by the
+        # engine thread
         self.cost = 0.0
-        self._cpu_at_dispatch = 0.0
-        self.handed = threading.Event()  # set once a dispatch's woken consumers have run
+        self._cpu_at_start = 0.0
+        self.handed = threading.Event()  # set once a hand-off's woken consumers have run
 
-    def post(self, items: list) -> bool:
+    def post(self, items: list, measure: bool = False) -> bool:
         """Any thread: hand ``(stream, item)`` pairs to the loop; False if the loop is closed (they
-        are dropped)."""
-        self._batches.append(items)
-        if self._due:  # the scheduled dispatch has not started: it takes these too
-            return True
-        self._due = True
-        try:
-            self.loop.call_soon_threadsafe(self._dispatch)
-        except RuntimeError:  # the consumer's event loop is closed: nobody is listening
-            self._due = False
-            self._batches.clear()
+        are dropped). ``measure``: time what the hand-off costs the loop (``cost``).
+
+        On asyncio's loops the items go onto their streams here, and each waiting consumer's future is
+        resolved here too: its wake-up joins the loop's ready callbacks, and one
+        ``call_soon_threadsafe`` (none while one is pending) wakes the loop, whose next pass runs the
+        consumers themselves. Resolving the futures on the loop instead would cost every hand-off a
+        second pass of the loop (a selector call) before any consumer runs. This relies on CPython's
+        asyncio: a loop's ready queue is a deque (appending to it is atomic under the GIL) and a
+        future is resolved in one C call; a loop in debug mode, which checks the calling thread,
+        takes the callback path."""
+        loop = self.loop
+        if loop.is_closed():  # the consumer's event loop is gone: nobody is listening
             return False
+        with self.lock:
+            try:
+                if not self._direct or loop.get_debug():
+                    loop.call_soon_threadsafe(self._dispatch, items, measure)
+                    return True
+                if measure:
+                    loop.call_soon(self._start)  # ahead of the consumers' wake-ups
+                self._deliver(items)
+                if self._due:  # the loop will run the pending ``_end``, and these after it
+                    loop.call_soon(self._end, measure)
+                else:
+                    self._due = True
+                    loop.call_soon_threadsafe(self._end, measure)
+            except RuntimeError:  # the loop closed meanwhile
+                return False
         return True
 
-    def _dispatch(self) -> None:
-        """On the loop: every posted item to its stream."""
-        self._due = False  # before taking any batch: a later post schedules the next dispatch
-        self._cpu_at_dispatch = time.thread_time()
-        batches = self._batches
-        while batches:
-            for stream, item in batches.popleft():
-                stream.put(item)
-        # after the consumers just woken have run (the loop runs its ready callbacks in order)
-        self.loop.call_soon(self._measure)
+    def deliver(self, items: list) -> None:
+        """Each item onto its stream (any thread); every consumer that waits is woken."""
+        with self.lock:
+            self._deliver(items)
 
-    def _measure(self) -> None:
-        self.cost = time.thread_time() - self._cpu_at_dispatch
+    @staticmethod
+    def _deliver(items: list) -> None:  # the lock held
+        for stream, item in items:
+            stream.items.append(item)
+            waiter = stream.waiter
+            if waiter is not None:
+                stream.waiter = None
+                try:
+                    waiter.set_result(None)
+                except asyncio.InvalidStateError:  # the consumer was cancelled: it is not woken
+                    pass
+
+    def _dispatch(self, items: list, measure: bool) -> None:
+        """On the loop (loops other than asyncio's): ``deliver``, timed as ``post`` times it."""
+        if measure:
+            self._start()
+        self.deliver(items)
+        self.loop.call_soon(self._end, measure)  # after the consumers just woken have run
+
+    def _start(self) -> None:
+        self._cpu_at_start = time.thread_time()
+
+    def _end(self, measure: bool) -> None:
+        self._due = False
+        if measure:
+            self.cost = time.thread_time() - self._cpu_at_start
         self.handed.set()
 
 
@@ -79,7 +119,8 @@ class RequestStream:
     def __init__(self, request_id: str, mailbox: LoopMailbox):
         self.request_id, self.mailbox = request_id, mailbox
         self.loop = mailbox.loop
-        self.items: deque = deque()  # outputs (or an error) not yet taken by the consumer (loop only)
+        # outputs (or an error) not yet taken by the consumer; appended under the mailbox's lock
+        self.items: deque = deque()
         self.waiter: asyncio.Future | None = None  # set while the consumer waits for an item
         self.kind = RequestOutputKind.CUMULATIVE
         self.prompt: str | None = None
@@ -94,21 +135,18 @@ class RequestStream:
 
     def put(self, item) -> None:
         """Queue an output or an error; wake the consumer if it waits."""
-        self.items.append(item)
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            if not waiter.done():  # a cancelled consumer is not woken
-                waiter.set_result(None)
+        self.mailbox.deliver([(self, item)])
 
     async def get(self):
         """The next output or error, in order (waits only when none is queued)."""
-        if not self.items:
+        with self.mailbox.lock:
+            if self.items:
+                return self.items.popleft()
             waiter = self.waiter = self.loop.create_future()
-            try:
-                await waiter
-            finally:
-                self.waiter = None
+        try:
+            await waiter
+        finally:
+            self.waiter = None
         return self.items.popleft()
 
     # ------------------------------------------------------------------ the engine thread
