@@ -1,7 +1,8 @@
 """``AsyncLLM``'s hand-off from the engine thread to the consumers' event loops, without an engine:
 ``LoopMailbox`` (one wake-up of the loop for everything posted before it runs the hand-off, order
-kept, a closed loop ignored, other loops than asyncio's served through a callback) and ``RequestStream`` (a waiting consumer is woken, one that is behind takes
-what is queued, a cancelled one is left alone; CUMULATIVE snapshots stay as they were handed out)."""
+kept, a closed loop ignored, a loop in debug mode served through a callback) and ``RequestStream``
+(a waiting consumer is woken, one that is behind takes what is queued, a cancelled one is left
+alone; CUMULATIVE snapshots stay as they were handed out)."""
 
 import asyncio
 import threading
