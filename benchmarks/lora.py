@@ -58,7 +58,10 @@ def kernels_per_step(config: dict, rank: int) -> dict:
 
     cfg, r = ModelConfig.from_dict(config), LoRAConfig(max_lora_rank=rank).table_rank
     shapes = projection_shapes(cfg).values()
-    return {str(t): cfg.num_layers * sum(lora_kernels(t, k, r) for k, _ in shapes) for t in (1, 64)}
+    return {
+        str(t): cfg.num_layers * sum(lora_kernels(t, k, r, sum(sl), len(sl)) for k, sl in shapes)
+        for t in (1, 64)
+    }
 
 
 def main(argv=None):

@@ -1,4 +1,4 @@
-"""Per-projection LoRA kernel time at model shapes: the kernels before ``kiln::lora_add`` and its plans now.
+"""Per-projection LoRA kernel time at model shapes: ``kiln::lora_add``'s plan and every plan forced.
 
     python benchmarks/lora_kernels.py --models llama-1b,llama-8b [--batch-sizes 1,4,16,64] [--rank 16]
         [--sweep] [--output PATH]
@@ -8,14 +8,12 @@ table of 4 slots (token ``t`` uses slot ``t % 4``) in bfloat16; enough copies of
 outrun the L2 cache (as a stack of layers does) and the calls are replayed in one CUDA graph (the timing of
 ``benchmarks/gemv.py``). Device time per call of:
 
-* ``before``: the decode path kiln ran before ``kiln::lora_add`` up to 16 tokens (a zeroed ``h``, a
-  split-K shrink adding atomically into it, the expand: three kernels; kept below, frozen, for this
-  comparison), the grouped kernels above (unchanged);
 * ``plan``: what kiln runs now (``lora_plan``'s choice, named in ``plan_name``), and every plan forced:
   ``fused``, ``split``, ``grouped``; ``base_rows``: the plan with every token at slot -1 (what a
   base-model request on a LoRA engine pays);
 * with ``--sweep``: the fused plan with grids aimed at 24, 48, 96 and 132 programs, and with other
-  shrink tiles (elements of ``A`` per iteration) and warp counts (kiln's: 48 programs, 16384, 8 warps).
+  shrink tiles (elements of ``A`` per iteration) and warp counts (kiln's at rank 16: 48 programs,
+  32768, 8 warps).
 
 ``per_step_us`` sums a variant over the model's layers and projections at each batch size: the LoRA
 kernels' share of a decode step. Every variant's largest difference from the torch reference is recorded.
@@ -30,8 +28,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 from kiln.bench.common import int_list  # noqa: E402
 from kiln.bench.shapes import SHAPES  # noqa: E402
@@ -46,70 +42,6 @@ SWEEP_TILES = ((8192, 4), (16384, 4), (32768, 8), (32768, 16))  # elements of A 
 TABLE_BYTES = 96 << 20  # table copies cycled per projection, to outrun the H200's 50 MiB L2
 
 
-@triton.jit
-def _before_shrink_kernel(
-    x_ptr, a_ptr, h_ptr, slots_ptr, K,
-    stride_xt, stride_al, stride_as, stride_ar, stride_ht, stride_hs,
-    R: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
-):  # fmt: skip
-    t = tl.program_id(0)
-    s = tl.program_id(1)
-    slot = tl.load(slots_ptr + t).to(tl.int64)
-    if slot < 0:
-        return
-    r = tl.arange(0, R)
-    acc = tl.zeros([R], dtype=tl.float32)
-    a_base = a_ptr + slot * stride_al + s * stride_as
-    k_start = tl.program_id(2) * K_PER_SPLIT
-    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
-        k = k_start + k0 + tl.arange(0, BLOCK_K)
-        km = k < K
-        xv = tl.load(x_ptr + t * stride_xt + k, mask=km, other=0.0).to(tl.float32)
-        av = tl.load(a_base + r[:, None] * stride_ar + k[None, :], mask=km[None, :], other=0.0)
-        acc += tl.sum(av.to(tl.float32) * xv[None, :], axis=1)
-    tl.atomic_add(h_ptr + t * stride_ht + s * stride_hs + r, acc)
-
-
-@triton.jit
-def _before_expand_kernel(
-    y_ptr, h_ptr, b_ptr, slots_ptr, N, end0, end1,
-    stride_yt, stride_ht, stride_hs, stride_bl, stride_bn,
-    R: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    t = tl.program_id(0)
-    slot = tl.load(slots_ptr + t).to(tl.int64)
-    if slot < 0:
-        return
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    nm = n < N
-    shard = (n >= end0).to(tl.int32) + (n >= end1).to(tl.int32)
-    r = tl.arange(0, R)
-    hv = tl.load(h_ptr + t * stride_ht + shard[:, None] * stride_hs + r[None, :], mask=nm[:, None], other=0.0)
-    bv = tl.load(b_ptr + slot * stride_bl + n[:, None] * stride_bn + r[None, :], mask=nm[:, None], other=0.0)
-    delta = tl.sum(hv.to(bv.dtype).to(tl.float32) * bv.to(tl.float32), axis=1)
-    y = tl.load(y_ptr + t * stride_yt + n, mask=nm, other=0.0)
-    tl.store(y_ptr + t * stride_yt + n, (y.to(tl.float32) + delta).to(y.dtype), mask=nm)
-
-
-def before_add(y, x, a, b, slots, order, starts, slices) -> None:
-    """The LoRA kernels kiln ran before ``kiln::lora_add``."""
-    num_tokens, n = y.shape
-    if num_tokens > triton_lora.ROWS_MAX_TOKENS:
-        triton_lora.lora_add_grouped(y, x, a, b, order, starts, slices)
-        return
-    k, (_, shards, rank, _) = x.shape[1], a.shape
-    h = torch.zeros(num_tokens, shards, rank, dtype=torch.float32, device=x.device)
-    _before_shrink_kernel[(num_tokens, shards, triton.cdiv(k, 512))](
-        x, a, h, slots, k, x.stride(0), a.stride(0), a.stride(1), a.stride(2), h.stride(0), h.stride(1),
-        R=rank, BLOCK_K=128, K_PER_SPLIT=512,
-    )  # fmt: skip
-    end0, end1 = triton_lora.shard_ends(slices, n)
-    _before_expand_kernel[(num_tokens, triton.cdiv(n, 128))](
-        y, h, b, slots, n, end0, end1, y.stride(0), h.stride(0), h.stride(1), b.stride(0), b.stride(1),
-        R=rank, BLOCK_N=128,
-    )  # fmt: skip
-
-
 def fused_with(**launch):
     """The fused plan with launch overrides (``programs``, ``tile``, ``warps``)."""
     return lambda y, x, a, b, s, o, st, sl: triton_lora.lora_add_fused(y, x, a, b, s, sl, **launch)
@@ -118,7 +50,6 @@ def fused_with(**launch):
 def variants(sweep: bool) -> dict:
     tl_ = triton_lora
     out = {
-        "before": before_add,
         "plan": tl_.lora_add_triton,
         "fused": fused_with(),
         "split": lambda y, x, a, b, s, o, st, sl: tl_.lora_add_split(y, x, a, b, s, sl),
@@ -184,7 +115,7 @@ def bench_projection(k: int, slices: list[int], rank: int, batch_sizes, sweep: b
         x = torch.randn(t, k, device=dev, dtype=dtype, generator=gen)
         y0 = torch.randn(t, n, device=dev, dtype=dtype, generator=gen)
         row = {"k": k, "slices": slices, "batch": t, "copies": copies}
-        row["plan_name"] = triton_lora.lora_plan(t, k, rank)
+        row["plan_name"] = triton_lora.lora_plan(t, k, rank, n, len(slices))
         for base_rows in (False, True):
             buffers = slot_buffers(t, dev, base_rows)
             for name, fn in variants(sweep).items():

@@ -359,7 +359,7 @@ def test_lora_kernels(tmp_path):
         "mlp.gate_up_proj",
         "mlp.down_proj",
     }
-    variants = {"before", "plan", "fused", "split", "grouped", "base_rows"}
+    variants = {"plan", "fused", "split", "grouped", "base_rows"}
     variants |= {f"fused_{p}_programs" for p in (24, 48, 96, 132)}
     variants |= {f"fused_tile_{t}_warps_{w}" for t, w in ((8192, 4), (16384, 4), (32768, 8), (32768, 16))}
     for rows in tiny["projections"].values():

@@ -151,11 +151,15 @@ def test_plans_one_and_two_shards(plan, slices):
 def test_plan_is_a_function_of_shapes():
     from kiln.ops.triton_lora import FUSED_MAX_K, FUSED_PROGRAMS, fused_columns, lora_plan, rows_block_n
 
-    assert [lora_plan(t, 2048) for t in (1, 2, 4)] == ["fused"] * 3
-    assert [lora_plan(t, 2048) for t in (5, 8, 16)] == ["split"] * 3
-    assert lora_plan(1, FUSED_MAX_K + 1) == "split" and lora_plan(1, 14336) == "split"
-    assert lora_plan(17, 2048) == lora_plan(4096, 2048) == "grouped"
-    assert lora_plan(1, 2048, rank=64) == "fused" and lora_plan(1, 2048, rank=128) == "split"
+    # llama-1b's and llama-8b's projections (K, N, shards): fused while tokens x K x N / shards < 2^24
+    assert [lora_plan(t, 2048, 16, 3072, 3) for t in (1, 2, 4)] == ["fused"] * 3  # 1b q/k/v
+    assert lora_plan(1, 4096, 16, 6144, 3) == "fused"  # 8b q/k/v
+    assert lora_plan(1, 2048, 16, 2048) == lora_plan(4, 2048, 16, 2048 - 1) == "fused"
+    assert lora_plan(1, 4096, 16, 4096) == lora_plan(1, 4096, 16, 28672, 2) == "split"  # 8b o, gate/up
+    assert lora_plan(4, 2048, 16, 2048) == lora_plan(4, 2048, 16, 16384, 2) == "grouped"
+    assert lora_plan(1, FUSED_MAX_K + 1) == lora_plan(1, 14336, 16, 4096) == "grouped"  # down
+    assert [lora_plan(t, 2048, 16, 2048) for t in (5, 8, 16, 17, 4096)] == ["grouped"] * 5
+    assert lora_plan(1, 2048, rank=64) == "fused" and lora_plan(1, 2048, rank=128) == "grouped"
     assert [rows_block_n(r) for r in (16, 32, 64, 128, 256)] == [128, 64, 32, 16, 16]
     for t, n in ((1, 3072), (1, 28672), (4, 16384), (4, 40)):
         cols = fused_columns(t, n)
@@ -180,15 +184,18 @@ class _CountMemsets(TorchDispatchMode):
 
 
 @pytest.mark.parametrize(
-    "num_tokens,k,kernels",
-    [(1, K, 1), (4, K, 1), (1, 4097, 2), (8, K, 2), (16, K, 2), (17, K, 2), (17, 600, 3)],
+    "num_tokens,k,work,kernels",
+    [(1, K, None, 1), (4, K, None, 1), (1, K, 1, 2), (1, 4097, None, 3), (8, K, None, 2), (17, 600, None, 3)],
 )
-def test_kernels_launched_per_projection(num_tokens, k, kernels, monkeypatch):
-    """What one ``lora_add`` launches on the device: Triton kernels plus zeroings. At batch 1 (and up
-    to 4 tokens, K <= 4096) one kernel; the split plan two; the grouped plan three when it splits K."""
+def test_kernels_launched_per_projection(num_tokens, k, work, kernels, monkeypatch):
+    """What one ``lora_add`` launches on the device: Triton kernels plus zeroings. Up to 4 tokens (K
+    <= 4096, below the work bound) one kernel; the split plan (one token past the bound, lowered
+    here to ``work``) two; the grouped plan three when it splits K, else two."""
     pytest.importorskip("triton")
     from kiln.ops import triton_lora, triton_lora_grouped
 
+    if work is not None:
+        monkeypatch.setattr(triton_lora, "FUSED_MAX_WORK", work)
     launches = []
 
     class Counted:
@@ -213,7 +220,8 @@ def test_kernels_launched_per_projection(num_tokens, k, kernels, monkeypatch):
     starts = torch.tensor([0, num_tokens, num_tokens], dtype=torch.int32)
     with _CountMemsets() as memsets:
         triton_lora.lora_add_triton(y, x, a, b, slots, order, starts, [24])
-    assert len(launches) + memsets.count == kernels == triton_lora.lora_kernels(num_tokens, k), launches
+    expected = triton_lora.lora_kernels(num_tokens, k, R, 24)
+    assert len(launches) + memsets.count == kernels == expected, launches
     ref = torch.zeros(num_tokens, 24)
     lora_add_ref_(ref, x, a, b, slots, [24])
     torch.testing.assert_close(y, ref, atol=1e-3, rtol=1e-4)

@@ -1,22 +1,27 @@
 """Triton kernels of the batched LoRA products (layouts in ``kiln/ops/lora_ref.py``).
 
 ``lora_add_triton`` adds every token's delta to ``y`` in place, through one of three kernel plans
-picked from the shapes alone (``lora_plan``):
+picked from the shapes alone (``lora_plan``; the bounds come from ``benchmarks/lora_kernels.py
+--sweep`` on an H200, llama-1b and llama-8b shapes at 1, 4 and 16 tokens):
 
-* ``fused`` (up to ``FUSED_MAX_TOKENS`` tokens, ``K <= FUSED_MAX_K``, ``R <= FUSED_MAX_RANK``): one
-  kernel. One program per (token, run of ``cols`` output columns) reads its token's slot, recomputes
-  the rank-``R`` shrink ``x[t] @ A[slot, s].T`` for the shards its columns belong to and adds its
-  columns of the expand. Every program reads ``R x K`` of ``A`` (from L2 after the first), so the grid
-  aims at ``FUSED_PROGRAMS`` programs in all: about the ratio of the H200's L2 bandwidth to one SM's
-  (~5.5 TB/s / ~110 GB/s), where re-reading ``A`` in more programs starts to cost more than the
-  per-program shrink it spreads out; ``B`` and ``y`` (``N x R``, ``N``) are split between them.
-* ``split`` (other batches up to ``ROWS_MAX_TOKENS`` tokens): two kernels gathered per row. The
-  shrink splits the input features in chunks of ``K_PER_SPLIT`` over programs, each *storing* its
-  partial sums (no zeroed buffer, no atomics); the expand sums the partials of its token's shard and
-  adds its column block. Long inputs (``down_proj``) keep every program's loop short this way.
-* ``grouped`` (larger batches; ``kiln/ops/triton_lora_grouped.py``): tokens sorted by slot, tiles of
+* ``fused`` (up to ``FUSED_MAX_TOKENS`` tokens, ``K <= FUSED_MAX_K``, ``R <= FUSED_MAX_RANK`` and
+  ``tokens x K x N / shards < FUSED_MAX_WORK``): one kernel. One program per (token, run of ``cols``
+  output columns) reads its token's slot, recomputes the rank-``R`` shrink ``x[t] @ A[slot, s].T`` for
+  the shards its columns belong to and adds its columns of the expand. Every program reads ``R x K``
+  of ``A`` (from L2 after the first), so the grid aims at ``FUSED_PROGRAMS`` programs in all: about
+  the ratio of the H200's L2 bandwidth to one SM's (~5.5 TB/s / ~110 GB/s), where re-reading ``A`` in
+  more programs starts to cost more than the per-program shrink it spreads out; ``B`` and ``y``
+  (``N x R``, ``N``) are split between them. The shrink's re-reads grow with the work bound above:
+  past it (llama-8b's o and gate/up projections at one token, llama-1b's gate/up at four) two
+  kernels are faster.
+* ``split`` (one token, ``K <= FUSED_MAX_K``, past the fused bound): two kernels gathered per row.
+  The shrink splits the input features in chunks of ``K_PER_SPLIT`` over programs, each *storing*
+  its partial sums (no zeroed buffer, no atomics); the expand sums the partials of its token's shard
+  and adds its column block.
+* ``grouped`` (everything else; ``kiln/ops/triton_lora_grouped.py``): tokens sorted by slot, tiles of
   16 tokens of one slot times the slot's weights with ``tl.dot``; three kernels while its shrink splits
-  the input features (a zeroed ``h``), two above.
+  the input features (a zeroed ``h``), two above. From two tokens on, and for long inputs
+  (``down_proj``) at one, it beats the gathered kernels.
 
 Every plan's grid depends only on the shapes, never on the slots' contents: programs of tokens without
 an adapter (slot -1) and of empty slots exit at once, so a CUDA graph captured once serves every
@@ -30,34 +35,37 @@ import triton.language as tl
 from kiln.ops import triton_lora_grouped as grouped
 from kiln.ops.triton_lora_grouped import lora_add_grouped, shard_ends
 
-ROWS_MAX_TOKENS = 16  # batches up to this many tokens take the gathered (per row) kernels
-FUSED_MAX_TOKENS = 4  # ... and up to this many, with inputs up to FUSED_MAX_K features, the fused one
+FUSED_MAX_TOKENS = 4  # up to this many tokens, with inputs up to FUSED_MAX_K features, the fused one
 FUSED_MAX_K = 4096  # each fused program reads R x K of A serially: 128 KiB at R 16 and K 4096 in bf16
 FUSED_MAX_RANK = 64  # above, the fused kernel's registers spill (sm_90, 8 warps)
+FUSED_MAX_WORK = 1 << 24  # ... while tokens x K x N / shards stays below this
 FUSED_PROGRAMS = 48  # fused programs aimed at over all tokens (see above; H200: 132 SMs)
 K_PER_SPLIT = 512  # input features per split shrink program (a power of two)
 _BLOCK_N = 128
-# Tiles of the gathered kernels, by the table's rank R (sm_90, bf16; register counts from ptxas): the
-# fused shrink reads 16384 elements of A per iteration up to R 32 (BLOCK_K 1024 at R 16, 166 registers
-# a thread in 8 warps), 8192 above; the split shrink 8192 (one iteration of its 512 features at R 16);
-# expands cover 2048 elements of B per block (128 columns at R 16).
-_FUSED_TILE = 16384
+# Tiles of the gathered kernels, by the table's rank R (sm_90, bf16): the fused shrink reads 32768
+# elements of A per iteration at R 16 (BLOCK_K 2048: in the sweep 17-50% faster than 16384 at every
+# projection of llama-1b and llama-8b at one token), 16384 at R 32 (166 registers a thread in 8 warps,
+# from ptxas), 8192 above; the split shrink 8192 (one iteration of its 512 features at R 16); expands
+# cover 2048 elements of B per block (128 columns at R 16).
+_FUSED_TILE = 32768
 _SPLIT_TILE = 8192
 _EXPAND_TILE = 2048
 
 
-def lora_plan(num_tokens: int, k: int, rank: int = 16) -> str:
-    """The kernel plan of a batch of ``num_tokens`` tokens, ``k`` input features, table rank ``rank``."""
-    if num_tokens > ROWS_MAX_TOKENS:
-        return "grouped"
-    if num_tokens <= FUSED_MAX_TOKENS and k <= FUSED_MAX_K and rank <= FUSED_MAX_RANK:
-        return "fused"
-    return "split"
+def lora_plan(num_tokens: int, k: int, rank: int = 16, n: int = 0, shards: int = 1) -> str:
+    """The kernel plan of a batch of ``num_tokens`` tokens, ``k`` input features, ``n`` output
+    features in ``shards`` slices, table rank ``rank``."""
+    if k <= FUSED_MAX_K and rank <= FUSED_MAX_RANK:
+        if num_tokens <= FUSED_MAX_TOKENS and num_tokens * k * n < FUSED_MAX_WORK * shards:
+            return "fused"
+        if num_tokens == 1:
+            return "split"
+    return "grouped"
 
 
-def lora_kernels(num_tokens: int, k: int, rank: int = 16) -> int:
+def lora_kernels(num_tokens: int, k: int, rank: int = 16, n: int = 0, shards: int = 1) -> int:
     """Kernels one projection's ``lora_add`` launches (zeroing included) under its plan."""
-    plan = lora_plan(num_tokens, k, rank)
+    plan = lora_plan(num_tokens, k, rank, n, shards)
     if plan == "grouped":
         return 3 if num_tokens <= grouped.SPLIT_MAX_TOKENS and k > grouped.K_PER_SPLIT else 2
     return 1 if plan == "fused" else 2
@@ -70,7 +78,7 @@ def rows_block_n(rank: int) -> int:
 
 def fused_block_k(rank: int, k: int, tile: int | None = None) -> int:
     """Input features per fused shrink iteration."""
-    tile = tile or (_FUSED_TILE if rank <= 32 else _FUSED_TILE // 2)
+    tile = tile or (_FUSED_TILE if rank <= 16 else _FUSED_TILE // 2 if rank <= 32 else _FUSED_TILE // 4)
     return max(16, min(tile // rank, triton.next_power_of_2(k)))
 
 
@@ -217,7 +225,7 @@ def lora_add_split(y, x, a, b, token_slots, slice_sizes) -> None:
 
 def lora_add_triton(y, x, a, b, token_slots, sorted_tokens, slot_starts, slice_sizes) -> None:
     """``y += delta`` in place for the tokens that have an adapter (``x`` contiguous), by ``lora_plan``."""
-    plan = lora_plan(x.shape[0], x.shape[1], a.shape[2])
+    plan = lora_plan(x.shape[0], x.shape[1], a.shape[2], y.shape[1], len(slice_sizes))
     if plan == "fused":
         lora_add_fused(y, x, a, b, token_slots, slice_sizes)
     elif plan == "split":

@@ -1,5 +1,5 @@
 """Segment-grouped Triton kernels of the batched LoRA products (the ``grouped`` plan of
-``kiln/ops/triton_lora.py``, batches above ``ROWS_MAX_TOKENS`` tokens).
+``kiln/ops/triton_lora.py``: from two tokens on, and long inputs at one).
 
 Tokens sorted by slot (``sorted_tokens``, slot ``i`` owning
 ``sorted_tokens[slot_starts[i]:slot_starts[i + 1]]``); one program per (block of a slot's tokens, shard
