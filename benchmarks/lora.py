@@ -10,6 +10,11 @@ Random rank-``--rank`` adapters on all seven projections (dummy base weights). I
 * swap-in: one adapter copied from the CPU cache into a device slot (median of ``--swap-reps``), and
   reading + checking an adapter directory from disk.
 
+With ``--profile``, one more batch-1 run on each engine (``profile``) under ``torch.profiler``: the
+device time per decode step of every kernel (top ones by name, the LoRA kernels' sum, all kernels'
+sum) against the step's wall time, which says whether LoRA's batch-1 cost is its kernels' time or
+the gaps around them.
+
 TPOT is the median over requests and iterations; the ratios are lora / base (``ratio_batch1_base_request``:
 a base-model request on the LoRA engine). ``lora_kernels_per_step``: the LoRA kernels a decode step
 launches at batch 1 and 64. Per-kernel times: ``benchmarks/lora_kernels.py``. Targets (recorded, not
@@ -32,6 +37,50 @@ from kiln.bench.lora_adapters import write_random_adapter  # noqa: E402
 from kiln.bench.shapes import resolve_model  # noqa: E402
 
 TARGETS = {"batch64_4_adapters": 1.3, "batch1_1_adapter": 1.15}
+
+
+LORA_KERNEL_MARKS = ("lora", "_fused_rows_kernel", "_shrink_split_kernel", "_expand_split_kernel")
+
+
+def profile_batch1(llm, prompt, lora, steps: int = 64, top: int = 12) -> dict:
+    """Kernel device time per decode step of one batch-1 request of ``steps`` tokens (``torch.profiler``;
+    without CUDA the ops' own CPU time, which only exercises this)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from kiln import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True, detokenize=False)
+    req = [{"prompt_token_ids": prompt}]
+    llm.generate(req, params, lora_request=lora, use_tqdm=False)  # warm
+    llm.reset_prefix_cache()
+    try:
+        common.sync()
+        start = time.perf_counter()
+        cuda = torch.cuda.is_available()
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            llm.generate(req, params, lora_request=lora, use_tqdm=False)
+            common.sync()
+        wall = time.perf_counter() - start
+    except Exception as e:  # a profiler that cannot trace here: say so in the results
+        return {"error": repr(e)}
+    kernels = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None) if cuda else e.self_cpu_time_total
+        if us is None:
+            us = getattr(e, "self_cuda_time_total", 0.0)
+        if us > 0 and e.key and not e.key.startswith("cuda"):
+            kernels.append((e.key, us / steps, e.count / steps))
+    kernels.sort(key=lambda k: -k[1])
+    lora_us = sum(us for name, us, _ in kernels if any(m in name for m in LORA_KERNEL_MARKS))
+    return {
+        "steps": steps,
+        "wall_us_per_step": wall * 1e6 / steps,
+        "kernel_us_per_step": sum(us for _, us, _ in kernels),
+        "lora_kernel_us_per_step": lora_us,
+        "kernels_per_step": sum(n for _, _, n in kernels),
+        "top_kernels": [{"name": n[:120], "us_per_step": us, "per_step": c} for n, us, c in kernels[:top]],
+    }
 
 
 def tpot(llm, prompts, output_len, loras, iters):
@@ -77,6 +126,9 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--output-dir", default="benchmarks/results")
     p.add_argument("--tag", default=None)
+    p.add_argument(
+        "--profile", action="store_true", help="kernel times per batch-1 decode step, both engines"
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -113,6 +165,9 @@ def main(argv=None):
     startup["base_s"] = time.perf_counter() - t0
     results["base_batch64_tpot_s"] = tpot(llm, prompts, args.output_len, None, args.num_iters)
     results["base_batch1_tpot_s"] = tpot(llm, prompts[:1], args.output_len, None, args.num_iters)
+    profiles = {}
+    if args.profile:
+        profiles["base_batch1"] = profile_batch1(llm, prompts[0], None)
     common.free_llm(llm)
 
     t0 = time.perf_counter()
@@ -125,6 +180,9 @@ def main(argv=None):
         llm, prompts[:1], args.output_len, adapters[0], args.num_iters
     )
     results["lora_batch1_base_request_tpot_s"] = tpot(llm, prompts[:1], args.output_len, None, args.num_iters)
+    if args.profile:
+        profiles["lora_batch1_1_adapter"] = profile_batch1(llm, prompts[0], adapters[0])
+        results["profile"] = profiles
 
     manager = llm.llm_engine.lora
     t0 = time.perf_counter()

@@ -49,7 +49,7 @@ CALLS = {
     ],
     "lora": [
         "benchmarks/lora.py --model tiny --tag smoke --output-dir {out} --input-len 8 --output-len 3 "
-        "--num-iters 1 --swap-reps 2"
+        "--num-iters 1 --swap-reps 2 --profile"
     ],
     "lora-kernels": [
         "benchmarks/lora_kernels.py --models tiny --batch-sizes 1,4,17 --sweep "
@@ -343,6 +343,9 @@ def test_lora(tmp_path):
     # batch 1: one fused kernel per projection (the tiny shape's K <= 4096), 4 projections x 2 layers;
     # batch 64: the grouped kernels, two each (K <= 512: the shrink does not split)
     assert r["lora_kernels_per_step"] == {"1": 8, "64": 16}
+    assert set(r["profile"]) == {"base_batch1", "lora_batch1_1_adapter"}
+    for prof in r["profile"].values():  # no CUDA kernels on a CPU: only the step's wall time
+        assert prof["steps"] == 64 and prof["wall_us_per_step"] > 0 and prof["lora_kernel_us_per_step"] >= 0
 
 
 def test_lora_kernels(tmp_path):
