@@ -295,7 +295,8 @@ def test_structured(tmp_path, tokenizer_dir):
     assert constrained["num_output_tokens"] == 3 * 6  # the schema's minimum keeps them inside it
     assert constrained["fills"] >= 6 and 0 <= constrained["shared_fills"] <= constrained["fills"]
     assert r["throughput"]["unconstrained"][0]["fills"] == 0
-    assert r["throughput"]["ratio"] > 0
+    assert r["throughput"]["ratio"] > 0 and r["throughput"]["ratio_of_medians"] > 0
+    assert constrained["full_gc_collections"] >= 0
     assert len(r["batch1_tpot_s"]["constrained"]) == 3 and r["batch1_tpot_s"]["median"]["constrained"] > 0
     assert set(r["compile"]["schemas"]) == {"bench", "person", "tool_call"}
     assert all(row["cold_s"] > 0 and row["cached_s"] > 0 for row in r["compile"]["schemas"].values())
