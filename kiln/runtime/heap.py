@@ -1,6 +1,6 @@
 """``heap_frozen``: the objects alive when a run starts sit out the garbage collector while it runs.
 
-A run of the engine (``LLM.generate`` and the other offline calls, a beam search) allocates a few
+A beam search allocates a few
 objects per request and step; they trigger the collector's full collections now and then, and each
 walks the whole heap: the model, torch's and kiln's modules, compiled code (hundreds of thousands of
 objects, 0.1-0.2 s on a CPU), stalling the run meanwhile. ``gc.freeze`` moves every object alive

@@ -23,7 +23,6 @@ from kiln.runtime.chat import (
 )
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.engine_args import EngineArgs
-from kiln.runtime.heap import heap_frozen
 from kiln.runtime.input_processor import (
     InputProcessor,
     as_prompt_list,
@@ -332,22 +331,21 @@ class LLM(PoolingMethods):
         in_tokens = out_tokens = 0
         start = time.perf_counter()
         try:
-            with heap_frozen():  # the heap alive now sits out full collections (kiln/runtime/heap.py)
-                while engine.has_unfinished_requests():
-                    for output in engine.step():
-                        if output.request_id not in wanted:
-                            self._queue.finished(output)
-                            continue
-                        results[output.request_id] = output
-                        if bar is not None:
-                            in_tokens += len(output.prompt_token_ids)
-                            out_tokens += sum(len(o.token_ids) for o in output.outputs)
-                            elapsed = time.perf_counter() - start
-                            bar.postfix = (
-                                f"est. speed input: {in_tokens / elapsed:.2f} toks/s, "
-                                f"output: {out_tokens / elapsed:.2f} toks/s"
-                            )
-                            bar.update(1)
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.request_id not in wanted:
+                        self._queue.finished(output)
+                        continue
+                    results[output.request_id] = output
+                    if bar is not None:
+                        in_tokens += len(output.prompt_token_ids)
+                        out_tokens += sum(len(o.token_ids) for o in output.outputs)
+                        elapsed = time.perf_counter() - start
+                        bar.postfix = (
+                            f"est. speed input: {in_tokens / elapsed:.2f} toks/s, "
+                            f"output: {out_tokens / elapsed:.2f} toks/s"
+                        )
+                        bar.update(1)
         except BaseException:
             engine.abort_all()  # an interrupted call leaves nothing behind for the next one
             self._queue.clear()
