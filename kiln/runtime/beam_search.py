@@ -32,20 +32,20 @@ Host work per search step: the sampler's top logprobs of every beam come to the 
 (``TopLogprobs``), the candidates of all prompts are scored and picked with numpy, and a beam is a
 node of the search tree (parent, token, the distribution it was chosen from): tokens and ``Logprob``
 dicts are built once, after the search, for the beams returned. The objects alive before the search
-are left out of the garbage collector's full collections while it runs (``kiln/runtime/heap.py``):
-the step loop's short-lived objects otherwise trigger full collections that walk the whole heap
-(model, compiled code) every few dozen steps.
+are left out of the garbage collector's full collections while it runs (``gc.freeze``): the step
+loop's short-lived objects otherwise trigger full collections that walk the whole heap (model,
+compiled code) every few dozen steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from kiln.runtime.heap import heap_frozen
 from kiln.runtime.logprobs import LogprobsBuilder
 from kiln.runtime.outputs import Logprob
 from kiln.runtime.sampling_params import SamplingParams
@@ -181,8 +181,22 @@ def run_beam_search(
     if eos is None:
         eos = next(iter(sorted(llm.llm_engine.eos_token_ids)), None)
     engine = llm.llm_engine
-    with heap_frozen():
+    with _heap_frozen():
         return _search(llm, engine, prepared, params, eos, tokenizer)
+
+
+@contextlib.contextmanager
+def _heap_frozen():
+    """Objects alive now sit out garbage collections until the block ends (unless the caller froze
+    the heap itself)."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _search(
