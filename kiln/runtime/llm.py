@@ -573,6 +573,9 @@ class LLM(PoolingMethods):
             self._profiler.shutdown()
             engine.abort_all()
             engine.worker.shutdown()
+            structured = engine.__dict__.get("structured")  # made on the first constrained request
+            if structured is not None:
+                structured.shutdown()
             self.llm_engine = None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

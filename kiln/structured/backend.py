@@ -28,6 +28,8 @@ class Matcher(Protocol):
 class GrammarBackend(Protocol):
     name: str
     words: int  # width of its bitmask rows: the tokens past them are never allowed
+    # its fill_bitmask runs without the GIL, so a helper thread can fill beside the engine's Python
+    releases_gil: bool
 
     def parse(self, spec: GrammarSpec) -> object: ...
     def compile(self, parsed: object) -> object: ...
