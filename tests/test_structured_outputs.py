@@ -522,6 +522,7 @@ def test_overlapped_fill_gives_the_tokens_of_a_fill_on_the_engine_thread(llm, mo
     from kiln.structured.manager import StructuredOutputManager
 
     prompts, params = _mixed_constrained_batch()
+    monkeypatch.setattr(StructuredOutputManager, "overlap_min_us", 0.0)  # every fill beside the rest
     overlapped = llm.generate(prompts, params, use_tqdm=False)
     assert llm.llm_engine.structured._filler is not None  # the helper thread filled the masks
     begin = StructuredOutputManager.begin_token_mask
@@ -548,10 +549,15 @@ def test_a_failing_step_leaves_the_fill_thread_usable(llm, monkeypatch):
             raise RuntimeError("injected")
         return process(self, *args, **kwargs)
 
+    from kiln.structured.manager import StructuredOutputManager
+
+    monkeypatch.setattr(StructuredOutputManager, "overlap_min_us", 0.0)
     monkeypatch.setattr(OutputProcessor, "process", fail_once)
     params = constrained(json=SCHEMAS["nested"], disable_any_whitespace=True)
     with pytest.raises(RuntimeError, match="injected"):
         llm.generate(PROMPTS[:2], params, use_tqdm=False)
+    filler = llm.llm_engine.structured._filler
+    assert filler is not None and not filler._busy  # the failed step's fill was waited for
     monkeypatch.setattr(OutputProcessor, "process", process)
     out = llm.generate(PROMPTS[:2], params, use_tqdm=False)
     for o in out:
@@ -560,6 +566,7 @@ def test_a_failing_step_leaves_the_fill_thread_usable(llm, monkeypatch):
 
 def test_shutdown_ends_the_fill_thread(tiny_checkpoint):
     llm = LLM(tiny_checkpoint("llama"), dtype="float32", max_model_len=256, kv_cache_memory_bytes=2**25)
+    llm.llm_engine.structured.overlap_min_us = 0.0
     llm.generate(PROMPTS, constrained(max_tokens=20, regex="[a-z]{1,30}"), use_tqdm=False)
     thread = llm.llm_engine.structured._filler._thread
     assert thread.is_alive()

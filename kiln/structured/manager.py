@@ -42,6 +42,10 @@ class PendingMask:
 
 
 class StructuredOutputManager:
+    # a fill is overlapped from this estimated length: below it the two hand-overs to the helper
+    # (~40 us on a busy 2-core machine, benchmarks/grammar_fill.py) cost more than they hide
+    overlap_min_us = 50.0
+
     def __init__(
         self,
         config: StructuredOutputsConfig,
@@ -98,8 +102,9 @@ class StructuredOutputManager:
     def begin_token_mask(self, seqs, overlap: bool = False) -> PendingMask | None:
         """Start filling the bitmask of the sampling rows whose sequence (None: finished meanwhile) has
         an active grammar; None when there is none. Every token before the sampled one has reached the
-        matchers. ``overlap``: fill on the helper thread (when the rows' backend releases the GIL), so
-        the caller's work until ``finish_token_mask`` runs beside it."""
+        matchers. ``overlap``: fill on the helper thread (when the rows' backend releases the GIL and its
+        estimate of the fill reaches ``overlap_min_us``), so the caller's work until
+        ``finish_token_mask`` runs beside it."""
         rows, states = [], []
         for i, s in enumerate(seqs):
             state = None if s is None else s.grammar
@@ -113,7 +118,7 @@ class StructuredOutputManager:
         if all(state.backend is backend for state in states):  # one backend: every row, in order
             bitmask = torch.empty(len(rows), backend.words, dtype=torch.int32, pin_memory=self.pin)
             args = ([state.matcher for state in states], bitmask, list(range(len(rows))))
-            if overlap and backend.releases_gil:
+            if overlap and backend.releases_gil and len(rows) * backend.us_per_row >= self.overlap_min_us:
                 self._fill_thread().start(backend.fill_bitmask, *args)
                 pending.filling = True
             else:
