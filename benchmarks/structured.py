@@ -8,8 +8,6 @@ Three measurements on one engine (random weights of a named shape, token-id prom
   tokens at temperature 1, unconstrained and JSON-schema constrained runs alternated ``--repeats`` (3)
   times; output tokens/s of each and their ratio (target >= 0.90), of the best runs (``ratio``) and
   of the medians (``ratio_of_medians``); per run, the collector's full collections during it;
-  ``--inline-fill-too`` adds a constrained run per repeat whose grammar fills all stay on the engine's
-  thread (none beside the output processing), in the same process;
 * batch-1 TPOT: one request of the same lengths, unconstrained and constrained, ``--repeats`` times each;
   the median TPOT of each and the overhead (target <= 5%);
 * grammar compile time per schema: cold (first request of a spec: parse, then the compile thread
@@ -197,11 +195,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--inline-fill-too",
-        action="store_true",
-        help="each repeat also runs the constrained batch with every grammar fill on the engine's thread",
-    )
     common.add_output_args(parser)
     args = parser.parse_args(argv)
     source = common.get_source(args)
@@ -224,27 +217,16 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"startup_s": startup, "compile": compile_times(llm)}  # first: all cold
     warm = params(8, BENCH_SCHEMA)
     llm.generate(prompts[:2], [warm, params(8, None)], use_tqdm=False)  # compiles the schema, warms up
-    kinds = [("unconstrained", None), ("constrained", BENCH_SCHEMA)]
-    if args.inline_fill_too:
-        kinds.append(("constrained_inline_fill", BENCH_SCHEMA))
-    results["throughput"] = {kind: [] for kind, _ in kinds}
-    manager = llm.llm_engine.structured
-    overlap_min_us = manager.overlap_min_us
+    results["throughput"] = {"unconstrained": [], "constrained": []}
     for _ in range(args.repeats):
-        for kind, schema in kinds:
+        for kind, schema in (("unconstrained", None), ("constrained", BENCH_SCHEMA)):
             llm.reset_prefix_cache()
-            manager.overlap_min_us = float("inf") if kind == "constrained_inline_fill" else overlap_min_us
             results["throughput"][kind].append(run_batch(llm, prompts, args.output_len, schema))
-    manager.overlap_min_us = overlap_min_us
     rates = {k: [r["output_tokens_per_s"] for r in v] for k, v in results["throughput"].items()}
     best = {k: max(v) for k, v in rates.items()}
     med = {k: statistics.median(v) for k, v in rates.items()}
     results["throughput"]["ratio"] = best["constrained"] / best["unconstrained"]
     results["throughput"]["ratio_of_medians"] = med["constrained"] / med["unconstrained"]
-    if args.inline_fill_too:
-        results["throughput"]["inline_fill_ratio_of_medians"] = (
-            med["constrained_inline_fill"] / med["unconstrained"]
-        )
 
     tpot = {"unconstrained": [], "constrained": []}
     for _ in range(max(args.repeats, 3)):
@@ -275,11 +257,6 @@ def main(argv: list[str] | None = None) -> int:
         f"target >= 0.90); constrained outputs "
         f"under the grammar to the end: {tp['constrained'][-1]['finished_by_length']}/{args.batch_size}"
     )
-    if args.inline_fill_too:
-        print(
-            f"fills on the engine's thread: {best['constrained_inline_fill']:.0f} tok/s, ratio of medians "
-            f"{tp['inline_fill_ratio_of_medians']:.3f}"
-        )
     for i, run in enumerate(tp["constrained"]):
         print(
             f"constrained run {i + 1}: {run['output_tokens_per_s']:.0f} tok/s, {run['fills']} grammar fills, "

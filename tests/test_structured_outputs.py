@@ -491,84 +491,14 @@ def test_real_model_follows_schemas_and_choices(smollm_gguf):
     assert outs[2].text in ("yes", "no")
 
 
-def _mixed_constrained_batch():
-    prompts = PROMPTS * 2
-    params = [
-        constrained(json=SCHEMAS["nested"], disable_any_whitespace=True),
-        SamplingParams(
-            temperature=1.0, seed=3, n=2, max_tokens=80, structured_outputs={"regex": "[a-z]{2,9}"}
-        ),
-        SamplingParams(
-            temperature=0, max_tokens=20, min_tokens=15, structured_outputs={"choice": ["ab", "cd"]}
-        ),
-        SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),  # unconstrained neighbour
-        SamplingParams(
-            temperature=0.8,
-            seed=5,
-            max_tokens=60,
-            stop=['":'],
-            structured_outputs={"json": SCHEMAS["enum"], "disable_any_whitespace": True},
-        ),
-        constrained(max_tokens=7, json=SCHEMAS["array"]),  # ends mid-structure by length
-        constrained(json=SCHEMAS["bounded_numbers"]),
-        SamplingParams(
-            temperature=1.0, seed=9, max_tokens=120, structured_outputs={"json": SCHEMAS["any_of"]}
-        ),
-    ]
-    return prompts, params
-
-
-def test_overlapped_fill_gives_the_tokens_of_a_fill_on_the_engine_thread(llm, monkeypatch):
-    from kiln.structured.manager import StructuredOutputManager
-
-    prompts, params = _mixed_constrained_batch()
-    monkeypatch.setattr(StructuredOutputManager, "overlap_min_us", 0.0)  # every fill beside the rest
-    overlapped = llm.generate(prompts, params, use_tqdm=False)
-    assert llm.llm_engine.structured._filler is not None  # the helper thread filled the masks
-    begin = StructuredOutputManager.begin_token_mask
-    monkeypatch.setattr(
-        StructuredOutputManager, "begin_token_mask", lambda self, seqs, overlap=False: begin(self, seqs)
-    )
-    inline = llm.generate(prompts, params, use_tqdm=False)
-    for a, b in zip(overlapped, inline):
-        assert [(c.token_ids, c.text, c.finish_reason) for c in a.outputs] == [
-            (c.token_ids, c.text, c.finish_reason) for c in b.outputs
-        ]
-    assert overlapped[2].outputs[0].text in ("ab", "cd")
-
-
-def test_a_failing_step_leaves_the_fill_thread_usable(llm, monkeypatch):
-    from kiln.runtime.output_processor import OutputProcessor
-
-    process = OutputProcessor.process
-    calls = {"n": 0}
-
-    def fail_once(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("injected")
-        return process(self, *args, **kwargs)
-
-    from kiln.structured.manager import StructuredOutputManager
-
-    monkeypatch.setattr(StructuredOutputManager, "overlap_min_us", 0.0)
-    monkeypatch.setattr(OutputProcessor, "process", fail_once)
-    params = constrained(json=SCHEMAS["nested"], disable_any_whitespace=True)
-    with pytest.raises(RuntimeError, match="injected"):
-        llm.generate(PROMPTS[:2], params, use_tqdm=False)
-    filler = llm.llm_engine.structured._filler
-    assert filler is not None and not filler._busy  # the failed step's fill was waited for
-    monkeypatch.setattr(OutputProcessor, "process", process)
-    out = llm.generate(PROMPTS[:2], params, use_tqdm=False)
-    for o in out:
-        jsonschema.validate(json.loads(o.outputs[0].text), SCHEMAS["nested"])
-
-
-def test_shutdown_ends_the_fill_thread(tiny_checkpoint):
+def test_shutdown_ends_the_grammar_threads(tiny_checkpoint):
     llm = LLM(tiny_checkpoint("llama"), dtype="float32", max_model_len=256, kv_cache_memory_bytes=2**25)
-    llm.llm_engine.structured.overlap_min_us = 0.0
     llm.generate(PROMPTS, constrained(max_tokens=20, regex="[a-z]{1,30}"), use_tqdm=False)
-    thread = llm.llm_engine.structured._filler._thread
-    assert thread.is_alive()
+    engine = llm.llm_engine  # held, as a caller may: shutdown must end the threads, not the collector
+    threads = list(engine.structured.cache.pool._threads)  # the compile pool's
+    assert threads
     llm.shutdown()
-    assert not thread.is_alive()
+    for thread in threads:
+        thread.join(5)
+        assert not thread.is_alive()
+    del engine

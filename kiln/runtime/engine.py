@@ -305,9 +305,8 @@ class LLMEngine:
         step late in overlap; the extra token is dropped.
 
         A step with constrained (structured-output) rows keeps the overlap: its forward is launched
-        first, then the previous step is read back and its tokens advance the grammar matchers; the
-        grammar's token mask is filled on the host by a helper thread while the rest of that step is
-        processed, and the step's sampler launched with it.
+        first, then the previous step is read back (its tokens advance the grammar matchers), then the
+        grammar's token mask is filled on the host and the step's sampler launched with it.
         """
         finished: list[RequestOutput] = []
         sync = not self.async_scheduling or self.scheduler.num_needing_host_tokens > 0
@@ -335,23 +334,12 @@ class LLMEngine:
             hook()
         finished += self.pooled.finish(self, launched.pooled)  # earlier steps' pooled outputs too
         previous, self.pending = self.pending, launched
-        mask = None
         if previous is not None:
-            if out.defer_sampling:  # the matchers see the read-back tokens first: the fill overlaps the rest
-                self.processor.accept_grammar_tokens(previous, self.seqs)
-                mask = self.structured.begin_token_mask(
-                    [self.seqs.get(i) for i in launched.seq_ids], overlap=True
-                )
-            try:
-                finished += self._process(previous, grammar_accepted=out.defer_sampling)
-            except BaseException:
-                self.structured.abandon_token_mask(mask)
-                raise
+            finished += self._process(previous)
         if out.defer_sampling:  # the matchers have seen every earlier token now
-            seqs = [self.seqs.get(i) for i in launched.seq_ids]
-            if previous is None:
-                mask = self.structured.begin_token_mask(seqs)
-            self.worker.sample_deferred(self.structured.finish_token_mask(mask, seqs))
+            self.worker.sample_deferred(
+                self.structured.token_mask([self.seqs.get(i) for i in launched.seq_ids])
+            )
         if sync:
             finished += self._process(launched)
             self.pending = None
@@ -369,8 +357,8 @@ class LLMEngine:
         ``OutputProcessor.step_deltas``); needs ``enable_step_deltas()``."""
         return self.processor.step_deltas(urgent, request_id)
 
-    def _process(self, step: RunnerOutput, grammar_accepted: bool = False) -> list[RequestOutput]:
-        finished_seqs, finished = self.processor.process(step, self.seqs, grammar_accepted)
+    def _process(self, step: RunnerOutput) -> list[RequestOutput]:
+        finished_seqs, finished = self.processor.process(step, self.seqs)
         for seq in finished_seqs:
             self.scheduler.finish(seq)
             del self.seqs[seq.seq_id]

@@ -133,22 +133,10 @@ class OutputProcessor:
 
     # ------------------------------------------------------------------ one step
 
-    @staticmethod
-    def accept_grammar_tokens(out: RunnerOutput, seqs: dict[int, Sequence]) -> None:
-        """Advance the grammar matchers by a read-back step's tokens ahead of ``process(...,
-        grammar_accepted=True)``, so the next step's mask can be filled while the rest is processed.
-        The same tokens ``process`` accepts: not an aborted sequence's, nor a surplus one after a stop."""
-        get = seqs.get
-        for seq_id, token in zip(out.seq_ids, out.read_back()):
-            seq = get(seq_id)
-            if seq is not None and seq.grammar is not None and seq.finish_reason is None:
-                seq.grammar.accept(token)
-
     def process(
-        self, out: RunnerOutput, seqs: dict[int, Sequence], grammar_accepted: bool = False
+        self, out: RunnerOutput, seqs: dict[int, Sequence]
     ) -> tuple[list[Sequence], list[RequestOutput]]:
-        """Accept a read-back step's tokens; returns (sequences that finished, requests that finished).
-        ``grammar_accepted``: ``accept_grammar_tokens`` has advanced the matchers already."""
+        """Accept a read-back step's tokens; returns (sequences that finished, requests that finished)."""
         for seq_id, entries in out.prompt_logprobs.items():
             seq = seqs.get(seq_id)
             if seq is not None:
@@ -177,7 +165,7 @@ class OutputProcessor:
                 touched[seq] = (num_tokens, len(seq.text), lp)
                 if not num_tokens:
                     self.has_urgent_deltas = True
-            accept(seq, token, entry, now, grammar_accepted)
+            accept(seq, token, entry, now)
             if self.stats is not None:
                 self.stats.on_token(
                     self.requests[seq.request_id].arrival_time, seq, len(seq.output_token_ids) - 1, now
@@ -198,11 +186,11 @@ class OutputProcessor:
                 finished.append(request.output)
         return finished_seqs, finished
 
-    def _accept(self, seq: Sequence, token: int, entry, now: float, grammar_accepted: bool = False) -> None:
+    def _accept(self, seq: Sequence, token: int, entry, now: float) -> None:
         params, output = seq.params, seq.output_token_ids
         output.append(token)
         grammar = seq.grammar
-        if grammar is not None and not grammar_accepted:
+        if grammar is not None:
             grammar.accept(token)
         if seq.first_token_time is None:
             seq.first_token_time = now

@@ -28,9 +28,6 @@ class Matcher(Protocol):
 class GrammarBackend(Protocol):
     name: str
     words: int  # width of its bitmask rows: the tokens past them are never allowed
-    # its fill_bitmask runs without the GIL, so a helper thread can fill beside the engine's Python
-    releases_gil: bool
-    us_per_row: float  # its estimate of a row's fill (0: none)
 
     def parse(self, spec: GrammarSpec) -> object: ...
     def compile(self, parsed: object) -> object: ...

@@ -35,8 +35,6 @@ class GuidanceMatcher:
 
 class GuidanceBackend:
     name = "guidance"
-    releases_gil = False  # not measured: its fills stay on the engine's thread
-    us_per_row = 0.0  # not estimated
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]):
         eos = stop_token_ids[0] if stop_token_ids else None

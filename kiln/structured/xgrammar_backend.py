@@ -88,7 +88,6 @@ class XGrammarMatcher:
 
 class XGrammarBackend:
     name = "xgrammar"
-    releases_gil = True  # batch_fill_next_token_bitmask (benchmarks/grammar_fill.py: ``handoff``)
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]):
         self.vocab_size = grammar_vocab_size(tokenizer, vocab_size, stop_token_ids)
