@@ -11,6 +11,9 @@ outrun the L2 cache (as a stack of layers does) and the calls are replayed in on
 * ``plan``: what kiln runs now (``lora_plan``'s choice, named in ``plan_name``), and every plan forced:
   ``fused``, ``split``, ``grouped``; ``base_rows``: the plan with every token at slot -1 (what a
   base-model request on a LoRA engine pays);
+* with ``--stacked``: ``stacked``, the base product over ``[W; A]`` (every slot's ``A`` as extra
+  rows of the base weight) less the plain one, plus one expand from the product's tail
+  (``stacked_gemm_extra``, ``stacked_expand``);
 * with ``--sweep``: the fused plan with grids aimed at 24, 48, 96 and 132 programs, and with other
   shrink tiles (elements of ``A`` per iteration) and warp counts (kiln's at rank 16: 48 programs,
   32768, 8 warps).
@@ -97,7 +100,9 @@ def time_variant(fn, x, y0, tables, buffers, slices) -> dict:
     return {"us": us, "max_abs_err_vs_torch": err}
 
 
-def bench_projection(k: int, slices: list[int], rank: int, batch_sizes, sweep: bool) -> list[dict]:
+def bench_projection(
+    k: int, slices: list[int], rank: int, batch_sizes, sweep: bool, stacked: bool = False
+) -> list[dict]:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype, n = torch.bfloat16, sum(slices)
     per_copy = (len(slices) * rank * k + n * rank) * 2 * SLOTS
@@ -122,15 +127,55 @@ def bench_projection(k: int, slices: list[int], rank: int, batch_sizes, sweep: b
                 if not base_rows or name == "plan":
                     key = "base_rows" if base_rows else name
                     row[key] = time_variant(fn, x, y0, tables, buffers, slices)
+        if stacked:
+            row.update(time_stacked(x, tables, slot_buffers(t, dev), slices, gen))
         rows.append(row)
     return rows
 
 
-def bench_model(model: str, rank: int, batch_sizes, sweep: bool) -> dict:
+def time_stacked(x, tables, buffers, slices, gen) -> dict:
+    """The LoRA cost when the base weight carries every slot's ``A`` as extra rows: the base product's
+    extra time over those rows (``stacked_gemm_extra``: ``x @ [W; A].T`` minus ``x @ W.T``, weight
+    copies cycled past the L2) plus one expand from its tail (``stacked_expand``); ``stacked`` is the
+    sum, to set beside ``plan``. The expand's difference from the torch reference is recorded."""
+    from kiln.ops.lora_ref import lora_expand_stacked_ref_
+
+    dev, dtype, k, n = x.device, x.dtype, x.shape[1], sum(slices)
+    a0 = tables[0][0]
+    rows = n + a0.numel() // k  # the base weight's rows and every slot's A rows
+    copies = max(2, -(-(128 << 20) // (rows * k * 2))) if dev.type == "cuda" else 1
+    weights = [torch.randn(n, k, device=dev, dtype=dtype, generator=gen) * 0.02 for _ in range(copies)]
+    stacked = [torch.cat([w, a0.reshape(-1, k)]) for w in weights]
+    linear = torch.nn.functional.linear
+    base_us = timer(lambda j: linear(x, weights[j % copies]), copies) * 1e6
+    stacked_us = timer(lambda j: linear(x, stacked[j % copies]), copies) * 1e6
+    slots = buffers[0]
+    out = linear(x, stacked[0])
+    ref, got = out.clone(), out.clone()
+    lora_expand_stacked_ref_(ref[:, :n], ref[:, n:], tables[0][1], slots, slices)
+    triton_lora.lora_expand_stacked(got[:, :n], got[:, n:], tables[0][1], slots, slices)
+    err = (got.float() - ref.float()).abs().max().item()
+    work = out.clone()
+    expand_us = (
+        timer(
+            lambda j: triton_lora.lora_expand_stacked(work[:, :n], work[:, n:], tables[j][1], slots, slices),
+            len(tables),
+        )
+        * 1e6
+    )
+    extra = stacked_us - base_us
+    return {
+        "stacked_gemm_extra": {"us": extra, "base_gemm_us": base_us},
+        "stacked_expand": {"us": expand_us, "max_abs_err_vs_torch": err},
+        "stacked": {"us": extra + expand_us},
+    }
+
+
+def bench_model(model: str, rank: int, batch_sizes, sweep: bool, stacked: bool = False) -> dict:
     cfg = ModelConfig.from_dict(SHAPES[model])
     projections = {}
     for name, (k, slices) in projection_shapes(cfg).items():
-        projections[name] = rows = bench_projection(k, slices, rank, batch_sizes, sweep)
+        projections[name] = rows = bench_projection(k, slices, rank, batch_sizes, sweep, stacked)
         for row in rows:
             times = "  ".join(f"{v}={row[v]['us']:.2f}" for v in row if isinstance(row[v], dict))
             print(f"{model} {name:20s} batch {row['batch']:3d} [{row['plan_name']}] us: {times}", flush=True)
@@ -151,9 +196,17 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int_list, default=[1, 4, 16, 64])
     parser.add_argument("--rank", type=int, default=16, help="the table's rank (max_lora_rank, power of 2)")
     parser.add_argument("--sweep", action="store_true", help="also the fused plan at other grid sizes")
+    parser.add_argument(
+        "--stacked",
+        action="store_true",
+        help="also the base weight with every slot's A appended (one expand)",
+    )
     parser.add_argument("--output", help="write the results as JSON here")
     args = parser.parse_args()
-    results = {m: bench_model(m, args.rank, args.batch_sizes, args.sweep) for m in args.models.split(",")}
+    results = {
+        m: bench_model(m, args.rank, args.batch_sizes, args.sweep, args.stacked)
+        for m in args.models.split(",")
+    }
     from gemv import write_results  # benchmarks/gemv.py: the common result schema
 
     write_results(args, "lora_kernels", results)

@@ -15,7 +15,8 @@
 #               needs TOKENIZER)
 #   pooling     embeddings, 10,000 x 256 vs HF batched forward (POOL_MODELS, default llama-1b)
 #   lora        LoRA batch-1/throughput, adapter swaps, batch-1 kernel profile (LORA_MODEL, default llama-8b)
-#   lora-kernels the LoRA kernels per projection (llama-1b, llama-8b; batch 1/4/16/64): the plan and each plan forced
+#   lora-kernels the LoRA kernels per projection (llama-1b, llama-8b; batch 1/4/16/64): the plan and each plan forced,
+#               and the expand from a base weight carrying every slot's A (--stacked)
 #   fp8         bf16 vs fp8 vs fp8 + fp8 KV (llama-1b, both parts)
 #   fp8-gemv    bf16 vs fp8 batch-1 TPOT (llama-1b) with the static size-1 compile and its GEMVs
 #               (fuse_gemv, fuse_fp8_gemv), results in $OUT/fp8_gemv
@@ -69,7 +70,7 @@ part() {
     pooling) local pm="${POOL_MODELS:-llama-1b}"
         "$PY" benchmarks/pooling.py --models "$pm" --output "$OUT/bench_pooling_${pm//,/_}.json" ;;
     lora) "$PY" benchmarks/lora.py --model "${LORA_MODEL:-llama-8b}" --tag h200 --output-dir "$OUT" --profile ;;
-    lora-kernels) "$PY" benchmarks/lora_kernels.py --models llama-1b,llama-8b --sweep \
+    lora-kernels) "$PY" benchmarks/lora_kernels.py --models llama-1b,llama-8b --sweep --stacked \
         --output "$OUT/bench_lora_kernels_h200.json" ;;
     fp8) "$PY" benchmarks/fp8.py --models llama-1b --output-dir "$OUT" ;;
     fp8-gemv) "$PY" benchmarks/fp8.py --models llama-1b --variants bf16,fp8 --parts latency \

@@ -52,7 +52,7 @@ CALLS = {
         "--num-iters 1 --swap-reps 2 --profile"
     ],
     "lora-kernels": [
-        "benchmarks/lora_kernels.py --models tiny --batch-sizes 1,4,17 --sweep "
+        "benchmarks/lora_kernels.py --models tiny --batch-sizes 1,4,17 --sweep --stacked "
         "--output {out}/lora_kernels.json"
     ],
     "fp8": [
@@ -366,14 +366,18 @@ def test_lora_kernels(tmp_path):
     variants = {"plan", "fused", "split", "grouped", "base_rows"}
     variants |= {f"fused_{p}_programs" for p in (24, 48, 96, 132)}
     variants |= {f"fused_tile_{t}_warps_{w}" for t, w in ((8192, 4), (16384, 4), (32768, 8), (32768, 16))}
+    stacked = {"stacked", "stacked_gemm_extra", "stacked_expand"}
+    variants |= stacked
     for rows in tiny["projections"].values():
         assert [r["batch"] for r in rows] == [1, 4, 17]
         assert [r["plan_name"] for r in rows] == ["fused", "fused", "grouped"]
         for row in rows:
             assert {v for v in row if isinstance(row[v], dict)} == variants
-            for v in variants:
+            for v in variants - stacked:
                 assert row[v]["us"] > 0 and row[v]["max_abs_err_vs_torch"] < 0.05, (v, row[v])
             assert row["base_rows"]["max_abs_err_vs_torch"] == 0  # rows without an adapter untouched
+            assert row["stacked_expand"]["us"] > 0 and row["stacked_expand"]["max_abs_err_vs_torch"] < 0.05
+            assert row["stacked"]["us"] == row["stacked_gemm_extra"]["us"] + row["stacked_expand"]["us"]
     assert set(tiny["per_step_us"]) == {"1", "4", "17"}
     assert all(set(step) == variants for step in tiny["per_step_us"].values())
 

@@ -129,6 +129,51 @@ def test_plans_all_base_rows(plan):
     _check_plan(plan, 4, torch.float32, WIDE, R, seed=1, pattern=[-1])
 
 
+def _stacked_case(num_tokens, dtype, slices, rank, seed, pattern=PATTERN):
+    """A base weight with every slot's A as extra rows, and the product over it: ``(x, w, a, b, out,
+    slots)``, ``out`` ``[T, N + slots * shards * R]`` (head: base product, tail: every slot's shrink)."""
+    x, a, b, _, slots, _, _ = _case(num_tokens, dtype, seed=seed, slices=slices, rank=rank, pattern=pattern)
+    n, k = sum(slices), x.shape[1]
+    w = (torch.randn(n, k, generator=torch.Generator().manual_seed(seed + 1)) * 0.1).to(dtype)
+    stacked = torch.cat([w, a.reshape(-1, k)])
+    out = (x.float() @ stacked.float().T).to(dtype)  # the base product's rounding, as the GEMM's
+    return x, w, a, b, out, slots
+
+
+@pytest.mark.parametrize("slices", [SLICES, WIDE, [40]], ids=["narrow", "wide", "one"])
+def test_stacked_expand_reference_matches_formula(slices):
+    x, w, a, b, out, slots = _stacked_case(10, torch.float32, slices, R, seed=3)
+    n = sum(slices)
+    y = out[:, :n]  # a view of the product's head: the expand adds into it in place
+    from kiln.ops.lora_ref import lora_expand_stacked_ref_
+
+    lora_expand_stacked_ref_(y, out[:, n:], b, slots, slices)
+    expected = _formula(x, a, b, x @ w.T, slots, slices)
+    torch.testing.assert_close(out[:, :n].double(), expected, atol=1e-3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3, 10])
+@pytest.mark.parametrize("slices", [SLICES, WIDE], ids=["narrow", "wide"])
+@pytest.mark.parametrize("rank", [16, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_stacked_expand_kernel_matches_reference(num_tokens, slices, rank, dtype):
+    """``lora_expand_stacked`` on column slices of one product (the layout a base weight with the
+    slots' A rows appended gives): its head gets each token's delta, base-model rows and the tail stay."""
+    pytest.importorskip("triton")
+    from kiln.ops import triton_lora
+    from kiln.ops.lora_ref import lora_expand_stacked_ref_
+
+    x, w, a, b, out, slots = (t.to(DEV) for t in _stacked_case(num_tokens, dtype, slices, rank, seed=rank))
+    n = sum(slices)
+    ref, got = out.clone(), out.clone()
+    lora_expand_stacked_ref_(ref[:, :n], ref[:, n:], b, slots, slices)
+    triton_lora.lora_expand_stacked(got[:, :n], got[:, n:], b, slots, slices)
+    torch.testing.assert_close(got.float(), ref.float(), **_tol(dtype))
+    base_rows = slots[:num_tokens] < 0
+    assert torch.equal(got[base_rows], out[base_rows])
+    assert torch.equal(got[:, n:], out[:, n:])
+
+
 # the grouped (segment) plan, K whole (512) and split over 3 chunks of K=40 (16 features each)
 @pytest.mark.parametrize("k_per_split", [512, 16])
 @pytest.mark.parametrize("num_tokens", [1, 10, 37])

@@ -48,3 +48,15 @@ def lora_add_ref_(
 ) -> None:
     """``y[t] += x[t] @ a[slot(t)].T @ b[slot(t)].T`` (per shard) in place: the shrink, then the expand."""
     lora_expand_ref_(y, lora_shrink_ref(x, a, token_slots), b, token_slots, slice_sizes)
+
+
+def lora_expand_stacked_ref_(
+    y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, token_slots: torch.Tensor, slice_sizes: list[int]
+) -> None:
+    """``lora_expand_ref_`` with ``h`` ``[T, slots * shards * R]``: every slot's shrink side by side, as
+    a base product over ``[W; a.view(slots * shards * R, K)]`` leaves it; each token reads its slot's."""
+    shards, rank = len(slice_sizes), b.shape[2]
+    per_slot = h.view(h.shape[0], -1, shards, rank)
+    slots = token_slots[: y.shape[0]].long().clamp(min=0)
+    mine = per_slot[torch.arange(y.shape[0], device=h.device), slots]  # [T, shards, R]
+    lora_expand_ref_(y, mine.float(), b, token_slots, slice_sizes)

@@ -167,10 +167,11 @@ def _shrink_split_kernel(
 @triton.jit
 def _expand_split_kernel(
     y_ptr, h_ptr, b_ptr, slots_ptr, N, end0, end1,
-    stride_yt, stride_ht, stride_hs, stride_bl, stride_bn,
+    stride_yt, stride_ht, stride_hl, stride_hs, stride_bl, stride_bn,
     R: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """``y[t, cols] += (sum of the shard's partials) @ B[slot, cols].T``."""
+    """``y[t, cols] += (sum of the shard's partials) @ B[slot, cols].T``; ``h`` holds each token's
+    partials (``stride_hl`` 0) or every slot's shrink side by side (``stride_hl``: a slot's columns)."""
     t = tl.program_id(0)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     if slot < 0:
@@ -179,7 +180,7 @@ def _expand_split_kernel(
     nm = n < N
     shard = (n >= end0).to(tl.int32) + (n >= end1).to(tl.int32)  # shard owning each column
     r = tl.arange(0, R)
-    h_rows = h_ptr + t * stride_ht + shard[:, None] * stride_hs + r[None, :]
+    h_rows = h_ptr + t * stride_ht + slot * stride_hl + shard[:, None] * stride_hs + r[None, :]
     hv = tl.zeros([BLOCK_N, R], dtype=tl.float32)
     for split in tl.static_range(SPLITS):
         hv += tl.load(h_rows + split * R, mask=nm[:, None], other=0.0)
@@ -218,8 +219,28 @@ def lora_add_split(y, x, a, b, token_slots, slice_sizes) -> None:
     block_n = rows_block_n(rank)
     _expand_split_kernel[(num_tokens, triton.cdiv(n, block_n))](
         y, h, b, token_slots, n, end0, end1,
-        y.stride(0), h.stride(0), h.stride(1), b.stride(0), b.stride(1),
+        y.stride(0), h.stride(0), 0, h.stride(1), b.stride(0), b.stride(1),
         R=rank, SPLITS=splits, BLOCK_N=block_n,
+    )  # fmt: skip
+
+
+def lora_expand_stacked(y, h, b, token_slots, slice_sizes) -> None:
+    """The expand after a base product whose weight carries every slot's ``A`` as extra rows
+    (``[W; A.view(slots * shards * R, K)]``): ``h`` ``[T, slots * shards * R]`` is that product's
+    tail, ``y`` ``[T, N]`` its head (both may be column slices of one output); adds each token's
+    ``h[t, its slot's columns] @ B[slot].T`` to ``y`` in place. One kernel: the shrink rode along in
+    the base product."""
+    num_tokens, n = y.shape
+    _, shards_x_rank = h.shape
+    rank = b.shape[2]
+    shards = len(slice_sizes)
+    assert shards_x_rank % (shards * rank) == 0 and h.stride(1) == 1 and y.stride(1) == 1
+    end0, end1 = shard_ends(slice_sizes, n)
+    block_n = rows_block_n(rank)
+    _expand_split_kernel[(num_tokens, triton.cdiv(n, block_n))](
+        y, h, b, token_slots, n, end0, end1,
+        y.stride(0), h.stride(0), shards * rank, rank, b.stride(0), b.stride(1),
+        R=rank, SPLITS=1, BLOCK_N=block_n,
     )  # fmt: skip
 
 
