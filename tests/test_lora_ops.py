@@ -272,15 +272,25 @@ def test_kernels_launched_per_projection(num_tokens, k, work, kernels, monkeypat
     torch.testing.assert_close(y, ref, atol=1e-3, rtol=1e-4)
 
 
-def test_one_lora_op_per_projection_in_the_traced_graph():
-    """Dynamo traces a wrapped projection to its base product and one ``kiln::lora_add``."""
+class _NotALinear(torch.nn.Linear):
+    """A replacement base (as fp8 or GGUF modules are): not stacked, ``lora_add`` after it."""
+
+
+def _wrapped(base, bias=False):
     from kiln.lora.batch import LoRABatch
     from kiln.lora.config import LoRAConfig
     from kiln.lora.layer import LoRALinear
 
     batch = LoRABatch(8, 2, torch.device("cpu"))
     config = LoRAConfig(max_loras=2, max_lora_rank=16)
-    layer = LoRALinear(torch.nn.Linear(K, 40, bias=False), K, SLICES, config, batch, torch.float32, "cpu")
+    return LoRALinear(base, K, SLICES, config, batch, torch.float32, "cpu"), batch
+
+
+@pytest.mark.parametrize("base_cls", [torch.nn.Linear, _NotALinear], ids=["stacked", "lora_add"])
+def test_one_lora_op_per_projection_in_the_traced_graph(base_cls):
+    """Dynamo traces a wrapped projection to its base product and one LoRA op: the stacked expand
+    for a plain ``nn.Linear``, ``kiln::lora_add`` after any other base."""
+    layer, _ = _wrapped(base_cls(K, 40, bias=False))
     graphs = []
 
     def backend(gm, example_inputs):
@@ -290,7 +300,49 @@ def test_one_lora_op_per_projection_in_the_traced_graph():
     torch.compile(layer, backend=backend, fullgraph=True)(torch.randn(3, K))
     (gm,) = graphs
     targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
-    assert [t for t in targets if t.startswith("kiln.")] == ["kiln.lora_add"]
+    expected = "kiln.lora_expand_stacked" if base_cls is torch.nn.Linear else "kiln.lora_add"
+    assert [t for t in targets if t.startswith("kiln.")] == [expected]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_stacked_layer_matches_the_lora_add_layer(bias):
+    """The same base weights and adapters through both ways: equal outputs, per token and slot; the
+    base parameter and the ``A`` table are views of the stacked weight (loading either writes it)."""
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(K, 40, bias=bias)
+    other = _NotALinear(K, 40, bias=bias)
+    stacked, batch = _wrapped(plain)
+    reference, ref_batch = _wrapped(other)
+    assert stacked.stacked and not reference.stacked
+    with torch.no_grad():
+        weight = torch.randn(40, K)
+        stacked.weight.copy_(weight)  # as the checkpoint loader copies into the parameter
+        reference.weight.copy_(weight)
+        if bias:
+            stacked.bias.copy_(torch.arange(40.0))
+            reference.bias.copy_(torch.arange(40.0))
+        for layer in (stacked, reference):
+            gen = torch.Generator().manual_seed(1)
+            layer.lora_a.copy_(torch.randn(layer.lora_a.shape, generator=gen))
+            layer.lora_b.copy_(torch.randn(layer.lora_b.shape, generator=gen))
+    assert torch.equal(stacked.stacked_weight[:40], weight)
+    assert torch.equal(stacked.stacked_weight[40:].view(stacked.lora_a.shape), stacked.lora_a)
+    pattern = torch.tensor([0, -1, 1, 1, 0], dtype=torch.int32)
+    for b in (batch, ref_batch):
+        b.token_slots[:5] = pattern
+        b.sorted_tokens[:4] = torch.tensor([0, 4, 2, 3], dtype=torch.int32)
+        b.slot_starts[:3] = torch.tensor([0, 2, 4], dtype=torch.int32)
+    x = torch.randn(5, K)
+    got, expected = stacked(x), reference(x)
+    assert got.shape == (5, 40)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_stacked_custom_op_fake_and_schema():
+    x, w, a, b, out, slots = _stacked_case(10, torch.float32, SLICES, R, seed=5)
+    torch.library.opcheck(
+        torch.ops.kiln.lora_expand_stacked.default, (out.clone(), b, slots, sum(SLICES), SLICES)
+    )
 
 
 def test_custom_op_fake_and_schema():

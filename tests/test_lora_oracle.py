@@ -122,12 +122,19 @@ def test_chat_with_lora(lora_references):
     assert chat.lora_request is lora and chat.outputs[0].lora_request is lora
 
 
-def test_sleep_level_2_reloads_weights_under_the_wrappers(lora_references):
+@pytest.mark.parametrize("level", [1, 2])
+def test_sleep_keeps_outputs_exact_under_the_wrappers(lora_references, level):
     """The wrappers keep the checkpoint's parameter names: wake_up after sleep(level=2) reloads the base
-    weights by name (the adapters stay in their tables) and outputs stay exact."""
+    weights by name; the A tables share the stacked weights' storage, so level 1 brings them back with
+    the weights (no adapter copied in again) and level 2 empties the slots (adapters copied in again).
+    Outputs stay exact either way."""
     base, ids, requests, refs = lora_references("llama")
     with LLM(base, enforce_eager=True, dtype="float32", **LORA_KWARGS) as llm:
         run_mixed(llm, ids, requests, refs)
-        llm.sleep(level=2)
+        manager = llm.llm_engine.lora
+        assert all(w.stacked for w in manager.wrappers.values())
+        swap_ins = manager.num_swap_ins
+        llm.sleep(level=level)
         llm.wake_up()
         run_mixed(llm, ids, requests, refs)
+        assert (manager.num_swap_ins > swap_ins) == (level == 2)

@@ -1,9 +1,15 @@
 """``LoRALinear``: a projection plus the batched LoRA delta of each token's adapter.
 
-It wraps whatever module computes the base product (``nn.Linear`` or any replacement with the same
-call) and calls it unchanged: ``y = base(x)``, then ``kiln::lora_add`` adds ``x @ A[slot].T @ B[slot].T``
-per token, in place. The slot tables are buffers of fixed shape
-``[max_loras, shards, R, in]`` and ``[max_loras, out, R]``; loading an adapter copies into them.
+The slot tables are buffers of fixed shape ``[max_loras, shards, R, in]`` (``A``) and
+``[max_loras, out, R]`` (``B``); loading an adapter copies into them. Two ways to add the delta:
+
+* a plain ``nn.Linear`` base (``stackable``): its weight becomes the head of one ``[out + max_loras x
+  shards x R, in]`` tensor whose tail rows are the ``A`` table (same storage), so one product
+  ``x @ [W; A].T`` gives the base output and every slot's shrink; ``kiln::lora_expand_stacked`` then
+  adds each token's ``h[its slot] @ B[slot].T`` to the head (one kernel a projection). The output is
+  the head, a column slice of that product;
+* any other base (fp8, GGUF-dequantised replacements): ``y = base(x)`` unchanged, then
+  ``kiln::lora_add`` adds ``x @ A[slot].T @ B[slot].T`` per token in place.
 """
 
 import torch
@@ -14,6 +20,11 @@ from kiln.lora.batch import LoRABatch
 from kiln.lora.config import LoRAConfig
 from kiln.lora.targets import PROJECTIONS, projection_shapes
 from kiln.models.config import ModelConfig
+
+
+def stackable(base: nn.Module) -> bool:
+    """A plain ``nn.Linear`` with floating-point weights: its weight can carry the slots' ``A`` rows."""
+    return type(base) is nn.Linear and base.weight.dtype.is_floating_point
 
 
 class LoRALinear(nn.Module):
@@ -28,22 +39,46 @@ class LoRALinear(nn.Module):
         device: torch.device,
     ):
         super().__init__()
+        self.base = base
+        self.slice_sizes = list(slice_sizes)
+        self.out_features = sum(slice_sizes)
+        rank, slots = config.table_rank, config.max_loras
+        kw = dict(dtype=dtype, device=device)
+        table_shape = (slots, len(slice_sizes), rank, in_features)
+        self.stacked = stackable(base)
+        if self.stacked:  # A as rows under W, one storage: the base product computes the shrink too
+            n, extra = self.out_features, slots * len(slice_sizes) * rank
+            weight = torch.zeros(n + extra, in_features, dtype=base.weight.dtype, device=device)
+            weight[:n].copy_(base.weight.detach())
+            base.weight = nn.Parameter(weight[:n], requires_grad=base.weight.requires_grad)
+            self.register_buffer("stacked_weight", weight, False)
+            bias = None
+            if base.bias is not None:
+                bias = torch.zeros(n + extra, dtype=base.bias.dtype, device=device)
+                bias[:n].copy_(base.bias.detach())
+                base.bias = nn.Parameter(bias[:n], requires_grad=base.bias.requires_grad)
+            self.register_buffer("stacked_bias", bias, False)
+            lora_a = weight[n:].view(table_shape)
+        else:
+            lora_a = torch.zeros(table_shape, **kw)
         # the base module's own parameters also under the wrapper's name, listed first, so parameter
         # names stay the checkpoint's (``...qkv_proj.weight``) and weights load into a wrapped model
         for name, param in list(base.named_parameters(recurse=False)):
             self.register_parameter(name, param)
-        self.base = base
-        self.slice_sizes = list(slice_sizes)
-        rank, slots = config.table_rank, config.max_loras
-        kw = dict(dtype=dtype, device=device)
-        self.register_buffer("lora_a", torch.zeros(slots, len(slice_sizes), rank, in_features, **kw), False)
-        self.register_buffer("lora_b", torch.zeros(slots, sum(slice_sizes), rank, **kw), False)
+        self.register_buffer("lora_a", lora_a, False)
+        self.register_buffer("lora_b", torch.zeros(slots, self.out_features, rank, **kw), False)
         # the step's slot buffers, shared by every wrapped projection
         self.register_buffer("token_slots", batch.token_slots, False)
         self.register_buffer("sorted_tokens", batch.sorted_tokens, False)
         self.register_buffer("slot_starts", batch.slot_starts, False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stacked:
+            out = nn.functional.linear(x, self.stacked_weight, self.stacked_bias)
+            torch.ops.kiln.lora_expand_stacked(
+                out, self.lora_b, self.token_slots, self.out_features, self.slice_sizes
+            )
+            return out[:, : self.out_features]
         y = self.base(x)
         torch.ops.kiln.lora_add(
             y, x, self.lora_a, self.lora_b, self.token_slots, self.sorted_tokens, self.slot_starts,

@@ -96,6 +96,15 @@ class LoRAManager:
         self.slot_lru.move_to_end(slot)
         self.num_swap_ins += 1
 
+    @torch.inference_mode()
+    def forget_slots(self) -> None:
+        """Every slot empty (zeroed): their tables were lost (weights reloaded after a level-2 sleep);
+        the next admission copies adapters in again."""
+        for wrapper in self.wrappers.values():
+            wrapper.lora_a.zero_()
+            wrapper.lora_b.zero_()
+        self.slot_adapter = [None] * self.config.max_loras
+
     def slot_for(self, adapter: LoRAAdapter) -> int:
         """The slot of a scheduled sequence's adapter (it holds one since admission), marked used."""
         slot = self.slot_of(adapter)

@@ -415,9 +415,10 @@ class Worker:
         pin = self.device.type == "cuda"
         with torch.no_grad():
             for name, p in self._weights().items():
-                if level == 1:
-                    host = torch.empty(p.shape, dtype=p.dtype, pin_memory=pin)
-                    host.copy_(p)
+                if level == 1:  # the whole storage: a stacked LoRA weight keeps the A table past p
+                    whole = _storage_bytes_view(p)
+                    host = torch.empty(whole.shape, dtype=torch.uint8, pin_memory=pin)
+                    host.copy_(whole)
                     self._host_weights[name] = host
                 self._storage_bytes[name] = p.data.untyped_storage().nbytes()
                 p.data.untyped_storage().resize_(0)
@@ -445,7 +446,7 @@ class Worker:
                     p.data.untyped_storage().resize_(self._storage_bytes.pop(name))
                 if self.sleep_level == 1:
                     for name, p in weights.items():
-                        p.copy_(self._host_weights.pop(name))
+                        _storage_bytes_view(p).copy_(self._host_weights.pop(name))
                 else:
                     cfg = self.config
                     load_weights(
@@ -456,6 +457,8 @@ class Worker:
                         cfg.quantization,
                         shard=self._shard(),
                     )
+                    if self.lora is not None:  # the A tables shared the weights' storage
+                        self.lora.forget_slots()
                 self.asleep.discard("weights")
             if "kv_cache" in tags and "kv_cache" in self.asleep:
                 for t in self.kv_caches:
@@ -466,3 +469,10 @@ class Worker:
             self.sleep_level = 0
             if self.graphs.enabled:
                 self.capture_graphs()
+
+
+def _storage_bytes_view(p: torch.Tensor) -> torch.Tensor:
+    """uint8 over the whole storage behind ``p`` (more than ``p`` where it is a view, as a LoRA-stacked
+    weight is)."""
+    storage = p.data.untyped_storage()
+    return torch.empty(0, dtype=torch.uint8, device=p.device).set_(storage, 0, (storage.nbytes(),), (1,))
