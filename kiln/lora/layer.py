@@ -27,6 +27,15 @@ def stackable(base: nn.Module) -> bool:
     return type(base) is nn.Linear and base.weight.dtype.is_floating_point
 
 
+def _grown(param: nn.Parameter, extra: int) -> tuple[torch.Tensor, nn.Parameter]:
+    """``param`` re-homed as the head of a zeroed tensor ``extra`` rows longer: (that tensor, its head as
+    the parameter, sharing its storage)."""
+    rows = param.shape[0]
+    whole = param.new_zeros((rows + extra, *param.shape[1:]))
+    whole[:rows].copy_(param.detach())
+    return whole, nn.Parameter(whole[:rows], requires_grad=param.requires_grad)
+
+
 class LoRALinear(nn.Module):
     def __init__(
         self,
@@ -47,18 +56,14 @@ class LoRALinear(nn.Module):
         table_shape = (slots, len(slice_sizes), rank, in_features)
         self.stacked = stackable(base)
         if self.stacked:  # A as rows under W, one storage: the base product computes the shrink too
-            n, extra = self.out_features, slots * len(slice_sizes) * rank
-            weight = torch.zeros(n + extra, in_features, dtype=base.weight.dtype, device=device)
-            weight[:n].copy_(base.weight.detach())
-            base.weight = nn.Parameter(weight[:n], requires_grad=base.weight.requires_grad)
-            self.register_buffer("stacked_weight", weight, False)
+            extra = slots * len(slice_sizes) * rank
+            weight, base.weight = _grown(base.weight, extra)
             bias = None
             if base.bias is not None:
-                bias = torch.zeros(n + extra, dtype=base.bias.dtype, device=device)
-                bias[:n].copy_(base.bias.detach())
-                base.bias = nn.Parameter(bias[:n], requires_grad=base.bias.requires_grad)
+                bias, base.bias = _grown(base.bias, extra)
+            self.register_buffer("stacked_weight", weight, False)
             self.register_buffer("stacked_bias", bias, False)
-            lora_a = weight[n:].view(table_shape)
+            lora_a = weight[self.out_features :].view(table_shape)
         else:
             lora_a = torch.zeros(table_shape, **kw)
         # the base module's own parameters also under the wrapper's name, listed first, so parameter
