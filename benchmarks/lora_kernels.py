@@ -13,7 +13,8 @@ outrun the L2 cache (as a stack of layers does) and the calls are replayed in on
   base-model request on a LoRA engine pays);
 * with ``--stacked``: ``stacked``, the base product over ``[W; A]`` (every slot's ``A`` as extra
   rows of the base weight) less the plain one, plus one expand from the product's tail
-  (``stacked_gemm_extra``, ``stacked_expand``);
+  (``stacked_gemm_extra``, ``stacked_expand``); ``stacked_grouped`` the same with the expand grouped by
+  slot (``stacked_grouped_expand``);
 * with ``--sweep``: the fused plan with grids aimed at 24, 48, 96 and 132 programs, and with other
   shrink tiles (elements of ``A`` per iteration) and warp counts (kiln's at rank 16: 48 programs,
   32768, 8 warps).
@@ -163,11 +164,28 @@ def time_stacked(x, tables, buffers, slices, gen) -> dict:
         )
         * 1e6
     )
+    _, order, starts = buffers
+    grouped_got = out.clone()
+    triton_lora.grouped.lora_expand_stacked_grouped(
+        grouped_got[:, :n], grouped_got[:, n:], tables[0][1], order, starts, slices
+    )
+    grouped_err = (grouped_got.float() - ref.float()).abs().max().item()
+    grouped_us = (
+        timer(
+            lambda j: triton_lora.grouped.lora_expand_stacked_grouped(
+                work[:, :n], work[:, n:], tables[j][1], order, starts, slices
+            ),
+            len(tables),
+        )
+        * 1e6
+    )
     extra = stacked_us - base_us
     return {
         "stacked_gemm_extra": {"us": extra, "base_gemm_us": base_us},
         "stacked_expand": {"us": expand_us, "max_abs_err_vs_torch": err},
+        "stacked_grouped_expand": {"us": grouped_us, "max_abs_err_vs_torch": grouped_err},
         "stacked": {"us": extra + expand_us},
+        "stacked_grouped": {"us": extra + grouped_us},
     }
 
 

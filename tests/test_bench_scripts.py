@@ -365,7 +365,7 @@ def test_lora_kernels(tmp_path):
     variants = {"plan", "fused", "split", "grouped", "base_rows"}
     variants |= {f"fused_{p}_programs" for p in (24, 48, 96, 132)}
     variants |= {f"fused_tile_{t}_warps_{w}" for t, w in ((8192, 4), (16384, 4), (32768, 8), (32768, 16))}
-    stacked = {"stacked", "stacked_gemm_extra", "stacked_expand"}
+    stacked = {"stacked", "stacked_gemm_extra", "stacked_expand", "stacked_grouped", "stacked_grouped_expand"}
     variants |= stacked
     for rows in tiny["projections"].values():
         assert [r["batch"] for r in rows] == [1, 4, 17]
@@ -377,6 +377,8 @@ def test_lora_kernels(tmp_path):
             assert row["base_rows"]["max_abs_err_vs_torch"] == 0  # rows without an adapter untouched
             assert row["stacked_expand"]["us"] > 0 and row["stacked_expand"]["max_abs_err_vs_torch"] < 0.05
             assert row["stacked"]["us"] == row["stacked_gemm_extra"]["us"] + row["stacked_expand"]["us"]
+            grouped = row["stacked_grouped_expand"]
+            assert grouped["us"] > 0 and grouped["max_abs_err_vs_torch"] < 0.05
     assert set(tiny["per_step_us"]) == {"1", "4", "17"}
     assert all(set(step) == variants for step in tiny["per_step_us"].values())
 

@@ -152,22 +152,31 @@ def test_stacked_expand_reference_matches_formula(slices):
     torch.testing.assert_close(out[:, :n].double(), expected, atol=1e-3, rtol=1e-5)
 
 
-@pytest.mark.parametrize("num_tokens", [1, 3, 10])
+@pytest.mark.parametrize("way", ["gathered", "grouped", "by_count"])
+@pytest.mark.parametrize("num_tokens", [1, 3, 10, 37])
 @pytest.mark.parametrize("slices", [SLICES, WIDE], ids=["narrow", "wide"])
 @pytest.mark.parametrize("rank", [16, 32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_stacked_expand_kernel_matches_reference(num_tokens, slices, rank, dtype):
-    """``lora_expand_stacked`` on column slices of one product (the layout a base weight with the
-    slots' A rows appended gives): its head gets each token's delta, base-model rows and the tail stay."""
+def test_stacked_expand_kernel_matches_reference(num_tokens, slices, rank, dtype, way, monkeypatch):
+    """The stacked expands (per token, by tiles of a slot's tokens, and the pick by token count, here
+    switching above 4 tokens) on column slices of one product (the layout a base weight with the slots'
+    A rows appended gives): its head gets each token's delta, base-model rows and the tail stay."""
     pytest.importorskip("triton")
-    from kiln.ops import triton_lora
+    from kiln.ops import triton_lora, triton_lora_grouped
     from kiln.ops.lora_ref import lora_expand_stacked_ref_
 
+    monkeypatch.setattr(triton_lora, "STACKED_GATHER_MAX_TOKENS", 4)
     x, w, a, b, out, slots = (t.to(DEV) for t in _stacked_case(num_tokens, dtype, slices, rank, seed=rank))
+    *_, order, starts = (t.to(DEV) for t in _case(num_tokens, dtype, slices=slices, rank=rank))
     n = sum(slices)
     ref, got = out.clone(), out.clone()
     lora_expand_stacked_ref_(ref[:, :n], ref[:, n:], b, slots, slices)
-    triton_lora.lora_expand_stacked(got[:, :n], got[:, n:], b, slots, slices)
+    if way == "gathered":
+        triton_lora.lora_expand_stacked(got[:, :n], got[:, n:], b, slots, slices)
+    elif way == "grouped":
+        triton_lora_grouped.lora_expand_stacked_grouped(got[:, :n], got[:, n:], b, order, starts, slices)
+    else:
+        triton_lora.lora_expand_stacked_triton(got[:, :n], got[:, n:], b, slots, order, starts, slices)
     torch.testing.assert_close(got.float(), ref.float(), **_tol(dtype))
     base_rows = slots[:num_tokens] < 0
     assert torch.equal(got[base_rows], out[base_rows])
@@ -340,8 +349,10 @@ def test_stacked_layer_matches_the_lora_add_layer(bias):
 
 def test_stacked_custom_op_fake_and_schema():
     x, w, a, b, out, slots = _stacked_case(10, torch.float32, SLICES, R, seed=5)
+    *_, order, starts = _case(10)
     torch.library.opcheck(
-        torch.ops.kiln.lora_expand_stacked.default, (out.clone(), b, slots, sum(SLICES), SLICES)
+        torch.ops.kiln.lora_expand_stacked.default,
+        (out.clone(), b, slots, order, starts, sum(SLICES), SLICES),
     )
 
 

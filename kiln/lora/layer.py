@@ -81,8 +81,9 @@ class LoRALinear(nn.Module):
         if self.stacked:
             out = nn.functional.linear(x, self.stacked_weight, self.stacked_bias)
             torch.ops.kiln.lora_expand_stacked(
-                out, self.lora_b, self.token_slots, self.out_features, self.slice_sizes
-            )
+                out, self.lora_b, self.token_slots, self.sorted_tokens, self.slot_starts, self.out_features,
+                self.slice_sizes,
+            )  # fmt: skip
             return out[:, : self.out_features]
         y = self.base(x)
         torch.ops.kiln.lora_add(

@@ -224,6 +224,20 @@ def lora_add_split(y, x, a, b, token_slots, slice_sizes) -> None:
     )  # fmt: skip
 
 
+# the stacked expand gathers per token up to this many tokens, groups tokens by slot above (set from
+# ``benchmarks/lora_kernels.py --stacked``: ``stacked_expand`` against ``stacked_grouped_expand``)
+STACKED_GATHER_MAX_TOKENS = 16
+
+
+def lora_expand_stacked_triton(y, h, b, token_slots, sorted_tokens, slot_starts, slice_sizes) -> None:
+    """The stacked expand by token count: gathered per token up to ``STACKED_GATHER_MAX_TOKENS``,
+    grouped by slot above."""
+    if y.shape[0] <= STACKED_GATHER_MAX_TOKENS:
+        lora_expand_stacked(y, h, b, token_slots, slice_sizes)
+    else:
+        grouped.lora_expand_stacked_grouped(y, h, b, sorted_tokens, slot_starts, slice_sizes)
+
+
 def lora_expand_stacked(y, h, b, token_slots, slice_sizes) -> None:
     """The expand after a base product whose weight carries every slot's ``A`` as extra rows
     (``[W; A.view(slots * shards * R, K)]``): ``h`` ``[T, slots * shards * R]`` is that product's

@@ -74,10 +74,12 @@ def _shrink_grouped_kernel(
 @triton.jit
 def _expand_grouped_kernel(
     y_ptr, h_ptr, b_ptr, sorted_ptr, starts_ptr, N, end0, end1,
-    stride_yt, stride_ht, stride_hs, stride_bl, stride_bn,
+    stride_yt, stride_ht, stride_hl, stride_hs, stride_bl, stride_bn,
     R: tl.constexpr, SHARDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):  # fmt: skip
+    """``y[rows] += h[rows, shard] @ B[slot].T`` per block of a slot's tokens; ``h`` holds each token's
+    shrink (``stride_hl`` 0) or every slot's side by side (``stride_hl``: a slot's columns)."""
     slot = tl.program_id(2)
     start = tl.load(starts_ptr + slot)
     count = tl.load(starts_ptr + slot + 1) - start
@@ -90,9 +92,10 @@ def _expand_grouped_kernel(
     r = tl.arange(0, R)
     b_base = b_ptr + slot.to(tl.int64) * stride_bl
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    h_base = h_ptr + slot.to(tl.int64) * stride_hl
     for s in tl.static_range(SHARDS):
         hv = tl.load(
-            h_ptr + rows[:, None] * stride_ht + s * stride_hs + r[None, :], mask=im[:, None], other=0.0
+            h_base + rows[:, None] * stride_ht + s * stride_hs + r[None, :], mask=im[:, None], other=0.0
         )
         bm = nm & (shard == s)
         bv = tl.load(b_base + n[None, :] * stride_bn + r[:, None], mask=bm[None, :], other=0.0)
@@ -132,6 +135,21 @@ def lora_add_grouped(y, x, a, b, sorted_tokens, slot_starts, slice_sizes) -> Non
     end0, end1 = shard_ends(slice_sizes, n)
     _expand_grouped_kernel[(triton.cdiv(num_tokens, _BLOCK_M), triton.cdiv(n, _BLOCK_N), slots)](
         y, h, b, sorted_tokens, slot_starts, n, end0, end1,
-        y.stride(0), h.stride(0), h.stride(1), b.stride(0), b.stride(1),
+        y.stride(0), h.stride(0), 0, h.stride(1), b.stride(0), b.stride(1),
         R=rank, SHARDS=len(slice_sizes), BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, DOT_FP32=_dot_fp32(b),
+    )  # fmt: skip
+
+
+def lora_expand_stacked_grouped(y, h, b, sorted_tokens, slot_starts, slice_sizes) -> None:
+    """``triton_lora.lora_expand_stacked`` grouped by slot: tiles of a slot's tokens times its ``B``
+    (read once per tile, not once per token); ``h`` is the product's tail ``[T, slots * shards * R]``."""
+    num_tokens, n = y.shape
+    slots, _, rank = b.shape
+    shards = len(slice_sizes)
+    assert h.shape[1] == slots * shards * rank and h.stride(1) == 1 and y.stride(1) == 1
+    end0, end1 = shard_ends(slice_sizes, n)
+    _expand_grouped_kernel[(triton.cdiv(num_tokens, _BLOCK_M), triton.cdiv(n, _BLOCK_N), slots)](
+        y, h, b, sorted_tokens, slot_starts, n, end0, end1,
+        y.stride(0), h.stride(0), shards * rank, rank, b.stride(0), b.stride(1),
+        R=rank, SHARDS=shards, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, DOT_FP32=_dot_fp32(b),
     )  # fmt: skip
