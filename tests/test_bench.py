@@ -267,6 +267,21 @@ def test_compile_smoke(tmp_path):
     _nonempty_png(tmp_path / "bench_compile.png")
 
 
+def test_compile_profile_dir(tmp_path):
+    """``--profile-dir``: each start-up's cProfile of ``LLM()``, loadable, with the engine's own calls."""
+    import pstats
+
+    prof = tmp_path / "prof"
+    main(
+        ["bench", "compile", *TINY, "--enforce-eager", "--batch-size", "1", "--input-len", "4",
+         "--output-len", "1", "--output-dir", str(tmp_path), "--profile-dir", str(prof)]
+    )  # fmt: skip
+    for phase in ("cold", "warm"):
+        stats = pstats.Stats(str(prof / f"{phase}.prof"))
+        assert any(func[2] == "load_model" for func in stats.stats), phase
+        assert "cumulative" in (prof / f"{phase}.txt").read_text()
+
+
 def test_sweep_smoke(tmp_path):
     configs = tmp_path / "configs.json"
     configs.write_text(

@@ -9,6 +9,7 @@ generate (the engine ready, plus its first step); the plot stacks the timeline's
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -30,6 +31,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="compile cache root (default: a fresh temp dir, removed afterwards); emptied first",
     )
     g.add_argument("--timeout", type=float, default=1800.0, help="seconds per process")
+    g.add_argument(
+        "--profile-dir",
+        default=None,
+        help="write each start-up's cProfile of LLM() there (<phase>.prof, and <phase>.txt: the top "
+        "functions by cumulative and by own time)",
+    )
     common.add_output_args(p)
 
 
@@ -39,7 +46,11 @@ def child(spec: dict) -> dict:
     import_s = time.time() - spec["spawn_time"]
     from kiln.bench import workload
 
-    llm, startup = common.build_llm(spec["llm_kwargs"])
+    profile_dir = spec.get("profile_dir")
+    if profile_dir:
+        llm, startup = profiled(lambda: common.build_llm(spec["llm_kwargs"]), profile_dir, spec["phase"])
+    else:
+        llm, startup = common.build_llm(spec["llm_kwargs"])
     wl = workload.synthetic(
         spec["batch_size"], spec["input_len"], spec["output_len"], spec["vocab_size"], spec["seed"]
     )
@@ -72,6 +83,26 @@ def child(spec: dict) -> dict:
     }
 
 
+def profiled(fn, directory: str, name: str, top: int = 60):
+    """``fn()`` under cProfile; its stats saved as ``<directory>/<name>.prof`` and summarised in
+    ``<name>.txt``."""
+    import cProfile
+    import io
+    import pstats
+
+    os.makedirs(directory, exist_ok=True)
+    prof = cProfile.Profile()
+    result = prof.runcall(fn)
+    prof.dump_stats(os.path.join(directory, f"{name}.prof"))
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    for key in ("cumulative", "tottime"):
+        stats.sort_stats(key).print_stats(top)
+    with open(os.path.join(directory, f"{name}.txt"), "w") as f:
+        f.write(text.getvalue())
+    return result
+
+
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     source = common.get_source(args)
     kwargs = common.engine_kwargs(args, source, args.input_len + args.output_len)
@@ -88,7 +119,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     phases = {}
     try:
         for phase in common.progress(PHASES, disable=args.no_progress, desc="start-ups"):
-            phases[phase] = common.run_child("kiln.bench.compile", spec, common.cache_env(root), args.timeout)
+            phase_spec = dict(spec, phase=phase, profile_dir=args.profile_dir)
+            phases[phase] = common.run_child("kiln.bench.compile", phase_spec, common.cache_env(root), args.timeout)
     finally:
         if args.cache_dir is None:
             shutil.rmtree(root, ignore_errors=True)
