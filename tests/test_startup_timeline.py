@@ -48,3 +48,27 @@ def test_timeline_rejects_unknown_phases_and_freezes_at_ready():
 def test_process_start_time_is_in_the_past():
     start = process_start_time()
     assert start is not None and 0 < time.time() - start < 24 * 3600
+
+
+def test_eager_start_up_imports_no_compiler_and_compiled_waits_for_its_import(tiny_checkpoint):
+    """Building the model on the meta device runs no torch Python reference (an embedding's
+    ``normal_`` or ``to_empty``'s ``empty_like`` would import Dynamo and sympy), so an eager start-up
+    imports neither (without a tokenizer: transformers' tokenizer classes import sympy themselves); a
+    compiled one imports them beside the weight load and records the wait."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from kiln import LLM; "
+        f"llm = LLM({tiny_checkpoint('llama')!r}, enforce_eager=True, skip_tokenizer_init=True, "
+        f"**{ENGINE!r}); "
+        "print([m for m in ('torch._dynamo', 'sympy', 'torch._inductor') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    llm = LLM(tiny_checkpoint("llama"), compilation_config=3, **ENGINE)
+    with llm:
+        phases = llm.compile_report().timeline["phases_s"]
+        assert list(phases).index("compiler_import") == list(phases).index("weight_load") + 1
+        assert llm.llm_engine.worker._compiler_import is None  # joined and dropped

@@ -120,7 +120,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     try:
         for phase in common.progress(PHASES, disable=args.no_progress, desc="start-ups"):
             phase_spec = dict(spec, phase=phase, profile_dir=args.profile_dir)
-            phases[phase] = common.run_child("kiln.bench.compile", phase_spec, common.cache_env(root), args.timeout)
+            env = common.cache_env(root)
+            phases[phase] = common.run_child("kiln.bench.compile", phase_spec, env, args.timeout)
     finally:
         if args.cache_dir is None:
             shutil.rmtree(root, ignore_errors=True)

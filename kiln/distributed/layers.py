@@ -20,6 +20,11 @@ class VocabParallelEmbedding(nn.Embedding):
         super().__init__(rows, hidden_size)
         self.tp, self.vocab_start = tp, tp.rank * rows
 
+    def reset_parameters(self) -> None:
+        """No initial values: the model is built on the meta device and its weights always come from the
+        checkpoint (or the dummy loader). ``nn.Embedding``'s own ``normal_`` on a meta tensor runs
+        torch's Python reference, which imports the whole of Dynamo (seconds at start-up)."""
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
             return super().forward(input_ids)

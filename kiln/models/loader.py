@@ -92,7 +92,7 @@ def build_model(
             model = MODEL_CLASSES[cfg.architecture](cfg, tp).to(dtype)
     if serialized:
         prepare_model(model, quant, dtype)
-    model = model.to_empty(device=device)
+    model = _materialize(model, device)
     if serialized:
         weights = checkpoint_tensors(_checkpoint(path, cfg), model, quant)
         with torch.no_grad(), parallel_copies(device):
@@ -105,6 +105,13 @@ def build_model(
                 quantize_model(model, quant)
     model.model.rotary.reset_cache()
     return model.eval()
+
+
+def _materialize(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model.to_empty(device=device)`` with ``torch.empty``: ``to_empty``'s ``empty_like`` of a meta
+    tensor runs torch's Python reference, whose first call imports sympy and the symbolic-shapes
+    machinery (1.5 s on a CPU). Tied parameters stay tied (``_apply`` replaces each tensor once)."""
+    return model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
 
 
 def load_weights(

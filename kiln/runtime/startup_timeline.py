@@ -18,6 +18,7 @@ PHASES = (
     "import",
     "config",
     "weight_load",
+    "compiler_import",  # waiting for the Dynamo/Inductor imports begun beside the weight load
     "dynamo",
     "passes",
     "inductor",

@@ -27,7 +27,9 @@ import torch
 from tqdm.auto import tqdm
 
 from kiln.compiler.compiled_forward import compile_forward
+from kiln.compiler.config import CompilationMode
 from kiln.compiler.cudagraph import CudaGraphs
+from kiln.compiler.preload import CompilerImport
 from kiln.compiler.report import CompileReport
 from kiln.distributed import parallel_state
 from kiln.distributed.sharding import checkpoint_slice, rank_model_config
@@ -66,6 +68,7 @@ class Worker:
         self.model = None
         self.lora = None  # kiln.lora.manager.LoRAManager with enable_lora
         self.compiled = None  # kiln.compiler.compiled_forward.CompiledForward, None when eager
+        self._compiler_import: CompilerImport | None = None  # Dynamo/Inductor imported beside the load
         self.runner: ModelRunner | None = None
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
@@ -84,6 +87,8 @@ class Worker:
 
     def load_model(self) -> None:
         self.phases.append("load_model")
+        if self.plan.mode != CompilationMode.NONE:  # the compiler's imports overlap the weight load
+            self._compiler_import = CompilerImport().start()
         with self.timeline.phase("weight_load"):
             self._load_model()
 
@@ -113,6 +118,10 @@ class Worker:
     def compile_and_warm_up(self) -> None:
         cfg, mc = self.config, self.model_config
         self.phases.append("compile")
+        if self._compiler_import is not None:
+            with self.timeline.phase("compiler_import"):
+                self._compiler_import.wait()
+            self._compiler_import = None
         self.compiled = compile_forward(self.model, mc, cfg, self.attention, self.graphs)
         if self.compiled is not None:
             report = self.compiled.report
