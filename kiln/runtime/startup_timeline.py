@@ -18,7 +18,7 @@ PHASES = (
     "import",
     "config",
     "weight_load",
-    "compiler_import",  # waiting for the Dynamo/Inductor imports begun beside the weight load
+    "compiler_import",  # a compiled start-up importing Dynamo and Inductor (kiln/compiler/imports.py)
     "dynamo",
     "passes",
     "inductor",

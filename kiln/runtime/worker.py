@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from kiln.compiler.compiled_forward import compile_forward
 from kiln.compiler.config import CompilationMode
 from kiln.compiler.cudagraph import CudaGraphs
-from kiln.compiler.preload import CompilerImport
+from kiln.compiler.imports import import_compiler
 from kiln.compiler.report import CompileReport
 from kiln.distributed import parallel_state
 from kiln.distributed.sharding import checkpoint_slice, rank_model_config
@@ -68,7 +68,6 @@ class Worker:
         self.model = None
         self.lora = None  # kiln.lora.manager.LoRAManager with enable_lora
         self.compiled = None  # kiln.compiler.compiled_forward.CompiledForward, None when eager
-        self._compiler_import: CompilerImport | None = None  # Dynamo/Inductor imported beside the load
         self.runner: ModelRunner | None = None
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
@@ -87,8 +86,6 @@ class Worker:
 
     def load_model(self) -> None:
         self.phases.append("load_model")
-        if self.plan.mode != CompilationMode.NONE:  # the compiler's imports overlap the weight load
-            self._compiler_import = CompilerImport().start()
         with self.timeline.phase("weight_load"):
             self._load_model()
 
@@ -118,10 +115,9 @@ class Worker:
     def compile_and_warm_up(self) -> None:
         cfg, mc = self.config, self.model_config
         self.phases.append("compile")
-        if self._compiler_import is not None:
+        if self.plan.mode != CompilationMode.NONE:
             with self.timeline.phase("compiler_import"):
-                self._compiler_import.wait()
-            self._compiler_import = None
+                import_compiler()
         self.compiled = compile_forward(self.model, mc, cfg, self.attention, self.graphs)
         if self.compiled is not None:
             report = self.compiled.report
