@@ -25,8 +25,9 @@
 #               BASE_SHA names its commit in the results)
 #   smoke       pytest tests/test_bench_scripts.py: every benchmark script on a tiny model with the flags
 #               used here, on this machine's GPU (a script that would crash on a part above fails here first)
-#   startup     random llama-1b / llama-8b checkpoints written to /tmp, then `kiln bench compile` cold and
-#               warm from disk, with and without reuse_dynamo_graph, and the weight-loading rate
+#   startup     random llama-1b / llama-8b checkpoints written to /tmp (with TOKENIZER's files, so a start-up
+#               loads a tokenizer as from a real checkpoint), then `kiln bench compile` cold and warm from
+#               disk, with and without reuse_dynamo_graph, and the weight-loading rate
 #   startup-floor import torch, the CUDA context, import kiln and a plain safetensors read of each of those
 #               checkpoints, in fresh processes: what a start-up pays before kiln's own phases
 #
@@ -93,10 +94,12 @@ part() {
     smoke) "$PY" -m pytest -q -p no:cacheprovider tests/test_bench_scripts.py ;;
     startup)
         for m in llama-1b llama-8b; do
-            [ -f "/tmp/ckpt-$m/config.json" ] || "$PY" benchmarks/weight_loading.py make "/tmp/ckpt-$m" --shape "$m"
+            [ -f "/tmp/ckpt-$m/config.json" ] || "$PY" benchmarks/weight_loading.py make "/tmp/ckpt-$m" --shape "$m" \
+                --tokenizer "$TOK"
             "$PY" benchmarks/weight_loading.py load "/tmp/ckpt-$m" --device cuda --out "$OUT/weight_loading_h200_$m.json"
-            "$PY" -m kiln.cli bench compile --model "/tmp/ckpt-$m" --output-dir "$OUT" --tag "${m}_disk"
-            "$PY" -m kiln.cli bench compile --model "/tmp/ckpt-$m" -cc '{"reuse_dynamo_graph": true}' \
+            "$PY" -m kiln.cli bench compile --model "/tmp/ckpt-$m" --load-tokenizer --output-dir "$OUT" \
+                --tag "${m}_disk"
+            "$PY" -m kiln.cli bench compile --model "/tmp/ckpt-$m" --load-tokenizer -cc '{"reuse_dynamo_graph": true}' \
                 --output-dir "$OUT" --tag "${m}_disk_reuse"
         done ;;
     startup-floor)

@@ -1,6 +1,7 @@
 """Weight loading from the page cache: kiln's loader against a plain ``safetensors`` load.
 
-    python benchmarks/weight_loading.py make DIR [--shape llama-8b] [--layers N]   # random bf16 checkpoint
+    python benchmarks/weight_loading.py make DIR [--shape llama-8b] [--layers N] [--tokenizer TOK]
+                                                     # random bf16 checkpoint (with TOK's tokenizer files)
     python benchmarks/weight_loading.py load DIR [--device cuda] [--threads N] [--repeat 3] [--out OUT.json]
 
 ``load`` reads the files once (so they sit in the page cache), then times, in this process: kiln's
@@ -60,6 +61,12 @@ def make(args) -> None:
             }
         )
     save_file(tensors, os.path.join(args.dir, "model.safetensors"))
+    if args.tokenizer:  # a start-up then loads a tokenizer too, as it does from a real checkpoint
+        import shutil
+
+        for name in os.listdir(args.tokenizer):
+            if os.path.isfile(src := os.path.join(args.tokenizer, name)) and name != "config.json":
+                shutil.copy(src, os.path.join(args.dir, name))
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     print(f"wrote {size / 1e9:.2f} GB to {args.dir}")
 
@@ -124,6 +131,7 @@ def main() -> None:
     m.add_argument("dir")
     m.add_argument("--shape", default="llama-1b")
     m.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
+    m.add_argument("--tokenizer", default=None, help="a tokenizer folder whose files go into DIR")
     q = sub.add_parser("load")
     q.add_argument("dir")
     q.add_argument("--device", default="cpu")

@@ -78,14 +78,14 @@ CALLS = {
         "benchmarks/startup_floor.py --repeats 1 --model {out}/ckpt-tiny --out {out}/startup_floor_tiny.json",
     ],
     "startup": [
-        "benchmarks/weight_loading.py make {out}/ckpt-tiny --shape tiny",
+        "benchmarks/weight_loading.py make {out}/ckpt-tiny --shape tiny --tokenizer {tok}",
         "benchmarks/weight_loading.py load {out}/ckpt-tiny --device " + DEVICE + " --repeat 1 "
         "--out {out}/weight_loading_tiny.json",
-        "-m kiln.cli bench compile --model {out}/ckpt-tiny --output-dir {out} --tag tiny_disk "
+        "-m kiln.cli bench compile --model {out}/ckpt-tiny --load-tokenizer --output-dir {out} "
+        "--tag tiny_disk --batch-size 2 --input-len 8 --output-len 2 " + " ".join(KV),
+        "-m kiln.cli bench compile --model {out}/ckpt-tiny --load-tokenizer "
+        "-cc '{{\"reuse_dynamo_graph\": true}}' --output-dir {out} --tag tiny_disk_reuse "
         "--batch-size 2 --input-len 8 --output-len 2 " + " ".join(KV),
-        "-m kiln.cli bench compile --model {out}/ckpt-tiny -cc '{{\"reuse_dynamo_graph\": true}}' "
-        "--output-dir {out} --tag tiny_disk_reuse --batch-size 2 --input-len 8 --output-len 2 "
-        + " ".join(KV),
     ],
 }
 
@@ -449,9 +449,10 @@ def test_bench_throughput_with_warmup_prompts(tmp_path):
         assert k["limits"] is None
 
 
-def test_startup_weight_loading_and_bench_compile(tmp_path):
+def test_startup_weight_loading_and_bench_compile(tmp_path, tokenizer_dir):
     make, load_call, compile_plain, compile_reuse = CALLS["startup"]
-    run(make, tmp_path)
+    run(make, tmp_path, tok=tokenizer_dir)
+    assert os.path.isfile(tmp_path / "ckpt-tiny" / "tokenizer_config.json")
     run(load_call, tmp_path)
     wl = load(tmp_path / "weight_loading_tiny.json")
     assert wl["device"].startswith(DEVICE) and wl["checkpoint_gb"] > 0
@@ -466,6 +467,7 @@ def test_startup_weight_loading_and_bench_compile(tmp_path):
             assert "error" not in phase, (name, phase)
             assert phase["startup_s"] > 0 and phase["ready_s"] >= phase["startup_s"]
             assert phase["timeline"]["phases_s"]["weight_load"] >= 0
+            assert phase["timeline"]["phases_s"]["config"] > 0.01  # the tokenizer loaded
         assert os.path.getsize(tmp_path / f"bench_compile_{tag}.png") > 1000
 
 

@@ -32,6 +32,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--timeout", type=float, default=1800.0, help="seconds per process")
     g.add_argument(
+        "--load-tokenizer",
+        action="store_true",
+        help="LLM() loads the checkpoint's tokenizer, as for text prompts (the workload still sends token "
+        "ids); without it the start-up skips the tokenizer like the other benchmarks",
+    )
+    g.add_argument(
         "--profile-dir",
         default=None,
         help="write each start-up's cProfile of LLM() there (<phase>.prof, and <phase>.txt: the top "
@@ -106,6 +112,8 @@ def profiled(fn, directory: str, name: str, top: int = 60):
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     source = common.get_source(args)
     kwargs = common.engine_kwargs(args, source, args.input_len + args.output_len)
+    if args.load_tokenizer:
+        kwargs["skip_tokenizer_init"] = False
     spec = {
         "llm_kwargs": kwargs,
         "batch_size": args.batch_size,
