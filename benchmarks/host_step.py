@@ -360,11 +360,15 @@ def time_runner_prepare(rows: int, repeats: int = 300) -> float:
     from kiln.runtime.model_runner import ModelRunner
     from kiln.runtime.step_data import ScheduledSequence
 
+    try:  # the block tables as the engine's sequences hold them (int32 arrays; lists before)
+        from kiln.runtime.sequence import block_table
+    except ImportError:
+        block_table = list
     p = SamplingParams()
     out = SchedulerOutput(
         [
-            ScheduledSequence(i, [5], 300 + i % 40, 1, False, list(range(i * 32, i * 32 + 24 + i % 8)), True,
-                              p, 10, [], [])
+            ScheduledSequence(i, [5], 300 + i % 40, 1, False, block_table(range(i * 32, i * 32 + 24 + i % 8)),
+                              True, p, 10, [], [])
             for i in range(rows)
         ]
     )  # fmt: skip

@@ -132,7 +132,7 @@ def test_held_beams_give_their_blocks_back_when_blocks_run_out():
     sched.add(other)
     out = sched.schedule_step()
     assert [s.seq_id for s in out.scheduled] == [1] and out.scheduled[0].num_tokens == 11
-    assert held.block_ids == [] and held.num_computed_tokens == 0 and sched.num_preemptions == 1
+    assert len(held.block_ids) == 0 and held.num_computed_tokens == 0 and sched.num_preemptions == 1
     read_back(out, seqs)
     sched.finish(other)
     held.choose_last_token(5)

@@ -8,7 +8,7 @@ Free blocks leave the queue from the front (least recently freed first).
 
 from collections import OrderedDict
 
-from kiln.runtime.sequence import Sequence
+from kiln.runtime.sequence import Sequence, block_table
 
 
 def block_hash(parent: int | tuple | None, tokens: tuple[int, ...], salt: str | None = None) -> int:
@@ -164,7 +164,7 @@ class KVCacheManager:
         # release tail first so that, among a sequence's blocks, the later ones are evicted first
         for b in reversed(seq.block_ids):
             self.pool.release(b)
-        seq.block_ids = []
+        seq.block_ids = block_table()
         seq.num_published_blocks = 0
 
     def reset_prefix_cache(self) -> bool:

@@ -2,6 +2,8 @@
 compiled or eager, as ``CudaGraphs.dispatch`` picks), logits, sampling; returns a ``RunnerOutput``
 whose tokens stay on the device until the engine reads them back."""
 
+from array import array
+
 import torch
 
 import kiln.ops.gemv  # noqa: F401  (registers kiln::gemv)
@@ -82,7 +84,7 @@ class ModelRunner:
         fix_dst, fix_src, sample_rows, samples = [], [], [], []
         scheduled = out.scheduled
         width = max(len(s.block_ids) for s in scheduled)
-        table, zeros = [], [0] * width
+        table, zeros = array("i"), array("i", bytes(4 * width))  # rows copied in whole (block_table)
         max_query_len = 0
         for s in scheduled:  # runs for every sequence of every step: kept lean
             lo, n = s.start, s.num_tokens
@@ -99,7 +101,10 @@ class ModelRunner:
                 positions.extend(range(lo, lo + n))
                 slots.extend(blocks[p // bs] * bs + p % bs for p in range(lo, lo + n))
                 max_query_len = max(max_query_len, n)
-            table.extend(blocks)
+            if type(blocks) is array:  # the engine's block tables: one memory copy
+                table.extend(blocks)
+            else:
+                table.fromlist(blocks)
             if len(blocks) < width:
                 table.extend(zeros[: width - len(blocks)])
             starts.append(starts[-1] + n)

@@ -6,11 +6,18 @@ finish). The worker never sees one; it gets plain data (``kiln.runtime.step_data
 """
 
 import enum
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
 from kiln.runtime.outputs import Logprob
 from kiln.runtime.sampling_params import SamplingParams
+
+
+def block_table(ids=()) -> array:
+    """A sequence's block ids as an int32 ``array``: the runner copies each row of a step's block table
+    into the step's buffer with one memory copy, where a list is converted id by id every step."""
+    return array("i", ids)
 
 
 class Status(enum.Enum):
@@ -34,7 +41,7 @@ class Sequence:
     num_pending_tokens: int = 0  # sampled by a launched step, not read back yet (at most one)
     status: Status = Status.WAITING
     num_computed_tokens: int = 0
-    block_ids: list[int] = field(default_factory=list)
+    block_ids: array = field(default_factory=block_table)  # int32 block ids (see block_table)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of this sequence's full blocks
     num_published_blocks: int = 0  # leading blocks already registered in the prefix cache
     num_cached_tokens: int | None = None  # prefix-cache hit at first schedule

@@ -12,6 +12,7 @@ token is the previous step's sampled token (not known on the host yet) is flagge
 ``last_token_pending``; the worker takes that token from the previous step's device output.
 """
 
+from array import array
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +35,7 @@ class ScheduledSequence:
     start: int  # position of the first of them (tokens already in the KV cache)
     num_tokens: int  # tokens computed this step (len(token_ids) + last_token_pending)
     last_token_pending: bool  # the last input token is the previous step's sampled token
-    block_ids: list[int]  # the sequence's block table
+    block_ids: array  # the sequence's block table (int32 ids; a list works too)
     sample: bool  # this step reaches the end of the sequence: sample its next token
     params: SamplingParams
     num_output_tokens: int  # output tokens before this step's sample, pending ones included
