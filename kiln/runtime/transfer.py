@@ -18,7 +18,7 @@ def host_tensor(values, dtype: torch.dtype | None = None, pin: bool = False) -> 
     faster than ``torch.tensor`` on a list: the step's metadata is built this way every step), an
     ``array`` of the dtype's type code is copied whole."""
     code = _TYPECODES.get(dtype)
-    if code is not None and len(values):
+    if code is not None and values:
         try:
             flat = torch.frombuffer(array(code, values), dtype=dtype)
         except (TypeError, OverflowError):  # nested lists, values past the type: torch's rules
