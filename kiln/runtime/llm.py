@@ -23,6 +23,7 @@ from kiln.runtime.chat import (
 )
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.engine_args import EngineArgs
+from kiln.runtime.gguf_tokenizer import load_gguf_tokenizer
 from kiln.runtime.input_processor import (
     InputProcessor,
     as_prompt_list,
@@ -87,7 +88,9 @@ class LLM(PoolingMethods):
         self.pooling_spec = resolved.engine_config.pooling
         self.runner_type = "generate" if self.pooling_spec is None else "pooling"
         self.model_path = path
-        self.tokenizer = None if args.skip_tokenizer_init else self._load_tokenizer(args, path)
+        cc = resolved.engine_config.compilation_config
+        cache_root = cc.resolved_cache_dir() if cc.use_cache else None  # GGUF tokenizers converted once
+        self.tokenizer = None if args.skip_tokenizer_init else self._load_tokenizer(args, path, cache_root)
         self.chat_template = chat_template
         self.generation_config = resolved.generation_config
         self.config = resolved.engine_config
@@ -150,7 +153,7 @@ class LLM(PoolingMethods):
     # ------------------------------------------------------------------ set-up helpers
 
     @staticmethod
-    def _load_tokenizer(args: EngineArgs, model_path: str):
+    def _load_tokenizer(args: EngineArgs, model_path: str, cache_root: str | None = None):
         from transformers import AutoTokenizer
 
         source = model_path
@@ -165,9 +168,7 @@ class LLM(PoolingMethods):
             local_files_only=True,
         )
         if source.endswith(".gguf"):
-            return AutoTokenizer.from_pretrained(
-                os.path.dirname(source) or ".", gguf_file=os.path.basename(source), **kwargs
-            )
+            return load_gguf_tokenizer(source, cache_root, **kwargs)
         try:
             return AutoTokenizer.from_pretrained(source, **kwargs)
         except (OSError, ValueError) as e:
