@@ -1,5 +1,13 @@
-"""Read a GGUF file: config through transformers, tensors dequantised one at a time with HF names."""
+"""Read a GGUF file: config through transformers, tensors dequantised one at a time with HF names.
 
+transformers parses the whole metadata (the vocabulary included) to build a GGUF file's config: seconds at
+every start. With a cache root the config dict is kept in ``<root>/gguf/<key>/config.json``, the key being
+the file (real path, size, modification time) and the transformers version (``cache_key``); the converted
+tokenizer sits beside it (``kiln/runtime/gguf_tokenizer.py``).
+"""
+
+import hashlib
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -37,8 +45,51 @@ def _require_gguf():
     return gguf
 
 
-def gguf_config(path: str) -> dict:
-    """The HF-style config dict of a GGUF file (transformers parses the metadata)."""
+def cache_key(path: str) -> str:
+    import transformers
+
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    ident = f"{real}\0{st.st_size}\0{st.st_mtime_ns}\0{transformers.__version__}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:24]
+
+
+def cache_entry(root: str, path: str) -> str:
+    """Where a GGUF file's parsed config and converted tokenizer are kept under the cache ``root``."""
+    return os.path.join(root, "gguf", cache_key(path))
+
+
+def gguf_config(path: str, cache_root: str | None = None) -> dict:
+    """The HF-style config dict of a GGUF file (transformers parses the metadata), kept under
+    ``cache_root`` when given and read from there by later starts."""
+    saved = os.path.join(cache_entry(cache_root, path), "config.json") if cache_root is not None else None
+    if saved is not None and os.path.isfile(saved):
+        try:
+            with open(saved) as f:
+                return json.load(f)
+        except (OSError, ValueError):  # a damaged entry: parse the file again
+            pass
+    cfg = _parse_config(path)
+    if saved is not None:
+        write_atomic(saved, json.dumps(cfg))
+    return cfg
+
+
+def write_atomic(path: str, text: str) -> None:
+    """``text`` into ``path`` through a temporary file and a rename (readers never see half of it); a
+    cache that cannot be written is left alone."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _parse_config(path: str) -> dict:
     _require_gguf()
     from transformers import AutoConfig
 
@@ -53,7 +104,7 @@ def gguf_config(path: str) -> dict:
     if not cfg.get("architectures"):
         arch = _MODEL_TYPES.get(cfg.get("model_type"))
         cfg["architectures"] = [arch] if arch else [f"<gguf model_type {cfg.get('model_type')}>"]
-    return cfg
+    return json.loads(json.dumps(cfg))  # as a config.json reads (label ids as strings), cached or not
 
 
 def hf_name(gguf_name: str) -> str | None:

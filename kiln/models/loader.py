@@ -28,9 +28,10 @@ MODEL_CLASSES = {
 }
 
 
-def read_config(path: str) -> dict:
+def read_config(path: str, cache_root: str | None = None) -> dict:
+    """The checkpoint's config dict; a GGUF file's is kept under ``cache_root`` when given."""
     if path.endswith(".gguf"):
-        return gguf_config(path)
+        return gguf_config(path, cache_root)
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise ValueError(f"model: no config.json in {path!r}")

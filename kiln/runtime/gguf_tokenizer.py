@@ -1,28 +1,23 @@
 """A GGUF file's tokenizer, converted once and kept in kiln's cache.
 
 transformers builds a GGUF file's fast tokenizer from the file's vocabulary and merges in Python: 7.5 s for
-SmolLM2's 49,152 tokens on a 2-core CPU, at every start. The converted tokenizer is saved under
-``<cache root>/tokenizers/<key>`` (the compile cache's root) and later starts load it as a saved
-tokenizer (0.4 s). The key is the file (real path, size, modification time) and the transformers version;
-a damaged or unwritable entry falls back to converting.
+SmolLM2's 49,152 tokens on a 2-core CPU, at every start. The converted tokenizer is saved in the file's
+cache entry (``kiln.models.gguf.cache_entry``, under the compile cache's root) and later starts load it as
+a saved tokenizer (0.4 s); a damaged or unwritable entry falls back to converting.
 """
 
-import hashlib
 import logging
 import os
 
+from kiln.models.gguf import cache_entry
+
 logger = logging.getLogger("kiln")
 
-_MARKER = "tokenizer_config.json"  # written last by save_pretrained's callers below (the rename)
+_MARKER = "tokenizer_config.json"
 
 
 def entry_dir(root: str, path: str) -> str:
-    import transformers
-
-    real = os.path.realpath(path)
-    st = os.stat(real)
-    ident = f"{real}\0{st.st_size}\0{st.st_mtime_ns}\0{transformers.__version__}"
-    return os.path.join(root, "tokenizers", hashlib.sha256(ident.encode()).hexdigest()[:24])
+    return os.path.join(cache_entry(root, path), "tokenizer")
 
 
 def load_gguf_tokenizer(path: str, root: str | None, **kwargs):
@@ -51,6 +46,7 @@ def _save(tokenizer, entry: str) -> None:
     processes converting at once the second keeps the first one's."""
     tmp = f"{entry}.tmp-{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(entry), exist_ok=True)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, entry)
     except OSError as e:  # read-only cache, or another process renamed its copy first

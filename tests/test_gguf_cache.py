@@ -1,10 +1,11 @@
-"""A GGUF file's tokenizer is converted once and loaded from kiln's cache afterwards; the cached one
-behaves as transformers' own conversion (the oracle)."""
+"""A GGUF file's config and tokenizer are built once and read from kiln's cache afterwards; the cached
+ones equal transformers' own parse and conversion (the oracle)."""
 
 import os
 
 import pytest
 
+from kiln.models import gguf
 from kiln.runtime import gguf_tokenizer
 from kiln.runtime.gguf_tokenizer import entry_dir, load_gguf_tokenizer
 
@@ -72,3 +73,22 @@ def test_no_cache_root_writes_nothing(smollm_gguf, converted, tmp_path, monkeypa
     _same(converted, load_gguf_tokenizer(smollm_gguf, None, local_files_only=True))
     load_gguf_tokenizer(smollm_gguf, str(tmp_path), use_fast=False, local_files_only=True)  # slow: no cache
     assert saved == []
+
+
+def test_config_parsed_once_then_read_from_the_cache(smollm_gguf, tmp_path, monkeypatch):
+    parsed = gguf.gguf_config(smollm_gguf)  # no cache root: transformers parses the file
+    assert gguf.gguf_config(smollm_gguf, str(tmp_path)) == parsed
+    saved = os.path.join(gguf.cache_entry(str(tmp_path), smollm_gguf), "config.json")
+    assert os.path.isfile(saved)
+
+    def no_parse(path):
+        raise AssertionError("parsed again")
+
+    monkeypatch.setattr(gguf, "_parse_config", no_parse)
+    assert gguf.gguf_config(smollm_gguf, str(tmp_path)) == parsed
+    with open(saved, "w") as f:
+        f.write("{damaged")
+    monkeypatch.undo()
+    assert gguf.gguf_config(smollm_gguf, str(tmp_path)) == parsed  # parsed again and rewritten
+    with open(saved) as f:
+        assert f.read().startswith("{") and gguf.gguf_config(smollm_gguf, str(tmp_path)) == parsed
