@@ -57,6 +57,8 @@ def test_key_follows_the_file_and_a_damaged_entry_converts_again(smollm_gguf, co
     with open(os.path.join(entry, "tokenizer_config.json"), "w") as f:
         f.write("{not json")
     _same(converted, load_gguf_tokenizer(smollm_gguf, str(tmp_path), local_files_only=True))
+    with open(os.path.join(entry, "tokenizer_config.json")) as f:
+        assert f.read().startswith("{\n")  # the damaged entry was replaced by the new conversion
     copy = tmp_path / "copy.gguf"
     os.symlink(smollm_gguf, copy)  # same file through another name: same entry
     assert entry_dir(str(tmp_path), str(copy)) == entry

@@ -8,6 +8,7 @@ a saved tokenizer (0.4 s); a damaged or unwritable entry falls back to convertin
 
 import logging
 import os
+import shutil
 
 from kiln.models.gguf import cache_entry
 
@@ -30,8 +31,9 @@ def load_gguf_tokenizer(path: str, root: str | None, **kwargs):
     if entry is not None and os.path.isfile(os.path.join(entry, _MARKER)):
         try:
             tokenizer = AutoTokenizer.from_pretrained(entry, **kwargs)
-        except (OSError, ValueError) as e:  # a damaged entry: convert again
+        except Exception as e:  # a damaged entry (whatever transformers raises for it): convert again
             logger.warning("kiln: cached tokenizer %s unreadable (%s); converting %s again", entry, e, path)
+            shutil.rmtree(entry, ignore_errors=True)  # the conversion's copy takes its place
         else:
             tokenizer.name_or_path = folder
             return tokenizer
@@ -53,6 +55,4 @@ def _save(tokenizer, entry: str) -> None:
         logger.debug("kiln: tokenizer cache entry %s not written: %s", entry, e)
     finally:
         if os.path.isdir(tmp):
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
