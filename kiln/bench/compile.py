@@ -121,15 +121,15 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         "output_len": args.output_len,
         "vocab_size": source.vocab_size,
         "seed": args.seed,
+        "profile_dir": args.profile_dir,
     }
     root = args.cache_dir or tempfile.mkdtemp(prefix="kiln-compile-cache-")
     shutil.rmtree(root, ignore_errors=True)
     phases = {}
     try:
         for phase in common.progress(PHASES, disable=args.no_progress, desc="start-ups"):
-            phase_spec = dict(spec, phase=phase, profile_dir=args.profile_dir)
             env = common.cache_env(root)
-            phases[phase] = common.run_child("kiln.bench.compile", phase_spec, env, args.timeout)
+            phases[phase] = common.run_child("kiln.bench.compile", dict(spec, phase=phase), env, args.timeout)
     finally:
         if args.cache_dir is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -21,6 +21,7 @@ import torch
 
 from kiln.compiler.cache_diff import miss_reason
 from kiln.compiler.cache_lock import file_lock
+from kiln.files import write_text_atomic
 
 MANIFEST = "manifest.json"
 MEASUREMENTS = "measurements.json"  # figures measured at start-up, reused by warm starts
@@ -154,10 +155,8 @@ class CompileCache:
         if not self.enabled:
             return
         os.makedirs(self.dir, exist_ok=True)
-        tmp = os.path.join(self.dir, f".{MANIFEST}.{os.getpid()}")
-        with open(tmp, "w") as f:
-            json.dump({"key": self.key, "details": self.details, **data}, f, indent=1, default=str)
-        os.replace(tmp, os.path.join(self.dir, MANIFEST))
+        manifest = {"key": self.key, "details": self.details, **data}
+        write_text_atomic(os.path.join(self.dir, MANIFEST), json.dumps(manifest, indent=1, default=str))
 
     def measurement(self, name: str):
         """A value recorded by an earlier start with this key (e.g. CUDA-graph memory), or None."""
@@ -183,10 +182,7 @@ class CompileCache:
                 except (OSError, ValueError):
                     data = {}
             data[name] = value
-            tmp = f"{path}.{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(data, f, indent=1)
-            os.replace(tmp, path)
+            write_text_atomic(path, json.dumps(data, indent=1))
 
     @contextmanager
     def activate(self):

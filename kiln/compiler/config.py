@@ -263,6 +263,11 @@ class CompilationConfig(BaseModel):
         path = self.cache_dir or envs.cache_dir() or os.path.join("~", ".cache", "kiln")
         return os.path.abspath(os.path.expanduser(path))
 
+    def cache_root(self) -> str | None:
+        """The cache directory when the cache is used (``use_cache``), else None: where GGUF configs and
+        tokenizers are kept besides the compiled code."""
+        return self.resolved_cache_dir() if self.use_cache else None
+
     def cache_fields(self) -> dict[str, Any]:
         """Every field that can change compiled code. Left out: where things are written, how the cache
         is used, and the CUDA-graph settings (graphs are captured at every start from the same code)."""

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 
 import torch
 
+from kiln.files import write_text_atomic
+
 _MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -71,22 +73,12 @@ def gguf_config(path: str, cache_root: str | None = None) -> dict:
             pass
     cfg = _parse_config(path)
     if saved is not None:
-        write_atomic(saved, json.dumps(cfg))
+        try:
+            os.makedirs(os.path.dirname(saved), exist_ok=True)
+            write_text_atomic(saved, json.dumps(cfg))
+        except OSError:  # a cache that cannot be written is left alone
+            pass
     return cfg
-
-
-def write_atomic(path: str, text: str) -> None:
-    """``text`` into ``path`` through a temporary file and a rename (readers never see half of it); a
-    cache that cannot be written is left alone."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _parse_config(path: str) -> dict:

@@ -285,8 +285,7 @@ class EngineArgs:
         self.check()
         path = resolve_model_path(self.model, self.revision, cache_dir=self.download_dir, token=self.hf_token)
         compilation_config = CompilationConfig.parse(self.compilation_config)
-        cache_root = compilation_config.resolved_cache_dir() if compilation_config.use_cache else None
-        hf_config = apply_hf_overrides(read_config(path, cache_root), self.hf_overrides)
+        hf_config = apply_hf_overrides(read_config(path, compilation_config.cache_root()), self.hf_overrides)
         model_config = ModelConfig.from_dict(hf_config)
         max_len = self.max_model_len
         if max_len is not None and max_len > model_config.max_position_embeddings:

@@ -88,8 +88,7 @@ class LLM(PoolingMethods):
         self.pooling_spec = resolved.engine_config.pooling
         self.runner_type = "generate" if self.pooling_spec is None else "pooling"
         self.model_path = path
-        cc = resolved.engine_config.compilation_config
-        cache_root = cc.resolved_cache_dir() if cc.use_cache else None  # GGUF tokenizers converted once
+        cache_root = resolved.engine_config.compilation_config.cache_root()  # GGUF tokenizers converted once
         self.tokenizer = None if args.skip_tokenizer_init else self._load_tokenizer(args, path, cache_root)
         self.chat_template = chat_template
         self.generation_config = resolved.generation_config

@@ -28,7 +28,7 @@ def host_tensor(values, dtype: torch.dtype | None = None, pin: bool = False) -> 
                 return flat
             pinned = torch.empty(flat.shape, dtype=dtype, pin_memory=True)
             return pinned.copy_(flat)
-    return torch.tensor(list(values) if isinstance(values, array) else values, dtype=dtype, pin_memory=pin)
+    return torch.tensor(values, dtype=dtype, pin_memory=pin)
 
 
 def to_device(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
