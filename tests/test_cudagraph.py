@@ -10,7 +10,9 @@ from kiln.compiler.cudagraph import default_capture_sizes
 def test_default_capture_sizes_ladder():
     assert default_capture_sizes(256)[:5] == [1, 2, 4, 8, 16]
     assert default_capture_sizes(256)[-1] == 256
-    assert default_capture_sizes(512)[-3:] == [480, 496, 512]
+    assert default_capture_sizes(512)[-3:] == [448, 480, 512]
+    assert default_capture_sizes(1024)[-3:] == [896, 960, 1024]
+    assert default_capture_sizes(700)[-3:] == [576, 640, 700]  # the largest batch always has a graph
     assert default_capture_sizes(6) == [1, 2, 4, 6]
 
 

@@ -124,6 +124,30 @@ def test_resolve_builds_the_engine_config(tiny_checkpoint):
     assert no_chunks.engine_config.max_num_batched_tokens >= no_chunks.engine_config.max_model_len
 
 
+def test_batch_limits_follow_the_device(tiny_checkpoint, monkeypatch):
+    """Unset max_num_seqs / max_num_batched_tokens: 256 / 8192 on CPU and small GPUs, 1024 / 16384 on a
+    GPU of 70 GiB or more; given values always win."""
+    from kiln.runtime import engine_args
+
+    cpu = EngineArgs(model=tiny_checkpoint("llama"), **TINY).resolve().engine_config
+    assert (cpu.max_num_seqs, cpu.max_num_batched_tokens) == (256, 8192)
+
+    class Props:
+        total_memory = 0
+
+    monkeypatch.setattr(engine_args.torch.cuda, "get_device_properties", lambda device: Props)
+    cuda = engine_args.torch.device("cuda")
+    for gib, limits in ((80, (1024, 16384)), (70, (1024, 16384)), (48, (256, 8192))):
+        Props.total_memory = gib * 2**30
+        assert engine_args.default_batch_limits(cuda) == limits
+    monkeypatch.setattr(engine_args, "default_batch_limits", lambda device: (1024, 16384))
+    big = EngineArgs(model=tiny_checkpoint("llama"), **TINY).resolve().engine_config
+    assert (big.max_num_seqs, big.max_num_batched_tokens) == (1024, 16384)
+    given = EngineArgs(model=tiny_checkpoint("llama"), max_num_seqs=8, max_num_batched_tokens=512, **TINY)
+    cfg = given.resolve().engine_config
+    assert (cfg.max_num_seqs, cfg.max_num_batched_tokens) == (8, 512)
+
+
 def test_from_engine_args(tiny_checkpoint):
     args = EngineArgs(model=tiny_checkpoint("llama"), max_model_len=96, **TINY)
     with LLM.from_engine_args(args) as llm:

@@ -9,6 +9,7 @@ import time
 import torch
 
 from kiln.bench import common, hf_compare, plots, workload
+from kiln.runtime.engine_args import default_batch_limits
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -76,8 +77,9 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     source = common.get_source(args)
     longest = args.input_len + args.output_len
     kwargs = common.engine_kwargs(args, source, longest)
-    if args.max_num_seqs is None:
-        kwargs["max_num_seqs"] = max(256, max(args.batch_sizes))
+    if args.max_num_seqs is None:  # the engine's default, or the largest batch where that is more
+        seqs, _ = default_batch_limits(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        kwargs["max_num_seqs"] = max(seqs, max(args.batch_sizes))
     llm, startup = common.build_llm(kwargs)
     dtype, device = llm.config.dtype, llm.config.device
     roof = roofline(llm)
