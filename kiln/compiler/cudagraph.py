@@ -72,11 +72,10 @@ class CUDAGraphWrapper(torch.nn.Module):
             return self.outputs[size]
         if not ctx.capturing:
             return self.runnable(*args)
-        self.runnable(*args)  # warm-up outside the capture: lazy initialisation, autotuning
-        torch.cuda.synchronize()
+        if not self.graphs:  # the first capture: lazy initialisation and autotuning run outside it
+            self.runnable(*args)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.owner.pool()):
-            out = self.runnable(*args)
+        out = self.owner.capture(graph, self.runnable, args)
         self.graphs[size] = graph
         # a piece's outputs are the next piece's inputs, rewritten by every replay; the full graph's
         # output is what the step returns, so it keeps its memory
@@ -96,6 +95,7 @@ class CudaGraphs:
         self.piecewise_sizes = sorted(piecewise_sizes)
         self.wrappers: list[CUDAGraphWrapper] = []
         self._pool = None
+        self._stream = None  # the capture stream
         self.ready = False  # every planned graph is captured: steps may be dispatched to them
 
     @property
@@ -106,6 +106,24 @@ class CudaGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         return self._pool
+
+    def capture(self, graph: torch.cuda.CUDAGraph, fn, args):
+        """``fn(*args)`` captured into ``graph`` on a side stream, in the shared pool. Unlike
+        ``torch.cuda.graph`` this neither synchronises the device nor empties the allocator's cache for
+        each graph (a piecewise size captures one graph per piece, each emptying cost a free and a new
+        allocation of every block the next piece needs); the worker empties it once after capture."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        current = torch.cuda.current_stream()
+        self._stream.wait_stream(current)
+        with torch.cuda.stream(self._stream):
+            graph.capture_begin(pool=self.pool(), capture_error_mode="global")
+            try:
+                out = fn(*args)
+            finally:
+                graph.capture_end()
+        current.wait_stream(self._stream)
+        return out
 
     def wrap(self, runnable, mode: str):
         """``runnable`` wrapped for ``mode`` graphs, or as is when no size of that mode is planned."""

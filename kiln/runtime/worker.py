@@ -355,6 +355,7 @@ class Worker:
                     runner.forward(runner.input_ids[:size], runner.positions[:size])
                 bar.update(1)
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the warm-up runs' blocks; the graphs' stay in their pool
         driver = free_before - torch.cuda.mem_get_info()[0]  # the pool's segments and the graph objects
         pool = torch.cuda.memory_reserved() - reserved_before  # the pool's segments alone
         logger.info(
