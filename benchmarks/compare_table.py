@@ -6,6 +6,7 @@ python benchmarks/compare_table.py RESULTS_DIR TAG
 import glob
 import json
 import os
+import statistics
 import sys
 
 
@@ -29,12 +30,17 @@ def rows(results_dir: str, tag: str) -> list[dict]:
         row = {"model": model}
         for which in ("base", "new"):
             lat = _load(os.path.join(results_dir, f"bench_latency_{tag}_{model}_{which}.json"))
-            thr = _load(os.path.join(results_dir, f"bench_throughput_{tag}_{model}_{which}.json"))
             if lat:
                 row[f"tpot_ms_{which}"] = lat["results"]["kiln"]["batches"][0]["tpot_s"]["mean"] * 1e3
                 row[f"sha_{which}"] = lat["versions"]["kiln_git"]["sha"]
-            if thr:
-                row[f"tok_s_{which}"] = thr["results"]["kiln"]["total_tokens_per_s"]
+            # the first run and its repeats (``_r2``, ``_r3``, ... from REPEATS): their median, and each
+            runs = [_load(os.path.join(results_dir, f"bench_throughput_{tag}_{model}_{which}.json"))]
+            pattern = os.path.join(results_dir, f"bench_throughput_{tag}_{model}_{which}_r*.json")
+            runs += [_load(p) for p in sorted(glob.glob(pattern))]
+            tok_s = [r["results"]["kiln"]["total_tokens_per_s"] for r in runs if r]
+            if tok_s:
+                row[f"tok_s_{which}"] = statistics.median(tok_s)
+                row[f"tok_s_runs_{which}"] = tok_s
         out.append(row)
     return out
 
