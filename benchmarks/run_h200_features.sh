@@ -28,6 +28,9 @@
 #   startup     random llama-1b / llama-8b checkpoints written to /tmp (with TOKENIZER's files, so a start-up
 #               loads a tokenizer as from a real checkpoint), then `kiln bench compile` cold and warm from
 #               disk, with and without reuse_dynamo_graph, and the weight-loading rate
+#   startup-bytecode the startup part's `kiln bench compile` runs with Python's bytecode cache on (PYTHONPYCACHEPREFIX,
+#               PYTHONDONTWRITEBYTECODE unset), as a pip install that keeps .pyc files has it: one run fills the
+#               bytecode, the next (fresh compile cache, cold then warm) is the one reported (*_bytecode.json)
 #   startup-floor import torch, the CUDA context, import kiln and a plain safetensors read of each of those
 #               checkpoints, in fresh processes: what a start-up pays before kiln's own phases
 #
@@ -101,6 +104,17 @@ part() {
                 --tag "${m}_disk"
             "$PY" -m kiln.cli bench compile --model "/tmp/ckpt-$m" --load-tokenizer -cc '{"reuse_dynamo_graph": true}' \
                 --output-dir "$OUT" --tag "${m}_disk_reuse"
+        done ;;
+    startup-bytecode)
+        export PYTHONPYCACHEPREFIX="${PYCACHE:-/tmp/kiln-pycache}"
+        unset PYTHONDONTWRITEBYTECODE
+        for m in llama-1b llama-8b; do
+            [ -f "/tmp/ckpt-$m/config.json" ] || "$PY" benchmarks/weight_loading.py make "/tmp/ckpt-$m" --shape "$m" \
+                --tokenizer "$TOK"
+            for tag in fill bytecode; do
+                "$PY" -m kiln.cli bench compile --model "/tmp/ckpt-$m" --load-tokenizer --output-dir "$OUT" \
+                    --tag "${m}_disk_$tag"
+            done
         done ;;
     startup-floor)
         for m in llama-1b llama-8b; do
