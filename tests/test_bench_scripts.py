@@ -89,6 +89,9 @@ CALLS = {
     ],
 }
 
+# the same commands with Python's bytecode cache on: the startup test runs them
+CALLS["startup-bytecode"] = [CALLS["startup"][0], CALLS["startup"][2]]
+
 
 def run(call: str, tmp_path, **fill) -> str:
     """Run one call (a script path or ``-m module`` and its arguments) in a fresh interpreter, in the
