@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from kiln.bench.limits import forward_flops, gemm_tflops
+from kiln.bench.limits import forward_flops, gemm_tflops, kv_read_bytes, read_bandwidth
 
 CONFIG = dict(
     vocab_size=96,
@@ -43,22 +43,79 @@ def test_gemm_rate_is_positive_and_finite_on_the_cpu():
     assert 0 < rate < 1e3
 
 
+def test_kv_read_bytes_sum_each_decode_steps_context():
+    per_token = 2 * CONFIG["num_hidden_layers"] * CONFIG["num_key_value_heads"] * CONFIG["head_dim"] * 2
+    prompt, output = 20, 7
+    # the step sampling output token j (2..output) attends over prompt + j - 1 positions
+    brute = sum(prompt + j - 1 for j in range(2, output + 1)) * per_token
+    assert kv_read_bytes(CONFIG, prompt, output, 2) == brute
+    assert kv_read_bytes(CONFIG, prompt, 1, 2) == 0  # one output token: no decode step
+    assert kv_read_bytes(CONFIG, prompt, output, 1) * 2 == brute  # an fp8 cache reads half
+
+
+def test_read_bandwidth_is_positive_on_the_cpu():
+    assert read_bandwidth(torch.device("cpu"), nbytes=2**20, iters=2) > 0
+
+
 def test_throughput_limits_count_each_request_and_compare_with_the_gemm(monkeypatch):
     import kiln.bench.limits as limits
     from kiln.bench import workload
     from kiln.bench.throughput import compute_limits
 
     monkeypatch.setattr(limits, "gemm_tflops", lambda device, dtype: 100.0)
+    monkeypatch.setattr(limits, "read_bandwidth", lambda device: 1e12)
     wl = workload.synthetic(6, 20, 7, CONFIG["vocab_size"], seed=0, range_ratio=0.5)
-    got = compute_limits(CONFIG, wl, 2.0, torch.device("cuda"), torch.bfloat16)
+    got = compute_limits(CONFIG, wl, 2.0, torch.device("cuda"), torch.bfloat16, kv_elem_bytes=2)
     flops = sum(
         forward_flops(CONFIG, len(r.prompt_token_ids) + r.output_len - 1, 1, r.output_len)
         for r in wl.requests
     )
+    kv = sum(kv_read_bytes(CONFIG, len(r.prompt_token_ids), r.output_len, 2) for r in wl.requests)
+    floor = flops / 100e12 + kv / 1e12
     assert got == {
         "model_flops": flops,
         "model_tflops": flops / 2.0 / 1e12,
         "gemm_tflops": 100.0,
         "fraction_of_gemm": flops / 2.0 / 1e12 / 100.0,
+        "kv_read_bytes": kv,
+        "read_bandwidth_Bps": 1e12,
+        "floor_s": floor,
+        "fraction_of_floor": floor / 2.0,
     }
     assert compute_limits(CONFIG, wl, 2.0, torch.device("cpu"), torch.float32) is None
+
+
+def test_the_summary_states_the_floor(capsys):
+    from types import SimpleNamespace
+
+    from kiln.bench.throughput import print_summary
+
+    kiln = dict(
+        requests_per_s=1.0,
+        input_tokens_per_s=2.0,
+        output_tokens_per_s=3.0,
+        total_tokens_per_s=5.0,
+        elapsed_s=4.0,
+        startup_s=1.0,
+        memory={"peak_bytes": 2**30},
+        limits=dict(
+            model_tflops=50.0,
+            fraction_of_gemm=0.5,
+            gemm_tflops=100.0,
+            kv_read_bytes=3e12,
+            read_bandwidth_Bps=4e12,
+            floor_s=2.0,
+            fraction_of_floor=0.5,
+        ),
+    )
+
+    class Workload:
+        num_input_tokens, num_output_tokens = 8, 12
+
+        def __len__(self):
+            return 2
+
+    print_summary({"kiln": kiln}, SimpleNamespace(spec="tiny"), Workload())
+    out = capsys.readouterr().out
+    assert "floor 2.00 s" in out and "3.00 TB of K/V reads at 4.00 TB/s" in out
+    assert "50.0% of that rate" in out

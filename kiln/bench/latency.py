@@ -9,6 +9,7 @@ import time
 import torch
 
 from kiln.bench import common, hf_compare, plots, workload
+from kiln.bench.limits import read_bandwidth
 from kiln.runtime.engine_args import default_batch_limits
 
 
@@ -139,23 +140,6 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     results["path"] = path
     results["plot"] = plot
     return results
-
-
-def read_bandwidth(device: torch.device, nbytes: int = 2**30, iters: int = 10) -> float:
-    """Best-of-``iters`` bytes/s of one full read of an ``nbytes`` buffer (``torch.sum``)."""
-    if device.type == "cpu":
-        nbytes = min(nbytes, 2**28)
-    buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    buf.sum()
-    best = float("inf")
-    for _ in range(iters):
-        common.sync()
-        start = time.perf_counter()
-        buf.sum()
-        common.sync()
-        best = min(best, time.perf_counter() - start)
-    del buf
-    return nbytes / best
 
 
 def roofline(llm) -> dict:

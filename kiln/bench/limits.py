@@ -1,8 +1,11 @@
-"""What the GPU can do for a workload: model FLOPs per token and a dense GEMM's rate measured now.
+"""What the GPU can do for a workload: model FLOPs and K/V bytes, a dense GEMM's rate and the read
+bandwidth measured now.
 
 ``forward_flops`` counts the matrix products of a Llama-family forward (projections, MLP, attention
-scores and values, and the LM head when asked) for prompts of one length; ``gemm_tflops`` times a large
-matmul on the device, the compute bound a benchmark compares itself with in the same run.
+scores and values, and the LM head when asked) for prompts of one length; ``kv_read_bytes`` the K and V
+a request's decode steps read from the cache; ``gemm_tflops`` times a large matmul on the device and
+``read_bandwidth`` one full read of a large buffer, the bounds a benchmark compares itself with in the
+same run.
 """
 
 from __future__ import annotations
@@ -30,6 +33,43 @@ def forward_flops(config: dict, prompt_len: int, num_prompts: int = 1, lm_head_r
     attention = 4 * heads * head_dim * pairs
     layers = config["num_hidden_layers"]
     return layers * (per_token * tokens + attention) + 2 * h * config["vocab_size"] * lm_head_rows
+
+
+def kv_bytes_per_token(config: dict, elem_bytes: int) -> int:
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    return 2 * config["num_hidden_layers"] * kv_heads * head_dim * elem_bytes
+
+
+def kv_read_bytes(config: dict, prompt_len: int, output_len: int, elem_bytes: int) -> int:
+    """K and V bytes one request's decode steps read: the step that samples output token ``j`` (2 to
+    ``output_len``; the first comes from the prompt's step) attends over ``prompt_len + j - 1`` positions."""
+    steps = max(output_len - 1, 0)
+    positions = steps * prompt_len + steps * (steps + 1) // 2
+    return positions * kv_bytes_per_token(config, elem_bytes)
+
+
+def read_bandwidth(device: torch.device, nbytes: int = 2**30, iters: int = 10) -> float:
+    """Best-of-``iters`` bytes/s of one full read of an ``nbytes`` buffer (``torch.sum``)."""
+    if device.type == "cpu":
+        nbytes = min(nbytes, 2**28)
+    buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    buf.sum()
+    best = float("inf")
+    for _ in range(iters):
+        _sync(device)
+        start = time.perf_counter()
+        buf.sum()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    del buf
+    return nbytes / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()

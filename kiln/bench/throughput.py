@@ -104,13 +104,15 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     llm, startup = common.build_llm(kwargs)
     dtype, device = llm.config.dtype, llm.config.device
     max_num_seqs = llm.config.max_num_seqs
+    kv_dtype = getattr(getattr(llm.llm_engine, "worker", None), "kv_cache_dtype", dtype)
+    kv_elem = kv_dtype.itemsize
     res = measure(llm, wl, not args.no_progress, args.num_warmup_prompts)
     res["startup_s"] = startup
     res["memory"] = common.memory_report(llm)
     res["compile_report"] = common.compile_report(llm)
     common.free_llm(llm)
     del llm
-    res["limits"] = compute_limits(source.config, wl, res["elapsed_s"], device, dtype)
+    res["limits"] = compute_limits(source.config, wl, res["elapsed_s"], device, dtype, kv_elem)
     results = {"kiln": res}
     if args.compare == "hf":
         hf = run_hf(args, source, wl, dtype, device, max_num_seqs)
@@ -132,10 +134,14 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     return results
 
 
-def compute_limits(config: dict, wl: workload.Workload, elapsed: float, device, dtype) -> dict | None:
+def compute_limits(
+    config: dict, wl: workload.Workload, elapsed: float, device, dtype, kv_elem_bytes: int = 2
+) -> dict | None:
     """The workload's model FLOPs (each request's forward over prompt + output - 1 tokens and one logits
-    row per output token) as a rate, against a dense GEMM timed now on the GPU (None elsewhere)."""
-    from kiln.bench.limits import forward_flops, gemm_tflops
+    row per output token) as a rate, against a dense GEMM timed now on the GPU; and the floor of the run:
+    those FLOPs at that rate plus the K/V bytes its decode steps read at the read bandwidth measured now
+    (None off the GPU)."""
+    from kiln.bench.limits import forward_flops, gemm_tflops, kv_read_bytes, read_bandwidth
 
     if device.type != "cuda":
         return None
@@ -144,15 +150,24 @@ def compute_limits(config: dict, wl: workload.Workload, elapsed: float, device, 
             forward_flops(config, len(r.prompt_token_ids) + r.output_len - 1, 1, r.output_len)
             for r in wl.requests
         )
+        kv = sum(
+            kv_read_bytes(config, len(r.prompt_token_ids), r.output_len, kv_elem_bytes) for r in wl.requests
+        )
     except KeyError:  # a config without the fields of a Llama-family model
         return None
     gemm = gemm_tflops(device, dtype)
+    bandwidth = read_bandwidth(device)
     model = flops / elapsed / 1e12
+    floor = flops / (gemm * 1e12) + kv / bandwidth
     return {
         "model_flops": flops,
         "model_tflops": model,
         "gemm_tflops": gemm,
         "fraction_of_gemm": model / gemm,
+        "kv_read_bytes": kv,
+        "read_bandwidth_Bps": bandwidth,
+        "floor_s": floor,
+        "fraction_of_floor": floor / elapsed,
     }
 
 
@@ -174,6 +189,12 @@ def print_summary(results: dict, source, wl) -> None:
             f"  model compute {lim['model_tflops']:.1f} TFLOP/s = {100 * lim['fraction_of_gemm']:.1f}% of a "
             f"dense GEMM timed in this run ({lim['gemm_tflops']:.1f} TFLOP/s)"
         )
+        if "floor_s" in lim:
+            kv_tb, bw_tb = lim["kv_read_bytes"] / 1e12, lim["read_bandwidth_Bps"] / 1e12
+            print(
+                f"  floor {lim['floor_s']:.2f} s (those FLOPs at that rate + {kv_tb:.2f} TB of K/V reads "
+                f"at {bw_tb:.2f} TB/s): the run reached {100 * lim['fraction_of_floor']:.1f}% of that rate"
+            )
     for r in results.get("hf", []):
         if "error" in r:
             print(f"  HF {r['variant']}: failed: {r['error']}")
