@@ -85,37 +85,21 @@ def test_throughput_limits_count_each_request_and_compare_with_the_gemm(monkeypa
     assert compute_limits(CONFIG, wl, 2.0, torch.device("cpu"), torch.float32) is None
 
 
-def test_the_summary_states_the_floor(capsys):
+def test_the_summary_states_the_floor(capsys, monkeypatch):
     from types import SimpleNamespace
 
-    from kiln.bench.throughput import print_summary
+    import kiln.bench.limits as limits
+    from kiln.bench import workload
+    from kiln.bench.throughput import compute_limits, print_summary
 
-    kiln = dict(
-        requests_per_s=1.0,
-        input_tokens_per_s=2.0,
-        output_tokens_per_s=3.0,
-        total_tokens_per_s=5.0,
-        elapsed_s=4.0,
-        startup_s=1.0,
-        memory={"peak_bytes": 2**30},
-        limits=dict(
-            model_tflops=50.0,
-            fraction_of_gemm=0.5,
-            gemm_tflops=100.0,
-            kv_read_bytes=3e12,
-            read_bandwidth_Bps=4e12,
-            floor_s=2.0,
-            fraction_of_floor=0.5,
-        ),
-    )
-
-    class Workload:
-        num_input_tokens, num_output_tokens = 8, 12
-
-        def __len__(self):
-            return 2
-
-    print_summary({"kiln": kiln}, SimpleNamespace(spec="tiny"), Workload())
+    monkeypatch.setattr(limits, "gemm_tflops", lambda device, dtype: 100.0)
+    monkeypatch.setattr(limits, "read_bandwidth", lambda device: 4e12)
+    wl = workload.synthetic(6, 20, 7, CONFIG["vocab_size"], seed=0, range_ratio=0.5)
+    lim = compute_limits(CONFIG, wl, 1e-6, torch.device("cuda"), torch.bfloat16, kv_elem_bytes=2)
+    rates = ("requests_per_s", "input_tokens_per_s", "output_tokens_per_s", "total_tokens_per_s")
+    kiln = dict.fromkeys((*rates, "elapsed_s", "startup_s"), 1.0)
+    kiln.update(memory={"peak_bytes": 2**30}, limits=lim)
+    print_summary({"kiln": kiln}, SimpleNamespace(spec="tiny"), wl)
     out = capsys.readouterr().out
-    assert "floor 2.00 s" in out and "3.00 TB of K/V reads at 4.00 TB/s" in out
-    assert "50.0% of that rate" in out
+    assert f"floor {lim['floor_s']:.2f} s" in out and "TB of K/V reads at 4.00 TB/s" in out
+    assert f"{100 * lim['fraction_of_floor']:.1f}% of that rate" in out
