@@ -14,16 +14,14 @@ import time
 
 import torch
 
+from kiln.bench import common
+
 
 def forward_flops(config: dict, prompt_len: int, num_prompts: int = 1, lm_head_rows: int = 0) -> int:
     """FLOPs (2 per multiply-add) of a causal forward over ``num_prompts`` prompts of ``prompt_len``
     tokens, plus ``lm_head_rows`` rows of logits."""
     h, inter = config["hidden_size"], config["intermediate_size"]
-    heads, kv_heads = (
-        config["num_attention_heads"],
-        config.get("num_key_value_heads") or config["num_attention_heads"],
-    )
-    head_dim = config.get("head_dim") or h // heads
+    heads, kv_heads, head_dim = _attention_shape(config)
     per_token = (
         2 * h * head_dim * (2 * heads + 2 * kv_heads) + 2 * 3 * h * inter
     )  # q, o, k, v; gate, up, down
@@ -35,10 +33,15 @@ def forward_flops(config: dict, prompt_len: int, num_prompts: int = 1, lm_head_r
     return layers * (per_token * tokens + attention) + 2 * h * config["vocab_size"] * lm_head_rows
 
 
-def kv_bytes_per_token(config: dict, elem_bytes: int) -> int:
+def _attention_shape(config: dict) -> tuple[int, int, int]:
+    """(query heads, KV heads, head dim) of a Llama-family config."""
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    return heads, kv_heads, config.get("head_dim") or config["hidden_size"] // heads
+
+
+def kv_bytes_per_token(config: dict, elem_bytes: int) -> int:
+    _, kv_heads, head_dim = _attention_shape(config)
     return 2 * config["num_hidden_layers"] * kv_heads * head_dim * elem_bytes
 
 
@@ -58,18 +61,13 @@ def read_bandwidth(device: torch.device, nbytes: int = 2**30, iters: int = 10) -
     buf.sum()
     best = float("inf")
     for _ in range(iters):
-        _sync(device)
+        common.sync()
         start = time.perf_counter()
         buf.sum()
-        _sync(device)
+        common.sync()
         best = min(best, time.perf_counter() - start)
     del buf
     return nbytes / best
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
