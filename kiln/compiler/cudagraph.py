@@ -29,12 +29,12 @@ def default_capture_sizes(max_num_seqs: int) -> list[int]:
     which is always one (the largest batch the scheduler makes). Above 256 rows a step's GEMMs cost
     about the same for any row count within a 64-row tile: coarser steps there lose little and save
     capture time."""
-    top = max(max_num_seqs, 256) + 1
+    top = max_num_seqs + 1
     ladder = [1, 2, 4, *range(8, 256, 8), *range(256, min(top, 512), 32), *range(512, top, 64)]
-    sizes = [s for s in ladder if s <= max_num_seqs]
+    sizes = [s for s in ladder if s <= max_num_seqs]  # ascending, no repeats
     if not sizes or sizes[-1] < max_num_seqs:
         sizes.append(max_num_seqs)
-    return sorted(set(sizes))
+    return sizes
 
 
 def _weak_ref(value):
